@@ -1,0 +1,308 @@
+"""The typed configuration of a run. Field names are TRL's (SFTConfig, ModelConfig) wherever TRL has the knob.
+
+A config file is a Python file that defines `config = SFTConfig(...)`. Fields are grouped in sections:
+
+    config.model.model_name_or_path     config.data.max_length       config.training.learning_rate
+    config.lora.use_peft                config.sharding.mesh_shape   config.logging.output_dir
+
+Overrides on the command line: `--set training.learning_rate=1e-5 --set data.packing=true`.
+Unknown fields and wrong types are errors, raised before any compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: str = ""  # a local HF checkpoint directory (or a hub name where there is network)
+    dtype: str = "bfloat16"  # parameter dtype: bfloat16 | float32
+    compute_dtype: str = "bfloat16"  # matmul dtype; softmax, norms and the loss always run in float32
+    attention_impl: str = "auto"  # auto | xla | cudnn | pallas
+    remat_policy: str = "full"  # none | full | save_dots | offload  (TRL: gradient_checkpointing)
+    init_from_scratch: dict | None = None  # HF config.json fields: random-init a model instead of loading one
+
+
+@dataclass
+class DataConfig:
+    dataset_name: str = ""  # a local .jsonl/.json/.parquet/.arrow file or directory, or a hub name
+    dataset_config: str | None = None
+    dataset_train_split: str = "train"
+    dataset_test_split: str | None = None  # a split name, or a second file path for eval
+    dataset_text_field: str = "text"
+    max_length: int | None = 1024
+    packing: bool = False
+    packing_strategy: str = "bfd"  # bfd | bfd_split | wrapped | bfd_stream
+    packing_buffer_size: int = 10_000  # examples held by the streaming best-fit (bfd_stream)
+    padding_free: bool = False  # true: rows filled by packing, only tail padding
+    completion_only_loss: bool | None = None  # None: on for prompt/completion data
+    assistant_only_loss: bool = False
+    truncation_mode: str = "keep_start"  # keep_start | keep_end (without packing)
+    chat_template_path: str | None = None  # a .jinja file, or a tokenizer directory to clone the template from
+    eos_token: str | None = None
+    pad_token: str | None = None
+    skip_bad_rows: bool = False  # true: count and report bad rows instead of raising
+    shuffle_dataset: bool = True
+    dataset_num_proc: int | None = None  # Grain worker processes for tokenization (None: in-process)
+    cache_dir: str | None = None  # tokenized-dataset cache (default: <output_dir>/cache)
+
+
+@dataclass
+class TrainingConfig:
+    learning_rate: float = 2e-5
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler_type: str = "linear"  # linear | cosine | constant | constant_with_warmup
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    loss_type: str = "nll"  # nll | dft
+    loss_chunk_size: int = 1024  # tokens per chunk of the lm_head + cross-entropy
+    master_weights_fp32: bool = False  # full fine-tuning with bf16 params: keep fp32 master weights in the optimizer
+    optimizer_state_dtype: str = "float32"  # float32 | bfloat16
+    seed: int = 42
+    peak_tflops: float | None = None  # device peak for MFU; None: looked up from the device kind
+
+
+@dataclass
+class LoraConfig:  # TRL's ModelConfig names
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class ShardingConfig:
+    mesh_shape: dict[str, int] = field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
+    coordinator_address: str | None = None  # multi-host: host:port of process 0 (None: auto-detect or single)
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = "output"
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    save_steps: int = 500
+    save_total_limit: int | None = 3
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    resume_from_checkpoint: bool | None = None  # None: resume when output_dir holds a checkpoint
+    export_formats: list[str] = field(default_factory=lambda: ["auto"])  # auto | full | merged | adapter
+    num_eval_generations: int = 3
+    disable_tqdm: bool = False
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(SFTConfig)}
+
+
+# ----------------------------------------------------------------------------------------------- type checking
+
+
+def _check_type(value, annotation, where: str):
+    """Raise ConfigError unless value fits the (simple) annotation; returns the value, ints widened to float."""
+    hints = annotation
+    origin = typing.get_origin(hints)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        errors = []
+        for option in typing.get_args(hints):
+            try:
+                return _check_type(value, option, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[-1]
+    if hints is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected None, got {value!r}")
+    if hints is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hints in (int, float, str, bool):
+        if isinstance(value, hints) and not (hints is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{where}: expected {hints.__name__}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(hints)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a dict, got {type(value).__name__} {value!r}")
+        args = typing.get_args(hints)
+        if args:
+            return {k: _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()}
+        return value
+    if hints is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{where}: expected a dict, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _section_types(section_cls) -> dict:
+    return typing.get_type_hints(section_cls)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+CHOICES = {
+    ("model", "dtype"): ("bfloat16", "float32"),
+    ("model", "compute_dtype"): ("bfloat16", "float32"),
+    ("model", "attention_impl"): ("auto", "xla", "cudnn", "pallas"),
+    ("model", "remat_policy"): ("none", "full", "save_dots", "offload"),
+    ("data", "packing_strategy"): ("bfd", "bfd_split", "wrapped", "bfd_stream"),
+    ("data", "truncation_mode"): ("keep_start", "keep_end"),
+    ("training", "lr_scheduler_type"): ("linear", "cosine", "constant", "constant_with_warmup"),
+    ("training", "loss_type"): ("nll", "dft"),
+    ("training", "optimizer_state_dtype"): ("float32", "bfloat16"),
+}
+
+
+def validate(config: SFTConfig) -> SFTConfig:
+    """Check types, choices and combinations; raise ConfigError naming the field. Returns the config."""
+    for section_name, section_cls in SECTIONS.items():
+        section = getattr(config, section_name)
+        if not isinstance(section, section_cls if isinstance(section_cls, type) else object):
+            raise ConfigError(f"{section_name}: expected a {section_cls}, got {type(section).__name__}")
+        for name, annotation in _section_types(type(section)).items():
+            value = _check_type(getattr(section, name), annotation, f"{section_name}.{name}")
+            setattr(section, name, value)
+            allowed = CHOICES.get((section_name, name))
+            if allowed and value not in allowed:
+                raise ConfigError(f"{section_name}.{name}={value!r}: choose one of {', '.join(allowed)}")
+
+    d, t = config.data, config.training
+    if d.padding_free and not d.packing:
+        raise ConfigError(
+            "data.padding_free=True needs data.packing=True: jsft batches have a fixed [B, max_length] shape, so "
+            "padding-free means rows filled by packing. Set data.packing=True, or padding_free=False."
+        )
+    if d.packing and d.max_length is None:
+        raise ConfigError("data.packing=True needs data.max_length (the row length packing fills).")
+    if d.max_length is not None and d.max_length < 2:
+        raise ConfigError(f"data.max_length={d.max_length}: must be >= 2 (one input and one target).")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"training.{name}={getattr(t, name)}: must be >= 1")
+    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        raise ConfigError("training.max_steps and training.num_train_epochs are both <= 0: nothing to train.")
+    if not 0.0 <= t.warmup_ratio <= 1.0:
+        raise ConfigError(f"training.warmup_ratio={t.warmup_ratio}: must be in [0, 1]")
+    if t.learning_rate < 0:
+        raise ConfigError(f"training.learning_rate={t.learning_rate}: must be >= 0")
+    if config.lora.use_peft and config.lora.lora_r < 1:
+        raise ConfigError(f"lora.lora_r={config.lora.lora_r}: must be >= 1")
+    for axis, size in config.sharding.mesh_shape.items():
+        if axis not in ("data", "fsdp", "tensor"):
+            raise ConfigError(f"sharding.mesh_shape has an unknown axis {axis!r}: use data, fsdp, tensor")
+        if size == 0 or size < -1:
+            raise ConfigError(f"sharding.mesh_shape.{axis}={size}: use a positive size or -1 (the rest)")
+    if not config.model.model_name_or_path and not config.model.init_from_scratch:
+        raise ConfigError("model.model_name_or_path is empty: set an HF checkpoint directory (or init_from_scratch).")
+    if not d.dataset_name:
+        raise ConfigError("data.dataset_name is empty: set a local dataset file/directory or a hub name.")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+def from_dict(values: dict) -> SFTConfig:
+    """Build from nested dicts {"training": {"learning_rate": 1e-5}, ...}; unknown keys are errors."""
+    config = SFTConfig()
+    for section_name, fields in values.items():
+        if section_name not in SECTIONS:
+            raise ConfigError(f"unknown config section {section_name!r}: use one of {', '.join(SECTIONS)}")
+        section = getattr(config, section_name)
+        for name, value in fields.items():
+            set_field(config, f"{section_name}.{name}", value)
+    return config
+
+
+def set_field(config: SFTConfig, dotted: str, value) -> None:
+    section_name, _, name = dotted.partition(".")
+    if section_name not in SECTIONS:
+        raise ConfigError(f"unknown config section {section_name!r} in {dotted!r}: use one of {', '.join(SECTIONS)}")
+    section = getattr(config, section_name)
+    known = _section_types(type(section))
+    if name not in known:
+        close = [k for k in known if name in k or k in name]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown field {dotted!r}{hint}")
+    setattr(section, name, _check_type(value, known[name], dotted))
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'training.learning_rate=1e-5' -> ('training.learning_rate', 1e-05). Values parse as JSON, else str."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.field=value")
+    key, raw = text.split("=", 1)
+    lowered = raw.strip()
+    if lowered in ("true", "True"):
+        return key.strip(), True
+    if lowered in ("false", "False"):
+        return key.strip(), False
+    if lowered in ("none", "None", "null"):
+        return key.strip(), None
+    try:
+        return key.strip(), json.loads(lowered)
+    except json.JSONDecodeError:
+        return key.strip(), raw
+
+
+def load_config_file(path: str | Path) -> SFTConfig:
+    """A Python file defining `config` (an SFTConfig), or a TRL SFTConfig saved as YAML/JSON."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.suffix in (".yaml", ".yml", ".json"):
+        from jsft.trl_config import from_trl_file
+
+        return from_trl_file(path)
+    namespace: dict = {"__file__": str(path), "__name__": "jsft_config"}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    config = namespace.get("config")
+    if not isinstance(config, SFTConfig):
+        raise ConfigError(f"{path} must define `config = SFTConfig(...)`; found {type(config).__name__}")
+    return config
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> SFTConfig:
+    """Config file + --set overrides, validated."""
+    config = load_config_file(path)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_field(config, key, value)
+    return validate(config)
