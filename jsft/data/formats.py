@@ -1,0 +1,396 @@
+"""Each dataset format -> one example: token ids and a per-token "trained" mask (TRL's labels != -100, unshifted).
+
+Formats are detected from the columns, as TRL does (checked in this order):
+
+| columns                                   | format                            |
+| ----------------------------------------- | --------------------------------- |
+| `input_ids` (+ `labels` / `completion_mask` / `assistant_masks`) | tokenized     |
+| `prompt` + `completion`, strings          | prompt_completion                 |
+| `prompt` + `completion`, lists of messages| conversational_prompt_completion  |
+| `messages` (or ShareGPT `conversations`)  | messages                          |
+| `text` (config.dataset_text_field)        | text                              |
+
+Optional columns: `tools` (a list or a JSON string, passed to the template) and `chat_template_kwargs` (a dict).
+ShareGPT messages `{"from": "human", "value": ...}` become `{"role": "user", "content": ...}` (gpt -> assistant);
+TRL only renames the keys, jsft also maps the role names so ChatML templates see user/assistant.
+
+TRL semantics:
+- text / prompt_completion: EOS appended as a string unless the text already ends with it; tokenized with the
+  tokenizer's special tokens (BOS where the tokenizer adds one). Text that already starts with the BOS string keeps
+  one BOS (TRL would give two).
+- prompt/completion: the completion starts where the tokenized prompt and the tokenized prompt+completion diverge.
+  Conversational: the prompt is rendered with add_generation_prompt=True.
+- completion_only_loss None: on for prompt/completion rows, off otherwise (a tokenized `completion_mask` is used only
+  when completion_only_loss=True). assistant_only_loss: the template's assistant mask (see jsft.data.chat).
+- Pre-tokenized `labels` are used as is (trained where != -100); otherwise `assistant_masks` always applies.
+- max_length without packing: truncation (keep_start / keep_end). With packing the full example is returned.
+
+Bad rows raise BadRowError (row index + field + fix). A row must keep at least one trained token after its first
+position (the first token of a document is never a target); otherwise it is a bad row too. With
+config.skip_bad_rows the pipeline catches BadRowError, counts and reports the row; prepare_example always raises.
+ChatTemplateError / ConfigError are never per-row: they are not BadRowError and are never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from jsft.config import ConfigError, DataConfig
+from jsft.data import chat
+
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+FORMATS = ("tokenized", "prompt_completion", "conversational_prompt_completion", "messages", "text")
+
+
+class BadRowError(ValueError):
+    """A row that cannot become an example. `row_index` and `field` say where; the message says the fix."""
+
+    def __init__(self, row_index: int | None, field: str, problem: str, fix: str = ""):
+        self.row_index, self.field, self.problem = row_index, field, problem
+        where = f"row {row_index}" if row_index is not None else "row (index unknown)"
+        super().__init__(f"{where}, field {field!r}: {problem}" + (f". Fix: {fix}" if fix else ""))
+
+
+# ----------------------------------------------------------------------------------------------- reading rows
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict]:
+    """Rows of a JSON-lines file. Blank lines are skipped; a malformed line raises BadRowError with its line number.
+
+    row_index counts rows (non-blank lines) from 0, the same index prepare_example errors use.
+    """
+    path = Path(path)
+    row_index = 0
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadRowError(
+                    row_index, "json", f"malformed JSON on line {line_number} of {path}: {e.msg} (column {e.colno})",
+                    "repair or remove that line (or set skip_bad_rows=True to count and skip it)",
+                ) from e
+            if not isinstance(row, dict):
+                raise BadRowError(
+                    row_index, "json", f"line {line_number} of {path} is a JSON {type(row).__name__}, not an object",
+                    'write one JSON object per line, e.g. {"text": "..."}',
+                )
+            yield row
+            row_index += 1
+
+
+# ----------------------------------------------------------------------------------------------- detection
+
+
+def _is_message_list(value) -> bool:
+    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict)
+
+
+def detect_format(row: dict, config: DataConfig, row_index: int | None = None) -> str:
+    """One of FORMATS, from the row's columns; BadRowError naming the columns found and expected otherwise."""
+    if not isinstance(row, dict):
+        raise BadRowError(row_index, "row", f"expected a dict of columns, got {type(row).__name__}")
+    if "input_ids" in row:
+        return "tokenized"
+    if "prompt" in row and "completion" in row:
+        prompt_conv, completion_conv = _is_message_list(row["prompt"]), _is_message_list(row["completion"])
+        if prompt_conv or completion_conv:
+            if isinstance(row["completion"], list) and not row["completion"]:
+                raise BadRowError(
+                    row_index, "completion", "empty completion (an empty list of messages)",
+                    "give the completion at least one assistant message, or drop the row",
+                )
+            if not (prompt_conv and completion_conv):
+                conv, plain = ("prompt", "completion") if prompt_conv else ("completion", "prompt")
+                raise BadRowError(
+                    row_index, plain,
+                    f"{conv!r} is a list of messages but {plain!r} is {type(row[plain]).__name__}",
+                    "use lists of {role, content} messages for both, or strings for both",
+                )
+            return "conversational_prompt_completion"
+        return "prompt_completion"
+    if "messages" in row or "conversations" in row:
+        return "messages"
+    if config.dataset_text_field in row:
+        return "text"
+    if "prompt" in row:
+        raise BadRowError(
+            row_index, "completion", "the row has a 'prompt' but no 'completion' (prompt-only rows cannot be trained)",
+            "add a 'completion' column",
+        )
+    raise BadRowError(
+        row_index, "columns",
+        f"unknown dataset format: the row has columns {sorted(row)}; expected one of "
+        f"{config.dataset_text_field!r} (text), 'prompt'+'completion', 'messages', 'conversations' (ShareGPT), "
+        "or 'input_ids' (pre-tokenized)",
+        f"rename the columns, or set dataset_text_field to the text column",
+    )
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def check_messages(messages, row_index: int | None, field: str) -> list[dict]:
+    """Validated role/content messages (ShareGPT from/value converted). BadRowError names e.g. 'messages[2].role'."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRowError(
+            row_index, field, f"expected a non-empty list of messages, got {type(messages).__name__} {messages!r:.80}",
+            'write [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]',
+        )
+    checked = []
+    for j, message in enumerate(messages):
+        where = f"{field}[{j}]"
+        if not isinstance(message, dict):
+            raise BadRowError(row_index, where, f"a message must be a dict, got {type(message).__name__}")
+        message = dict(message)
+        if "role" not in message and "from" in message:  # ShareGPT
+            value = message.pop("from")
+            message["role"] = SHAREGPT_ROLES.get(value, value)
+            if "value" in message:
+                message["content"] = message.pop("value")
+        role = message.get("role")
+        if role is None:
+            raise BadRowError(
+                row_index, f"{where}.role", "missing role", f"give every message a role: one of {', '.join(KNOWN_ROLES)}"
+            )
+        if role not in KNOWN_ROLES:
+            raise BadRowError(
+                row_index, f"{where}.role", f"unknown role {role!r}",
+                f"use one of {', '.join(KNOWN_ROLES)} (ShareGPT: human, gpt, system)",
+            )
+        content = message.get("content")
+        if content is None and role == "assistant" and message.get("tool_calls"):
+            pass  # an assistant turn that only calls tools
+        elif not isinstance(content, str):
+            raise BadRowError(
+                row_index, f"{where}.content",
+                f"content must be a string, got {type(content).__name__} {content!r:.80}",
+                "write the message text as a string",
+            )
+        checked.append(message)
+    return checked
+
+
+def _string(row: dict, field: str, row_index: int | None) -> str:
+    value = row[field]
+    if not isinstance(value, str):
+        raise BadRowError(
+            row_index, field, f"expected a string, got {type(value).__name__} {value!r:.80}", "write the text as a string"
+        )
+    return value
+
+
+def _template_inputs(row: dict, row_index: int | None) -> tuple[list | None, dict]:
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise BadRowError(row_index, "tools", f"malformed JSON: {e.msg}", "write tools as a JSON list") from e
+    if tools is not None and not isinstance(tools, list):
+        raise BadRowError(row_index, "tools", f"expected a list of tool schemas, got {type(tools).__name__}")
+    kwargs = row.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise BadRowError(row_index, "chat_template_kwargs", f"expected a dict, got {type(kwargs).__name__}")
+    return tools, kwargs
+
+
+# ----------------------------------------------------------------------------------------------- tokenization
+
+
+def _encode_text(tokenizer, text: str) -> list[int]:
+    """tokenizer(text) with its special tokens, but never two BOS when the text already starts with the BOS string."""
+    ids = list(tokenizer(text)["input_ids"])
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    if bos and bos_id is not None and text.startswith(bos) and len(ids) >= 2 and ids[0] == ids[1] == bos_id:
+        ids = ids[1:]
+    return ids
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _add_eos(text: str, eos: str) -> str:
+    return text if text.endswith(eos) else text + eos
+
+
+def _eos(tokenizer) -> str:
+    if not tokenizer.eos_token:
+        raise ConfigError("the tokenizer has no eos_token: set data.eos_token to the token that ends a document")
+    return tokenizer.eos_token
+
+
+def _tokenized(row: dict, tokenizer, completion_only: bool, row_index) -> tuple[list[int], np.ndarray]:
+    ids = row["input_ids"]
+    if not isinstance(ids, (list, tuple, np.ndarray)) or len(ids) == 0:
+        raise BadRowError(row_index, "input_ids", "expected a non-empty list of token ids")
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise BadRowError(row_index, "input_ids", f"expected a flat list of integers, got dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= len(tokenizer):
+        raise BadRowError(
+            row_index, "input_ids", f"token ids must lie in [0, {len(tokenizer)}), got {ids.min()}..{ids.max()}",
+            "tokenize with the same tokenizer the run uses",
+        )
+
+    def column(name: str) -> np.ndarray:
+        values = np.asarray(row[name])
+        if values.shape != ids.shape:
+            raise BadRowError(
+                row_index, name, f"has {values.size} entries but input_ids has {ids.size}", "give one entry per token"
+            )
+        return values
+
+    if row.get("labels") is not None:
+        labels = column("labels")
+        bad = (labels != -100) & (labels != ids)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise BadRowError(
+                row_index, "labels",
+                f"labels[{i}]={labels[i]} is neither -100 nor input_ids[{i}]={ids[i]} (labels are unshifted copies)",
+                "set labels to input_ids with -100 on untrained tokens; the shift happens later",
+            )
+        return ids.tolist(), labels != -100
+    mask = np.ones(ids.shape, dtype=np.bool_)
+    if completion_only and row.get("completion_mask") is not None:
+        mask &= column("completion_mask").astype(bool)
+    if row.get("assistant_masks") is not None:
+        mask &= column("assistant_masks").astype(bool)
+    return ids.tolist(), mask
+
+
+def _tokenize(row: dict, fmt: str, tokenizer, config: DataConfig, row_index) -> tuple[list[int], np.ndarray]:
+    completion_only = config.completion_only_loss
+    if completion_only is None:
+        completion_only = fmt in ("prompt_completion", "conversational_prompt_completion")
+    conversational = fmt in ("messages", "conversational_prompt_completion")
+    if config.assistant_only_loss and not conversational:
+        if not (fmt == "tokenized" and (row.get("assistant_masks") is not None or row.get("labels") is not None)):
+            raise ConfigError(
+                f"data.assistant_only_loss=True needs conversational rows ('messages' or lists of messages), but row "
+                f"{row_index} is {fmt} data. Set assistant_only_loss=False (prompt/completion data: use "
+                "completion_only_loss), or convert the data to messages."
+            )
+
+    if fmt == "tokenized":
+        return _tokenized(row, tokenizer, completion_only, row_index)
+
+    if fmt == "text":
+        text = _add_eos(_string(row, config.dataset_text_field, row_index), _eos(tokenizer))
+        ids = _encode_text(tokenizer, text)
+        return ids, np.ones(len(ids), dtype=np.bool_)
+
+    if fmt == "prompt_completion":
+        prompt, completion = _string(row, "prompt", row_index), _string(row, "completion", row_index)
+        if completion == "":
+            raise BadRowError(row_index, "completion", "empty completion", "give the row a completion, or drop it")
+        prompt_ids = _encode_text(tokenizer, prompt)
+        ids = _encode_text(tokenizer, prompt + _add_eos(completion, _eos(tokenizer)))
+        mask = np.ones(len(ids), dtype=np.bool_)
+        if completion_only:
+            mask[: _common_prefix_length(prompt_ids, ids)] = False
+        return ids, mask
+
+    tools, kwargs = _template_inputs(row, row_index)
+    if config.assistant_only_loss:
+        chat.warn_once_if_stop_token_untrained(tokenizer)
+
+    if fmt == "messages":
+        field = "messages" if "messages" in row else "conversations"
+        messages = check_messages(row[field], row_index, field)
+        ids, assistant = _render(tokenizer, messages, tools, kwargs, config.assistant_only_loss, row_index)
+        mask = np.ones(len(ids), dtype=np.bool_)
+        if assistant is not None:
+            if not assistant.any():
+                raise BadRowError(
+                    row_index, field, "assistant_only_loss=True but the conversation has no assistant tokens",
+                    "add an assistant message, or drop the row",
+                )
+            mask &= assistant
+        return ids, mask
+
+    # conversational prompt / completion
+    prompt = check_messages(row["prompt"], row_index, "prompt")
+    completion = check_messages(row["completion"], row_index, "completion")
+    prompt_ids, _ = _render(tokenizer, prompt, tools, kwargs, False, row_index, add_generation_prompt=True)
+    ids, assistant = _render(tokenizer, prompt + completion, tools, kwargs, config.assistant_only_loss, row_index)
+    mask = np.ones(len(ids), dtype=np.bool_)
+    if completion_only:
+        mask[: _common_prefix_length(prompt_ids, ids)] = False
+    if assistant is not None:
+        mask &= assistant
+    return ids, mask
+
+
+def _render(tokenizer, messages, tools, kwargs, assistant_mask, row_index, add_generation_prompt=False):
+    try:
+        return chat.tokenize_conversation(
+            tokenizer, messages, tools, kwargs, assistant_mask=assistant_mask, add_generation_prompt=add_generation_prompt
+        )
+    except chat.ChatTemplateError as e:
+        raise chat.ChatTemplateError(f"row {row_index}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------- the example
+
+
+def truncate(ids: np.ndarray, mask: np.ndarray, max_length: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """keep_start keeps the first max_length tokens, keep_end the last (TRL's truncation_mode).
+
+    >>> truncate(np.arange(5), np.ones(5, bool), 3, "keep_end")[0].tolist()
+    [2, 3, 4]
+    """
+    if mode == "keep_start":
+        return ids[:max_length], mask[:max_length]
+    if mode == "keep_end":
+        return ids[-max_length:], mask[-max_length:]
+    raise ConfigError(f"data.truncation_mode={mode!r}: choose keep_start or keep_end")
+
+
+def prepare_example(row: dict, tokenizer, config: DataConfig, row_index: int | None = None) -> dict[str, np.ndarray]:
+    """One dataset row -> {"input_ids": int32[n], "loss_mask": bool[n]}; loss_mask[i] = token i is a trained label.
+
+    The mask is unshifted (TRL's labels != -100); the pipeline shifts it per document. Example, prompt/completion
+    with the fixture tokenizer (no BOS), completion_only_loss on by default:
+
+        {"prompt": "spell: 4 =>", "completion": " four"}
+        -> tokens  "spell" ":" " 4" " =>" " four" "<|endoftext|>"
+           mask      0     0    0    0      1          1
+
+    Raises BadRowError (row index, field, fix) for a row that cannot be trained, including one whose trained tokens
+    are all cut away by truncation; the pipeline catches it when config.skip_bad_rows and counts the row.
+    """
+    fmt = detect_format(row, config, row_index)
+    ids, mask = _tokenize(row, fmt, tokenizer, config, row_index)
+    ids, mask = np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.bool_)
+    full_length, trained_before = len(ids), bool(mask[1:].any())
+    if config.max_length is not None and not config.packing:
+        ids, mask = truncate(ids, mask, config.max_length, config.truncation_mode)
+    if not mask[1:].any():
+        field = {"prompt_completion": "completion", "conversational_prompt_completion": "completion",
+                 "messages": "messages", "text": config.dataset_text_field}.get(fmt, "loss_mask")
+        if trained_before:
+            problem = (
+                f"no trained token is left after truncation to max_length={config.max_length} "
+                f"({config.truncation_mode}; the row has {full_length} tokens)"
+            )
+            fix = "raise max_length, switch truncation_mode, or set skip_bad_rows=True to count and skip such rows"
+        else:
+            problem = "the row has no trained token after its first position (nothing to learn)"
+            fix = "check the masks / completion of this row, or set skip_bad_rows=True to count and skip it"
+        raise BadRowError(row_index, "loss_mask" if fmt == "tokenized" else field, problem, fix)
+    return {"input_ids": ids, "loss_mask": mask}

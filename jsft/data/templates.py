@@ -1,0 +1,76 @@
+"""The tokenizer and its chat template: the tokenizer's own, a `.jinja` file, or cloned from another tokenizer.
+
+    tokenizer, added_ids = load_tokenizer("path/to/model", config.data)
+
+- config.chat_template_path ending in .jinja / .j2 (an existing file): the template text is used as is, no tokens added.
+- config.chat_template_path a tokenizer directory: TRL's clone_chat_template. Its template is copied, its added
+  tokens missing from this vocabulary are added (ids appended after the current vocabulary), and EOS becomes the
+  source's EOS (the token that ends an assistant turn there, e.g. <|im_end|>). `added_ids` lists the new ids so the
+  model side resizes embeddings / lm_head (TRL also pads the vocabulary to a multiple of 64 with dummy tokens; jsft
+  leaves that padding to the model side and adds no dummy tokens to the tokenizer).
+- config.eos_token then config.pad_token override (each must already be in the vocabulary). An explicit eos_token
+  wins over the cloned one (in TRL the clone silently overrides it). pad defaults to the tokenizer's pad, else EOS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jsft.config import ConfigError, DataConfig
+
+
+def read_template_file(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data.chat_template_path={str(path)!r}: the template file does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+def clone_chat_template(tokenizer, source_path: str | Path) -> list[int]:
+    """Copy the template and missing added tokens of the tokenizer at `source_path`; set its EOS. Returns new ids."""
+    from transformers import AutoTokenizer
+
+    source_path = Path(source_path)
+    if not source_path.is_dir():
+        raise ConfigError(
+            f"data.chat_template_path={str(source_path)!r} is neither a .jinja file nor a tokenizer directory"
+        )
+    source = AutoTokenizer.from_pretrained(source_path)
+    template = source.get_chat_template()  # raises when the source has none
+    tokenizer.chat_template = template
+    vocab = tokenizer.get_vocab()
+    # sorted by the source's ids, so the new ids come out in the source's order
+    missing = [token for _, token in sorted(source.added_tokens_decoder.items()) if token.content not in vocab]
+    tokenizer.add_tokens(missing)
+    tokenizer.eos_token = source.eos_token
+    return tokenizer.convert_tokens_to_ids([token.content for token in missing])
+
+
+def _set_special(tokenizer, name: str, token: str) -> None:
+    if token not in tokenizer.get_vocab():
+        raise ConfigError(
+            f"data.{name}={token!r} is not in the tokenizer's vocabulary: choose an existing token "
+            f"(e.g. {tokenizer.eos_token!r}), or clone a template that adds it (data.chat_template_path)"
+        )
+    setattr(tokenizer, name, token)
+
+
+def load_tokenizer(path: str | Path, config: DataConfig):
+    """(tokenizer, added_token_ids) for a run: template and special tokens set as the module doc says."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    added: list[int] = []
+    template_path = config.chat_template_path
+    if template_path is not None:
+        if str(template_path).endswith((".jinja", ".j2")):
+            tokenizer.chat_template = read_template_file(template_path)
+        else:
+            added = clone_chat_template(tokenizer, template_path)
+    if config.eos_token is not None:
+        _set_special(tokenizer, "eos_token", config.eos_token)
+    pad = config.pad_token or tokenizer.pad_token or tokenizer.eos_token
+    if pad is None:
+        raise ConfigError("the tokenizer has neither a pad_token nor an eos_token: set data.pad_token")
+    _set_special(tokenizer, "pad_token", pad)
+    return tokenizer, added
