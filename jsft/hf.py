@@ -1,0 +1,245 @@
+"""HF safetensors <-> jsft parameters: load a checkpoint, save a full / merged model, save a PEFT adapter.
+
+One table (RULES) maps HF tensor names to jsft parameter paths and is read in both directions. HF linear
+weights are [out, in]; jsft kernels are [in, out], hence `transpose`:
+
+    model.layers.3.self_attn.q_proj.weight  [Hq*D, H]   <->  layers.3.self_attn.q_proj.kernel  [H, Hq*D]
+
+Loading reads one tensor at a time (safetensors safe_open, numpy + ml_dtypes for bf16) into an abstractly
+initialised model, so host memory never holds two copies of the weights. With `shardings`, each device reads only
+its own slice (jax.make_array_from_callback over safetensors slices).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy reader needs)
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jsft.model.llama import Llama, LlamaConfig
+
+# (HF tensor name, jsft parameter path, transpose). {i}: layer index; {proj}/{norm}: the module name.
+RULES = (
+    ("model.embed_tokens.weight", "embed_tokens.embedding", False),
+    ("model.layers.{i}.self_attn.{proj}.weight", "layers.{i}.self_attn.{proj}.kernel", True),
+    ("model.layers.{i}.self_attn.{proj}.bias", "layers.{i}.self_attn.{proj}.bias", False),
+    ("model.layers.{i}.self_attn.{norm}.weight", "layers.{i}.self_attn.{norm}.scale", False),
+    ("model.layers.{i}.mlp.{proj}.weight", "layers.{i}.mlp.{proj}.kernel", True),
+    ("model.layers.{i}.mlp.{proj}.bias", "layers.{i}.mlp.{proj}.bias", False),
+    ("model.layers.{i}.{norm}.weight", "layers.{i}.{norm}.scale", False),
+    ("model.norm.weight", "norm.scale", False),
+    ("lm_head.weight", "lm_head.kernel", True),
+)
+_FIELDS = {"i": r"\d+", "proj": r"[a-z]+_proj", "norm": r"[a-z_]*norm"}
+# Tensors some checkpoints carry that the model recomputes or shares: skipped on load.
+IGNORED = (r".*rotary_emb\.inv_freq",)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names the tensor or field."""
+
+
+def _regex(template: str) -> re.Pattern:
+    pattern = re.escape(template)
+    for name, rx in _FIELDS.items():
+        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{rx})")
+    return re.compile(pattern + "$")
+
+
+_HF_TO_JSFT = [(_regex(hf), jsft, t) for hf, jsft, t in RULES]
+_JSFT_TO_HF = [(_regex(jsft), hf, t) for hf, jsft, t in RULES]
+
+
+def hf_to_jsft(name: str) -> tuple[str, bool] | None:
+    """'model.layers.0.mlp.up_proj.weight' -> ('layers.0.mlp.up_proj.kernel', True); None if no rule matches."""
+    for rx, template, transpose in _HF_TO_JSFT:
+        if m := rx.match(name):
+            return template.format(**m.groupdict()), transpose
+    return None
+
+
+def jsft_to_hf(path: str) -> tuple[str, bool]:
+    """'layers.0.mlp.up_proj.kernel' -> ('model.layers.0.mlp.up_proj.weight', True)."""
+    for rx, template, transpose in _JSFT_TO_HF:
+        if m := rx.match(path):
+            return template.format(**m.groupdict()), transpose
+    raise KeyError(f"jsft parameter {path!r} has no HF name in jsft.hf.RULES")
+
+
+def path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def base_params(model: nnx.Module) -> dict[str, nnx.Variable]:
+    """{'layers.0.mlp.up_proj.kernel': Variable, ...}: every nnx.Param that is not a LoRA param."""
+    params = nnx.state(model, nnx.Param)
+    return {path_str(p): v for p, v in nnx.to_flat_state(params) if not isinstance(v, nnx.LoRAParam)}
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def read_config(path: str | Path) -> dict:
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path}: no config.json; expected an HF checkpoint directory")
+    return json.loads(config_file.read_text())
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it (single file or an index of shards)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json found "
+                              "(only safetensors checkpoints are supported)")
+    with safe_open(single, "np") as f:
+        return {name: single for name in f.keys()}
+
+
+def load_model(path, dtype=jnp.bfloat16, compute_dtype=None, attention_impl="auto", remat_policy="none",
+               shardings=None) -> tuple[Llama, LlamaConfig]:
+    """Read an HF checkpoint directory into a jsft Llama; returns (model, cfg).
+
+    dtype: parameter dtype (a jnp dtype or "bfloat16"/"float32"); compute_dtype defaults to dtype.
+    shardings: None (plain device arrays), or a function (path str, abstract nnx.Variable) -> jax.sharding.Sharding,
+    or a dict {path str: Sharding}; with one, each device reads only its slice of each tensor.
+    """
+    path = Path(path)
+    dtype = DTYPES.get(dtype, dtype)
+    compute_dtype = DTYPES.get(compute_dtype, compute_dtype) or dtype
+    cfg = LlamaConfig.from_hf(read_config(path))
+    generation = path / "generation_config.json"
+    if generation.exists():
+        cfg.hf_config["_generation_config"] = json.loads(generation.read_text())
+    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, compute_dtype=compute_dtype,
+                                         attention_impl=attention_impl, remat_policy=remat_policy))
+    targets = base_params(model)
+    files = _tensor_files(path)
+
+    wanted = {}  # jsft path -> (hf name, transpose)
+    for name in sorted(files):
+        mapped = hf_to_jsft(name)
+        if mapped is None or mapped[0] not in targets:
+            if any(re.fullmatch(rx, name) for rx in IGNORED) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                continue
+            raise CheckpointError(f"{path}: unexpected tensor {name!r}: the {cfg.model_type} model built from "
+                                  "config.json has no parameter for it (does config.json match the weights?)")
+        wanted[mapped[0]] = (name, mapped[1])
+    for p in targets:
+        if p not in wanted:
+            raise CheckpointError(f"{path}: missing tensor {jsft_to_hf(p)[0]!r} (jsft parameter {p})")
+
+    handles = {}
+    try:
+        for p, var in targets.items():
+            name, transpose = wanted[p]
+            file = files[name]
+            if file not in handles:
+                handles[file] = safe_open(file, "np")
+            var.set_value(_read(handles[file], name, transpose, var, dtype, _sharding_for(shardings, p, var)))
+    finally:
+        handles.clear()
+    return model, cfg
+
+
+def _sharding_for(shardings, p, var):
+    if shardings is None:
+        return None
+    if callable(shardings):
+        return shardings(p, var)
+    return shardings[p]
+
+
+def _read(handle, name, transpose, var, dtype, sharding):
+    """One tensor from the file, transposed/cast to the jsft layout; only the device's slices when sharded."""
+    shape = tuple(var.shape)
+    hf_slice = handle.get_slice(name)
+    hf_shape = tuple(hf_slice.get_shape())
+    expected = shape[::-1] if transpose else shape
+    if hf_shape != expected:
+        raise CheckpointError(f"tensor {name!r} has shape {list(hf_shape)} in the checkpoint but the model expects "
+                              f"{list(expected)} (jsft parameter shape {list(shape)})")
+
+    def read(index):
+        index = tuple(index) if index else tuple(slice(None) for _ in shape)
+        block = hf_slice[index[::-1] if transpose else index]
+        block = block.T if transpose else block
+        return np.ascontiguousarray(block.astype(dtype))
+
+    if sharding is None:
+        return jnp.asarray(read(None))
+    return jax.make_array_from_callback(shape, sharding, read)
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+
+def _dtype_name(dtype) -> str:
+    return jnp.dtype(dtype).name
+
+
+def save_model(model: Llama, out_dir, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write an HF checkpoint transformers loads: config.json, generation_config.json, safetensors (+ index when
+    sharded), tokenizer files. LoRA weights, if any, are merged into the kernels written (the model is unchanged).
+    """
+    from jsft.model.lora import merged_params
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for p, value in merged_params(model).items():
+        name, transpose = jsft_to_hf(p)
+        tensors[name] = (value, transpose)
+    dtype = model.param_dtype
+    _write_safetensors(out, tensors, max_shard_bytes, dtype)
+    hf = {k: v for k, v in model.cfg.hf_config.items() if k != "_generation_config"}
+    hf.update(vocab_size=model.cfg.vocab_size, dtype=_dtype_name(dtype))
+    hf.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    generation = model.cfg.hf_config.get("_generation_config") or {
+        k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def _write_safetensors(out: Path, tensors: dict, max_shard_bytes: int, dtype, prefix="model"):
+    """Group tensors into shards of at most max_shard_bytes (a tensor larger than that gets its own shard)."""
+    shards, current, size = [], [], 0
+    for name in sorted(tensors):
+        nbytes = int(np.prod(tensors[name][0].shape)) * jnp.dtype(dtype).itemsize
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    if current:
+        shards.append(current)
+    weight_map, total = {}, 0
+    for k, names in enumerate(shards):
+        file = f"{prefix}.safetensors" if len(shards) == 1 else f"{prefix}-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        arrays = {}
+        for name in names:
+            value, transpose = tensors[name]
+            arr = np.asarray(jax.device_get(value)).astype(dtype)
+            arrays[name] = np.ascontiguousarray(arr.T if transpose else arr)
+            weight_map[name] = file
+            total += arrays[name].nbytes
+        save_file(arrays, str(out / file), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

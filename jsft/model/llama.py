@@ -1,0 +1,378 @@
+"""The Llama family (Llama 2/3/3.1/3.2, Qwen2, Qwen3, Mistral) as one Flax NNX model built from an HF config.json.
+
+The architectures differ only by flags of the same code:
+
+    model_type  qkv bias            o_proj bias      q/k RMSNorm per head   sliding window
+    llama       attention_bias      attention_bias   no                     no
+    qwen2       always              no               no                     refused (use_sliding_window)
+    qwen3       attention_bias      attention_bias   yes                    refused (use_sliding_window)
+    mistral     no                  no               no                     sliding_window (L must fit in it)
+
+Inputs follow the batch contract: `input_ids`, `positions` (restarting at 0 per document) and `segment_ids`
+(1, 2, 3 ... per document, 0 = padding), all int32 [B, L]. RoPE reads `positions`, attention never crosses
+documents, so a packed row gives each document exactly the logits it gets alone.
+
+Every parameter carries logical axis names in its metadata (`var.get_metadata()["out_sharding"]`, which
+`nnx.get_partition_spec` reads); jsft/sharding.py maps them to mesh axes. Kernels are [in, out] (HF's transposed).
+
+    parameter (path in the model)                         shape           logical axes
+    embed_tokens.embedding                                [V, H]          ("vocab", "embed")
+    layers.N.self_attn.q_proj.kernel / .bias              [H, Hq*D] / .   ("embed", "q_heads") / ("q_heads",)
+    layers.N.self_attn.{k,v}_proj.kernel / .bias          [H, Hkv*D] / .  ("embed", "kv_heads") / ("kv_heads",)
+    layers.N.self_attn.o_proj.kernel / .bias              [Hq*D, H] / .   ("q_heads", "embed") / ("embed",)
+    layers.N.self_attn.{q,k}_norm.scale                   [D]             ("head_dim",)
+    layers.N.mlp.{gate,up}_proj.kernel / .bias            [H, F] / .      ("embed", "mlp") / ("mlp",)
+    layers.N.mlp.down_proj.kernel / .bias                 [F, H] / .      ("mlp", "embed") / ("embed",)
+    layers.N.{input,post_attention}_layernorm.scale       [H]             ("norm",)
+    norm.scale                                            [H]             ("norm",)
+    lm_head.kernel (absent when tied)                     [H, V]          ("embed", "vocab")
+    LoRA (jsft/model/lora.py): <proj>.lora_a / .lora_b    [in, r] / [r, out]  (in-axis, "lora_rank") / ("lora_rank", out-axis)
+
+"q_heads"/"kv_heads" name the flattened heads*head_dim axis: splitting it in n equal blocks splits whole heads
+when the head count divides by n. Params are created with `eager_sharding=False`: names are metadata only, so the
+model builds with no mesh (and under `nnx.eval_shape` for abstract init); placement is the sharding code's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ARCHITECTURES = {  # HF "architectures" entry -> model_type
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "MistralForCausalLM": "mistral",
+}
+REMAT_POLICIES = ("none", "full", "save_dots", "offload")
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+class ModelConfigError(ValueError):
+    """An HF config.json this model cannot represent; the message names the field."""
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    rope: tuple  # sorted (key, value) items: rope_type, rope_theta and the scaling fields
+    sliding_window: int | None = None
+    hf_config: dict = field(default_factory=dict, compare=False, repr=False)  # the original config.json
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        """Read an HF config.json dict; unknown architectures and missing fields raise ModelConfigError."""
+        model_type = hf.get("model_type")
+        for arch in hf.get("architectures") or []:
+            if arch not in ARCHITECTURES:
+                raise ModelConfigError(
+                    f"config.json architectures={hf['architectures']}: {arch!r} is not supported; "
+                    f"jsft supports {', '.join(ARCHITECTURES)}"
+                )
+            model_type = model_type or ARCHITECTURES[arch]
+        if model_type not in ARCHITECTURES.values():
+            raise ModelConfigError(
+                f"config.json model_type={model_type!r} is not supported; use one of "
+                f"{', '.join(sorted(set(ARCHITECTURES.values())))}"
+            )
+        for name in REQUIRED_FIELDS:
+            if hf.get(name) is None:
+                raise ModelConfigError(f"config.json is missing the required field {name!r}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ModelConfigError(f"config.json hidden_act={hf['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
+        if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+            raise ModelConfigError(f"config.json use_sliding_window=true ({model_type}): sliding-window attention "
+                                   "is not implemented; set it to false")
+        heads = hf["num_attention_heads"]
+        kv_heads = hf.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise ModelConfigError(f"config.json num_attention_heads={heads} is not a multiple of "
+                                   f"num_key_value_heads={kv_heads}")
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or (model_type != "mistral" and attention_bias),
+            o_bias=model_type in ("llama", "qwen3") and attention_bias,
+            mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            rope=_rope_settings(hf),
+            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+            hf_config=dict(hf),
+        )
+
+    def inv_freq(self) -> np.ndarray:
+        """RoPE inverse frequencies [head_dim/2] (float32), with linear or llama3 (Llama 3.1) scaling."""
+        rope = dict(self.rope)
+        dim = self.head_dim
+        inv = (1.0 / (np.float32(rope["rope_theta"]) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(np.float32)
+        kind = rope["rope_type"]
+        if kind == "default":
+            return inv
+        if kind == "linear":
+            return (inv / rope["factor"]).astype(np.float32)
+        # llama3: long wavelengths divided by `factor`, short ones kept, a smooth blend in between.
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old_len = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def _rope_settings(hf: dict) -> tuple:
+    """rope_parameters (transformers 5) or legacy rope_theta + rope_scaling -> sorted items."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    rope["rope_type"] = rope.get("rope_type", rope.pop("type", "default"))
+    if rope["rope_type"] not in ("default", "linear", "llama3"):
+        raise ModelConfigError(f"config.json rope type {rope['rope_type']!r} is not supported; "
+                               "use default, linear or llama3")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ModelConfigError("config.json rope partial_rotary_factor != 1 is not supported")
+    needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                "original_max_position_embeddings")}.get(rope["rope_type"], ())
+    for name in needed:
+        if name not in rope:
+            raise ModelConfigError(f"config.json rope_parameters is missing the required field {name!r} "
+                                   f"for rope_type {rope['rope_type']!r}")
+    return tuple(sorted((k, v) for k, v in rope.items() if not isinstance(v, (dict, list))))
+
+
+def param(value, names: tuple) -> nnx.Param:
+    """An nnx.Param carrying logical axis names (metadata only; no mesh needed)."""
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] in param dtype, matmul in compute dtype."""
+
+    def __init__(self, in_features, out_features, names, *, bias, param_dtype, compute_dtype, rngs):
+        init = nnx.initializers.normal(0.02)
+        self.kernel = param(init(rngs.params(), (in_features, out_features), param_dtype), names)
+        self.bias = param(jnp.zeros((out_features,), param_dtype), names[1:]) if bias else None
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+        return y if self.bias is None else y + self.bias[...].astype(self.compute_dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab_size, hidden_size, *, param_dtype, rngs):
+        init = nnx.initializers.normal(0.02)
+        self.embedding = param(init(rngs.params(), (vocab_size, hidden_size), param_dtype), ("vocab", "embed"))
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) in float32, cast back to the compute dtype, times scale (as transformers does)."""
+
+    def __init__(self, size, names, *, eps, param_dtype, compute_dtype):
+        self.scale = param(jnp.ones((size,), param_dtype), names)
+        self.eps, self.compute_dtype = eps, compute_dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.compute_dtype) * normed.astype(self.compute_dtype)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate x [B, L, heads, D] by angle positions * inv_freq (HF's rotate_half layout), in float32."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, D/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _attention(q, k, v, segment_ids, impl):
+    try:
+        from jsft.model.attention import packed_attention
+    except ImportError:  # TEMPORARY until jsft/model/attention.py lands
+        return _xla_masked_attention(q, k, v, segment_ids)
+    return packed_attention(q, k, v, segment_ids, impl=impl)
+
+
+def _xla_masked_attention(q, k, v, segment_ids):
+    """Block-diagonal causal attention with a dense mask (fallback; zeros at padding rows)."""
+    B, L, Hq, D = q.shape
+    Hkv = k.shape[2]
+    qg = q.reshape(B, L, Hkv, Hq // Hkv, D)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] != 0)
+    mask = same & (jnp.arange(L)[:, None] >= jnp.arange(L)[None, :])
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(B, L, Hq, D)
+    return jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, param_dtype, compute_dtype, attention_impl, rngs):
+        H, D, q_out, kv_out = cfg.hidden_size, cfg.head_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        dt = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.q_proj = Linear(H, q_out, ("embed", "q_heads"), bias=cfg.qkv_bias, rngs=rngs, **dt)
+        self.k_proj = Linear(H, kv_out, ("embed", "kv_heads"), bias=cfg.qkv_bias, rngs=rngs, **dt)
+        self.v_proj = Linear(H, kv_out, ("embed", "kv_heads"), bias=cfg.qkv_bias, rngs=rngs, **dt)
+        self.o_proj = Linear(q_out, H, ("q_heads", "embed"), bias=cfg.o_bias, rngs=rngs, **dt)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, ("head_dim",), eps=cfg.rms_norm_eps, **dt)
+            self.k_norm = RMSNorm(D, ("head_dim",), eps=cfg.rms_norm_eps, **dt)
+        self.qk_norm, self.head_dim, self.impl = cfg.qk_norm, D, attention_impl
+
+    def __call__(self, x, positions, segment_ids, inv_freq):
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, -1, self.head_dim)
+        k = self.k_proj(x).reshape(B, L, -1, self.head_dim)
+        v = self.v_proj(x).reshape(B, L, -1, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        out = _attention(q, k, v, segment_ids, self.impl)
+        return self.o_proj(out.reshape(B, L, -1))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig, *, param_dtype, compute_dtype, rngs):
+        H, F, dt = cfg.hidden_size, cfg.intermediate_size, dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.gate_proj = Linear(H, F, ("embed", "mlp"), bias=cfg.mlp_bias, rngs=rngs, **dt)
+        self.up_proj = Linear(H, F, ("embed", "mlp"), bias=cfg.mlp_bias, rngs=rngs, **dt)
+        self.down_proj = Linear(F, H, ("mlp", "embed"), bias=cfg.mlp_bias, rngs=rngs, **dt)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, param_dtype, compute_dtype, attention_impl, rngs):
+        dt = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, ("norm",), eps=cfg.rms_norm_eps, **dt)
+        self.self_attn = Attention(cfg, attention_impl=attention_impl, rngs=rngs, **dt)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, ("norm",), eps=cfg.rms_norm_eps, **dt)
+        self.mlp = MLP(cfg, rngs=rngs, **dt)
+
+    def __call__(self, x, positions, segment_ids, inv_freq):
+        x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy for a remat setting (None: no remat).
+
+    full: save nothing inside a layer; save_dots: keep matmul outputs; offload: move matmul outputs to pinned host
+    memory and bring them back for the backward pass. Where the device has no pinned_host memory, offload falls
+    back to save_dots (same gradients, device memory instead of host memory).
+    """
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={name!r}: choose one of {', '.join(REMAT_POLICIES)}")
+    if name == "none":
+        return None
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if name == "offload":
+        kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+        if "pinned_host" in kinds:
+            return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, compute_dtype=jnp.float32,
+                 attention_impl: str = "auto", remat_policy: str = "none"):
+        remat_policy_fn = globals()["remat_policy"](remat_policy)  # validates the name early
+        dt = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.cfg, self.param_dtype, self.compute_dtype = cfg, param_dtype, compute_dtype
+        self.remat, self._remat_policy = remat_policy, remat_policy_fn
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, attention_impl=attention_impl, rngs=rngs, **dt) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, ("norm",), eps=cfg.rms_norm_eps, **dt)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, rngs=rngs, **dt)
+
+    def hidden_states(self, input_ids, positions, segment_ids):
+        """[B, L] int32 each -> [B, L, H] final-normed hidden states in the compute dtype (no lm_head)."""
+        L = input_ids.shape[1]
+        if self.cfg.sliding_window is not None and L > self.cfg.sliding_window:
+            raise ValueError(f"sequence length {L} exceeds the model's sliding_window={self.cfg.sliding_window}; "
+                             "sliding-window attention is not implemented, use max_length <= sliding_window")
+        x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(self.compute_dtype)
+        inv_freq = jnp.asarray(self.cfg.inv_freq())
+
+        def run_layer(layer, x, positions, segment_ids):
+            return layer(x, positions, segment_ids, inv_freq)
+
+        if self._remat_policy is not None:
+            run_layer = nnx.remat(run_layer, policy=self._remat_policy, prevent_cse=True)
+        for layer in self.layers:
+            x = run_layer(layer, x, positions, segment_ids)
+        return self.norm(x)
+
+    def lm_head_weight(self):
+        """[H, V] in the param dtype (the embedding transposed when tied)."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def __call__(self, input_ids, positions, segment_ids):
+        """[B, L] int32 each -> logits [B, L, V] float32."""
+        hidden = self.hidden_states(input_ids, positions, segment_ids)
+        w = self.lm_head_weight().astype(self.compute_dtype)
+        return jnp.dot(hidden, w, preferred_element_type=jnp.float32)
+
+    def resize_vocab(self, new_size: int, rngs: nnx.Rngs | None = None):
+        """Grow the embedding (and an untied lm_head) to new_size rows; new rows are the mean of the old rows.
+
+        transformers' resize_token_embeddings (mean_resizing=True, its default) samples new rows from a normal
+        with the old rows' mean and 1e-9 x their covariance: the mean up to ~1e-5. jsft uses the mean itself, so
+        resizing is deterministic (`rngs` is accepted for interface symmetry and unused). Shrinking is refused.
+        """
+        old = self.cfg.vocab_size
+        if new_size < old:
+            raise ValueError(f"resize_vocab({new_size}) would drop rows of the {old}-row vocabulary; only growing is "
+                             "supported")
+        if new_size == old:
+            return
+        emb = self.embed_tokens.embedding
+        emb[...] = _grow_rows(emb[...], new_size)
+        if not self.cfg.tie_word_embeddings:
+            head = self.lm_head.kernel
+            head[...] = _grow_rows(head[...].T, new_size).T
+        hf = dict(self.cfg.hf_config, vocab_size=new_size)
+        self.cfg = dataclasses.replace(self.cfg, vocab_size=new_size, hf_config=hf)
+
+
+def _grow_rows(w, new_size):
+    mean = jnp.mean(w.astype(jnp.float32), axis=0, keepdims=True).astype(w.dtype)
+    return jnp.concatenate([w, jnp.repeat(mean, new_size - w.shape[0], axis=0)], axis=0)

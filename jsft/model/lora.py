@@ -1,0 +1,125 @@
+"""LoRA with PEFT's meaning: y = W x + b + (alpha / r) * B(A(dropout(x))), A random, B zeros.
+
+`apply_lora` swaps each targeted `Linear` for a `LoRALinear` that shares its kernel and bias Variables and adds
+`lora_a` [in, r] and `lora_b` [r, out] as `nnx.LoRAParam` (so `nnx.LoRAParam` is the trainable filter). Paths of
+the base params do not change (layers.0.self_attn.q_proj.kernel stays), so jsft.hf reads and writes them as before.
+
+    PEFT (torch layout)                                  jsft
+    ...q_proj.lora_A.weight  [r, in]                     ...q_proj.lora_a  [in, r]   (transposed)
+    ...q_proj.lora_B.weight  [out, r]                    ...q_proj.lora_b  [r, out]  (transposed)
+
+Dropout is an nnx.Dropout: active by default (training); call `model.eval()` for evaluation / generation and
+`model.train()` to switch it back on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jsft.model.llama import Linear
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(Linear):
+    def __init__(self, base: Linear, r: int, alpha: float, dropout: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.kernel, self.bias, self.compute_dtype = base.kernel, base.bias, base.compute_dtype
+        in_features, out_features = base.kernel.shape
+        in_axis, out_axis = base.kernel.get_metadata()["out_sharding"]
+        bound = 1.0 / math.sqrt(in_features)  # PEFT: kaiming_uniform_(a=sqrt(5)) on [r, in]
+        a = jax.random.uniform(rngs.params(), (in_features, r), dtype, -bound, bound)
+        self.lora_a = nnx.LoRAParam(a, out_sharding=(in_axis, "lora_rank"), eager_sharding=False)
+        self.lora_b = nnx.LoRAParam(jnp.zeros((r, out_features), dtype), out_sharding=("lora_rank", out_axis),
+                                    eager_sharding=False)
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x):
+        y = super().__call__(x)
+        cd = self.compute_dtype
+        h = jnp.dot(self.dropout(x).astype(cd), self.lora_a[...].astype(cd))
+        return y + jnp.dot(h, self.lora_b[...].astype(cd)) * jnp.asarray(self.scale, cd)
+
+    def delta(self):
+        """scale * A @ B in float32: what merging adds to the kernel [in, out]."""
+        return self.scale * jnp.dot(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
+
+
+def resolve_targets(target_modules) -> tuple[str, ...]:
+    """"all-linear" (PEFT: every linear layer but the output head) or a list of HF module names."""
+    if target_modules == "all-linear" or target_modules == ["all-linear"]:
+        return LINEAR_NAMES
+    names = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+    unknown = [n for n in names if n not in LINEAR_NAMES]
+    if unknown:
+        raise ValueError(f"lora target_modules {unknown} are not linear layers of the model; use names from "
+                         f"{', '.join(LINEAR_NAMES)} or 'all-linear'")
+    return names
+
+
+def _linears(model, cls=Linear):
+    """(parent, attribute name, path) of every `cls` module under a *_proj attribute (lm_head excluded)."""
+    found = []
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, cls) and path and path[-1] in LINEAR_NAMES:
+            parent = model
+            for part in path[:-1]:
+                parent = parent[part] if isinstance(part, int) else getattr(parent, part)
+            found.append((parent, path[-1], ".".join(map(str, path))))
+    return found
+
+
+def apply_lora(model, r: int, alpha: float, dropout: float, target_modules="all-linear", rngs: nnx.Rngs = None,
+               dtype=jnp.float32):
+    """Add LoRA to the targeted projections in place; returns the model. LoRA params are float32 by default
+    (PEFT keeps adapters in float32 too)."""
+    if r < 1:
+        raise ValueError(f"lora r={r}: must be >= 1")
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    targets = resolve_targets(target_modules)
+    for parent, name, _ in _linears(model):
+        base = getattr(parent, name)
+        if name in targets and not isinstance(base, LoRALinear):
+            setattr(parent, name, LoRALinear(base, r, alpha, dropout, rngs=rngs, dtype=dtype))
+    return model
+
+
+def lora_modules(model) -> dict[str, LoRALinear]:
+    """{'layers.0.self_attn.q_proj': LoRALinear, ...}"""
+    return {path: getattr(parent, name) for parent, name, path in _linears(model, LoRALinear)}
+
+
+def merged_params(model) -> dict:
+    """{jsft path: array} of every base parameter, LoRA deltas added to their kernels (the model is unchanged)."""
+    from jsft.hf import base_params
+
+    values = {p: v[...] for p, v in base_params(model).items()}
+    for path, module in lora_modules(model).items():
+        kernel = values[f"{path}.kernel"]
+        values[f"{path}.kernel"] = (kernel.astype(jnp.float32) + module.delta()).astype(kernel.dtype)
+    return values
+
+
+def merge_lora(model):
+    """Fold every LoRA delta into its kernel (W + scale * A @ B) and drop the LoRA params; returns the model."""
+    for parent, name, _ in _linears(model, LoRALinear):
+        module = getattr(parent, name)
+        kernel = module.kernel
+        kernel[...] = (kernel[...].astype(jnp.float32) + module.delta()).astype(kernel.dtype)
+        setattr(parent, name, _plain_linear(module))
+    return model
+
+
+def _plain_linear(module: LoRALinear) -> Linear:
+    """A Linear holding the same kernel and bias Variables (built abstractly, then given the real ones)."""
+    in_features, out_features = module.kernel.shape
+    names = module.kernel.get_metadata()["out_sharding"]
+    plain = nnx.eval_shape(lambda: Linear(in_features, out_features, names, bias=module.bias is not None,
+                                          param_dtype=module.kernel.dtype, compute_dtype=module.compute_dtype,
+                                          rngs=nnx.Rngs(0)))
+    plain.kernel, plain.bias = module.kernel, module.bias
+    return plain
