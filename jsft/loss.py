@@ -1,0 +1,245 @@
+"""The SFT loss and its metrics, computed in chunks so the [B, L, vocab] logits never exist at once.
+
+Everything here returns float32 SUMS over trained tokens; the train step adds the sums of all micro-batches and
+divides once by the number of trained tokens in the whole optimizer step (`normalize`). That is TRL's rule
+(`num_items_in_batch`), and it makes the loss independent of how the tokens are split into micro-batches.
+
+Token loss (`loss_type`), with p = softmax(h @ W)[target]:
+    nll: -log p
+    dft: -stop_gradient(p) * log p        (TRL's DFT, https://huggingface.co/papers/2508.05629)
+Metrics, over trained tokens only (TRL's definitions):
+    entropy:  H(softmax(logits)) = logsumexp(z) - sum_v p_v z_v   (no gradient: it is only logged)
+    correct:  argmax(logits) == target, where argmax picks the FIRST maximum (a tie with an earlier id is wrong)
+
+Also here: `flops_per_token` / `mfu` for throughput reports, and `check_trained_tokens` for the step-level guard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LOSS_TYPES = ("nll", "dft")
+SUM_KEYS = ("loss_sum", "num_trained", "num_correct", "entropy_sum")
+
+
+# ----------------------------------------------------------------------------------------------- per-token math
+
+
+def _token_stats(logits, targets, mask, loss_type: str):
+    """logits [N, V] float32, targets [N] int, mask [N] bool -> the four float32 sums over masked tokens."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    logp = target_logit - log_z
+    token_loss = -logp if loss_type == "nll" else -jax.lax.stop_gradient(jnp.exp(logp)) * logp
+    probs = jax.lax.stop_gradient(jnp.exp(logits - log_z[:, None]))
+    entropy = jax.lax.stop_gradient(log_z) - jnp.sum(probs * jax.lax.stop_gradient(logits), axis=-1)
+    correct = jnp.argmax(logits, axis=-1) == targets
+    zero = jnp.zeros((), jnp.float32)
+    return {
+        "loss_sum": jnp.sum(jnp.where(mask, token_loss, zero)),
+        "num_trained": jnp.sum(mask.astype(jnp.float32)),
+        "num_correct": jnp.sum((correct & mask).astype(jnp.float32)),
+        "entropy_sum": jnp.sum(jnp.where(mask, entropy, zero)),
+    }
+
+
+def _logits(hidden, lm_head_weight):
+    """[N, H] @ [H, V] -> [N, V] float32; bf16 inputs are multiplied with float32 accumulation."""
+    return jnp.dot(hidden, lm_head_weight, preferred_element_type=jnp.float32).astype(jnp.float32)
+
+
+def _flatten(hidden, targets, loss_mask):
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    return hidden, targets.reshape(-1), loss_mask.reshape(-1).astype(bool)
+
+
+# ----------------------------------------------------------------------------------------------- the losses
+
+
+def unchunked_loss(hidden, lm_head_weight, targets, loss_mask, loss_type: str = "nll", chunk_size: int = 1024):
+    """Reference: the same sums as `chunked_loss`, with the full [B*L, V] logits in memory. For tests only."""
+    del chunk_size
+    h, t, m = _flatten(hidden, targets, loss_mask)
+    return _token_stats(_logits(h, lm_head_weight), t, m, loss_type)
+
+
+def chunked_loss(hidden, lm_head_weight, targets, loss_mask, loss_type: str = "nll", chunk_size: int = 1024):
+    """Sums of token loss, trained tokens, correct argmaxes and entropy, never holding [B, L, V] logits.
+
+    hidden [B, L, H] (final-normed), lm_head_weight [H, V], targets [B, L] int, loss_mask [B, L] bool/float.
+    The B*L tokens are cut into chunks of `chunk_size` (the tail chunk is padded with masked tokens); a
+    `lax.scan` computes each chunk's logits in float32, its sums, and drops the logits. The per-chunk function is
+    wrapped in `jax.checkpoint`, so the backward pass recomputes a chunk's logits instead of saving them: peak
+    memory holds one [chunk_size, V] block, not [B*L, V].
+
+    Returns float32 scalars {"loss_sum", "num_trained", "num_correct", "entropy_sum"}; divide with `normalize`.
+    """
+    h, t, m = _flatten(hidden, targets, loss_mask)
+    n = h.shape[0]
+    chunk = max(1, min(int(chunk_size), n))
+    num_chunks = math.ceil(n / chunk)
+    pad = num_chunks * chunk - n
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        t = jnp.pad(t, (0, pad))
+        m = jnp.pad(m, (0, pad))  # padded tokens are masked out
+    xs = (h.reshape(num_chunks, chunk, -1), t.reshape(num_chunks, chunk), m.reshape(num_chunks, chunk))
+
+    @jax.checkpoint
+    def one_chunk(w, h_c, t_c, m_c):
+        return _token_stats(_logits(h_c, w), t_c, m_c, loss_type)
+
+    def step(carry, x):
+        sums = one_chunk(lm_head_weight, *x)
+        return {k: carry[k] + sums[k] for k in SUM_KEYS}, None
+
+    init = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
+    sums, _ = jax.lax.scan(step, init, xs)
+    return sums
+
+
+# ----------------------------------------------------------------------------------------------- normalization
+
+
+def normalize(sums: dict, num_trained_total) -> dict:
+    """Turn summed statistics into the logged/optimized means, dividing by the trained tokens of the WHOLE step.
+
+    `num_trained_total` counts trained tokens over every micro-batch and device of one optimizer step (TRL's
+    `num_items_in_batch`), not the tokens of one micro-batch. Worked example, one step of two micro-batches:
+
+        micro-batch 1: token losses [2.0, 1.0, 3.0]  -> loss_sum 6.0, num_trained 3
+        micro-batch 2: token losses [4.0]            -> loss_sum 4.0, num_trained 1
+        step loss = (6.0 + 4.0) / (3 + 1) = 2.5      (the mean over the step's 4 tokens)
+        NOT the mean of micro-batch means (2.0 + 4.0) / 2 = 3.0, which would weigh the lone token 3x.
+
+    In the train step each micro-batch's gradient is that of loss_sum / num_trained_total; summing them gives the
+    gradient of the step loss, whatever the split. Like TRL the divisor is clamped to >= 1, so a step with no
+    trained tokens gives 0 (but `check_trained_tokens` refuses such a step before that).
+
+    Returns {"loss", "entropy", "mean_token_accuracy"} (float32).
+    """
+    denom = jnp.maximum(jnp.asarray(num_trained_total, jnp.float32), 1.0)
+    return {
+        "loss": sums["loss_sum"] / denom,
+        "entropy": sums["entropy_sum"] / denom,
+        "mean_token_accuracy": sums["num_correct"] / denom,
+    }
+
+
+def check_trained_tokens(num_trained, step: int) -> None:
+    """Raise ValueError when an optimizer step has no trained token (its loss and gradient would be empty)."""
+    if float(num_trained) <= 0:
+        raise ValueError(
+            f"step {step}: the batch has no trained tokens (every loss_mask entry is false), so there is nothing to "
+            "learn. Check data.completion_only_loss / data.assistant_only_loss (does the data have completions or "
+            "assistant turns, and does the chat template mark them?), and data.max_length / data.truncation_mode "
+            "(truncation may cut off every completion)."
+        )
+
+
+# ----------------------------------------------------------------------------------------------- FLOPs and MFU
+
+# Dense bf16 tensor-core peak, TFLOP/s per device (no sparsity). Matched in order as substrings of
+# jax.devices()[0].device_kind, lower-cased; the first match wins, so more specific names come first.
+PEAK_BF16_TFLOPS = (
+    ("h100 pcie", 756.0),
+    ("h100 nvl", 835.0),
+    ("h100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("h200", 989.0),
+    ("gh200", 989.0),
+    ("h800", 989.0),
+    ("b200", 2250.0),
+    ("a100", 312.0),
+    ("a800", 312.0),
+    ("l40s", 362.0),
+    ("l40", 181.0),
+    ("a10g", 70.0),
+    ("a10", 125.0),
+    ("l4", 121.0),
+    ("rtx 4090", 165.0),
+    ("tpu v4", 275.0),
+    ("tpu v5 lite", 197.0),
+    ("tpu v5e", 197.0),
+    ("tpu v5", 459.0),  # v5p
+    ("tpu v6", 918.0),
+)
+
+
+def peak_tflops(device_kind: str | None = None, override: float | None = None) -> float | None:
+    """Peak dense bf16 TFLOP/s of one device: `override` (training.peak_tflops) if set, else the table; None on
+    CPU or an unknown device (then MFU is not reported)."""
+    if override is not None:
+        return float(override)
+    if device_kind is None:
+        device_kind = jax.devices()[0].device_kind
+    kind = device_kind.lower()
+    if "cpu" in kind:
+        return None
+    for name, tflops in PEAK_BF16_TFLOPS:
+        if name in kind:
+            return tflops
+    return None
+
+
+def _get(cfg, name, default=None):
+    return cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
+
+
+def matmul_params(cfg) -> int:
+    """Parameters that take part in a matmul per token: attention + MLP projections of every layer, plus the
+    lm_head. The input embedding is a lookup (no FLOPs) and is left out; norms and biases are negligible."""
+    hidden = _get(cfg, "hidden_size")
+    heads = _get(cfg, "num_attention_heads")
+    kv_heads = _get(cfg, "num_key_value_heads") or heads
+    head_dim = _get(cfg, "head_dim") or hidden // heads
+    inter = _get(cfg, "intermediate_size")
+    per_layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * inter
+    return _get(cfg, "num_hidden_layers") * per_layer + hidden * _get(cfg, "vocab_size")
+
+
+def effective_seq_len(segment_ids) -> float:
+    """The attention length per token for packed rows: sum over documents of len^2 / sum of len.
+
+    A token attends within its own document only, so a row [3 tokens of doc 1, 1 token of doc 2, 2 pads]
+    (segment_ids [1, 1, 1, 2, 0, 0]) has effective length (3*3 + 1*1) / 4 = 2.5, not L = 6. Padding (0) is
+    ignored. Numpy on the host; cheap.
+    """
+    seg = np.atleast_2d(np.asarray(segment_ids))
+    total_sq, total = 0, 0
+    for row in seg:
+        counts = np.bincount(row[row > 0])
+        total_sq += int(np.sum(counts.astype(np.int64) ** 2))
+        total += int(np.sum(counts))
+    return total_sq / total if total else 0.0
+
+
+def flops_per_token(cfg, seq_len: float) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward):
+
+        6 * matmul_params(cfg)  +  12 * num_hidden_layers * num_attention_heads * head_dim * seq_len
+
+    The first term is the weight matmuls (2 FLOPs per multiply-add, x3 for forward + backward). The second is
+    attention's QK^T and AV (2 matmuls * 2 FLOPs * heads * head_dim * seq_len, x3). `seq_len` is the attention
+    length per token: max_length for unpacked rows, `effective_seq_len(segment_ids)` for packed ones. Like PaLM's
+    MFU we count the full (not causally halved) attention, and no recomputation from rematerialization.
+    `cfg` is an HF config (object or dict) with hidden_size, num_attention_heads, num_key_value_heads, head_dim,
+    intermediate_size, num_hidden_layers, vocab_size.
+    """
+    heads = _get(cfg, "num_attention_heads")
+    head_dim = _get(cfg, "head_dim") or _get(cfg, "hidden_size") // heads
+    attention = 12 * _get(cfg, "num_hidden_layers") * heads * head_dim * float(seq_len)
+    return 6.0 * matmul_params(cfg) + attention
+
+
+def mfu(tokens_per_second: float, flops_per_token_: float, num_devices: int = 1, peak: float | None = None):
+    """Model FLOPs utilization in [0, 1]: achieved FLOP/s over num_devices * peak TFLOP/s. None when peak is None
+    (CPU or an unknown device without training.peak_tflops)."""
+    if peak is None:
+        return None
+    return tokens_per_second * flops_per_token_ / (num_devices * peak * 1e12)
