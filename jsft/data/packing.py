@@ -94,13 +94,25 @@ def pack_arrays(lengths, max_length: int, strategy: str = "bfd", buffer_size: in
         idx = np.flatnonzero(lengths > 0)
         return _bfd(idx, np.zeros_like(idx), np.minimum(lengths[idx], max_length), max_length)
     if strategy == "bfd_split":
-        example, start, stop = _fragments(lengths, max_length)
+        example, start, stop = split_overlong(lengths, max_length)
         return _bfd(example, start, stop, max_length)
     if strategy == "wrapped":
         return _wrapped(lengths, max_length)
     if strategy == "bfd_stream":
         return Packed.from_lists(list(pack_stream(lengths.tolist(), max_length, buffer_size)))
     raise ValueError(f"unknown packing strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+
+
+def pack_slices(example, start, stop, max_length: int, strategy: str = "bfd", buffer_size: int = 10_000) -> Packed:
+    """`pack_arrays` over slices of examples (each slice packed as if it were a whole example of stop - start tokens).
+
+        >>> pack_slices(np.array([7, 9]), np.array([10, 0]), np.array([13, 2]), 4).to_lists()
+        [[(7, 10, 13)], [(9, 0, 2)]]
+    """
+    example, start, stop = (np.asarray(a, dtype=np.int64) for a in (example, start, stop))
+    packed = pack_arrays(stop - start, max_length, strategy, buffer_size)
+    return Packed(packed.row_ptr, example[packed.example], start[packed.example] + packed.start,
+                  start[packed.example] + packed.stop)
 
 
 def best_fit_decreasing(sizes: np.ndarray, capacity: int) -> np.ndarray:
@@ -154,8 +166,12 @@ def _bfd(example: np.ndarray, start: np.ndarray, stop: np.ndarray, max_length: i
     return Packed(row_ptr, example[order], start[order], stop[order])
 
 
-def _fragments(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cut each example into pieces of max_length (the last shorter), in dataset order: TRL's `bfd_split`."""
+def split_overlong(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut each example into pieces of max_length (the last shorter), in dataset order: TRL's `bfd_split`.
+
+        >>> [a.tolist() for a in split_overlong(np.array([5, 2]), 2)]   # (example, start, stop) of each piece
+        [[0, 0, 0, 1], [0, 2, 4, 0], [2, 4, 5, 2]]
+    """
     count = -(-lengths // max_length)  # ceil; 0 for empty examples
     example = np.repeat(np.arange(len(lengths), dtype=np.int64), count)
     first = np.repeat(np.cumsum(count) - count, count)

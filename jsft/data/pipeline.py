@@ -1,0 +1,483 @@
+"""The Grain input pipeline: dataset rows -> examples (cached on disk) -> rows of max_length -> batches.
+
+    prepared = prepare_dataset(config, tokenizer, split="train")        # or split="eval"
+    print(format_stats(prepared.stats))
+    it = batch_iterator(prepared, rows_per_micro_batch=8, accum_steps=4, seed=config.training.seed,
+                        num_epochs=1, shuffle=True, process_index=0, process_count=1)
+    batch = next(it)          # {key: [accum_steps, rows_per_micro_batch, L]} of the batch contract (DESIGN.md)
+    state = it.get_state()    # a small dict; it.set_state(state) on a fresh iterator resumes exactly here
+    steps_per_epoch(prepared, rows_per_micro_batch * process_count, accum_steps)
+
+Preparation (`prepare_dataset`):
+1. Rows come from `datasets.load_dataset`: a local .jsonl/.json/.parquet/.arrow/.csv file, a directory, or a hub name.
+2. Every row goes through `jsft.data.prepare_example` WITHOUT truncation (Grain worker processes when
+   data.dataset_num_proc > 1, in order). Rows that raise BadRowError stop the run, or with data.skip_bad_rows are
+   counted per reason and skipped. The examples (one flat token array, one flat mask, offsets) are cached in
+   `<cache_dir>/examples-<key>.npz`, keyed by the data files (path, size, mtime), the tokenizer (vocabulary, special
+   tokens, chat template), the DataConfig fields that change tokens, and the source of the formats code. Changing
+   max_length, packing or truncation_mode reuses the cache: those steps run after it.
+3. Truncation. Without packing: data.truncation_mode (keep_start / keep_end) to max_length. `bfd` / `bfd_stream`: the
+   first max_length tokens. `bfd_split`: overlong examples become fragments of max_length. `wrapped`: none.
+   Truncated examples and tokens are counted.
+4. TRL's rule, in every path: an example (a fragment, for bfd_split) with no trained target left after truncation is
+   dropped and counted. ("Trained target": a trained token after the document's first token, which is never a target;
+   TRL also keeps a document whose only trained label is its first token, which trains nothing.) `wrapped` cuts after
+   this rule, so a piece of a cut document may train nothing; it is kept (the row's other pieces need its place).
+5. Rows. Packing: `jsft.data.packing` over the example lengths, in an order shuffled by training.seed when
+   data.shuffle_dataset (as TRL shuffles before packing). Without packing each example is its own row, padded to
+   max_length; if max_length is None, to the longest example rounded up to a multiple of 64 (one static shape).
+
+Batches (`batch_iterator`): a Grain MapDataset over row indices: shuffle (Grain's index shuffle, reseeded each epoch)
+-> batch into optimizer steps of accum_steps * rows_per_micro_batch * process_count rows -> repeat num_epochs (None:
+forever) -> assemble this process's rows. Each epoch drops its last partial step (fixed shapes), so an epoch is
+`steps_per_epoch` steps and `dropped_rows_per_epoch` rows wait for the next epoch's shuffle. A global micro-batch
+holds rows_per_micro_batch rows of each process, process p taking [p * rows_per_micro_batch, (p + 1) * ...): the
+processes' rows are disjoint and together are the single-process batch.
+
+Example of one packed row (L = 8) holding documents [a b c] (mask 0 1 1) and [d e] (mask 1 1):
+
+    input_ids    a b c d e pad pad pad
+    segment_ids  1 1 1 2 2 0   0   0
+    positions    0 1 2 0 1 0   0   0
+    targets      b c pad e pad pad pad pad
+    loss_mask    1 1 0 1 0 0   0   0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from jsft.config import ConfigError, DataConfig, SFTConfig
+from jsft.data import packing
+
+CACHE_VERSION = 1
+PREPARE_CHUNK_ROWS = 256
+DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+# DataConfig fields applied after the cached tokenization (changing them reuses the cache).
+NOT_IN_CACHE_KEY = (
+    "max_length", "packing", "packing_strategy", "packing_buffer_size", "padding_free", "truncation_mode",
+    "shuffle_dataset", "dataset_num_proc", "cache_dir", "dataset_test_split", "dataset_train_split",
+)
+BATCH_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Examples:
+    """Tokenized examples, flat: example e is tokens[offsets[e]:offsets[e + 1]] (what the cache holds)."""
+
+    tokens: np.ndarray  # int32 [T]
+    loss_mask: np.ndarray  # bool [T], unshifted: token i is a trained label
+    offsets: np.ndarray  # int64 [E + 1]
+    source_rows: np.ndarray  # int64 [E], the dataset row of each example
+    rows_read: int
+    bad_rows: dict[str, int] = field(default_factory=dict)  # reason -> count (skip_bad_rows)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+@dataclass
+class PreparedDataset:
+    """Examples + rows of `max_length` slots. Row r holds slices (example, start, stop) of `rows` (packing.Packed)."""
+
+    examples: Examples
+    rows: packing.Packed
+    max_length: int
+    pad_id: int
+    stats: dict
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.num_rows
+
+    def batch(self, row_ids) -> dict[str, np.ndarray]:
+        """The batch contract for these rows: {key: [len(row_ids), max_length]}."""
+        return assemble_rows(self, np.asarray(row_ids, dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------------------------- loading rows
+
+
+def load_rows(data: DataConfig, split: str = "train"):
+    """A datasets.Dataset for "train" (data.dataset_train_split) or "eval" (data.dataset_test_split).
+
+    A split may be a split name of data.dataset_name (a directory or hub dataset), or a path to its own file.
+    """
+    import datasets
+
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r}: use 'train' or 'eval'")
+    name = data.dataset_train_split if split == "train" else data.dataset_test_split
+    if name is None:
+        raise ConfigError("data.dataset_test_split is None: set a split name or a file path to evaluate")
+    if Path(name).is_file():
+        return _load_file(Path(name))
+    path = Path(data.dataset_name)
+    if path.is_file():
+        if split == "eval":
+            raise ConfigError(
+                f"data.dataset_name={data.dataset_name!r} is one file (one split); set data.dataset_test_split to "
+                f"the path of an eval file, not the split name {name!r}"
+            )
+        return _load_file(path)
+    if path.is_dir():
+        return datasets.load_dataset(str(path), data.dataset_config, split=name)
+    if data.dataset_name.startswith((".", "/")) or not data.dataset_name:
+        raise ConfigError(f"data.dataset_name={data.dataset_name!r}: no such file or directory")
+    return datasets.load_dataset(data.dataset_name, data.dataset_config, split=name)
+
+
+def _load_file(path: Path):
+    import datasets
+
+    kind = DATA_FILE_TYPES.get(path.suffix)
+    if kind is None:
+        raise ConfigError(f"{path}: unknown data file type; use one of {', '.join(DATA_FILE_TYPES)}")
+    return datasets.load_dataset(kind, data_files=str(path), split="train")
+
+
+def _source_fingerprint(data: DataConfig, split: str, dataset) -> dict:
+    """Identity of the rows: every local file's path, size and mtime, else the hub name and datasets' fingerprint."""
+    name = data.dataset_train_split if split == "train" else data.dataset_test_split
+    paths = [Path(name)] if Path(name).is_file() else [Path(data.dataset_name)]
+    if not paths[0].exists():
+        return {"hub": data.dataset_name, "config": data.dataset_config, "split": name,
+                "fingerprint": getattr(dataset, "_fingerprint", None)}
+    files = sorted(p for p in paths[0].rglob("*") if p.is_file()) if paths[0].is_dir() else paths
+    return {"split": name, "files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+
+
+# ----------------------------------------------------------------------------------------------- tokenization
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([type(tokenizer).__name__, str(tokenizer.chat_template), tokenizer.bos_token,
+                         tokenizer.eos_token, tokenizer.pad_token, str(tokenizer.special_tokens_map)]).encode())
+    return h.hexdigest()
+
+
+def _code_fingerprint() -> str:
+    """The source of the code that turns rows into tokens: editing it invalidates caches."""
+    from jsft.data import chat, formats, templates
+
+    return hashlib.sha256("".join(inspect.getsource(m) for m in (chat, formats, templates)).encode()).hexdigest()
+
+
+def cache_key(data: DataConfig, split: str, dataset, tokenizer) -> str:
+    fields = {k: v for k, v in dataclasses.asdict(data).items() if k not in NOT_IN_CACHE_KEY}
+    blob = json.dumps(
+        [CACHE_VERSION, _source_fingerprint(data, split, dataset), _tokenizer_fingerprint(tokenizer), fields,
+         _code_fingerprint()], sort_keys=True, default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def bad_row_reason(error) -> str:
+    """Group bad rows by field and problem, numbers elided: 'messages: expected a list, got str'."""
+    return f"{error.field}: {re.sub(r'[0-9]+', 'N', error.problem)}"
+
+
+def _prepare_chunk(chunk: tuple[int, int], dataset, tokenizer, data: DataConfig) -> dict:
+    """prepare_example over rows [start, stop); runs in a Grain worker or in-process. Never raises BadRowError:
+    returns it, so the parent raises it (or counts it) in row order."""
+    from jsft.data.formats import BadRowError, prepare_example
+
+    start, stop = chunk
+    columns = dataset[start:stop]
+    names = list(columns)
+    ids, masks, rows, bad = [], [], [], []
+    for k, values in enumerate(zip(*(columns[n] for n in names))):
+        index = start + k
+        try:
+            example = prepare_example(dict(zip(names, values)), tokenizer, data, row_index=index)
+        except BadRowError as e:
+            bad.append((index, bad_row_reason(e), str(e)))
+            if not data.skip_bad_rows:
+                break
+            continue
+        ids.append(example["input_ids"])
+        masks.append(example["loss_mask"])
+        rows.append(index)
+    return {
+        "tokens": np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32),
+        "loss_mask": np.concatenate(masks).astype(bool) if masks else np.zeros(0, bool),
+        "lengths": np.array([len(x) for x in ids], dtype=np.int64),
+        "rows": np.array(rows, dtype=np.int64),
+        "bad": bad,
+    }
+
+
+def _mark_flags_parsed(worker_index: int, worker_count: int) -> None:
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()
+
+
+def tokenize_rows(dataset, tokenizer, data: DataConfig) -> Examples:
+    """prepare_example over every row, untruncated, in row order; Grain processes if data.dataset_num_proc > 1."""
+    import grain
+
+    n = len(dataset)
+    untruncated = dataclasses.replace(data, max_length=None)
+    chunks = [(a, min(a + PREPARE_CHUNK_ROWS, n)) for a in range(0, n, PREPARE_CHUNK_ROWS)]
+    work = partial(_prepare_chunk, dataset=dataset, tokenizer=tokenizer, data=untruncated)
+    if (data.dataset_num_proc or 1) > 1 and len(chunks) > 1:
+        _mark_flags_parsed(0, 1)
+        ds = grain.MapDataset.source(chunks).map(work).to_iter_dataset(grain.ReadOptions(num_threads=0))
+        options = grain.MultiprocessingOptions(num_workers=min(data.dataset_num_proc, len(chunks)))
+        results = ds.mp_prefetch(options, worker_init_fn=_mark_flags_parsed)
+    else:
+        results = map(work, chunks)
+    parts, bad = [], Counter()
+    for part in results:
+        for index, reason, message in part["bad"]:
+            if not data.skip_bad_rows:
+                from jsft.data.formats import BadRowError
+
+                raise BadRowError(index, reason.split(":")[0], message.split(": ", 1)[-1])
+            bad[reason] += 1
+        parts.append(part)
+    lengths = np.concatenate([p["lengths"] for p in parts]) if parts else np.zeros(0, np.int64)
+    return Examples(
+        tokens=np.concatenate([p["tokens"] for p in parts]) if parts else np.zeros(0, np.int32),
+        loss_mask=np.concatenate([p["loss_mask"] for p in parts]) if parts else np.zeros(0, bool),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        source_rows=np.concatenate([p["rows"] for p in parts]) if parts else np.zeros(0, np.int64),
+        rows_read=n,
+        bad_rows=dict(sorted(bad.items())),
+    )
+
+
+def _save_examples(path: Path, examples: Examples) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, tokens=examples.tokens, loss_mask=examples.loss_mask, offsets=examples.offsets,
+             source_rows=examples.source_rows, rows_read=examples.rows_read,
+             bad_rows=json.dumps(examples.bad_rows))
+    os.replace(tmp, path)
+
+
+def _load_examples(path: Path) -> Examples:
+    with np.load(path) as z:
+        return Examples(z["tokens"], z["loss_mask"], z["offsets"], z["source_rows"], int(z["rows_read"]),
+                        json.loads(str(z["bad_rows"])))
+
+
+def cached_examples(config: SFTConfig, tokenizer, split: str = "train") -> tuple[Examples, str]:
+    """Examples of a split, from the cache when its key matches; returns (examples, "hit" | "miss")."""
+    dataset = load_rows(config.data, split)
+    key = cache_key(config.data, split, dataset, tokenizer)
+    cache_dir = Path(config.data.cache_dir or Path(config.logging.output_dir) / "cache")
+    path = cache_dir / f"examples-{split}-{key}.npz"
+    if path.exists():
+        return _load_examples(path), "hit"
+    examples = tokenize_rows(dataset, tokenizer, config.data)
+    _save_examples(path, examples)
+    return examples, "miss"
+
+
+# ----------------------------------------------------------------------------------------------- rows
+
+
+def _trained_targets(examples: Examples, example, start, stop) -> np.ndarray:
+    """Trained targets of each slice: trained tokens in (start, stop) of its example (the first is never a target)."""
+    cum = np.concatenate([[0], np.cumsum(examples.loss_mask, dtype=np.int64)])
+    base = examples.offsets[example]
+    return cum[base + stop] - cum[np.minimum(base + start + 1, base + stop)]
+
+
+def build_rows(examples: Examples, data: DataConfig, seed: int) -> tuple[packing.Packed, int, dict]:
+    """Truncate, drop what trains nothing, pack (or one example per row). Returns (rows, row length, stats)."""
+    lengths = examples.lengths
+    n = len(lengths)
+    if data.packing:
+        if data.max_length is None:
+            raise ConfigError("data.packing=True needs data.max_length (the row length packing fills).")
+        row_length, strategy = data.max_length, data.packing_strategy
+    else:
+        longest = int(lengths.max()) if n else 1
+        row_length, strategy = data.max_length or -(-longest // 64) * 64, None
+
+    example = np.arange(n, dtype=np.int64)
+    start = np.zeros(n, dtype=np.int64)
+    if strategy == "bfd_split":
+        example, start, stop = packing.split_overlong(lengths, row_length)
+    elif strategy == "wrapped":
+        stop = lengths.copy()
+    elif strategy is None and data.truncation_mode == "keep_end":
+        start, stop = np.maximum(lengths - row_length, 0), lengths.copy()
+    elif strategy is None and data.truncation_mode != "keep_start":
+        raise ConfigError(f"data.truncation_mode={data.truncation_mode!r}: choose keep_start or keep_end")
+    else:  # keep_start: no packing, bfd, bfd_stream
+        stop = np.minimum(lengths, row_length)
+    truncated = lengths > row_length if strategy not in ("bfd_split", "wrapped") else np.zeros(n, bool)
+
+    trains = _trained_targets(examples, example, start, stop) > 0
+    dropped = int((~trains).sum())  # tokens: a dropped example's all (truncated ones too), a dropped fragment's own
+    dropped_tokens = int((stop - start)[~trains].sum() if strategy == "bfd_split" else lengths[~trains].sum())
+    example, start, stop = example[trains], start[trains], stop[trains]
+
+    if strategy is None:
+        rows = packing.Packed(np.arange(len(example) + 1, dtype=np.int64), example, start, stop)
+    else:
+        order = np.random.default_rng(seed).permutation(len(example)) if data.shuffle_dataset else np.arange(len(example))
+        example, start, stop = example[order], start[order], stop[order]
+        rows = packing.pack_slices(example, start, stop, row_length, strategy, data.packing_buffer_size)
+
+    kept = np.isin(np.arange(n), rows.example)
+    stats = {
+        "rows_read": examples.rows_read,
+        "skipped_bad_rows": dict(examples.bad_rows),
+        "examples": n,
+        "examples_kept": int(kept.sum()),
+        "tokens": int(lengths.sum()),
+        "truncated_examples": int((truncated & kept).sum()),
+        "truncated_tokens": int((lengths - np.minimum(lengths, row_length))[truncated & kept].sum()),
+        "dropped_no_trained_token": dropped,
+        "dropped_unit": "fragments" if strategy == "bfd_split" else "examples",
+        "dropped_tokens": dropped_tokens,
+        "row_tokens": rows.tokens,
+        "trained_tokens": int(_trained_targets(examples, rows.example, rows.start, rows.stop).sum()),
+        "rows": rows.num_rows,
+        "row_length": row_length,
+        "packing": strategy or "none",
+        "fill_rate": rows.tokens / max(1, rows.num_rows * row_length),
+    }
+    return rows, row_length, stats
+
+
+def prepare_dataset(config: SFTConfig, tokenizer, split: str = "train") -> PreparedDataset:
+    """Rows of a split -> PreparedDataset (examples, rows, stats); see the module doc."""
+    if tokenizer.pad_token_id is None:
+        raise ConfigError("the tokenizer has no pad token: load it with jsft.data.load_tokenizer (sets one)")
+    examples, cache = cached_examples(config, tokenizer, split)
+    rows, row_length, stats = build_rows(examples, config.data, config.training.seed)
+    stats = {"split": split, "cache": cache, **stats}
+    if rows.num_rows == 0:
+        raise ValueError(f"no {split} rows left after preparation:\n{format_stats(stats)}")
+    return PreparedDataset(examples, rows, row_length, int(tokenizer.pad_token_id), stats)
+
+
+def format_stats(stats: dict) -> str:
+    """The preparation report, one fact a line."""
+    s = stats
+    lines = [
+        f"data ({s.get('split', 'train')}, cache {s.get('cache', '-')}): {s['rows_read']:,} rows read, "
+        f"{s['examples']:,} examples, {s['tokens']:,} tokens",
+        f"  skipped bad rows: {sum(s['skipped_bad_rows'].values()):,}",
+        *[f"    {count:,} x {reason}" for reason, count in s["skipped_bad_rows"].items()],
+        f"  truncated to {s['row_length']}: {s['truncated_examples']:,} examples, {s['truncated_tokens']:,} tokens",
+        f"  dropped (no trained token after truncation): {s['dropped_no_trained_token']:,} {s['dropped_unit']}, "
+        f"{s['dropped_tokens']:,} tokens",
+        f"  rows ({s['packing']}): {s['rows']:,} of {s['row_length']} slots, {s['row_tokens']:,} tokens, "
+        f"{s['trained_tokens']:,} trained, fill {s['fill_rate']:.1%}",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- batches
+
+
+def assemble_rows(prepared: PreparedDataset, row_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows -> {input_ids, segment_ids, positions, targets, loss_mask}, each [len(row_ids), L] (module doc example)."""
+    rows, ex = prepared.rows, prepared.examples
+    B, L = len(row_ids), prepared.max_length
+    first, count = rows.row_ptr[row_ids], rows.row_ptr[row_ids + 1] - rows.row_ptr[row_ids]
+    slot_row = np.repeat(np.arange(B), count)  # each slice: its batch row
+    within = np.arange(len(slot_row)) - np.repeat(np.cumsum(count) - count, count)  # slice number inside its row
+    slices = np.repeat(first, count) + within
+    start, stop = rows.start[slices], rows.stop[slices]
+    size = stop - start
+    before = np.cumsum(size) - size  # tokens before each slice in the whole listing
+    row_offset = before - np.repeat(before[np.cumsum(count) - count], count)  # ... inside its own row
+    tok_slice = np.repeat(np.arange(len(size)), size)
+    pos = np.arange(int(size.sum())) - np.repeat(np.cumsum(size) - size, size)
+    src = ex.offsets[rows.example[slices]][tok_slice] + start[tok_slice] + pos
+    r, c = slot_row[tok_slice], row_offset[tok_slice] + pos
+    has_next = pos < size[tok_slice] - 1
+    nxt = np.minimum(src + 1, len(ex.tokens) - 1)
+
+    out = {
+        "input_ids": np.full((B, L), prepared.pad_id, np.int32),
+        "segment_ids": np.zeros((B, L), np.int32),
+        "positions": np.zeros((B, L), np.int32),
+        "targets": np.full((B, L), prepared.pad_id, np.int32),
+        "loss_mask": np.zeros((B, L), bool),
+    }
+    out["input_ids"][r, c] = ex.tokens[src]
+    out["segment_ids"][r, c] = within[tok_slice] + 1
+    out["positions"][r, c] = pos
+    out["targets"][r, c] = np.where(has_next, ex.tokens[nxt], prepared.pad_id)
+    out["loss_mask"][r, c] = has_next & ex.loss_mask[nxt]
+    return out
+
+
+def steps_per_epoch(prepared: PreparedDataset, global_rows_per_micro_batch: int, accum_steps: int) -> int:
+    """Optimizer steps in one epoch; the rows of a last partial step are dropped (`dropped_rows_per_epoch`)."""
+    return prepared.num_rows // (global_rows_per_micro_batch * accum_steps)
+
+
+def dropped_rows_per_epoch(prepared: PreparedDataset, global_rows_per_micro_batch: int, accum_steps: int) -> int:
+    return prepared.num_rows % (global_rows_per_micro_batch * accum_steps)
+
+
+def _process_step(row_ids: np.ndarray, prepared: PreparedDataset, rows_per_micro_batch: int, accum_steps: int,
+                  process_index: int, process_count: int) -> dict[str, np.ndarray]:
+    mine = row_ids.reshape(accum_steps, process_count, rows_per_micro_batch)[:, process_index].reshape(-1)
+    batch = assemble_rows(prepared, mine)
+    return {k: v.reshape(accum_steps, rows_per_micro_batch, prepared.max_length) for k, v in batch.items()}
+
+
+def batch_dataset(prepared: PreparedDataset, rows_per_micro_batch: int, accum_steps: int, seed: int,
+                  num_epochs: int | None = 1, shuffle: bool = True, process_index: int = 0, process_count: int = 1):
+    """The grain.MapDataset of optimizer steps (see batch_iterator); len() is the number of steps when finite."""
+    import grain
+
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+    step_rows = rows_per_micro_batch * process_count * accum_steps
+    if steps_per_epoch(prepared, rows_per_micro_batch * process_count, accum_steps) == 0:
+        raise ValueError(
+            f"{prepared.num_rows} rows cannot fill one optimizer step of {step_rows} rows (rows_per_micro_batch "
+            f"{rows_per_micro_batch} x processes {process_count} x accum_steps {accum_steps}): lower the batch size"
+        )
+    ds = grain.MapDataset.range(prepared.num_rows)
+    if shuffle:
+        ds = ds.shuffle(seed=seed % 2**32)
+    ds = ds.batch(step_rows, drop_remainder=True).repeat(num_epochs)
+    return ds.map(partial(_process_step, prepared=prepared, rows_per_micro_batch=rows_per_micro_batch,
+                          accum_steps=accum_steps, process_index=process_index, process_count=process_count))
+
+
+def batch_iterator(prepared: PreparedDataset, rows_per_micro_batch: int, accum_steps: int, seed: int,
+                   num_epochs: int | None = 1, shuffle: bool = True, process_index: int = 0, process_count: int = 1,
+                   prefetch: int = 2):
+    """A checkpointable Grain DatasetIterator of optimizer steps: {key: [accum_steps, rows_per_micro_batch, L]}.
+
+    `it.get_state()` / `it.set_state(state)` save and restore the position; one background thread assembles up to
+    `prefetch` steps ahead (0: none).
+    """
+    import grain
+
+    ds = batch_dataset(prepared, rows_per_micro_batch, accum_steps, seed, num_epochs, shuffle, process_index,
+                       process_count)
+    options = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
+    return iter(ds.to_iter_dataset(options))

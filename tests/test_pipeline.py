@@ -1,0 +1,238 @@
+"""The Grain pipeline: batch contract per document, TRL's drop rule, cache, resumable and process-sliced iterators."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jsft.config import SFTConfig
+from jsft.data import formats, packing, pipeline
+from jsft.data.pipeline import (Examples, PreparedDataset, batch_iterator, build_rows, format_stats, prepare_dataset,
+                                steps_per_epoch)
+
+
+def make_config(tmp_path, data_file, **data):
+    config = SFTConfig()
+    config.data.dataset_name = str(data_file)
+    config.data.max_length = 512
+    config.data.packing = True
+    for k, v in data.items():
+        setattr(config.data, k, v)
+    config.logging.output_dir = str(tmp_path / "out")
+    return config
+
+
+def hand_examples(docs):
+    """Examples from [(tokens, mask), ...]."""
+    tokens = np.concatenate([np.array(t, np.int32) for t, _ in docs])
+    mask = np.concatenate([np.array(m, bool) for _, m in docs])
+    offsets = np.concatenate([[0], np.cumsum([len(t) for t, _ in docs])])
+    return Examples(tokens, mask, offsets, np.arange(len(docs)), len(docs))
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory, tokenizer_dir, data_dir):
+    """The fixture's 2,000 messages rows, assistant-only, prepared once (bfd at 512)."""
+    from jsft.data import load_tokenizer
+
+    tmp = tmp_path_factory.mktemp("chat")
+    config = make_config(tmp, data_dir / "messages.jsonl", assistant_only_loss=True)
+    tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
+    return config, tokenizer, prepare_dataset(config, tokenizer)
+
+
+def reference_row(prepared, row):
+    """The batch contract of one row, built document by document with plain loops."""
+    L, pad = prepared.max_length, prepared.pad_id
+    out = {"input_ids": [], "segment_ids": [], "positions": [], "targets": [], "loss_mask": []}
+    ex = prepared.examples
+    for segment, (e, start, stop) in enumerate(prepared.rows.to_lists()[row], start=1):
+        t = ex.tokens[ex.offsets[e] + start : ex.offsets[e] + stop].tolist()
+        m = ex.loss_mask[ex.offsets[e] + start : ex.offsets[e] + stop].tolist()
+        n = len(t)
+        out["input_ids"] += t
+        out["segment_ids"] += [segment] * n
+        out["positions"] += list(range(n))
+        out["targets"] += t[1:] + [pad]
+        out["loss_mask"] += m[1:] + [False]
+    fill = {"input_ids": pad, "segment_ids": 0, "positions": 0, "targets": pad, "loss_mask": False}
+    return {k: np.array(v + [fill[k]] * (L - len(v))) for k, v in out.items()}
+
+
+def test_packed_row_is_the_docstring_example():
+    a, b, c, d, e, pad = 10, 11, 12, 13, 14, 1
+    examples = hand_examples([([a, b, c], [0, 1, 1]), ([d, e], [1, 1])])
+    rows = packing.Packed(np.array([0, 2]), np.array([0, 1]), np.array([0, 0]), np.array([3, 2]))
+    batch = PreparedDataset(examples, rows, 8, pad, {}).batch([0])
+    assert batch["input_ids"][0].tolist() == [a, b, c, d, e, pad, pad, pad]
+    assert batch["segment_ids"][0].tolist() == [1, 1, 1, 2, 2, 0, 0, 0]
+    assert batch["positions"][0].tolist() == [0, 1, 2, 0, 1, 0, 0, 0]
+    assert batch["targets"][0].tolist() == [b, c, pad, e, pad, pad, pad, pad]
+    assert batch["loss_mask"][0].tolist() == [1, 1, 0, 1, 0, 0, 0, 0]
+    assert {k: v.dtype for k, v in batch.items()} == {
+        "input_ids": np.int32, "segment_ids": np.int32, "positions": np.int32, "targets": np.int32, "loss_mask": bool}
+
+
+def test_every_packed_row_matches_documents_taken_one_by_one(chat):
+    _, _, prepared = chat
+    rows = np.arange(prepared.num_rows)
+    batch = prepared.batch(rows)
+    for r in rows[::7]:
+        expected = reference_row(prepared, r)
+        for key in pipeline.BATCH_KEYS:
+            np.testing.assert_array_equal(batch[key][r], expected[key], err_msg=f"row {r} {key}")
+    seg = batch["segment_ids"]
+    assert (batch["positions"][seg == 0] == 0).all() and not batch["loss_mask"][seg == 0].any()
+    # segment ids count 1, 2, ... and padding only at the tail
+    assert all((np.diff(s[s > 0]) >= 0).all() and s[0] == 1 and (s[np.argmin(s > 0):] == 0).all() if (s == 0).any()
+               else s[0] == 1 for s in seg)
+    assert batch["loss_mask"].sum() == prepared.stats["trained_tokens"]
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "bfd_split", "wrapped", "bfd_stream"])
+def test_each_strategy_gives_contract_rows(chat, strategy, tmp_path):
+    config, tokenizer, base = chat
+    config = make_config(tmp_path, config.data.dataset_name, assistant_only_loss=True, packing_strategy=strategy,
+                         cache_dir=str(tmp_path / "none"), packing_buffer_size=300)
+    rows, L, stats = build_rows(base.examples, config.data, seed=0)
+    prepared = PreparedDataset(base.examples, rows, L, base.pad_id, stats)
+    batch = prepared.batch(np.arange(prepared.num_rows))
+    assert batch["input_ids"].shape == (prepared.num_rows, 512)
+    for r in range(0, prepared.num_rows, 11):
+        expected = reference_row(prepared, r)
+        for key in pipeline.BATCH_KEYS:
+            np.testing.assert_array_equal(batch[key][r], expected[key], err_msg=f"{strategy} row {r} {key}")
+    assert int(batch["loss_mask"].sum()) == stats["trained_tokens"]
+    assert int((batch["segment_ids"] > 0).sum()) == stats["row_tokens"]
+
+
+def test_trl_drop_rule_counts_examples_with_nothing_left_to_train():
+    # doc 0: trained only past max_length; doc 1: trained only at its first token; doc 2 fine; max_length 4
+    examples = hand_examples([([1] * 6, [0, 0, 0, 0, 1, 1]), ([2] * 3, [1, 0, 0]), ([3] * 5, [0, 0, 1, 1, 1])])
+    for packing_on in (False, True):
+        config = make_config_from_fields(max_length=4, packing=packing_on)
+        rows, L, stats = build_rows(examples, config.data, seed=0)
+        assert rows.to_lists() == [[(2, 0, 4)]]
+        assert stats["dropped_no_trained_token"] == 2 and stats["dropped_tokens"] == 6 + 3
+        assert stats["truncated_examples"] == 1 and stats["truncated_tokens"] == 1  # example 2 lost one token
+        assert stats["trained_tokens"] == 2
+
+
+def make_config_from_fields(**data):
+    config = SFTConfig()
+    for k, v in data.items():
+        setattr(config.data, k, v)
+    return config
+
+
+def test_unpacked_rows_truncate_keep_end_and_pad_to_a_multiple_of_64():
+    examples = hand_examples([([5] * 70, [1] * 70), ([6] * 3, [1] * 3)])
+    rows, L, stats = build_rows(examples, make_config_from_fields(max_length=None, packing=False).data, seed=0)
+    assert L == 128 and rows.to_lists() == [[(0, 0, 70)], [(1, 0, 3)]]
+    rows, L, stats = build_rows(examples, make_config_from_fields(max_length=64, truncation_mode="keep_end").data, 0)
+    assert L == 64 and rows.to_lists() == [[(0, 6, 70)], [(1, 0, 3)]] and stats["truncated_tokens"] == 6
+
+
+def test_iterator_resumes_from_a_saved_state(chat):
+    _, _, prepared = chat
+    it = batch_iterator(prepared, rows_per_micro_batch=4, accum_steps=2, seed=3, num_epochs=None)
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(3)]
+    resumed = batch_iterator(prepared, rows_per_micro_batch=4, accum_steps=2, seed=3, num_epochs=None)
+    resumed.set_state(json.loads(json.dumps(state)))  # the state survives a JSON round trip (checkpoint metadata)
+    for want, got in zip(expected, [next(resumed) for _ in range(3)]):
+        for key in pipeline.BATCH_KEYS:
+            np.testing.assert_array_equal(want[key], got[key])
+
+
+def first_row_tokens(batch):
+    """Each row of a step as a hashable key (its first 64 tokens and segment count)."""
+    ids = batch["input_ids"].reshape(-1, batch["input_ids"].shape[-1])
+    return [r.tobytes() for r in ids]
+
+
+def test_epochs_cover_every_row_once_and_reshuffle(chat):
+    _, _, prepared = chat
+    b, accum = 8, 3
+    spe = steps_per_epoch(prepared, b, accum)
+    assert spe == prepared.num_rows // 24
+    steps = list(batch_iterator(prepared, b, accum, seed=0, num_epochs=2))
+    assert len(steps) == 2 * spe and steps[0]["input_ids"].shape == (accum, b, prepared.max_length)
+    all_rows = first_row_tokens(prepared.batch(np.arange(prepared.num_rows)))
+    epoch1 = [r for s in steps[:spe] for r in first_row_tokens(s)]
+    epoch2 = [r for s in steps[spe:] for r in first_row_tokens(s)]
+    assert len(set(epoch1)) == len(epoch1) == spe * 24 and set(epoch1) <= set(all_rows)
+    assert len(set(all_rows)) - len(set(epoch1)) == pipeline.dropped_rows_per_epoch(prepared, b, accum)
+    assert epoch1 != epoch2 and set(epoch2) <= set(all_rows)
+
+
+def test_process_slices_are_disjoint_and_make_the_single_process_batch(chat):
+    _, _, prepared = chat
+    per_process, count, accum = 2, 4, 2
+    single = next(batch_iterator(prepared, per_process * count, accum, seed=1))
+    parts = [next(batch_iterator(prepared, per_process, accum, seed=1, process_index=p, process_count=count))
+             for p in range(count)]
+    for key in pipeline.BATCH_KEYS:
+        joined = np.concatenate([p[key] for p in parts], axis=1)  # [accum, per_process * count, L]
+        np.testing.assert_array_equal(joined, single[key])
+    rows = [set(first_row_tokens(p)) for p in parts]
+    assert all(not (rows[i] & rows[j]) for i in range(count) for j in range(i + 1, count))
+
+
+def test_second_build_hits_the_cache_and_does_not_tokenize(chat, monkeypatch, tmp_path):
+    config, tokenizer, first = chat
+    assert first.stats["cache"] == "miss"
+
+    def fail(*args, **kwargs):
+        raise AssertionError("prepare_example called on a cache hit")
+
+    monkeypatch.setattr(formats, "prepare_example", fail)
+    config.data.packing_strategy = "bfd_split"  # packing settings are applied after the cache
+    try:
+        again = prepare_dataset(config, tokenizer)
+    finally:
+        config.data.packing_strategy = "bfd"
+    assert again.stats["cache"] == "hit"
+    np.testing.assert_array_equal(again.examples.tokens, first.examples.tokens)
+    config2 = make_config(tmp_path, config.data.dataset_name, assistant_only_loss=False,
+                          cache_dir=str(first_cache_dir(config)))
+    with pytest.raises(AssertionError, match="cache hit"):  # a field that changes tokens misses the cache
+        prepare_dataset(config2, tokenizer)
+
+
+def first_cache_dir(config):
+    from pathlib import Path
+
+    return Path(config.data.cache_dir or Path(config.logging.output_dir) / "cache")
+
+
+def test_bad_rows_raise_or_are_counted_per_reason(tmp_path, tokenizer_dir):
+    from jsft.data import load_tokenizer
+
+    rows = [{"messages": [{"role": "user", "content": "spell: 1"}, {"role": "assistant", "content": "one"}]}] * 5
+    rows[1] = {"messages": "not a list"}
+    rows[3] = {"messages": [{"role": "user", "content": "only a question"}]}
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = make_config(tmp_path, path, assistant_only_loss=True)
+    tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
+    with pytest.raises(formats.BadRowError, match="row 1"):
+        prepare_dataset(config, tokenizer)
+    config.data.skip_bad_rows = True
+    prepared = prepare_dataset(config, tokenizer)
+    assert prepared.stats["examples"] == 3 and sum(prepared.stats["skipped_bad_rows"].values()) == 2
+    assert len(prepared.stats["skipped_bad_rows"]) == 2
+    assert prepared.examples.source_rows.tolist() == [0, 2, 4]
+    report = format_stats(prepared.stats)
+    assert "skipped bad rows: 2" in report and "messages" in report
+
+
+def test_stats_report_names_every_count(chat):
+    report = format_stats(chat[2].stats)
+    print("\n" + report)
+    for word in ("rows read", "examples", "tokens", "trained", "fill", "truncated", "dropped", "skipped bad rows"):
+        assert word in report
+    s = chat[2].stats
+    assert s["tokens"] == s["row_tokens"] + s["truncated_tokens"] + s["dropped_tokens"]
