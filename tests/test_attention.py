@@ -1,0 +1,250 @@
+"""Packed attention: each document of a packed row gets exactly what it gets alone; padding is zero and finite."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jsft.model import attention
+from jsft.model.attention import AttentionUnavailable, count_segments, packed_attention, segment_offsets
+
+D = 16
+
+
+def qkv(batch, length, hq=4, hkv=2, dtype=jnp.float32, seed=0):
+    """Random q [B, L, hq, D], k/v [B, L, hkv, D] (numpy RNG: no compile per shape)."""
+    rng = np.random.default_rng(seed)
+    shapes = [(batch, length, hq, D), (batch, length, hkv, D), (batch, length, hkv, D)]
+    return tuple(jnp.asarray(rng.standard_normal(shape, np.float32), dtype) for shape in shapes)
+
+
+def segments_from_lengths(rows, length):
+    """[[5, 9], [3]] -> [B, L] segment ids 1, 2, ... per document, 0 for the tail padding."""
+    out = np.zeros((len(rows), length), np.int32)
+    for r, lengths in enumerate(rows):
+        start = 0
+        for i, n in enumerate(lengths):
+            out[r, start : start + n] = i + 1
+            start += n
+    return jnp.asarray(out)
+
+
+# Row 0: three documents and 3 pads; row 1: one document filling the row; row 2: two documents, 8 pads.
+LAYOUT = [[5, 9, 7], [24], [10, 6]]
+L = 24
+
+
+def naive_causal(q, k, v):
+    """numpy float64 causal attention for one document, GQA by repetition: [T, Hq, D] -> [T, Hq, D]."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)
+    logits = np.einsum("thd,shd->hts", q, k) / np.sqrt(q.shape[-1])
+    t = q.shape[0]
+    logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hts,shd->thd", p, v)
+
+
+attend = jax.jit(packed_attention, static_argnames=("impl", "scale", "interpret", "block_size", "max_segments"))
+
+
+def documents(seg):
+    """[(row, slice)] of every document in a [B, L] segment-id array."""
+    seg = np.asarray(seg)
+    found = []
+    for b in range(seg.shape[0]):
+        for s in sorted(set(seg[b].tolist()) - {0}):
+            idx = np.nonzero(seg[b] == s)[0]
+            found.append((b, slice(int(idx[0]), int(idx[-1]) + 1)))
+    return found
+
+
+def alone_rows(x, docs):
+    """Each document moved to the start of its own row (the rest zeros): [n_docs, L, ...]."""
+    rows = np.zeros((len(docs),) + x.shape[1:], np.asarray(x).dtype)
+    for i, (b, sl) in enumerate(docs):
+        rows[i, : sl.stop - sl.start] = np.asarray(x[b, sl])
+    return jnp.asarray(rows)
+
+
+def alone_segments(docs, length):
+    return segments_from_lengths([[sl.stop - sl.start] for _, sl in docs], length)
+
+
+# ----------------------------------------------------------------------------------------------- xla
+
+
+def test_xla_single_document_equals_naive_causal_attention():
+    q, k, v = qkv(1, 12)
+    out = attend(q, k, v, jnp.ones((1, 12), jnp.int32), impl="xla")
+    np.testing.assert_allclose(out[0], naive_causal(q[0], k[0], v[0]), atol=1e-5, rtol=1e-5)
+
+
+def test_xla_packed_row_equals_documents_alone():
+    q, k, v = qkv(3, L)
+    seg = segments_from_lengths(LAYOUT, L)
+    out = attend(q, k, v, seg, impl="xla")
+    docs = documents(seg)
+    alone = attend(*(alone_rows(x, docs) for x in (q, k, v)), alone_segments(docs, L), impl="xla")
+    for i, (b, sl) in enumerate(docs):
+        np.testing.assert_allclose(out[b, sl], alone[i, : sl.stop - sl.start], atol=1e-5, rtol=1e-5)
+    # and against the float64 reference, document by document
+    np.testing.assert_allclose(out[0, 5:14], naive_causal(q[0, 5:14], k[0, 5:14], v[0, 5:14]), atol=1e-5)
+
+
+def test_xla_packed_gradients_equal_documents_alone():
+    q, k, v = qkv(3, L, seed=1)
+    seg = segments_from_lengths(LAYOUT, L)
+    w = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape, np.float32))  # a loss that weights every output differently
+
+    def packed_loss(q, k, v):
+        return (packed_attention(q, k, v, seg, impl="xla") * w).sum()
+
+    grads = jax.jit(jax.grad(packed_loss, argnums=(0, 1, 2)))(q, k, v)
+    docs = documents(seg)
+    alone_seg, alone_w = alone_segments(docs, L), alone_rows(w, docs)
+
+    def alone_loss(q1, k1, v1):
+        return (packed_attention(q1, k1, v1, alone_seg, impl="xla") * alone_w).sum()
+
+    alone = jax.jit(jax.grad(alone_loss, argnums=(0, 1, 2)))(*(alone_rows(x, docs) for x in (q, k, v)))
+    assert len(docs) == 6
+    for i, (b, sl) in enumerate(docs):
+        for g_packed, g_alone in zip(grads, alone):
+            np.testing.assert_allclose(g_packed[b, sl], g_alone[i, : sl.stop - sl.start], atol=1e-5, rtol=1e-5)
+
+
+def test_xla_gqa_equals_mha_with_repeated_kv():
+    q, k, v = qkv(3, L, hq=8, hkv=2, seed=2)
+    seg = segments_from_lengths(LAYOUT, L)
+    gqa = attend(q, k, v, seg, impl="xla")
+    mha = attend(q, jnp.repeat(k, 4, axis=2), jnp.repeat(v, 4, axis=2), seg, impl="xla")
+    np.testing.assert_allclose(gqa, mha, atol=1e-6, rtol=1e-6)
+
+
+def test_padding_rows_are_zero_and_gradients_finite_even_for_an_all_padding_row():
+    q, k, v = qkv(2, 16, seed=3)
+    seg = jnp.asarray([[1] * 6 + [2] * 5 + [0] * 5, [0] * 16], jnp.int32)
+    out = attend(q, k, v, seg, impl="xla")
+    assert np.all(np.isfinite(out))
+    np.testing.assert_array_equal(out[0, 11:], 0.0)
+    np.testing.assert_array_equal(out[1], 0.0)
+    assert np.all(np.abs(np.asarray(out[0, :11])) > 0)
+
+    grads = jax.jit(jax.grad(lambda q, k, v: (attend(q, k, v, seg, impl="xla") ** 2).sum(), argnums=(0, 1, 2)))(
+        q, k, v
+    )
+    for g in grads:
+        assert np.all(np.isfinite(g))
+        np.testing.assert_array_equal(g[0, 11:], 0.0)  # padding tokens receive no gradient
+        np.testing.assert_array_equal(g[1], 0.0)
+        assert np.abs(np.asarray(g[0, :11])).sum() > 0
+
+
+def test_bfloat16_in_bfloat16_out_close_to_float32():
+    q, k, v = qkv(3, L, seed=4)
+    seg = segments_from_lengths(LAYOUT, L)
+    ref = attend(q, k, v, seg, impl="xla")
+    out = attend(*(x.astype(jnp.bfloat16) for x in (q, k, v)), seg, impl="xla")
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2)
+
+
+def test_scale_argument_is_used():
+    q, k, v = qkv(1, 8, seed=5)
+    seg = jnp.ones((1, 8), jnp.int32)
+    out = attend(q, k, v, seg, impl="xla", scale=0.5)
+    expected = naive_causal(q[0] * (0.5 * np.sqrt(D)), k[0], v[0])  # naive scales by 1/sqrt(D)
+    np.testing.assert_allclose(out[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_shapes_raise_clear_errors():
+    q, k, v = qkv(1, 8, hq=3, hkv=2)
+    with pytest.raises(ValueError, match="not a multiple"):
+        packed_attention(q, k, v, jnp.ones((1, 8), jnp.int32), impl="xla")
+    q, k, v = qkv(1, 8)
+    with pytest.raises(ValueError, match="segment_ids"):
+        packed_attention(q, k, v, jnp.ones((1, 7), jnp.int32), impl="xla")
+    with pytest.raises(ValueError, match="choose one of"):
+        packed_attention(q, k, v, jnp.ones((1, 8), jnp.int32), impl="flash")
+
+
+# ----------------------------------------------------------------------------------------------- segment offsets
+
+
+def test_segment_offsets_worked_example():
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 0, 0], [1, 2, 3, 3, 3, 3, 3, 3]], jnp.int32)
+    offsets, seqlens = segment_offsets(seg, 3)
+    np.testing.assert_array_equal(offsets, [[0, 3, -1, -1], [0, 1, 2, -1]])
+    np.testing.assert_array_equal(seqlens, [[3, 2, -1], [1, 1, 6]])
+    np.testing.assert_array_equal(count_segments(seg), [2, 3])
+
+
+def test_segment_offsets_all_padding_overflow_and_jit():
+    seg = jnp.asarray([[0, 0, 0, 0, 0], [1, 2, 3, 4, 0], [7, 7, 9, 9, 9]], jnp.int32)
+    offsets, seqlens = jax.jit(segment_offsets, static_argnums=1)(seg, 2)
+    # all padding: nothing listed; 4 documents with a bound of 2: the first two; ids need not start at 1
+    np.testing.assert_array_equal(offsets, [[-1, -1, -1], [0, 1, -1], [0, 2, -1]])
+    np.testing.assert_array_equal(seqlens, [[-1, -1], [1, 1], [2, 3]])
+    np.testing.assert_array_equal(count_segments(seg), [0, 4, 2])
+    with pytest.raises(ValueError, match="max_segments"):
+        segment_offsets(seg, 0)
+
+
+def test_default_max_segments():
+    assert attention.default_max_segments(4096) == 256
+    assert attention.default_max_segments(8) == 2
+
+
+# ----------------------------------------------------------------------------------------------- cudnn / auto
+
+
+def test_cudnn_on_cpu_raises_clear_error():
+    q, k, v = qkv(1, 16, dtype=jnp.bfloat16)
+    with pytest.raises(AttentionUnavailable, match="impl='cudnn' cannot run: it needs an NVIDIA GPU"):
+        packed_attention(q, k, v, jnp.ones((1, 16), jnp.int32), impl="cudnn")
+
+
+def test_pallas_on_cpu_without_interpret_raises_clear_error():
+    q, k, v = qkv(1, 16)
+    with pytest.raises(AttentionUnavailable, match="interpret=True"):
+        packed_attention(q, k, v, jnp.ones((1, 16), jnp.int32), impl="pallas")
+
+
+def test_auto_on_cpu_picks_xla():
+    assert attention.choose_impl(jnp.bfloat16, 4096, 128) == "xla"
+    q, k, v = qkv(3, L, seed=6)
+    seg = segments_from_lengths(LAYOUT, L)
+    np.testing.assert_array_equal(attend(q, k, v, seg), attend(q, k, v, seg, impl="xla"))
+
+
+# ----------------------------------------------------------------------------------------------- pallas (interpret)
+
+
+def test_pallas_interpret_equals_xla_on_packed_rows_forward_and_gradients():
+    """Tiny shapes: interpret mode runs the Triton kernel's program on CPU, block by block (slow)."""
+    length = 32
+    q, k, v = qkv(2, length, hq=4, hkv=2, seed=7)
+    seg = jnp.asarray([[1] * 7 + [2] * 13 + [3] * 5 + [0] * 7, [1] * 20 + [0] * 12], jnp.int32)
+    w = jnp.asarray(np.random.default_rng(8).standard_normal(q.shape, np.float32))
+
+    def loss(impl, **kw):
+        return lambda q, k, v: (packed_attention(q, k, v, seg, impl=impl, **kw) * w).sum()
+
+    out = attend(q, k, v, seg, impl="pallas", interpret=True, block_size=16)
+    ref = attend(q, k, v, seg, impl="xla")
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(out[0, 25:], 0.0)  # padding attends to padding in the kernel; zeroed here
+    grads = jax.jit(jax.grad(loss("pallas", interpret=True, block_size=16), argnums=(0, 1, 2)))(q, k, v)
+    grads_ref = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.shape == g_ref.shape  # dk/dv fold the repeated heads back to Hkv
+        np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_pallas_rejects_a_length_that_is_not_a_multiple_of_the_block():
+    q, k, v = qkv(1, 24)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        packed_attention(q, k, v, jnp.ones((1, 24), jnp.int32), impl="pallas", interpret=True, block_size=16)
