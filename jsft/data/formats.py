@@ -50,10 +50,10 @@ FORMATS = ("tokenized", "prompt_completion", "conversational_prompt_completion",
 class BadRowError(ValueError):
     """A row that cannot become an example. `row_index` and `field` say where; the message says the fix."""
 
-    def __init__(self, row_index: int | None, field: str, problem: str, fix: str = ""):
+    def __init__(self, row_index: int | None, field: str, problem: str, fix: str):
         self.row_index, self.field, self.problem = row_index, field, problem
         where = f"row {row_index}" if row_index is not None else "row (index unknown)"
-        super().__init__(f"{where}, field {field!r}: {problem}" + (f". Fix: {fix}" if fix else ""))
+        super().__init__(f"{where}, field {field!r}: {problem}. Fix: {fix}")
 
 
 # ----------------------------------------------------------------------------------------------- reading rows
@@ -96,7 +96,7 @@ def _is_message_list(value) -> bool:
 def detect_format(row: dict, config: DataConfig, row_index: int | None = None) -> str:
     """One of FORMATS, from the row's columns; BadRowError naming the columns found and expected otherwise."""
     if not isinstance(row, dict):
-        raise BadRowError(row_index, "row", f"expected a dict of columns, got {type(row).__name__}")
+        raise BadRowError(row_index, "row", f"expected a dict of columns, got {type(row).__name__}", "pass one dict per row")
     if "input_ids" in row:
         return "tokenized"
     if "prompt" in row and "completion" in row:
@@ -148,7 +148,10 @@ def check_messages(messages, row_index: int | None, field: str) -> list[dict]:
     for j, message in enumerate(messages):
         where = f"{field}[{j}]"
         if not isinstance(message, dict):
-            raise BadRowError(row_index, where, f"a message must be a dict, got {type(message).__name__}")
+            raise BadRowError(
+                row_index, where, f"a message must be a dict, got {type(message).__name__}",
+                'write each message as {"role": ..., "content": ...}',
+            )
         message = dict(message)
         if "role" not in message and "from" in message:  # ShareGPT
             value = message.pop("from")
@@ -195,10 +198,16 @@ def _template_inputs(row: dict, row_index: int | None) -> tuple[list | None, dic
         except json.JSONDecodeError as e:
             raise BadRowError(row_index, "tools", f"malformed JSON: {e.msg}", "write tools as a JSON list") from e
     if tools is not None and not isinstance(tools, list):
-        raise BadRowError(row_index, "tools", f"expected a list of tool schemas, got {type(tools).__name__}")
+        raise BadRowError(
+            row_index, "tools", f"expected a list of tool schemas, got {type(tools).__name__}",
+            "write tools as a list of JSON schemas (or a JSON string of one)",
+        )
     kwargs = row.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
-        raise BadRowError(row_index, "chat_template_kwargs", f"expected a dict, got {type(kwargs).__name__}")
+        raise BadRowError(
+            row_index, "chat_template_kwargs", f"expected a dict, got {type(kwargs).__name__}",
+            'write the template variables as a dict, e.g. {"enable_thinking": false}',
+        )
     return tools, kwargs
 
 
@@ -236,10 +245,13 @@ def _eos(tokenizer) -> str:
 def _tokenized(row: dict, tokenizer, completion_only: bool, row_index) -> tuple[list[int], np.ndarray]:
     ids = row["input_ids"]
     if not isinstance(ids, (list, tuple, np.ndarray)) or len(ids) == 0:
-        raise BadRowError(row_index, "input_ids", "expected a non-empty list of token ids")
+        raise BadRowError(row_index, "input_ids", "expected a non-empty list of token ids", "drop the row or tokenize it")
     ids = np.asarray(ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise BadRowError(row_index, "input_ids", f"expected a flat list of integers, got dtype {ids.dtype}")
+        raise BadRowError(
+            row_index, "input_ids", f"expected a flat list of integers, got dtype {ids.dtype}",
+            "store token ids as one list of ints per row",
+        )
     if ids.min() < 0 or ids.max() >= len(tokenizer):
         raise BadRowError(
             row_index, "input_ids", f"token ids must lie in [0, {len(tokenizer)}), got {ids.min()}..{ids.max()}",
@@ -368,8 +380,8 @@ def prepare_example(row: dict, tokenizer, config: DataConfig, row_index: int | N
     with the fixture tokenizer (no BOS), completion_only_loss on by default:
 
         {"prompt": "spell: 4 =>", "completion": " four"}
-        -> tokens  "spell" ":" " 4" " =>" " four" "<|endoftext|>"
-           mask      0     0    0    0      1          1
+        -> tokens  "s" "pe" "ll" ":" " " "4" " =>" " f" "our" "<|endoftext|>"
+           mask     0   0    0    0   0   0    0    1    1         1
 
     Raises BadRowError (row index, field, fix) for a row that cannot be trained, including one whose trained tokens
     are all cut away by truncation; the pipeline catches it when config.skip_bad_rows and counts the row.
