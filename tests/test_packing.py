@@ -147,6 +147,7 @@ def test_errors_are_clear():
         pack([1, -2], 4)
 
 
+@pytest.mark.slow
 def test_one_million_examples_pack_in_seconds():
     lengths = long_tail(1_000_000, seed=6)
     for strategy in ("bfd", "bfd_split", "wrapped"):

@@ -236,3 +236,25 @@ def test_stats_report_names_every_count(chat):
         assert word in report
     s = chat[2].stats
     assert s["tokens"] == s["row_tokens"] + s["truncated_tokens"] + s["dropped_tokens"]
+
+
+@pytest.mark.slow
+def test_grain_worker_processes_give_the_same_examples_in_order(tmp_path, tokenizer_dir, data_dir):
+    from jsft.data import load_tokenizer
+
+    lines = open(data_dir / "messages.jsonl").readlines()[:600]
+    lines[300] = json.dumps({"messages": "not a list"}) + "\n"  # a bad row, counted the same way by the workers
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(lines))
+    config = make_config(tmp_path, path, assistant_only_loss=True, skip_bad_rows=True)
+    tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
+    dataset = pipeline.load_rows(config.data)
+    alone = pipeline.tokenize_rows(dataset, tokenizer, config.data)
+    config.data.dataset_num_proc = 2
+    workers = pipeline.tokenize_rows(dataset, tokenizer, config.data)
+    for name in ("tokens", "loss_mask", "offsets", "source_rows"):
+        np.testing.assert_array_equal(getattr(workers, name), getattr(alone, name))
+    assert workers.bad_rows == alone.bad_rows and sum(alone.bad_rows.values()) == 1
+    config.data.skip_bad_rows, config.data.dataset_num_proc = False, None
+    with pytest.raises(formats.BadRowError, match="row 300, field 'messages'"):
+        pipeline.tokenize_rows(dataset, tokenizer, config.data)

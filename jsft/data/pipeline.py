@@ -209,7 +209,7 @@ def _prepare_chunk(chunk: tuple[int, int], dataset, tokenizer, data: DataConfig)
         try:
             example = prepare_example(dict(zip(names, values)), tokenizer, data, row_index=index)
         except BadRowError as e:
-            bad.append((index, bad_row_reason(e), str(e)))
+            bad.append((index, e.field, e.problem, str(e)))  # BadRowError does not pickle: send its parts
             if not data.skip_bad_rows:
                 break
             continue
@@ -235,6 +235,8 @@ def tokenize_rows(dataset, tokenizer, data: DataConfig) -> Examples:
     """prepare_example over every row, untruncated, in row order; Grain processes if data.dataset_num_proc > 1."""
     import grain
 
+    from jsft.data.formats import BadRowError
+
     n = len(dataset)
     untruncated = dataclasses.replace(data, max_length=None)
     chunks = [(a, min(a + PREPARE_CHUNK_ROWS, n)) for a in range(0, n, PREPARE_CHUNK_ROWS)]
@@ -243,18 +245,21 @@ def tokenize_rows(dataset, tokenizer, data: DataConfig) -> Examples:
         _mark_flags_parsed(0, 1)
         ds = grain.MapDataset.source(chunks).map(work).to_iter_dataset(grain.ReadOptions(num_threads=0))
         options = grain.MultiprocessingOptions(num_workers=min(data.dataset_num_proc, len(chunks)))
-        results = ds.mp_prefetch(options, worker_init_fn=_mark_flags_parsed)
+        results = iter(ds.mp_prefetch(options, worker_init_fn=_mark_flags_parsed))
     else:
         results = map(work, chunks)
     parts, bad = [], Counter()
-    for part in results:
-        for index, reason, message in part["bad"]:
-            if not data.skip_bad_rows:
-                from jsft.data.formats import BadRowError
-
-                raise BadRowError(index, reason.split(":")[0], message.split(": ", 1)[-1])
-            bad[reason] += 1
-        parts.append(part)
+    try:
+        for part in results:
+            for index, field_name, problem, message in part["bad"]:
+                error = BadRowError(index, field_name, problem, "")
+                error.args = (message,)
+                if not data.skip_bad_rows:
+                    raise error
+                bad[bad_row_reason(error)] += 1
+            parts.append(part)
+    finally:
+        getattr(results, "close", lambda: None)()  # stops Grain's workers and frees their shared memory
     lengths = np.concatenate([p["lengths"] for p in parts]) if parts else np.zeros(0, np.int64)
     return Examples(
         tokens=np.concatenate([p["tokens"] for p in parts]) if parts else np.zeros(0, np.int32),
