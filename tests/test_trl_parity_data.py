@@ -209,3 +209,43 @@ def test_eos_already_present_is_not_added_again_as_in_trl(trainer, tokenizer, ki
     expected = trl_prepare(trainer, rows, tokenizer)
     assert_parity(rows, tokenizer, DataConfig(max_length=None), expected)
     assert prepare_example(rows[1], tokenizer, DataConfig())["input_ids"].tolist().count(tokenizer.eos_token_id) == 1
+
+
+def test_cloned_template_same_tokens_and_new_ids_as_trl_clone(trainer, tokenizer_dir, checkpoint_dir, tmp_path):
+    """load_tokenizer's clone adds the same tokens with the same ids as TRL's clone_chat_template (TRL then also pads
+    the vocabulary with dummy tokens to a multiple of 64; jsft leaves that to the model side), sets the same EOS, and
+    the rendered rows are identical."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.chat_template_utils import clone_chat_template
+
+    from jsft.data import load_tokenizer
+
+    source = AutoTokenizer.from_pretrained(tokenizer_dir)
+    new_tokens = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    source.add_special_tokens({"additional_special_tokens": [fixtures.IM_START, fixtures.IM_END, *new_tokens]})
+    source.eos_token = "<|eot_id|>"
+    source.chat_template = (
+        "{%- for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+    )
+    source.save_pretrained(tmp_path / "source")
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir)
+    _, trl_tok, trl_added = clone_chat_template(model, AutoTokenizer.from_pretrained(tokenizer_dir), str(tmp_path / "source"))
+    tok, added = load_tokenizer(tokenizer_dir, DataConfig(chat_template_path=str(tmp_path / "source")))
+    assert added == trl_added[: len(added)] and tok.convert_ids_to_tokens(added) == new_tokens
+    assert all(t.startswith("<extra_id_") for t in trl_tok.convert_ids_to_tokens(trl_added[len(added):]))
+    assert (tok.eos_token, tok.eos_token_id, tok.chat_template) == (
+        trl_tok.eos_token, trl_tok.eos_token_id, trl_tok.chat_template
+    )
+    for kind in ("messages", "text", "prompt_completion"):
+        rows = fixture_rows(kind, 30)
+        old_eos = trainer._tokenizer.eos_token  # TRL appends the trainer tokenizer's EOS; the clone changed it
+        trainer._tokenizer.eos_token = trl_tok.eos_token
+        try:
+            expected = trl_prepare(trainer, rows, trl_tok)
+        finally:
+            trainer._tokenizer.eos_token = old_eos
+        assert_parity(rows, tok, DataConfig(max_length=None), expected)
