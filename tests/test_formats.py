@@ -270,6 +270,14 @@ def test_assistant_only_loss_on_plain_text_is_a_config_error(tokenizer):
     assert not isinstance(excinfo.value, BadRowError)  # never skipped as a bad row
 
 
+def test_bad_row_error_pickles_whole():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(BadRowError(3, "completion", "empty completion", "give it one")))
+    assert (error.row_index, error.field, error.problem, error.fix) == (3, "completion", "empty completion", "give it one")
+    assert str(error) == "row 3, field 'completion': empty completion. Fix: give it one"
+
+
 def test_row_index_unknown_still_names_the_field(tokenizer):
     with pytest.raises(BadRowError, match=r"row \(index unknown\), field 'completion'"):
         prepare_example({"prompt": "a", "completion": ""}, tokenizer, DataConfig())

@@ -51,9 +51,12 @@ class BadRowError(ValueError):
     """A row that cannot become an example. `row_index` and `field` say where; the message says the fix."""
 
     def __init__(self, row_index: int | None, field: str, problem: str, fix: str):
-        self.row_index, self.field, self.problem = row_index, field, problem
+        self.row_index, self.field, self.problem, self.fix = row_index, field, problem, fix
         where = f"row {row_index}" if row_index is not None else "row (index unknown)"
-        super().__init__(f"{where}, field {field!r}: {problem}. Fix: {fix}")
+        super().__init__(f"{where}, field {field!r}: {problem}" + (f". Fix: {fix}" if fix else ""))
+
+    def __reduce__(self):  # picklable, so it crosses worker processes whole
+        return (type(self), (self.row_index, self.field, self.problem, self.fix))
 
 
 # ----------------------------------------------------------------------------------------------- reading rows
