@@ -1,0 +1,202 @@
+"""The optimizer: AdamW with transformers' schedules, clipping and weight-decay mask; and the trainable filter.
+
+    tx, schedule = make_optimizer(config.training, total_steps)
+    optimizer = nnx.Optimizer(model, tx, wrt=trainable_filter(lora=..., new_token_rows=...))
+
+The chain, in order (what `torch.nn.utils.clip_grad_norm_` + `torch.optim.AdamW` + a transformers LR scheduler do
+inside HF's Trainer):
+
+    clip_by_global_norm(max_grad_norm)     skipped when max_grad_norm <= 0 (as in transformers)
+    scale_by_adam(b1, b2, eps)             first moment in optimizer_state_dtype, second moment in float32
+    add_decayed_weights(weight_decay)      decoupled (AdamW), only on params `decays(path)` accepts
+    scale_by_learning_rate(schedule)       schedule(step) = learning_rate * transformers' lr_lambda(step)
+
+Step numbering: the k-th update (k = 0, 1, ...) uses schedule(k), like HF's Trainer, which calls
+`optimizer.step()` before `scheduler.step()`; with warmup the first update therefore uses a learning rate of 0.
+
+Gradient accumulation is NOT done here (no optax.MultiSteps): the train step scans over its micro-batches and
+sums their gradients (each already divided by the step's trained-token total, see jsft.loss.normalize), then
+makes one update. So `tx.update` runs once per optimizer step and the schedule counts optimizer steps.
+
+optimizer_state_dtype="bfloat16" stores Adam's first moment (mu) in bf16 (optax `mu_dtype`). The second moment
+stays float32 on purpose: with beta2 = 0.999 the per-step relative change of nu (0.001) is below bf16's
+resolution (2^-8), so a bf16 nu would stop decaying.
+
+master_weights_fp32=True (for bf16 params): the optimizer state keeps a float32 copy of every trainable param.
+Each update runs AdamW on that copy in float32 and returns `new_master.astype(bf16) - param` as float32
+updates, so `optax.apply_updates` writes exactly the rounded master into the bf16 param. Small updates that bf16
+would round away accumulate in the master copy instead of being lost.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jsft.config import ConfigError, TrainingConfig
+
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+
+# transformers.Trainer.get_decay_parameter_names: no weight decay on biases and norm weights.
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+# Param paths that hold the embedding rows and the output head (jsft.model.llama names them like HF).
+NEW_TOKEN_ROW_PATHS = ("embed_tokens", "lm_head")
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+
+
+def num_warmup_steps(training: TrainingConfig, total_steps: int) -> int:
+    """warmup_steps when > 0, else ceil(warmup_ratio * total_steps) (transformers' get_warmup_steps).
+
+    Example: total_steps=95, warmup_ratio=0.1 -> ceil(9.5) = 10 warmup steps."""
+    if training.warmup_steps > 0:
+        return int(training.warmup_steps)
+    return math.ceil(total_steps * training.warmup_ratio)
+
+
+def lr_lambda(name: str, step, warmup: int, total: int):
+    """transformers' lr_lambda for `name` at optimizer step `step` (a multiplier of learning_rate), in jnp."""
+    step = jnp.asarray(step, jnp.float32)
+    warm = step / max(1.0, warmup)
+    if name == "constant":
+        return jnp.ones_like(step)
+    if name == "constant_with_warmup":
+        after = jnp.ones_like(step)
+    elif name == "linear":
+        after = jnp.maximum(0.0, (total - step) / max(1, total - warmup))
+    elif name == "cosine":  # num_cycles = 0.5: one half cosine from 1 to 0
+        progress = (step - warmup) / max(1, total - warmup)
+        after = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * 0.5 * 2.0 * progress)))
+    else:
+        raise ConfigError(f"training.lr_scheduler_type={name!r}: choose one of {', '.join(SCHEDULES)}")
+    return jnp.where(step < warmup, warm, after)
+
+
+def make_schedule(training: TrainingConfig, total_steps: int):
+    """step -> learning rate (float32), equal to transformers.get_scheduler(...) for the same settings."""
+    warmup = num_warmup_steps(training, total_steps)
+    name, lr = training.lr_scheduler_type, training.learning_rate
+    lr_lambda(name, 0, warmup, total_steps)  # unknown names fail here, not inside jit
+
+    def schedule(step):
+        return (lr * lr_lambda(name, step, warmup, total_steps)).astype(jnp.float32)
+
+    return schedule
+
+
+# ----------------------------------------------------------------------------------------------- weight decay
+
+
+def path_name(path) -> str:
+    """A jax key path -> 'layers.0.input_layernorm.scale' (Variable '.value' suffixes dropped)."""
+    parts = []
+    for key in path:
+        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+        parts.append(str(name))
+    if parts and parts[-1] == "value":
+        parts.pop()
+    return ".".join(parts)
+
+
+def decays(name: str) -> bool:
+    """Whether the param at dotted path `name` gets weight decay: everything except biases and norm weights,
+    by transformers' own name patterns. Examples: 'layers.0.mlp.up_proj.kernel' -> True,
+    'layers.0.input_layernorm.scale' -> False, 'norm.scale' -> False, 'layers.0.self_attn.q_proj.bias' -> False."""
+    return not any(re.search(p, name.lower()) for p in NO_DECAY_PATTERNS)
+
+
+def decay_mask(params):
+    """The params tree -> the same tree of bools, True where `decays`."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: decays(path_name(path)), params)
+
+
+# ----------------------------------------------------------------------------------------------- master weights
+
+
+class MasterWeightsState(NamedTuple):
+    master: optax.Params  # float32 copy of the trainable params
+    inner: optax.OptState
+
+
+def with_fp32_master_weights(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Run `inner` on a float32 copy of the params kept in the optimizer state (see the module docstring)."""
+
+    def init(params):
+        master = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+        return MasterWeightsState(master, inner.init(master))
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("with_fp32_master_weights needs params in tx.update (nnx.Optimizer passes them)")
+        grads32 = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), grads)
+        updates, inner_state = inner.update(grads32, state.inner, state.master)
+        master = optax.apply_updates(state.master, updates)
+        out = jax.tree.map(lambda m, p: m.astype(p.dtype).astype(jnp.float32) - p.astype(jnp.float32), master, params)
+        return out, MasterWeightsState(master, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+# ----------------------------------------------------------------------------------------------- the optimizer
+
+
+def make_optimizer(training: TrainingConfig, total_steps: int):
+    """(optax.GradientTransformation, schedule) for `total_steps` optimizer steps; see the module docstring."""
+    if total_steps < 1:
+        raise ConfigError(f"total_steps={total_steps}: need at least one optimizer step (check training.max_steps, "
+                          "training.num_train_epochs and the dataset size)")
+    schedule = make_schedule(training, total_steps)
+    mu_dtype = jnp.bfloat16 if training.optimizer_state_dtype == "bfloat16" else jnp.float32
+    parts = []
+    if training.max_grad_norm and training.max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(training.max_grad_norm))
+    parts.append(_scale_by_adam_fp32_nu(training.adam_beta1, training.adam_beta2, training.adam_epsilon, mu_dtype))
+    if training.weight_decay:
+        parts.append(optax.add_decayed_weights(training.weight_decay, mask=decay_mask))
+    parts.append(optax.scale_by_learning_rate(schedule))
+    tx = optax.chain(*parts)
+    if training.master_weights_fp32:
+        tx = with_fp32_master_weights(tx)
+    return tx, schedule
+
+
+def _scale_by_adam_fp32_nu(b1, b2, eps, mu_dtype) -> optax.GradientTransformation:
+    """optax.scale_by_adam with mu in `mu_dtype` and nu always float32 (bf16 params included).
+
+    Gradients are upcast to float32 before the moments, so the update direction is float32 too."""
+    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+
+    def init(params):
+        return adam.init(jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params))
+
+    def update(grads, state, params=None):
+        grads32 = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), grads)
+        return adam.update(grads32, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
+# ----------------------------------------------------------------------------------------------- trainable filter
+
+
+def trainable_filter(lora: bool, new_token_rows: bool = False):
+    """The nnx filter of trained params, for `nnx.Optimizer(..., wrt=...)` and the gradient split.
+
+    full fine-tuning: nnx.Param (every param, LoRA params included if any).
+    LoRA:             nnx.LoRAParam; plus, when the tokenizer gained new tokens (chat template cloning), the
+                      whole embedding and lm_head (paths containing 'embed_tokens' / 'lm_head'), like TRL, which
+                      makes those modules trainable and saves them with the adapter.
+    """
+    if not lora:
+        return nnx.Param
+    if not new_token_rows:
+        return nnx.LoRAParam
+    rows = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(p) for p in NEW_TOKEN_ROW_PATHS)))
+    return nnx.Any(nnx.LoRAParam, rows)
