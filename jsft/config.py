@@ -30,6 +30,7 @@ class ModelConfig:
     attention_impl: str = "auto"  # auto | xla | cudnn | pallas
     remat_policy: str = "full"  # none | full | save_dots | offload  (TRL: gradient_checkpointing)
     init_from_scratch: dict | None = None  # HF config.json fields: random-init a model instead of loading one
+    tokenizer_name_or_path: str | None = None  # None: model_name_or_path (needed with init_from_scratch)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class LoggingConfig:
     export_formats: list[str] = field(default_factory=lambda: ["auto"])  # auto | full | merged | adapter
     num_eval_generations: int = 3
     disable_tqdm: bool = False
+    demo_eval: bool = False  # the demo: held-out exact-match accuracy before/after, reload check, a sample
 
 
 @dataclass
