@@ -142,6 +142,7 @@ def load_model(path, dtype=jnp.bfloat16, compute_dtype=None, attention_impl="aut
         if p not in wanted:
             raise CheckpointError(f"{path}: missing tensor {jsft_to_hf(p)[0]!r} (jsft parameter {p})")
 
+    sharding_for = _sharding_lookup(shardings)
     handles = {}
     try:
         for p, var in targets.items():
@@ -149,18 +150,22 @@ def load_model(path, dtype=jnp.bfloat16, compute_dtype=None, attention_impl="aut
             file = files[name]
             if file not in handles:
                 handles[file] = safe_open(file, "np")
-            var.set_value(_read(handles[file], name, transpose, var, dtype, _sharding_for(shardings, p, var)))
+            var.set_value(_read(handles[file], name, transpose, var, dtype, sharding_for(p, var)))
     finally:
         handles.clear()
     return model, cfg
 
 
-def _sharding_for(shardings, p, var):
+def _sharding_lookup(shardings):
+    """shardings: None | a function (path, abstract Variable) -> Sharding | a {path: Sharding} dict | an nnx.State
+    of Variables holding Shardings (what jsft.sharding.model_shardings returns) -> a function (path, var)."""
     if shardings is None:
-        return None
-    if callable(shardings):
-        return shardings(p, var)
-    return shardings[p]
+        return lambda p, var: None
+    if isinstance(shardings, nnx.State):
+        shardings = {path_str(k): v.get_value() for k, v in nnx.to_flat_state(shardings)}
+    if isinstance(shardings, dict):
+        return lambda p, var: shardings[p]
+    return shardings
 
 
 def _read(handle, name, transpose, var, dtype, sharding):
@@ -243,3 +248,56 @@ def _write_safetensors(out: Path, tensors: dict, max_shard_bytes: int, dtype, pr
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def save_merged(model: Llama, out_dir, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """The full HF model with every LoRA delta folded into its kernel (W + alpha/r * A @ B); the model is unchanged."""
+    from jsft.model.lora import lora_modules
+
+    if not lora_modules(model):
+        raise ValueError("save_merged: the model has no LoRA layers; use save_model for a full fine-tune")
+    return save_model(model, out_dir, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+
+
+def save_peft_adapter(model: Llama, out_dir, base_model_name_or_path: str, r: int, alpha: float, dropout: float,
+                      target_modules) -> Path:
+    """adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained(base, out_dir)` loads.
+
+    Keys follow PEFT: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight [r, in] and .lora_B.weight
+    [out, r] (jsft's lora_a [in, r] / lora_b [r, out] transposed). Stored in float32, as PEFT keeps adapters.
+    """
+    from jsft.model.lora import lora_modules, resolve_targets
+
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("save_peft_adapter: the model has no LoRA layers (apply_lora was not called)")
+    for path, module in modules.items():
+        if module.r != r or module.alpha != alpha:
+            raise ValueError(f"save_peft_adapter: {path} has r={module.r}, alpha={module.alpha} but r={r}, "
+                             f"alpha={alpha} were given; pass the values apply_lora used")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for path, module in modules.items():
+        prefix = "base_model.model." + jsft_to_hf(f"{path}.kernel")[0].removesuffix(".weight")
+        tensors[f"{prefix}.lora_A.weight"] = (module.lora_a[...], True)
+        tensors[f"{prefix}.lora_B.weight"] = (module.lora_b[...], True)
+    _write_safetensors(out, tensors, max_shard_bytes=2**62, dtype=jnp.float32, prefix="adapter_model")
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model_name_or_path),
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(resolve_targets(target_modules)),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out

@@ -365,10 +365,10 @@ class Llama(nnx.Module):
         if new_size == old:
             return
         emb = self.embed_tokens.embedding
-        emb[...] = _grow_rows(emb[...], new_size)
+        emb.set_value(_grow_rows(emb[...], new_size))
         if not self.cfg.tie_word_embeddings:
             head = self.lm_head.kernel
-            head[...] = _grow_rows(head[...].T, new_size).T
+            head.set_value(_grow_rows(head[...].T, new_size).T)
         hf = dict(self.cfg.hf_config, vocab_size=new_size)
         self.cfg = dataclasses.replace(self.cfg, vocab_size=new_size, hf_config=hf)
 
