@@ -270,6 +270,35 @@ def test_assistant_only_loss_on_plain_text_is_a_config_error(tokenizer):
     assert not isinstance(excinfo.value, BadRowError)  # never skipped as a bad row
 
 
+ALTERNATING = (
+    "{%- for message in messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}{%- endif %}"
+    "{{ message['role'] + ': ' + message['content'] + '<|im_end|>' }}"
+    "{%- endfor %}"
+)
+
+
+def test_conversation_the_template_refuses_is_a_bad_row(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = ALTERNATING
+    with pytest.raises(BadRowError) as excinfo:
+        prepare_example({"messages": USER_ASSISTANT[::-1]}, tok, DataConfig(), row_index=2)
+    assert_bad_row(excinfo, 2, "messages")
+    assert "roles must alternate" in str(excinfo.value)
+
+
+def test_conversational_rows_need_a_chat_template(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = None
+    with pytest.raises(ConfigError, match="no chat template: set data.chat_template_path"):
+        prepare_example({"messages": USER_ASSISTANT}, tok, DataConfig(), row_index=0)
+
+
 def test_bad_row_error_pickles_whole():
     import pickle
 

@@ -37,6 +37,7 @@ MISTRAL = (  # the system prompt goes in front of the first user message; the as
     "{%- endif %}"
     "{%- endfor %}"
 )
+USER_ASSISTANT_PAIR = [{"role": "user", "content": "spell: 4"}, {"role": "assistant", "content": "four"}]
 TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "mistral": MISTRAL}
 
 
@@ -96,6 +97,14 @@ def test_assistant_mask_covers_content_and_turn_end(chat_tokenizer, style):
     space = " " if style == "mistral" else ""
     assert trained == f"{space}four zero{end}{space}1{end}"
     assert stop_token_trained(tok)
+
+
+def test_conversation_that_opens_with_the_assistant(chat_tokenizer):
+    messages = [{"role": "assistant", "content": "hello"}, *USER_ASSISTANT_PAIR]
+    marked = tokenize_conversation(with_template(chat_tokenizer, CHATML), messages, assistant_mask=True)
+    inferred = tokenize_conversation(with_template(chat_tokenizer, without_markers(CHATML)), messages, assistant_mask=True)
+    assert marked[0] == inferred[0] and marked[1].tolist() == inferred[1].tolist()
+    assert chat_tokenizer.decode(np.asarray(marked[0])[marked[1]].tolist()) == "hello<|im_end|>four<|im_end|>"
 
 
 def test_conversational_prompt_completion_with_inferred_masks(chat_tokenizer):

@@ -321,13 +321,18 @@ def _tokenize(row: dict, fmt: str, tokenizer, config: DataConfig, row_index) -> 
         return ids, mask
 
     tools, kwargs = _template_inputs(row, row_index)
+    if not tokenizer.chat_template:
+        raise ConfigError(
+            f"row {row_index} is conversational but the tokenizer has no chat template: set data.chat_template_path "
+            "to a .jinja file or to a tokenizer directory to clone the template from"
+        )
     if config.assistant_only_loss:
         chat.warn_once_if_stop_token_untrained(tokenizer)
 
     if fmt == "messages":
         field = "messages" if "messages" in row else "conversations"
         messages = check_messages(row[field], row_index, field)
-        ids, assistant = _render(tokenizer, messages, tools, kwargs, config.assistant_only_loss, row_index)
+        ids, assistant = _render(tokenizer, messages, tools, kwargs, config.assistant_only_loss, row_index, field)
         mask = np.ones(len(ids), dtype=np.bool_)
         if assistant is not None:
             if not assistant.any():
@@ -341,8 +346,10 @@ def _tokenize(row: dict, fmt: str, tokenizer, config: DataConfig, row_index) -> 
     # conversational prompt / completion
     prompt = check_messages(row["prompt"], row_index, "prompt")
     completion = check_messages(row["completion"], row_index, "completion")
-    prompt_ids, _ = _render(tokenizer, prompt, tools, kwargs, False, row_index, add_generation_prompt=True)
-    ids, assistant = _render(tokenizer, prompt + completion, tools, kwargs, config.assistant_only_loss, row_index)
+    prompt_ids, _ = _render(tokenizer, prompt, tools, kwargs, False, row_index, "prompt", add_generation_prompt=True)
+    ids, assistant = _render(
+        tokenizer, prompt + completion, tools, kwargs, config.assistant_only_loss, row_index, "completion"
+    )
     mask = np.ones(len(ids), dtype=np.bool_)
     if completion_only:
         mask[: _common_prefix_length(prompt_ids, ids)] = False
@@ -351,13 +358,20 @@ def _tokenize(row: dict, fmt: str, tokenizer, config: DataConfig, row_index) -> 
     return ids, mask
 
 
-def _render(tokenizer, messages, tools, kwargs, assistant_mask, row_index, add_generation_prompt=False):
+def _render(tokenizer, messages, tools, kwargs, assistant_mask, row_index, field, add_generation_prompt=False):
+    from jinja2.exceptions import TemplateError
+
     try:
         return chat.tokenize_conversation(
             tokenizer, messages, tools, kwargs, assistant_mask=assistant_mask, add_generation_prompt=add_generation_prompt
         )
     except chat.ChatTemplateError as e:
         raise chat.ChatTemplateError(f"row {row_index}: {e}") from e
+    except TemplateError as e:  # the template itself refused this conversation (raise_exception in the template)
+        raise BadRowError(
+            row_index, field, f"the chat template refused this conversation: {e}",
+            "fix the conversation (e.g. roles must alternate for this template), or drop the row",
+        ) from e
 
 
 # ----------------------------------------------------------------------------------------------- the example
