@@ -250,6 +250,11 @@ def test_cloned_template_adds_the_missing_tokens_and_reports_their_ids(tokenizer
     assert prepare_example({"text": "a"}, tok, DataConfig())["input_ids"][-1] == added[2]
 
 
+def test_clone_from_a_path_that_is_no_tokenizer_is_a_config_error(tokenizer_dir, tmp_path):
+    with pytest.raises(ConfigError, match="neither a .jinja/.j2 file nor a tokenizer directory"):
+        load_tokenizer(tokenizer_dir, DataConfig(chat_template_path=str(tmp_path / "missing_dir")))
+
+
 def test_clone_from_a_directory_without_a_template_is_refused(tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -257,7 +262,7 @@ def test_clone_from_a_directory_without_a_template_is_refused(tokenizer_dir, tmp
     bare.chat_template = None
     bare.save_pretrained(tmp_path)
     (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
-    with pytest.raises(ValueError, match="chat template"):
+    with pytest.raises(ConfigError, match="has no chat template to clone"):
         load_tokenizer(tokenizer_dir, DataConfig(chat_template_path=str(tmp_path)))
 
 

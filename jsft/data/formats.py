@@ -42,7 +42,7 @@ import numpy as np
 from jsft.config import ConfigError, DataConfig
 from jsft.data import chat
 
-KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool")
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")  # ipython: Llama 3.1 tool results
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 FORMATS = ("tokenized", "prompt_completion", "conversational_prompt_completion", "messages", "text")
 

@@ -3,7 +3,7 @@
     tokenizer, added_ids = load_tokenizer("path/to/model", config.data)
 
 - config.chat_template_path ending in .jinja / .j2 (an existing file): the template text is used as is, no tokens added.
-- config.chat_template_path a tokenizer directory: TRL's clone_chat_template. Its template is copied, its added
+- config.chat_template_path a tokenizer directory (or hub name): TRL's clone_chat_template. Its template is copied, its added
   tokens missing from this vocabulary are added (ids appended after the current vocabulary), and EOS becomes the
   source's EOS (the token that ends an assistant turn there, e.g. <|im_end|>). `added_ids` lists the new ids so the
   model side resizes embeddings / lm_head (TRL also pads the vocabulary to a multiple of 64 with dummy tokens; jsft
@@ -30,13 +30,16 @@ def clone_chat_template(tokenizer, source_path: str | Path) -> list[int]:
     """Copy the template and missing added tokens of the tokenizer at `source_path`; set its EOS. Returns new ids."""
     from transformers import AutoTokenizer
 
-    source_path = Path(source_path)
-    if not source_path.is_dir():
+    try:  # a local directory, or a hub name where the machine has network
+        source = AutoTokenizer.from_pretrained(source_path)
+    except (OSError, ValueError) as e:
         raise ConfigError(
-            f"data.chat_template_path={str(source_path)!r} is neither a .jinja file nor a tokenizer directory"
-        )
-    source = AutoTokenizer.from_pretrained(source_path)
-    template = source.get_chat_template()  # raises when the source has none
+            f"data.chat_template_path={str(source_path)!r} is neither a .jinja/.j2 file nor a tokenizer directory "
+            f"(or reachable hub name) to clone the template from: {e}"
+        ) from e
+    if not source.chat_template:
+        raise ConfigError(f"data.chat_template_path={str(source_path)!r}: that tokenizer has no chat template to clone")
+    template = source.get_chat_template()
     tokenizer.chat_template = template
     vocab = tokenizer.get_vocab()
     # sorted by the source's ids, so the new ids come out in the source's order
