@@ -71,6 +71,21 @@ def test_prompt_completion_trains_only_the_completion_by_default(tokenizer):
     assert example["loss_mask"].all()
 
 
+def test_prompt_that_merges_with_the_completion_warns_once(tokenizer, monkeypatch):
+    """'spell: 1' + '2 =>' : the digits merge across the boundary; TRL's rule (common prefix) applies, with a warning."""
+    import jsft.data.formats as formats
+
+    monkeypatch.setattr(formats, "_warned_prompt_not_prefix", False)
+    row = {"prompt": "spell: 4 =", "completion": "> four"}
+    with pytest.warns(UserWarning, match="not a prefix") as caught:
+        example = prepare_example(row, tokenizer, DataConfig())
+        prepare_example(row, tokenizer, DataConfig())
+    assert len([w for w in caught if "not a prefix" in str(w.message)]) == 1
+    prompt_ids = tokenizer("spell: 4 =")["input_ids"]
+    start = int(np.argmax(example["loss_mask"]))
+    assert example["input_ids"][:start].tolist() == prompt_ids[:start] and start < len(prompt_ids)
+
+
 def test_conversational_prompt_completion_trains_the_assistant_reply(tokenizer):
     row = {"prompt": USER_ASSISTANT[:1], "completion": USER_ASSISTANT[1:]}
     example = prepare_example(row, tokenizer, DataConfig())

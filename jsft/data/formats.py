@@ -34,6 +34,7 @@ ChatTemplateError / ConfigError are never per-row: they are not BadRowError and 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -235,6 +236,28 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
+_warned_prompt_not_prefix = False
+
+
+def _completion_start(prompt_ids: list[int], ids: list[int], tokenizer) -> int:
+    """Where the completion starts: the common prefix of the tokenized prompt and prompt+completion (TRL). When the
+    prompt is not a token prefix (tokens merge across the boundary, or the template renders the prompt differently)
+    warn once, as TRL does."""
+    global _warned_prompt_not_prefix
+    start = _common_prefix_length(prompt_ids, ids)
+    if start < len(prompt_ids) and not _warned_prompt_not_prefix:
+        _warned_prompt_not_prefix = True
+        warnings.warn(
+            "The tokenized prompt is not a prefix of the tokenized prompt+completion (tokens merge across the "
+            f"boundary, or the chat template renders the prompt differently); the completion starts where they "
+            f"diverge and {tokenizer.decode(prompt_ids[start:])!r} of the prompt is not in the training sequence. "
+            "Fix: end prompts on a token boundary, or use a template that renders the prompt the same way. Shown once.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return start
+
+
 def _add_eos(text: str, eos: str) -> str:
     return text if text.endswith(eos) else text + eos
 
@@ -317,7 +340,7 @@ def _tokenize(row: dict, fmt: str, tokenizer, config: DataConfig, row_index) -> 
         ids = _encode_text(tokenizer, prompt + _add_eos(completion, _eos(tokenizer)))
         mask = np.ones(len(ids), dtype=np.bool_)
         if completion_only:
-            mask[: _common_prefix_length(prompt_ids, ids)] = False
+            mask[: _completion_start(prompt_ids, ids, tokenizer)] = False
         return ids, mask
 
     tools, kwargs = _template_inputs(row, row_index)
@@ -352,7 +375,7 @@ def _tokenize(row: dict, fmt: str, tokenizer, config: DataConfig, row_index) -> 
     )
     mask = np.ones(len(ids), dtype=np.bool_)
     if completion_only:
-        mask[: _common_prefix_length(prompt_ids, ids)] = False
+        mask[: _completion_start(prompt_ids, ids, tokenizer)] = False
     if assistant is not None:
         mask &= assistant
     return ids, mask
