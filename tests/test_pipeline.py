@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jsft.config import SFTConfig
-from jsft.data import formats, packing, pipeline
+from jsft.data import batched, formats, packing, pipeline
 from jsft.data.pipeline import (Examples, PreparedDataset, batch_iterator, build_rows, format_stats, prepare_dataset,
                                 steps_per_epoch)
 
@@ -189,6 +189,7 @@ def test_second_build_hits_the_cache_and_does_not_tokenize(chat, monkeypatch, tm
         raise AssertionError("prepare_example called on a cache hit")
 
     monkeypatch.setattr(formats, "prepare_example", fail)
+    monkeypatch.setattr(batched, "prepare_examples", fail)
     config.data.packing_strategy = "bfd_split"  # packing settings are applied after the cache
     try:
         again = prepare_dataset(config, tokenizer)

@@ -10,8 +10,8 @@
 
 Preparation (`prepare_dataset`):
 1. Rows come from `datasets.load_dataset`: a local .jsonl/.json/.parquet/.arrow/.csv file, a directory, or a hub name.
-2. Every row goes through `jsft.data.prepare_example` WITHOUT truncation (Grain worker processes when
-   data.dataset_num_proc > 1, in order). Rows that raise BadRowError stop the run, or with data.skip_bad_rows are
+2. Every row goes through `jsft.data.prepare_example` WITHOUT truncation, in chunks of 256 rows batched by
+   `jsft.data.batched` (Grain worker processes when data.dataset_num_proc > 1; row order kept). Rows that raise BadRowError stop the run, or with data.skip_bad_rows are
    counted per reason and skipped. The examples (one flat token array, one flat mask, offsets) are cached in
    `<cache_dir>/examples-<key>.npz`, keyed by the data files (path, size, mtime), the tokenizer (vocabulary, special
    tokens, chat template), the DataConfig fields that change tokens, and the source of the formats code. Changing
@@ -196,31 +196,29 @@ def bad_row_reason(error) -> str:
 
 
 def _prepare_chunk(chunk: tuple[int, int], dataset, tokenizer, data: DataConfig) -> dict:
-    """prepare_example over rows [start, stop); runs in a Grain worker or in-process. Never raises BadRowError:
-    returns it, so the parent raises it (or counts it) in row order."""
-    from jsft.data.formats import BadRowError, prepare_example
+    """prepare_example over rows [start, stop) (batched: jsft.data.batched); runs in a Grain worker or in-process.
+    Bad rows come back as BadRowError objects (they pickle), so the parent raises or counts them in row order."""
+    from jsft.data import batched
 
     start, stop = chunk
     columns = dataset[start:stop]
     names = list(columns)
-    ids, masks, rows, bad = [], [], [], []
-    for k, values in enumerate(zip(*(columns[n] for n in names))):
-        index = start + k
-        try:
-            example = prepare_example(dict(zip(names, values)), tokenizer, data, row_index=index)
-        except BadRowError as e:
-            bad.append((index, e.field, e.problem, str(e)))  # BadRowError does not pickle: send its parts
+    rows = [dict(zip(names, values)) for values in zip(*(columns[n] for n in names))]
+    ids, masks, kept, bad = [], [], [], []
+    for k, example in enumerate(batched.prepare_examples(rows, tokenizer, data, first_index=start)):
+        if isinstance(example, Exception):
+            bad.append(example)
             if not data.skip_bad_rows:
                 break
             continue
         ids.append(example["input_ids"])
         masks.append(example["loss_mask"])
-        rows.append(index)
+        kept.append(start + k)
     return {
         "tokens": np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32),
         "loss_mask": np.concatenate(masks).astype(bool) if masks else np.zeros(0, bool),
         "lengths": np.array([len(x) for x in ids], dtype=np.int64),
-        "rows": np.array(rows, dtype=np.int64),
+        "rows": np.array(kept, dtype=np.int64),
         "bad": bad,
     }
 
@@ -234,8 +232,6 @@ def _mark_flags_parsed(worker_index: int, worker_count: int) -> None:
 def tokenize_rows(dataset, tokenizer, data: DataConfig) -> Examples:
     """prepare_example over every row, untruncated, in row order; Grain processes if data.dataset_num_proc > 1."""
     import grain
-
-    from jsft.data.formats import BadRowError
 
     n = len(dataset)
     untruncated = dataclasses.replace(data, max_length=None)
@@ -251,9 +247,7 @@ def tokenize_rows(dataset, tokenizer, data: DataConfig) -> Examples:
     parts, bad = [], Counter()
     try:
         for part in results:
-            for index, field_name, problem, message in part["bad"]:
-                error = BadRowError(index, field_name, problem, "")
-                error.args = (message,)
+            for error in part["bad"]:
                 if not data.skip_bad_rows:
                     raise error
                 bad[bad_row_reason(error)] += 1

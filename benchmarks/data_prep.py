@@ -1,0 +1,144 @@
+"""Data preparation speed: jsft (tokenize + pack) against TRL's SFTTrainer preparation, same rows, same settings.
+
+    python benchmarks/data_prep.py [--rows 2000] [--repeats 3]
+
+Both sides read the fixture's `messages` rows from a .jsonl file with `datasets`, render them with the fixture's
+chat template, build assistant-only masks, and pack with BFD at max_length 512, in one process. jsft starts from an
+empty cache (its warm-cache time is reported separately); TRL runs `SFTTrainer._prepare_dataset` with datasets'
+caching off. Reported: examples/s and tokens/s (tokens = all tokens of all rows before truncation), best of
+`--repeats`. Writes benchmarks/results/data_prep-cpu-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+MAX_LENGTH = 512
+
+
+def jsft_run(data_file: Path, tokenizer_dir: Path, cache_dir: Path, num_proc: int | None):
+    from jsft.config import SFTConfig
+    from jsft.data import load_tokenizer
+    from jsft.data.pipeline import prepare_dataset
+
+    config = SFTConfig()
+    config.data.dataset_name = str(data_file)
+    config.data.max_length, config.data.packing, config.data.packing_strategy = MAX_LENGTH, True, "bfd"
+    config.data.assistant_only_loss, config.data.dataset_num_proc = True, num_proc
+    config.data.cache_dir = str(cache_dir)
+    start = time.perf_counter()
+    tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
+    prepared = prepare_dataset(config, tokenizer)
+    return time.perf_counter() - start, prepared
+
+
+def trl_trainer(tokenizer_dir: Path, checkpoint_dir: Path, out_dir: Path):
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from jsft import fixtures
+
+    args = SFTConfig(output_dir=str(out_dir), max_length=MAX_LENGTH, packing=True, packing_strategy="bfd",
+                     assistant_only_loss=True, report_to=[], use_cpu=True, bf16=False)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    small = datasets.Dataset.from_list(fixtures.make_rows("messages", 4, 1))
+    trainer = SFTTrainer(model=str(checkpoint_dir), args=args, train_dataset=small, processing_class=tokenizer)
+    return trainer, tokenizer
+
+
+def trl_run(trainer, tokenizer, data_file: Path):
+    import datasets
+
+    start = time.perf_counter()
+    rows = datasets.load_dataset("json", data_files=str(data_file), split="train")
+    prepared = trainer._prepare_dataset(rows, tokenizer, trainer.args, True, None, "train")
+    return time.perf_counter() - start, prepared
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+
+    import datasets
+
+    from jsft import fixtures
+
+    datasets.disable_caching()
+    datasets.disable_progress_bars()
+    work = Path(tempfile.mkdtemp(prefix="jsft-data-prep-"))
+    try:
+        tokenizer_dir = fixtures.build_tokenizer(work / "tokenizer")
+        data_file = fixtures.write_jsonl(fixtures.make_rows("messages", args.rows, 0), work / "messages.jsonl")
+        checkpoint_dir = fixtures.build_hf_checkpoint(work / "checkpoint")
+
+        jsft_times, prepared = [], None
+        for k in range(args.repeats):
+            seconds, prepared = jsft_run(data_file, tokenizer_dir, work / f"cache{k}", None)
+            jsft_times.append(seconds)
+        warm, _ = jsft_run(data_file, tokenizer_dir, work / "cache0", None)
+        assert prepared.stats["cache"] == "miss"
+        stats = prepared.stats
+
+        trainer, tokenizer = trl_trainer(tokenizer_dir, checkpoint_dir, work / "trl")
+        trl_times, trl_prepared = [], None
+        for _ in range(args.repeats):
+            seconds, trl_prepared = trl_run(trainer, tokenizer, data_file)
+            trl_times.append(seconds)
+        trl_tokens = sum(len(ids) for ids in trl_prepared["input_ids"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    tokens = stats["tokens"]
+    best_jsft, best_trl = min(jsft_times), min(trl_times)
+    result = {
+        "benchmark": "data_prep",
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "setup": {"rows": args.rows, "format": "messages", "assistant_only_loss": True, "max_length": MAX_LENGTH,
+                  "packing_strategy": "bfd", "processes": 1, "repeats": args.repeats, "timing": "best of repeats"},
+        "jsft": {
+            "seconds": jsft_times, "seconds_cache_hit": warm,
+            "examples_per_s": args.rows / best_jsft, "tokens_per_s": tokens / best_jsft,
+            "packed_rows": stats["rows"], "row_tokens": stats["row_tokens"], "fill_rate": stats["fill_rate"],
+            "dropped_no_trained_token": stats["dropped_no_trained_token"],
+        },
+        "trl": {
+            "seconds": trl_times, "examples_per_s": args.rows / best_trl, "tokens_per_s": tokens / best_trl,
+            "packed_rows": len(trl_prepared), "row_tokens": trl_tokens,
+            "fill_rate": trl_tokens / (len(trl_prepared) * MAX_LENGTH),
+        },
+        "speedup_jsft_over_trl": best_trl / best_jsft,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"data_prep-cpu-{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"jsft: {result['jsft']['examples_per_s']:,.0f} examples/s, {result['jsft']['tokens_per_s']:,.0f} tokens/s "
+          f"({best_jsft:.2f} s; cache hit {warm:.2f} s), {stats['rows']} rows, fill {stats['fill_rate']:.3f}")
+    print(f"TRL:  {result['trl']['examples_per_s']:,.0f} examples/s, {result['trl']['tokens_per_s']:,.0f} tokens/s "
+          f"({best_trl:.2f} s), {len(trl_prepared)} rows, fill {result['trl']['fill_rate']:.3f}")
+    print(f"jsft / TRL speed: {result['speedup_jsft_over_trl']:.2f}x   -> {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
