@@ -12,7 +12,9 @@ Unknown fields and wrong types are errors, raised before any compute.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +128,7 @@ class SFTConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(SFTConfig)}
+SECTIONS = typing.get_type_hints(SFTConfig)  # section name -> its dataclass
 
 
 # ----------------------------------------------------------------------------------------------- type checking
@@ -196,7 +198,7 @@ def validate(config: SFTConfig) -> SFTConfig:
     """Check types, choices and combinations; raise ConfigError naming the field. Returns the config."""
     for section_name, section_cls in SECTIONS.items():
         section = getattr(config, section_name)
-        if not isinstance(section, section_cls if isinstance(section_cls, type) else object):
+        if not isinstance(section, section_cls):
             raise ConfigError(f"{section_name}: expected a {section_cls}, got {type(section).__name__}")
         for name, annotation in _section_types(type(section)).items():
             value = _check_type(getattr(section, name), annotation, f"{section_name}.{name}")
@@ -235,7 +237,102 @@ def validate(config: SFTConfig) -> SFTConfig:
         raise ConfigError("model.model_name_or_path is empty: set an HF checkpoint directory (or init_from_scratch).")
     if not d.dataset_name:
         raise ConfigError("data.dataset_name is empty: set a local dataset file/directory or a hub name.")
+    _validate_ranges(config)
     return config
+
+
+def _validate_ranges(config: SFTConfig) -> None:
+    """Numeric ranges and combinations beyond types and choices."""
+    d, t, lo, lg = config.data, config.training, config.lora, config.logging
+
+    def need(ok: bool, field_name: str, value, rule: str):
+        if not ok:
+            raise ConfigError(f"{field_name}={value!r}: {rule}")
+
+    if t.warmup_steps > 0 and t.warmup_ratio > 0:
+        raise ConfigError(
+            f"training.warmup_steps={t.warmup_steps} and training.warmup_ratio={t.warmup_ratio} are both set: "
+            "set only one (warmup_steps wins in transformers, which hides the mistake)"
+        )
+    need(t.warmup_steps >= 0, "training.warmup_steps", t.warmup_steps, "must be >= 0")
+    need(t.loss_chunk_size >= 1, "training.loss_chunk_size", t.loss_chunk_size, "must be >= 1 (tokens per chunk)")
+    need(t.max_grad_norm >= 0, "training.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 disables clipping)")
+    need(t.weight_decay >= 0, "training.weight_decay", t.weight_decay, "must be >= 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        need(0.0 <= getattr(t, name) < 1.0, f"training.{name}", getattr(t, name), "must be in [0, 1)")
+    need(t.adam_epsilon >= 0, "training.adam_epsilon", t.adam_epsilon, "must be >= 0")
+    need(t.peak_tflops is None or t.peak_tflops > 0, "training.peak_tflops", t.peak_tflops, "must be > 0 or None")
+    if t.master_weights_fp32 and config.model.dtype == "float32":
+        raise ConfigError(
+            "training.master_weights_fp32=True with model.dtype='float32': the params already are float32 master "
+            "weights. Set model.dtype='bfloat16' (bf16 params + fp32 master copy), or master_weights_fp32=False."
+        )
+    need(d.packing_buffer_size >= 1, "data.packing_buffer_size", d.packing_buffer_size, "must be >= 1")
+    need(d.dataset_num_proc is None or d.dataset_num_proc >= 1, "data.dataset_num_proc", d.dataset_num_proc,
+         "must be >= 1 or None (in-process)")
+    if lo.use_peft:
+        need(lo.lora_alpha > 0, "lora.lora_alpha", lo.lora_alpha, "must be > 0")
+        need(0.0 <= lo.lora_dropout < 1.0, "lora.lora_dropout", lo.lora_dropout, "must be in [0, 1)")
+        targets = [lo.lora_target_modules] if isinstance(lo.lora_target_modules, str) else lo.lora_target_modules
+        unknown = [m for m in targets if m not in LORA_TARGETS + ("all-linear",)]
+        if unknown or not targets:
+            raise ConfigError(
+                f"lora.lora_target_modules={lo.lora_target_modules!r}: use 'all-linear' or a list of "
+                f"{', '.join(LORA_TARGETS)}" + (f" ({', '.join(map(repr, unknown))} is not one)" if unknown else "")
+            )
+    need(lg.logging_steps >= 1, "logging.logging_steps", lg.logging_steps, "must be >= 1")
+    need(lg.save_steps >= 1, "logging.save_steps", lg.save_steps, "must be >= 1")
+    need(lg.eval_steps is None or lg.eval_steps >= 1, "logging.eval_steps", lg.eval_steps, "must be >= 1 or None")
+    need(lg.save_total_limit is None or lg.save_total_limit >= 1, "logging.save_total_limit", lg.save_total_limit,
+         "must be >= 1 or None (keep all)")
+    bad = [r for r in lg.report_to if r not in ("jsonl", "tensorboard")]
+    need(not bad, "logging.report_to", lg.report_to, "choose from jsonl, tensorboard")
+    bad = [f for f in lg.export_formats if f not in ("auto", "full", "merged", "adapter")]
+    need(not bad, "logging.export_formats", lg.export_formats, "choose from auto, full, merged, adapter")
+
+
+# The projections LoRA can target (jsft.model.lora.LINEAR_NAMES, kept here so config checks need no JAX).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_data_compatibility(config: SFTConfig, columns, first_row: dict | None = None) -> None:
+    """Refuse loss settings the dataset cannot satisfy, once its columns (and a first row) are known.
+
+    assistant_only_loss needs conversational data: a `messages` or `conversations` column, a conversational
+    prompt/completion (lists of {"role", "content"} messages; pass `first_row` to detect it), or pre-tokenized
+    `assistant_masks`. completion_only_loss=True needs a `completion` column or a pre-tokenized `completion_mask`.
+    Example: check_data_compatibility(cfg, ["text"]) with data.assistant_only_loss=True raises ConfigError.
+    """
+    columns = set(columns)
+    d = config.data
+
+    def conversational(row) -> bool:  # TRL's is_conversational
+        for key in ("prompt", "completion", "messages"):
+            value = row.get(key) if row else None
+            if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
+                return True
+        return False
+
+    if d.assistant_only_loss:
+        ok = bool(columns & {"messages", "conversations", "assistant_masks"}) or conversational(first_row)
+        if not ok:
+            raise ConfigError(
+                f"data.assistant_only_loss=True, but the dataset (columns {sorted(columns)}) is not conversational: "
+                "it needs a messages / conversations column or a conversational prompt/completion. Set "
+                "data.assistant_only_loss=False (or completion_only_loss for prompt/completion data)."
+            )
+    if d.completion_only_loss is True and not columns & {"completion", "completion_mask"}:
+        raise ConfigError(
+            f"data.completion_only_loss=True, but the dataset (columns {sorted(columns)}) has no completion: it "
+            "needs prompt + completion columns (or a pre-tokenized completion_mask). Set "
+            "data.completion_only_loss=None (automatic) or False."
+        )
+    known = {"messages", "conversations", "prompt", "completion", "input_ids"}
+    if not columns & known and d.dataset_text_field not in columns:
+        raise ConfigError(
+            f"data.dataset_text_field={d.dataset_text_field!r} is not a column of the dataset (columns "
+            f"{sorted(columns)}), and no other format was detected: set data.dataset_text_field to the text column."
+        )
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -266,22 +363,52 @@ def set_field(config: SFTConfig, dotted: str, value) -> None:
     setattr(section, name, _check_type(value, known[name], dotted))
 
 
+def parse_value(raw: str):
+    """A --set value: true/false, none/null, JSON (numbers, quoted strings, lists, dicts), a bare [a, b] list of
+    words, else the string itself. Examples: '1e-5' -> 1e-05, '[q_proj, v_proj]' -> ['q_proj', 'v_proj'],
+    'none' -> None, 'output/run1' -> 'output/run1'."""
+    text = raw.strip()
+    if text in ("true", "True"):
+        return True
+    if text in ("false", "False"):
+        return False
+    if text in ("none", "None", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    if text.startswith("[") and text.endswith("]"):
+        inner = text[1:-1].strip()
+        return [parse_value(item.strip().strip("'\"")) for item in inner.split(",")] if inner else []
+    return raw
+
+
 def parse_override(text: str) -> tuple[str, object]:
-    """'training.learning_rate=1e-5' -> ('training.learning_rate', 1e-05). Values parse as JSON, else str."""
+    """'training.learning_rate=1e-5' -> ('training.learning_rate', 1e-05); see parse_value."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected section.field=value")
     key, raw = text.split("=", 1)
-    lowered = raw.strip()
-    if lowered in ("true", "True"):
-        return key.strip(), True
-    if lowered in ("false", "False"):
-        return key.strip(), False
-    if lowered in ("none", "None", "null"):
-        return key.strip(), None
+    return key.strip(), parse_value(raw)
+
+
+def apply_override(config: SFTConfig, text: str) -> None:
+    """Apply one --set; a value that parsed as a number/bool but lands in a str field is kept as the string
+    (--set data.eos_token=123 sets '123')."""
+    key, value = parse_override(text)
     try:
-        return key.strip(), json.loads(lowered)
-    except json.JSONDecodeError:
-        return key.strip(), raw
+        set_field(config, key, value)
+    except ConfigError:
+        raw = text.split("=", 1)[1]
+        if isinstance(value, str) or not _accepts_str(config, key):
+            raise
+        set_field(config, key, raw)
+
+
+def _accepts_str(config: SFTConfig, dotted: str) -> bool:
+    section_name, _, name = dotted.partition(".")
+    annotation = _section_types(type(getattr(config, section_name))).get(name) if section_name in SECTIONS else None
+    return annotation is str or str in typing.get_args(annotation)
 
 
 def load_config_file(path: str | Path) -> SFTConfig:
@@ -294,7 +421,18 @@ def load_config_file(path: str | Path) -> SFTConfig:
 
         return from_trl_file(path)
     namespace: dict = {"__file__": str(path), "__name__": "jsft_config"}
-    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    try:
+        exec(compile(path.read_text(), str(path), "exec"), namespace)
+    except TypeError as e:  # SectionConfig(unknown_field=...) -> name the field and the section's known fields
+        match = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(e))
+        if not match:
+            raise
+        cls, name = match.groups()
+        section = {c.__name__: n for n, c in SECTIONS.items()}.get(cls, cls)
+        known = [f.name for f in dataclasses.fields(SECTIONS[section])] if section in SECTIONS else []
+        close = difflib.get_close_matches(name, known, n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ConfigError(f"{path}: unknown field {section}.{name}{hint}") from None
     config = namespace.get("config")
     if not isinstance(config, SFTConfig):
         raise ConfigError(f"{path} must define `config = SFTConfig(...)`; found {type(config).__name__}")
@@ -305,6 +443,5 @@ def load(path: str | Path, overrides: list[str] = ()) -> SFTConfig:
     """Config file + --set overrides, validated."""
     config = load_config_file(path)
     for text in overrides:
-        key, value = parse_override(text)
-        set_field(config, key, value)
+        apply_override(config, text)
     return validate(config)

@@ -1,0 +1,414 @@
+"""Read a TRL config file (YAML or JSON) into a jsft SFTConfig, field by field, refusing what jsft cannot honour.
+
+A TRL run is configured by three dataclasses whose fields share one flat namespace (as in `trl sft --config
+x.yaml`): `SFTConfig` (with transformers' TrainingArguments), `ModelConfig` and `ScriptArguments`. A file holds
+any subset of them, e.g. `json.dump(SFTConfig(...).to_dict(), f)` plus `model_name_or_path`, `dataset_name`.
+
+    config = from_trl_file("sft.yaml")          # -> jsft.config.SFTConfig (not yet validated)
+
+`TRL_FIELDS` below is the one table: every TRL field, its TRL default, and where it goes:
+    "section.field"   same meaning, value copied
+    a function        a conversion (value, all TRL values) -> {jsft dotted path: value}
+    NO_KNOB           jsft has no such knob: only TRL's default (or an equivalent spelling) is accepted
+    NO_EFFECT         accepted with any value: it does not change what is trained (devices, logging backends, ...)
+Fields missing from the file take TRL's default (so num_train_epochs is 3.0 and params load in float32, as in
+TRL), unknown fields are errors, and a non-default value of a NO_KNOB field is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+
+from jsft.config import ConfigError, SFTConfig, set_field
+
+NO_KNOB = "no_knob"
+NO_EFFECT = "no_effect"
+
+# PEFT's default target_modules for the Llama family (peft TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
+# what TRL's ModelConfig(lora_target_modules=None) trains.
+PEFT_DEFAULT_TARGETS = ["q_proj", "v_proj"]
+# Old TRL / transformers spellings of a field -> the current name.
+RENAMED = {"max_seq_length": "max_length", "evaluation_strategy": "eval_strategy", "torch_dtype": "dtype"}
+
+
+# ----------------------------------------------------------------------------------------------- conversions
+
+
+def _compute_dtype(value, values):
+    if values.get("fp16"):
+        raise ConfigError("TRL fp16=True: jsft computes in bfloat16 or float32 (fp16 needs loss scaling). Use bf16.")
+    return {"model.compute_dtype": "bfloat16" if value in (True, None) else "float32"}
+
+
+def _param_dtype(value, values):
+    if value in ("bfloat16", "float32"):
+        return {"model.dtype": value}
+    raise ConfigError(f"TRL dtype={value!r}: jsft loads params as bfloat16 or float32; set dtype to one of them")
+
+
+def _remat(value, values):
+    """gradient_checkpointing, activation_checkpointing (its new name) and activation_offloading -> remat_policy."""
+    enabled = values["activation_checkpointing"]
+    enabled = values["gradient_checkpointing"] if enabled is None else enabled
+    policy = "offload" if values["activation_offloading"] else "full" if enabled else "none"
+    return {"model.remat_policy": policy}
+
+
+def _warmup(value, values):
+    """transformers 5: warmup_steps >= 1 is a step count, 0 < warmup_steps < 1 a ratio of the total steps."""
+    ratio = values.get("warmup_ratio") or 0.0
+    if value and ratio:
+        raise ConfigError(f"TRL warmup_steps={value} and warmup_ratio={ratio}: set only one")
+    if value >= 1:
+        if value != int(value):
+            raise ConfigError(f"TRL warmup_steps={value}: a step count must be whole (or < 1 for a ratio)")
+        return {"training.warmup_steps": int(value), "training.warmup_ratio": 0.0}
+    if value > 0:
+        return {"training.warmup_steps": 0, "training.warmup_ratio": float(value)}
+    return {"training.warmup_steps": 0, "training.warmup_ratio": float(ratio)}
+
+
+def _steps(path):
+    def convert(value, values):
+        if value is not None and (not float(value).is_integer() or value < 1):
+            raise ConfigError(f"TRL {path.split('.')[1]}={value}: jsft needs a whole number of steps >= 1 "
+                              "(a ratio of the total steps is not supported)")
+        return {path: None if value is None else int(value)}
+
+    return convert
+
+
+def _eval(value, values):
+    """eval_strategy + eval_steps (+ logging_steps, dataset_test_split) -> logging.eval_steps, data.dataset_test_split."""
+    if value == "no":
+        return {"logging.eval_steps": None, "data.dataset_test_split": None}
+    if value == "steps":
+        steps = values["eval_steps"] if values["eval_steps"] is not None else values["logging_steps"]
+        return {**_steps("logging.eval_steps")(steps, values), "data.dataset_test_split": values["dataset_test_split"]}
+    raise ConfigError(f"TRL eval_strategy={value!r}: jsft evaluates every logging.eval_steps steps; "
+                      "use eval_strategy='steps' with eval_steps, or 'no'")
+
+
+def _report_to(value, values):
+    names = [] if value in (None, "none") else [value] if isinstance(value, str) else list(value)
+    names = [n for n in names if n != "none"]
+    unsupported = [n for n in names if n != "tensorboard"]
+    if unsupported:
+        raise ConfigError(f"TRL report_to={value!r}: jsft logs to a jsonl file and tensorboard only; "
+                          f"{', '.join(unsupported)} is not supported")
+    return {"logging.report_to": ["jsonl"] + names}
+
+
+def _resume(value, values):
+    if value is None or isinstance(value, bool):  # TRL's None: start fresh
+        return {"logging.resume_from_checkpoint": bool(value)}
+    raise ConfigError(f"TRL resume_from_checkpoint={value!r}: jsft resumes from the latest checkpoint in "
+                      "output_dir; set output_dir to that run's directory and resume_from_checkpoint=true")
+
+
+def _token(path, name):
+    def convert(value, values):  # TrainingArguments.to_dict() writes "<EOS_TOKEN>" in place of *_token values
+        return {path: None if value == f"<{name.upper()}>" else value}
+
+    return convert
+
+
+def _targets(value, values):
+    if value is None:
+        return {"lora.lora_target_modules": list(PEFT_DEFAULT_TARGETS)}
+    if value == "all-linear" or value == ["all-linear"]:
+        return {"lora.lora_target_modules": "all-linear"}
+    if isinstance(value, str):
+        raise ConfigError(f"TRL lora_target_modules={value!r}: give a list of module names (a regex is not "
+                          "supported), or 'all-linear'")
+    return {"lora.lora_target_modules": list(value)}
+
+
+def _renamed(path, old_to_new):
+    def convert(value, values):
+        return {path: old_to_new.get(value, value)}
+
+    return convert
+
+
+def _default_none(path, default):
+    def convert(value, values):
+        return {path: default if value is None else value}
+
+    return convert
+
+
+def _one_of(accepted, why):
+    """A NO_KNOB check that accepts several spellings of the default."""
+
+    def convert(value, values):
+        if value in accepted:
+            return {}
+        raise ConfigError(why)
+
+    convert.accepted = accepted
+    return convert
+
+
+def _with(field_name):
+    """Read together with another field (its conversion handles this one)."""
+
+    def convert(value, values):
+        return {}
+
+    convert.__doc__ = f"read with {field_name}"
+    return convert
+
+
+# ----------------------------------------------------------------------------------------------- the table
+
+# name: (TRL default, where it goes, why a non-default is refused / what it means)
+TRL_FIELDS: dict[str, tuple] = {
+    # --- model (ModelConfig) ---
+    "model_name_or_path": (None, _default_none("model.model_name_or_path", ""), ""),
+    "model_revision": ("main", NO_KNOB, "jsft reads a local checkpoint directory; download the revision first"),
+    "dtype": ("float32", _param_dtype, ""),
+    "attn_implementation": (None, NO_EFFECT, "jsft picks its own packed attention (model.attention_impl)"),
+    "trust_remote_code": (False, NO_KNOB, "jsft builds Llama-family models itself; no remote code runs"),
+    "model_init_kwargs": (None, NO_KNOB, "set model.dtype instead"),
+    "use_peft": (False, "lora.use_peft", ""),
+    "lora_r": (16, "lora.lora_r", ""),
+    "lora_alpha": (32, "lora.lora_alpha", ""),
+    "lora_dropout": (0.05, "lora.lora_dropout", ""),
+    "lora_target_modules": (None, _targets, ""),
+    "lora_target_parameters": (None, NO_KNOB, "LoRA on raw parameters (MoE experts) is not supported"),
+    "lora_modules_to_save": (None, NO_KNOB, "jsft trains embed_tokens/lm_head itself when new tokens are added"),
+    "lora_task_type": ("CAUSAL_LM", NO_KNOB, "jsft trains causal LMs only"),
+    "use_rslora": (False, NO_KNOB, "rank-stabilized LoRA scaling is not supported"),
+    "use_dora": (False, NO_KNOB, "DoRA is not supported"),
+    "load_in_8bit": (False, NO_KNOB, "quantized base models are not supported"),
+    "load_in_4bit": (False, NO_KNOB, "quantized base models are not supported"),
+    "bnb_4bit_quant_type": ("nf4", NO_EFFECT, "only used with load_in_4bit"),
+    "use_bnb_nested_quant": (False, NO_EFFECT, "only used with load_in_4bit"),
+    "bnb_4bit_quant_storage": (None, NO_EFFECT, "only used with load_in_4bit"),
+    # --- data (ScriptArguments, DatasetMixtureConfig, SFTConfig) ---
+    "dataset_name": (None, _default_none("data.dataset_name", ""), ""),
+    "dataset_config": (None, "data.dataset_config", ""),
+    "dataset_train_split": ("train", "data.dataset_train_split", ""),
+    "dataset_test_split": ("test", _with("eval_strategy"), ""),
+    "dataset_streaming": (False, NO_KNOB, "jsft tokenizes and caches the whole dataset; streaming is not supported"),
+    "ignore_bias_buffers": (False, NO_EFFECT, "a torch DDP workaround"),
+    "datasets": ([], NO_KNOB, "dataset mixtures are not supported: set dataset_name"),
+    "streaming": (False, NO_KNOB, "streaming is not supported"),
+    "test_split_size": (None, NO_KNOB, "split the file yourself and set dataset_test_split to the second file"),
+    "dataset_text_field": ("text", "data.dataset_text_field", ""),
+    "dataset_kwargs": (None, NO_KNOB, "skip_prepare_dataset and other preparation kwargs are not supported"),
+    "dataset_num_proc": (None, "data.dataset_num_proc", ""),
+    "max_length": (1024, "data.max_length", ""),
+    "truncation_mode": ("keep_start", "data.truncation_mode", ""),
+    "shuffle_dataset": (False, "data.shuffle_dataset", ""),
+    "packing": (False, "data.packing", ""),
+    "packing_strategy": ("bfd", _renamed("data.packing_strategy", {"bfd-requeue": "bfd_split"}), ""),
+    "padding_free": (False, "data.padding_free", ""),
+    "pad_to_multiple_of": ("auto", _one_of(("auto", None), "TRL pad_to_multiple_of: jsft rows are always "
+                                           "max_length long (one static shape); leave it unset"), ""),
+    "eval_packing": (None, NO_KNOB, "eval rows are prepared like training rows (data.packing)"),
+    "completion_only_loss": (None, "data.completion_only_loss", ""),
+    "assistant_only_loss": (False, "data.assistant_only_loss", ""),
+    "chat_template_path": (None, "data.chat_template_path", ""),
+    "eos_token": (None, _token("data.eos_token", "eos_token"), ""),
+    "pad_token": (None, _token("data.pad_token", "pad_token"), ""),
+    "remove_unused_columns": (True, NO_EFFECT, "jsft reads only the columns of the detected format"),
+    "label_names": (None, NO_KNOB, "labels come from the dataset format and the loss masks"),
+    "length_column_name": ("length", NO_EFFECT, "unused without group-by-length sampling"),
+    "train_sampling_strategy": ("random", NO_KNOB, "jsft shuffles rows every epoch (random sampling)"),
+    "data_seed": (None, NO_KNOB, "jsft seeds data order with seed"),
+    # --- optimization ---
+    "learning_rate": (2e-5, "training.learning_rate", ""),
+    "lr_scheduler_type": ("linear", "training.lr_scheduler_type", ""),
+    "lr_scheduler_kwargs": (None, _one_of((None, {}), "TRL lr_scheduler_kwargs: scheduler options (num_cycles, "
+                                          "min_lr_rate, ...) are not supported; leave it unset"), ""),
+    "warmup_steps": (0, _warmup, ""),
+    "warmup_ratio": (0.0, _with("warmup_steps"), ""),  # transformers < 5
+    "optim": ("adamw_torch_fused", _one_of(("adamw_torch_fused", "adamw_torch"), "TRL optim: jsft's optimizer "
+                                           "is AdamW (optax), the same as adamw_torch(_fused); others are not "
+                                           "supported"), ""),
+    "optim_args": (None, NO_KNOB, "optimizer arguments beyond AdamW's are not supported"),
+    "optim_target_modules": (None, NO_KNOB, "GaLore-style optimizers are not supported"),
+    "weight_decay": (0.0, "training.weight_decay", ""),
+    "adam_beta1": (0.9, "training.adam_beta1", ""),
+    "adam_beta2": (0.999, "training.adam_beta2", ""),
+    "adam_epsilon": (1e-8, "training.adam_epsilon", ""),
+    "max_grad_norm": (1.0, "training.max_grad_norm", ""),
+    "per_device_train_batch_size": (8, "training.per_device_train_batch_size", ""),
+    "per_device_eval_batch_size": (8, "training.per_device_eval_batch_size", ""),
+    "gradient_accumulation_steps": (1, "training.gradient_accumulation_steps", ""),
+    "num_train_epochs": (3.0, "training.num_train_epochs", ""),
+    "max_steps": (-1, "training.max_steps", ""),
+    "seed": (42, "training.seed", ""),
+    "loss_type": ("nll", _renamed("training.loss_type", {"chunked_nll": "nll"}), ""),
+    "average_tokens_across_devices": (True, NO_KNOB, "jsft always divides by the trained tokens of all devices"),
+    "label_smoothing_factor": (0.0, NO_KNOB, "label smoothing is not supported"),
+    "neftune_noise_alpha": (None, NO_KNOB, "NEFTune is not supported"),
+    "router_aux_loss_coef": (None, NO_KNOB, "MoE models are not supported"),
+    "auto_find_batch_size": (False, NO_KNOB, "set per_device_train_batch_size explicitly"),
+    "full_determinism": (False, NO_EFFECT, "jsft runs are deterministic for a seed on a given device"),
+    # --- precision and memory ---
+    "bf16": (None, _compute_dtype, ""),
+    "fp16": (False, NO_KNOB, "jsft computes in bfloat16 or float32 (fp16 needs loss scaling); use bf16"),
+    "bf16_full_eval": (False, NO_KNOB, "eval runs in model.compute_dtype"),
+    "fp16_full_eval": (False, NO_KNOB, "fp16 is not supported"),
+    "tf32": (None, NO_EFFECT, "XLA chooses matmul precision"),
+    "gradient_checkpointing": (True, _remat, ""),
+    "activation_checkpointing": (None, _with("gradient_checkpointing"), ""),
+    "activation_offloading": (False, _with("gradient_checkpointing"), ""),
+    "gradient_checkpointing_kwargs": (None, NO_EFFECT, "torch checkpoint options (use_reentrant)"),
+    "activation_checkpointing_kwargs": (None, NO_EFFECT, "torch checkpoint options (use_reentrant)"),
+    "use_liger_kernel": (False, NO_KNOB, "Liger kernels are torch/Triton only; jsft's loss is already chunked"),
+    "liger_kernel_config": (None, NO_KNOB, "Liger kernels are torch/Triton only"),
+    "torch_compile": (False, NO_EFFECT, "XLA always compiles the step"),
+    "torch_compile_backend": (None, NO_EFFECT, "XLA always compiles the step"),
+    "torch_compile_mode": (None, NO_EFFECT, "XLA always compiles the step"),
+    "torch_empty_cache_steps": (None, NO_EFFECT, "a torch allocator setting"),
+    "use_cache": (False, NO_EFFECT, "a KV cache is not used in training"),
+    # --- logging, evaluation, saving ---
+    "output_dir": (None, _default_none("logging.output_dir", "trainer_output"), ""),
+    "logging_strategy": ("steps", NO_KNOB, "jsft logs every logging_steps steps"),
+    "logging_steps": (10, _steps("logging.logging_steps"), ""),
+    "logging_first_step": (False, NO_EFFECT, "a logging detail"),
+    "logging_nan_inf_filter": (True, NO_EFFECT, "a logging detail"),
+    "log_on_each_node": (True, NO_EFFECT, "a logging detail"),
+    "log_level": ("passive", NO_EFFECT, "a logging detail"),
+    "log_level_replica": ("warning", NO_EFFECT, "a logging detail"),
+    "include_num_input_tokens_seen": ("no", NO_EFFECT, "jsft always logs num_tokens"),
+    "disable_tqdm": (None, _default_none("logging.disable_tqdm", False), ""),
+    "report_to": ("none", _report_to, ""),
+    "run_name": (None, NO_EFFECT, "a logging-backend name"),
+    "project": ("huggingface", NO_EFFECT, "a logging-backend name"),
+    "trackio_space_id": (None, NO_EFFECT, "a logging-backend setting"),
+    "trackio_bucket_id": (None, NO_EFFECT, "a logging-backend setting"),
+    "trackio_static_space_id": (None, NO_EFFECT, "a logging-backend setting"),
+    "eval_strategy": ("no", _eval, ""),
+    "eval_steps": (None, _with("eval_strategy"), ""),
+    "eval_delay": (0, NO_KNOB, "evaluation starts at step eval_steps"),
+    "eval_on_start": (False, NO_KNOB, "evaluation before the first step is not supported"),
+    "prediction_loss_only": (False, NO_EFFECT, "jsft evaluates loss, entropy and token accuracy"),
+    "eval_do_concat_batches": (True, NO_EFFECT, "an eval-loop detail"),
+    "eval_use_gather_object": (False, NO_EFFECT, "an eval-loop detail"),
+    "eval_accumulation_steps": (None, NO_EFFECT, "an eval-loop detail"),
+    "include_for_metrics": ([], NO_KNOB, "compute_metrics inputs are not supported"),
+    "batch_eval_metrics": (False, NO_KNOB, "compute_metrics is not supported"),
+    "save_strategy": ("steps", NO_KNOB, "jsft saves every save_steps steps"),
+    "save_steps": (500, _steps("logging.save_steps"), ""),
+    "save_total_limit": (None, "logging.save_total_limit", ""),
+    "save_only_model": (False, NO_KNOB, "checkpoints always hold the optimizer and data state (exact resume)"),
+    "save_on_each_node": (False, NO_EFFECT, "Orbax writes one checkpoint for all hosts"),
+    "enable_jit_checkpoint": (False, NO_EFFECT, "a torch checkpointing detail"),
+    "load_best_model_at_end": (False, NO_KNOB, "best-model selection is not supported"),
+    "metric_for_best_model": (None, NO_KNOB, "best-model selection is not supported"),
+    "greater_is_better": (None, NO_KNOB, "best-model selection is not supported"),
+    "resume_from_checkpoint": (None, _resume, ""),
+    "ignore_data_skip": (False, NO_KNOB, "resuming always restores the data iterator exactly"),
+    "restore_callback_states_from_checkpoint": (False, NO_EFFECT, "jsft has no callbacks"),
+    "push_to_hub": (False, NO_KNOB, "jsft writes to output_dir only; upload it yourself"),
+    "hub_token": (None, NO_EFFECT, "unused without push_to_hub"),
+    "hub_private_repo": (None, NO_EFFECT, "unused without push_to_hub"),
+    "hub_model_id": (None, NO_EFFECT, "unused without push_to_hub"),
+    "hub_strategy": ("every_save", NO_EFFECT, "unused without push_to_hub"),
+    "hub_always_push": (False, NO_EFFECT, "unused without push_to_hub"),
+    "hub_revision": (None, NO_EFFECT, "unused without push_to_hub"),
+    # --- devices and data loading (torch/accelerate) ---
+    "use_cpu": (False, NO_EFFECT, "JAX picks the backend (JAX_PLATFORMS=cpu forces the CPU)"),
+    "accelerator_config": (None, NO_EFFECT, "accelerate's data-loader distribution; jsft shards with sharding.*"),
+    "parallelism_config": (None, NO_KNOB, "set sharding.mesh_shape instead"),
+    "fsdp": (None, _one_of((None, "", []), "TRL fsdp: set sharding.mesh_shape (fsdp axis) instead"), ""),
+    "fsdp_config": (None, NO_KNOB, "set sharding.mesh_shape instead"),
+    "deepspeed": (None, NO_KNOB, "set sharding.mesh_shape instead"),
+    "ddp_find_unused_parameters": (None, NO_EFFECT, "a torch DDP setting"),
+    "ddp_bucket_cap_mb": (None, NO_EFFECT, "a torch DDP setting"),
+    "ddp_broadcast_buffers": (None, NO_EFFECT, "a torch DDP setting"),
+    "ddp_static_graph": (None, NO_EFFECT, "a torch DDP setting"),
+    "ddp_backend": (None, NO_EFFECT, "a torch DDP setting"),
+    "ddp_timeout": (1800, NO_EFFECT, "a torch DDP setting"),
+    "local_rank": (-1, NO_EFFECT, "set by torch launchers"),
+    "dataloader_drop_last": (False, NO_EFFECT, "jsft drops each epoch's incomplete last step (fixed shapes); "
+                                               "its rows are shuffled into the next epoch"),
+    "dataloader_num_workers": (0, NO_EFFECT, "set data.dataset_num_proc for tokenization workers"),
+    "dataloader_pin_memory": (True, NO_EFFECT, "a torch data-loader setting"),
+    "dataloader_persistent_workers": (False, NO_EFFECT, "a torch data-loader setting"),
+    "dataloader_prefetch_factor": (None, NO_EFFECT, "a torch data-loader setting"),
+    "dataloader_multiprocessing_context": (None, NO_EFFECT, "a torch data-loader setting"),
+    "dataloader_in_order": (True, NO_EFFECT, "a torch data-loader setting"),
+    "debug": ("", _one_of(("", [], None), "TRL debug: torch debug modes are not supported"), ""),
+    "skip_memory_metrics": (True, NO_EFFECT, "a torch profiling setting"),
+    "do_train": (False, NO_EFFECT, "unused by TRL's trainer"),
+    "do_eval": (False, NO_EFFECT, "unused by TRL's trainer"),
+    "do_predict": (False, NO_EFFECT, "unused by TRL's trainer"),
+}
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) | isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def from_trl_dict(values: dict) -> SFTConfig:
+    """Flat TRL fields -> SFTConfig (see the module docstring). Raises ConfigError naming the field."""
+    values = dict(values)
+    for old, new in RENAMED.items():
+        if old in values:
+            if new in values:
+                raise ConfigError(f"TRL config has both {old!r} and its new name {new!r}: keep only {new!r}")
+            values[new] = values.pop(old)
+    unknown = [k for k in values if k not in TRL_FIELDS]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, list(TRL_FIELDS), n=2)
+            hints.append(f"{name!r}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+        raise ConfigError(f"unknown TRL config field(s): {', '.join(hints)}. jsft reads the fields of TRL's "
+                          "SFTConfig, ModelConfig and ScriptArguments.")
+
+    merged = {name: default for name, (default, _, _) in TRL_FIELDS.items()}
+    merged.update(values)
+    config = SFTConfig()
+    for name, (default, target, why) in TRL_FIELDS.items():
+        value = merged[name]
+        if target == NO_EFFECT:
+            continue
+        if target == NO_KNOB:
+            if not _equal(value, default):
+                raise ConfigError(f"TRL {name}={value!r} is not supported by jsft ({why}). "
+                                  f"Remove it or set it to TRL's default {default!r}.")
+            continue
+        updates = {target: value} if isinstance(target, str) else target(value, merged)
+        for path, new in updates.items():
+            try:
+                set_field(config, path, new)
+            except ConfigError as e:
+                raise ConfigError(f"TRL {name}={value!r} -> {path}: {e}") from None
+    return config
+
+
+def read_trl_file(path: str | Path) -> dict:
+    """The flat dict of a TRL YAML or JSON config file."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".json":
+        values = json.loads(text)
+    else:
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a TRL config file must hold one mapping of field: value")
+    return values
+
+
+def from_trl_file(path: str | Path) -> SFTConfig:
+    """A TRL config saved as YAML or JSON -> jsft SFTConfig (call jsft.config.validate, or use jsft.config.load)."""
+    try:
+        return from_trl_dict(read_trl_file(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,307 @@
+"""The config: unknown fields and wrong types are errors naming the field, --set parses, TRL config files map."""
+
+import dataclasses
+import json
+
+import pytest
+
+from jsft import config as C
+from jsft import trl_config as T
+from jsft.config import ConfigError
+
+
+def _valid(**sections):
+    cfg = C.SFTConfig()
+    cfg.model.model_name_or_path = "ckpt"
+    cfg.data.dataset_name = "data.jsonl"
+    for section, fields in sections.items():
+        for name, value in fields.items():
+            setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+PY_CONFIG = """
+from jsft.config import SFTConfig, ModelConfig, DataConfig, TrainingConfig
+config = SFTConfig(
+    model=ModelConfig(model_name_or_path="ckpt"),
+    data=DataConfig(dataset_name="data.jsonl", max_length=128, packing=True, padding_free=True),
+    training=TrainingConfig({training}),
+)
+"""
+
+
+def _py_file(tmp_path, training="learning_rate=1e-4"):
+    path = tmp_path / "run.py"
+    path.write_text(PY_CONFIG.format(training=training))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- files and --set
+
+
+def test_python_config_file_loads_with_overrides(tmp_path):
+    cfg = C.load(_py_file(tmp_path), ["training.max_steps=7", "data.packing_strategy=wrapped"])
+    assert cfg.training.learning_rate == 1e-4 and cfg.training.max_steps == 7
+    assert cfg.data.max_length == 128 and cfg.data.packing_strategy == "wrapped"
+
+
+def test_unknown_field_in_python_file_names_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown field training\.learning_rat .*learning_rate"):
+        C.load(_py_file(tmp_path, training="learning_rat=1e-4"))
+
+
+def test_unknown_field_or_section_in_set_names_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown field 'training\.learning_rat'.*learning_rate"):
+        C.load(_py_file(tmp_path), ["training.learning_rat=1e-5"])
+    with pytest.raises(ConfigError, match="unknown config section 'trainer'"):
+        C.load(_py_file(tmp_path), ["trainer.learning_rate=1e-5"])
+    with pytest.raises(ConfigError, match="unknown config section 'optimizer'"):
+        C.from_dict({"optimizer": {"lr": 1}})
+
+
+def test_wrong_type_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"training\.learning_rate: expected float, got str 'fast'"):
+        C.load(_py_file(tmp_path), ["training.learning_rate=fast"])
+    with pytest.raises(ConfigError, match=r"training\.per_device_train_batch_size: expected int"):
+        C.load(_py_file(tmp_path, training="per_device_train_batch_size='8'"))
+    with pytest.raises(ConfigError, match=r"data\.packing: expected bool"):
+        C.validate(_valid(data={"packing": 1}))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("data.packing=true", True),
+    ("data.shuffle_dataset=False", False),
+    ("training.max_steps=12", 12),
+    ("training.learning_rate=1e-5", 1e-5),
+    ("training.warmup_ratio=0.25", 0.25),
+    ("logging.save_total_limit=none", None),
+    ("logging.save_total_limit=null", None),
+    ("lora.lora_target_modules=[q_proj, v_proj]", ["q_proj", "v_proj"]),
+    ('lora.lora_target_modules=["q_proj","o_proj"]', ["q_proj", "o_proj"]),
+    ("logging.report_to=[]", []),
+    ("data.dataset_name=/data/my file.jsonl", "/data/my file.jsonl"),
+    ("logging.output_dir=output/run-1", "output/run-1"),
+    ('sharding.mesh_shape={"data": 2, "fsdp": 4}', {"data": 2, "fsdp": 4}),
+    ("data.eos_token=123", "123"),  # a str field keeps the text, not the number
+    ("data.eos_token=<|im_end|>", "<|im_end|>"),
+])
+def test_set_overrides_parse(tmp_path, text, expected):
+    cfg = C.load(_py_file(tmp_path), [text])
+    section, _, name = text.split("=", 1)[0].partition(".")
+    assert getattr(getattr(cfg, section), name) == expected
+    assert type(getattr(getattr(cfg, section), name)) is type(expected)
+
+
+def test_set_without_equals_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="expected section.field=value"):
+        C.load(_py_file(tmp_path), ["data.packing"])
+
+
+# ----------------------------------------------------------------------------------------------- combinations
+
+
+@pytest.mark.parametrize("sections, needle", [
+    ({"data": {"padding_free": True, "packing": False}}, "data.padding_free=True needs data.packing=True"),
+    ({"data": {"packing": True, "max_length": None}}, "data.packing=True needs data.max_length"),
+    ({"training": {"warmup_steps": 10, "warmup_ratio": 0.1}}, "set only one"),
+    ({"training": {"master_weights_fp32": True}, "model": {"dtype": "float32"}}, "training.master_weights_fp32"),
+    ({"training": {"adam_beta2": 1.0}}, "training.adam_beta2"),
+    ({"training": {"max_grad_norm": -1.0}}, "training.max_grad_norm"),
+    ({"training": {"loss_chunk_size": 0}}, "training.loss_chunk_size"),
+    ({"training": {"loss_type": "chunked_nll"}}, "training.loss_type"),
+    ({"lora": {"use_peft": True, "lora_target_modules": ["qkv"]}}, "lora.lora_target_modules"),
+    ({"lora": {"use_peft": True, "lora_dropout": 1.0}}, "lora.lora_dropout"),
+    ({"logging": {"report_to": ["wandb"]}}, "logging.report_to"),
+    ({"logging": {"eval_steps": 0}}, "logging.eval_steps"),
+    ({"sharding": {"mesh_shape": {"pipeline": 2}}}, "sharding.mesh_shape"),
+])
+def test_impossible_combinations_are_refused(sections, needle):
+    with pytest.raises(ConfigError) as err:
+        C.validate(_valid(**sections))
+    assert needle in str(err.value)
+
+
+def test_valid_configs_pass():
+    C.validate(_valid(training={"master_weights_fp32": True}, model={"dtype": "bfloat16"}))
+    C.validate(_valid(lora={"use_peft": True, "lora_target_modules": ["q_proj", "down_proj"]}))
+    C.validate(_valid(data={"packing": True, "padding_free": True, "packing_strategy": "bfd_split"}))
+
+
+def test_assistant_only_loss_needs_conversational_data():
+    cfg = _valid(data={"assistant_only_loss": True})
+    for columns in (["text"], ["prompt", "completion"]):
+        with pytest.raises(ConfigError, match="data.assistant_only_loss"):
+            C.check_data_compatibility(cfg, columns, {"prompt": "2+2=", "completion": "4"})
+    C.check_data_compatibility(cfg, ["messages"])
+    C.check_data_compatibility(cfg, ["conversations"])
+    C.check_data_compatibility(cfg, ["input_ids", "assistant_masks"])
+    row = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}
+    C.check_data_compatibility(cfg, ["prompt", "completion"], row)
+
+
+def test_completion_only_loss_and_text_field_need_their_columns():
+    with pytest.raises(ConfigError, match="data.completion_only_loss"):
+        C.check_data_compatibility(_valid(data={"completion_only_loss": True}), ["text"])
+    C.check_data_compatibility(_valid(data={"completion_only_loss": True}), ["prompt", "completion"])
+    with pytest.raises(ConfigError, match="data.dataset_text_field='text'"):
+        C.check_data_compatibility(_valid(), ["content"])
+    C.check_data_compatibility(_valid(data={"dataset_text_field": "content"}), ["content"])
+
+
+# ----------------------------------------------------------------------------------------------- TRL files
+
+
+def _trl_classes():
+    pytest.importorskip("trl")
+    from trl import ModelConfig, ScriptArguments, SFTConfig
+    from trl.scripts.utils import DatasetMixtureConfig
+
+    return SFTConfig, ModelConfig, ScriptArguments, DatasetMixtureConfig
+
+
+def _trl_dict(**sft_kwargs):
+    SFTConfig, ModelConfig, ScriptArguments, _ = _trl_classes()
+    sft = SFTConfig(output_dir="out/trl", use_cpu=True, bf16=False, **sft_kwargs)
+    model = ModelConfig(model_name_or_path="ckpt", dtype="bfloat16", use_peft=True, lora_r=8, lora_alpha=16,
+                        lora_dropout=0.1, lora_target_modules=["q_proj", "k_proj", "down_proj"])
+    script = ScriptArguments(dataset_name="data/messages.jsonl", dataset_train_split="train",
+                             dataset_test_split="data/messages_test.jsonl")
+    values = {**sft.to_dict(), **dataclasses.asdict(model), **dataclasses.asdict(script)}
+    return sft, model, script, values
+
+
+SFT_KWARGS = dict(
+    learning_rate=1e-4, per_device_train_batch_size=4, per_device_eval_batch_size=2, gradient_accumulation_steps=2,
+    num_train_epochs=2.0, max_steps=50, warmup_steps=0.1, lr_scheduler_type="cosine", weight_decay=0.01,
+    adam_beta1=0.85, adam_beta2=0.98, adam_epsilon=1e-6, max_grad_norm=0.5, seed=7, logging_steps=5,
+    save_steps=25, save_total_limit=2, eval_strategy="steps", eval_steps=20, max_length=256, packing=True,
+    packing_strategy="bfd_split", padding_free=True, completion_only_loss=False, assistant_only_loss=True,
+    shuffle_dataset=True, dataset_text_field="content", loss_type="dft", gradient_checkpointing=False,
+    report_to="tensorboard", dataset_num_proc=2, chat_template_path="template.jinja", disable_tqdm=True,
+)
+
+# TRL field -> jsft path, for fields copied unchanged
+SAME = {
+    "learning_rate": "training.learning_rate", "per_device_train_batch_size": "training.per_device_train_batch_size",
+    "per_device_eval_batch_size": "training.per_device_eval_batch_size",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "num_train_epochs": "training.num_train_epochs", "max_steps": "training.max_steps",
+    "lr_scheduler_type": "training.lr_scheduler_type", "weight_decay": "training.weight_decay",
+    "adam_beta1": "training.adam_beta1", "adam_beta2": "training.adam_beta2", "adam_epsilon": "training.adam_epsilon",
+    "max_grad_norm": "training.max_grad_norm", "seed": "training.seed", "loss_type": "training.loss_type",
+    "logging_steps": "logging.logging_steps", "save_steps": "logging.save_steps",
+    "save_total_limit": "logging.save_total_limit", "eval_steps": "logging.eval_steps",
+    "output_dir": "logging.output_dir", "disable_tqdm": "logging.disable_tqdm",
+    "max_length": "data.max_length", "packing": "data.packing", "packing_strategy": "data.packing_strategy",
+    "padding_free": "data.padding_free", "completion_only_loss": "data.completion_only_loss",
+    "assistant_only_loss": "data.assistant_only_loss", "shuffle_dataset": "data.shuffle_dataset",
+    "dataset_text_field": "data.dataset_text_field", "dataset_num_proc": "data.dataset_num_proc",
+    "chat_template_path": "data.chat_template_path", "truncation_mode": "data.truncation_mode",
+}
+SAME_MODEL = {"model_name_or_path": "model.model_name_or_path", "dtype": "model.dtype", "use_peft": "lora.use_peft",
+              "lora_r": "lora.lora_r", "lora_alpha": "lora.lora_alpha", "lora_dropout": "lora.lora_dropout",
+              "lora_target_modules": "lora.lora_target_modules"}
+SAME_SCRIPT = {"dataset_name": "data.dataset_name", "dataset_train_split": "data.dataset_train_split",
+               "dataset_test_split": "data.dataset_test_split"}
+
+
+def _get(cfg, dotted):
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_real_trl_config_maps_field_by_field(tmp_path, suffix):
+    import yaml
+
+    sft, model, script, values = _trl_dict(**SFT_KWARGS)
+    path = tmp_path / f"trl{suffix}"
+    path.write_text(json.dumps(values) if suffix == ".json" else yaml.safe_dump(values))
+    cfg = C.load(path)  # validated too
+    for objects, table in ((sft, SAME), (model, SAME_MODEL), (script, SAME_SCRIPT)):
+        for trl_name, jsft_path in table.items():
+            assert _get(cfg, jsft_path) == getattr(objects, trl_name), trl_name
+    # the converted ones
+    assert cfg.training.warmup_ratio == 0.1 and cfg.training.warmup_steps == 0  # warmup_steps < 1 is a ratio
+    assert cfg.model.compute_dtype == "float32"  # bf16=False
+    assert cfg.model.remat_policy == "none"  # gradient_checkpointing=False
+    assert cfg.logging.report_to == ["jsonl", "tensorboard"]
+    assert cfg.logging.resume_from_checkpoint is False  # TRL's None: a fresh start
+
+
+def test_trl_defaults_apply_to_missing_fields(tmp_path):
+    """An almost empty TRL file means TRL's defaults, not jsft's: 3 epochs, fp32 params + bf16 compute, no
+    shuffling before packing, gradient checkpointing, PEFT's default LoRA targets for Llama."""
+    path = tmp_path / "trl.yaml"
+    path.write_text("model_name_or_path: ckpt\ndataset_name: data.jsonl\nuse_peft: true\n")
+    cfg = C.load(path)
+    assert cfg.training.num_train_epochs == 3.0 and cfg.training.learning_rate == 2e-5
+    assert cfg.model.dtype == "float32" and cfg.model.compute_dtype == "bfloat16"
+    assert cfg.data.shuffle_dataset is False and cfg.model.remat_policy == "full"
+    assert cfg.lora.lora_target_modules == ["q_proj", "v_proj"]
+    assert cfg.data.dataset_test_split is None and cfg.logging.eval_steps is None  # eval_strategy "no"
+    assert cfg.logging.output_dir == "trainer_output" and cfg.data.max_length == 1024
+
+
+def test_table_covers_every_trl_field_with_trl_defaults():
+    """Every field of TRL's SFTConfig, ModelConfig, ScriptArguments, DatasetMixtureConfig is in the table, with
+    TRL's own default (so 'equal to TRL's default' means what TRL says)."""
+    for cls in _trl_classes():
+        for f in dataclasses.fields(cls):
+            assert f.name in T.TRL_FIELDS, f"{cls.__name__}.{f.name} is missing from jsft.trl_config.TRL_FIELDS"
+            if f.default is not dataclasses.MISSING:
+                default = getattr(f.default, "value", f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                continue
+            assert T.TRL_FIELDS[f.name][0] == default, f"{f.name}: table {T.TRL_FIELDS[f.name][0]!r} vs TRL {default!r}"
+
+
+def test_full_default_trl_dump_loads(tmp_path):
+    _, _, _, values = _trl_dict()
+    path = tmp_path / "trl.json"
+    path.write_text(json.dumps(values))
+    cfg = C.load(path)
+    assert cfg.lora.use_peft is True and cfg.training.num_train_epochs == 3.0
+
+
+@pytest.mark.parametrize("field_name, value, needle", [
+    ("neftune_noise_alpha", 5.0, "NEFTune"),
+    ("fp16", True, "fp16"),
+    ("label_smoothing_factor", 0.1, "label smoothing"),
+    ("optim", "adafactor", "AdamW"),
+    ("report_to", ["wandb"], "wandb"),
+    ("eval_strategy", "epoch", "eval_strategy"),
+    ("use_dora", True, "DoRA"),
+    ("lr_scheduler_kwargs", {"num_cycles": 2}, "lr_scheduler_kwargs"),
+    ("logging_steps", 0.1, "logging_steps"),
+    ("dtype", "auto", "dtype"),
+    ("resume_from_checkpoint", "out/checkpoint-10", "resume_from_checkpoint"),
+])
+def test_unsupported_trl_values_are_refused_by_name(tmp_path, field_name, value, needle):
+    path = tmp_path / "trl.json"
+    path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", field_name: value}))
+    with pytest.raises(ConfigError) as err:
+        C.load(path)
+    assert field_name in str(err.value) and needle in str(err.value)
+
+
+def test_trl_default_values_of_missing_knobs_are_accepted(tmp_path):
+    path = tmp_path / "trl.json"
+    fields = {"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "neftune_noise_alpha": None,
+              "label_smoothing_factor": 0.0, "report_to": "none", "optim": "adamw_torch", "use_cpu": True,
+              "torch_compile": True, "pad_to_multiple_of": None, "loss_type": "chunked_nll", "max_seq_length": 64}
+    path.write_text(json.dumps(fields))
+    cfg = C.load(path)
+    assert cfg.training.loss_type == "nll" and cfg.data.max_length == 64 and cfg.logging.report_to == ["jsonl"]
+
+
+def test_unknown_and_wrongly_typed_trl_fields_are_errors(tmp_path):
+    path = tmp_path / "trl.json"
+    path.write_text(json.dumps({"model_name_or_path": "ckpt", "learning_rat": 1e-4}))
+    with pytest.raises(ConfigError, match=r"unknown TRL config field.*'learning_rat'.*learning_rate"):
+        C.load(path)
+    path.write_text(json.dumps({"model_name_or_path": "ckpt", "learning_rate": "fast"}))
+    with pytest.raises(ConfigError, match=r"learning_rate.*expected float"):
+        C.load(path)
