@@ -260,11 +260,16 @@ def save_merged(model: Llama, out_dir, tokenizer=None, max_shard_bytes: int = 5 
 
 
 def save_peft_adapter(model: Llama, out_dir, base_model_name_or_path: str, r: int, alpha: float, dropout: float,
-                      target_modules) -> Path:
+                      target_modules, added_token_ids=None) -> Path:
     """adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained(base, out_dir)` loads.
 
     Keys follow PEFT: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight [r, in] and .lora_B.weight
     [out, r] (jsft's lora_a [in, r] / lora_b [r, out] transposed). Stored in float32, as PEFT keeps adapters.
+
+    added_token_ids (tokens a cloned chat template added, trained as embedding rows): saved as TRL configures PEFT,
+    `trainable_token_indices={"embed_tokens": ids}` (those rows' values) plus, when the head is untied,
+    `modules_to_save=["lm_head"]` (the whole head). Loading then needs the base resized to the model's vocabulary
+    first: `base.resize_token_embeddings(vocab_size)`, as for TRL's own adapters.
     """
     from jsft.model.lora import lora_modules, resolve_targets
 
@@ -282,6 +287,18 @@ def save_peft_adapter(model: Llama, out_dir, base_model_name_or_path: str, r: in
         prefix = "base_model.model." + jsft_to_hf(f"{path}.kernel")[0].removesuffix(".weight")
         tensors[f"{prefix}.lora_A.weight"] = (module.lora_a[...], True)
         tensors[f"{prefix}.lora_B.weight"] = (module.lora_b[...], True)
+    modules_to_save, trainable_tokens = None, None
+    if added_token_ids is not None and len(added_token_ids):
+        ids = sorted(int(i) for i in added_token_ids)
+        if ids[0] < 0 or ids[-1] >= model.cfg.vocab_size:
+            raise ValueError(f"save_peft_adapter: added_token_ids {ids[0]}..{ids[-1]} fall outside the model's "
+                             f"vocabulary of {model.cfg.vocab_size} (was resize_vocab called?)")
+        trainable_tokens = {"embed_tokens": ids}
+        rows = model.embed_tokens.embedding[...][np.asarray(ids)]
+        tensors["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"] = (rows, False)
+        if not model.cfg.tie_word_embeddings:
+            modules_to_save = ["lm_head"]
+            tensors["base_model.model.lm_head.weight"] = (model.lm_head.kernel[...], True)
     _write_safetensors(out, tensors, max_shard_bytes=2**62, dtype=jnp.float32, prefix="adapter_model")
     config = {
         "peft_type": "LORA",
@@ -297,7 +314,8 @@ def save_peft_adapter(model: Llama, out_dir, base_model_name_or_path: str, r: in
         "init_lora_weights": True,
         "use_rslora": False,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save,
+        "trainable_token_indices": trainable_tokens,
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out

@@ -155,3 +155,31 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(checkpoint_dir
     base, _ = load_model(checkpoint_dir, dtype=jnp.float32)
     with pytest.raises(ValueError, match="no LoRA layers"):
         save_merged(base, tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_adapter_with_added_tokens_loads_in_peft_like_trl_saves_it(make_checkpoint, tmp_path, tied):
+    """A cloned chat template added tokens 400-403: their embedding rows (and an untied head) travel in the adapter."""
+    path = make_checkpoint("tied", "llama", tie_word_embeddings=True) if tied else make_checkpoint("llama", "llama")
+    model, _ = load_model(path, dtype=jnp.float32)
+    model.resize_vocab(448)
+    apply_lora(model, r=R, alpha=ALPHA, dropout=0.0, target_modules="all-linear", rngs=nnx.Rngs(3))
+    randomize_b(model)
+    added = [400, 401, 402, 403]
+    emb = model.embed_tokens.embedding
+    emb.set_value(emb[...].at[np.asarray(added)].add(jax.random.normal(jax.random.key(7), (4, 64))))  # "trained"
+    if not tied:
+        model.lm_head.kernel.set_value(model.lm_head.kernel[...] * 1.1)
+    out = save_peft_adapter(model, tmp_path / "adapter", str(path), r=R, alpha=ALPHA, dropout=0.0,
+                            target_modules="all-linear", added_token_ids=added)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"embed_tokens": added}
+    assert config["modules_to_save"] == (None if tied else ["lm_head"])
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    base.resize_token_embeddings(448)
+    peft_model = peft.PeftModel.from_pretrained(base, out).eval()
+    ids = ids_batch()
+    ids[:, 3:7] = added
+    with torch.no_grad():
+        ref = peft_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(forward(model, ids)), ref, atol=1e-4, rtol=0)
