@@ -104,7 +104,9 @@ def create_mesh(sharding_config, devices=None) -> Mesh:
 def logical_to_spec(names, shape, mesh: Mesh, where: str = "array") -> PartitionSpec:
     """Logical axis names -> PartitionSpec via RULES; a dim its mesh axes do not divide is replicated (warning).
 
-    ("embed", "mlp"), shape (64, 128), mesh (1, 8, 1) -> P("fsdp", "tensor").
+    ("embed", "mlp"), shape (64, 128): mesh (1, 4, 2) -> P("fsdp", "tensor"); mesh (1, 8, 1) -> P("fsdp").
+    Mesh axes of size 1 and trailing Nones are left out, so the spec is the one XLA hands back from a jitted
+    step (equal specs, not just equivalent ones: jit caches on them and would otherwise compile twice).
     """
     if len(names) != len(shape):
         raise ShardingError(f"{where}: logical axes {tuple(names)} do not match its shape {tuple(shape)}")
@@ -121,7 +123,7 @@ def logical_to_spec(names, shape, mesh: Mesh, where: str = "array") -> Partition
             )
         rule = RULES[name]
         axes = () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
-        axes = tuple(a for a in axes if a not in used)
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)  # size-1 axes: canonical spec
         size = math.prod(mesh.shape[a] for a in axes)
         if axes and dim % size:
             warnings.warn(
@@ -132,6 +134,8 @@ def logical_to_spec(names, shape, mesh: Mesh, where: str = "array") -> Partition
             axes = ()
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    while spec and spec[-1] is None:  # canonical form, as XLA returns it: P("fsdp") not P("fsdp", None)
+        spec.pop()
     return PartitionSpec(*spec)
 
 
@@ -144,30 +148,32 @@ def _path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def model_shardings(state, mesh: Mesh):
-    """An nnx.State (or a graph node: model, optimizer) -> the same tree with a NamedSharding in each Variable.
+def model_specs(state, mesh):
+    """An nnx.State (or a graph node: model, optimizer) -> the same tree with a PartitionSpec in each Variable.
 
-    Works on abstract state (from nnx.eval_shape) as well as real arrays. Variables without logical axes (step
-    counters, rng keys, scalars) are replicated.
+    Works on abstract state (from nnx.eval_shape) as well as real arrays, and on an abstract mesh. Variables
+    without logical axes (step counters, rng keys, scalars) are replicated: P().
     """
-    if isinstance(state, nnx.Object):
+    if not isinstance(state, nnx.State):
         state = nnx.state(state)
 
     def one(path, variable):
         names = _logical_names(variable)
-        value = variable.get_value()
         if names is None:
-            spec = PartitionSpec()
-        else:
-            spec = logical_to_spec(tuple(names), np.shape(value), mesh, where=_path_name(path))
-        return variable.replace(NamedSharding(mesh, spec))
+            return variable.replace(PartitionSpec())
+        return variable.replace(logical_to_spec(tuple(names), np.shape(variable.get_value()), mesh, _path_name(path)))
 
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def model_shardings(state, mesh: Mesh):
+    """Like `model_specs`, with a NamedSharding on `mesh` in each Variable: for jax.device_put, jit, Orbax."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), model_specs(state, mesh))
+
+
 def abstract_with_shardings(state, mesh: Mesh):
     """State -> the same tree of jax.ShapeDtypeStruct carrying shardings: a restore target for Orbax."""
-    if isinstance(state, nnx.Object):
+    if not isinstance(state, nnx.State):
         state = nnx.state(state)
     shardings = model_shardings(state, mesh)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), state, shardings)
@@ -183,11 +189,23 @@ def shard_model(node, mesh: Mesh):
     return node
 
 
-def constrain(node, mesh: Mesh):
-    """Inside jit: pin every Variable of `node` to its sharding, so updated params keep their layout."""
+def constrain(node, mesh: Mesh | None = None):
+    """Inside a jitted step, last thing: pin every Variable of `node` (model, optimizer) to its sharding.
+
+    Without it XLA picks output layouts itself (e.g. norm scales split over fsdp), the next call sees new input
+    shardings and compiles the step a second time. `mesh` defaults to the one set by `with jax.set_mesh(mesh):`
+    around the call; with no mesh set this does nothing (single device).
+    """
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return node
     state = nnx.state(node)
-    nnx.update(node, jax.lax.with_sharding_constraint(state, model_shardings(state, mesh)))
+    nnx.update(node, jax.tree.map(_constrain_leaf, state, model_specs(state, mesh)))
     return node
+
+
+def _constrain_leaf(x, spec):
+    return jax.lax.with_sharding_constraint(x, spec) if hasattr(x, "shape") else x
 
 
 def create_sharded_model(constructor: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
