@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jsft.model.attention import packed_attention
+
 ARCHITECTURES = {  # HF "architectures" entry -> model_type
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
@@ -214,28 +216,6 @@ def apply_rope(x, positions, inv_freq):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _attention(q, k, v, segment_ids, impl):
-    try:
-        from jsft.model.attention import packed_attention
-    except ImportError:  # TEMPORARY until jsft/model/attention.py lands
-        return _xla_masked_attention(q, k, v, segment_ids)
-    return packed_attention(q, k, v, segment_ids, impl=impl)
-
-
-def _xla_masked_attention(q, k, v, segment_ids):
-    """Block-diagonal causal attention with a dense mask (fallback; zeros at padding rows)."""
-    B, L, Hq, D = q.shape
-    Hkv = k.shape[2]
-    qg = q.reshape(B, L, Hkv, Hq // Hkv, D)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) / math.sqrt(D)
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] != 0)
-    mask = same & (jnp.arange(L)[:, None] >= jnp.arange(L)[None, :])
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(B, L, Hq, D)
-    return jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, param_dtype, compute_dtype, attention_impl, rngs):
         H, D, q_out, kv_out = cfg.hidden_size, cfg.head_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -257,7 +237,7 @@ class Attention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        out = _attention(q, k, v, segment_ids, self.impl)
+        out = packed_attention(q, k, v, segment_ids, impl=self.impl)
         return self.o_proj(out.reshape(B, L, -1))
 
 
