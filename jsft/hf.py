@@ -260,7 +260,7 @@ def save_merged(model: Llama, out_dir, tokenizer=None, max_shard_bytes: int = 5 
 
 
 def save_peft_adapter(model: Llama, out_dir, base_model_name_or_path: str, r: int, alpha: float, dropout: float,
-                      target_modules, added_token_ids=None) -> Path:
+                      target_modules, added_token_ids=None, save_embeddings: bool = False) -> Path:
     """adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained(base, out_dir)` loads.
 
     Keys follow PEFT: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight [r, in] and .lora_B.weight
@@ -270,6 +270,10 @@ def save_peft_adapter(model: Llama, out_dir, base_model_name_or_path: str, r: in
     `trainable_token_indices={"embed_tokens": ids}` (those rows' values) plus, when the head is untied,
     `modules_to_save=["lm_head"]` (the whole head). Loading then needs the base resized to the model's vocabulary
     first: `base.resize_token_embeddings(vocab_size)`, as for TRL's own adapters.
+
+    save_embeddings=True (the whole embedding and head were trained): both go in whole, as
+    `modules_to_save=["embed_tokens", "lm_head"]` (for a tied model the head is the embedding, saved untied so PEFT's
+    copy of the embedding and the head agree). Use one of added_token_ids / save_embeddings, matching what trained.
     """
     from jsft.model.lora import lora_modules, resolve_targets
 
@@ -288,6 +292,13 @@ def save_peft_adapter(model: Llama, out_dir, base_model_name_or_path: str, r: in
         tensors[f"{prefix}.lora_A.weight"] = (module.lora_a[...], True)
         tensors[f"{prefix}.lora_B.weight"] = (module.lora_b[...], True)
     modules_to_save, trainable_tokens = None, None
+    if save_embeddings and added_token_ids is not None:
+        raise ValueError("save_peft_adapter: pass added_token_ids (only those rows trained) or save_embeddings=True "
+                         "(the whole embedding and head trained), not both")
+    if save_embeddings:
+        modules_to_save = ["embed_tokens", "lm_head"]
+        tensors["base_model.model.model.embed_tokens.weight"] = (model.embed_tokens.embedding[...], False)
+        tensors["base_model.model.lm_head.weight"] = (model.lm_head_weight(), True)
     if added_token_ids is not None and len(added_token_ids):
         ids = sorted(int(i) for i in added_token_ids)
         if ids[0] < 0 or ids[-1] >= model.cfg.vocab_size:

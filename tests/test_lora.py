@@ -183,3 +183,29 @@ def test_adapter_with_added_tokens_loads_in_peft_like_trl_saves_it(make_checkpoi
     with torch.no_grad():
         ref = peft_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(np.asarray(forward(model, ids)), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_adapter_with_whole_trained_embeddings_loads_in_peft(make_checkpoint, tmp_path, tied):
+    """Embedding and head trained whole (every row changed): saved as modules_to_save, PEFT reproduces the logits."""
+    path = make_checkpoint("tied", "llama", tie_word_embeddings=True) if tied else make_checkpoint("llama", "llama")
+    model, _ = load_model(path, dtype=jnp.float32)
+    model.resize_vocab(448)
+    apply_lora(model, r=R, alpha=ALPHA, dropout=0.0, target_modules=["q_proj", "v_proj"], rngs=nnx.Rngs(3))
+    randomize_b(model)
+    emb = model.embed_tokens.embedding
+    emb.set_value(emb[...] + 0.05 * jax.random.normal(jax.random.key(8), emb.shape))
+    out = save_peft_adapter(model, tmp_path / "adapter", str(path), r=R, alpha=ALPHA, dropout=0.0,
+                            target_modules=["q_proj", "v_proj"], save_embeddings=True)
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["embed_tokens", "lm_head"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    base.resize_token_embeddings(448)
+    peft_model = peft.PeftModel.from_pretrained(base, out).eval()
+    ids = ids_batch()
+    ids[:, 3:7] = [400, 401, 440, 447]
+    with torch.no_grad():
+        ref = peft_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(forward(model, ids)), ref, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="not both"):
+        save_peft_adapter(model, tmp_path / "x", str(path), r=R, alpha=ALPHA, dropout=0.0,
+                          target_modules=["q_proj", "v_proj"], added_token_ids=[400], save_embeddings=True)
