@@ -248,3 +248,112 @@ def test_pallas_rejects_a_length_that_is_not_a_multiple_of_the_block():
     q, k, v = qkv(1, 24)
     with pytest.raises(ValueError, match="multiple of block_size"):
         packed_attention(q, k, v, jnp.ones((1, 24), jnp.int32), impl="pallas", interpret=True, block_size=16)
+
+
+def test_cudnn_rows_with_more_documents_than_max_segments_are_nan_not_silently_wrong():
+    """cuDNN only sees the first max_segments documents of a row; such a row must be loud (NaN), padding still 0."""
+    out = jnp.ones((2, 4, 1, 2), jnp.bfloat16)
+    seg = jnp.asarray([[1, 2, 3, 0], [1, 1, 2, 0]], jnp.int32)
+    poisoned = np.asarray(attention._poison_overflow(out, seg, 2), np.float32)
+    assert np.all(np.isnan(poisoned[0, :3])) and np.all(poisoned[0, 3] == 0)
+    np.testing.assert_array_equal(poisoned[1], [[[1, 1]], [[1, 1]], [[1, 1]], [[0, 0]]])
+
+
+def fake_cudnn_packed(query, key, value, bias=None, mask=None, q_seqlen=None, kv_seqlen=None, q_offsets=None,
+                      kv_offsets=None, *, scale, mask_type, qkv_layout, **unused):
+    """A CPU stand-in for cuDNN's packed flash attention, at the level cuDNN sees it: jax's own
+    _fix_seqlen_offsets turns [B, M] lengths / [B, M+1] offsets into one list of ragged segments with offsets in
+    ELEMENTS of the flattened q [B*T*Hq*D] and k/v [B*S*Hkv*D] buffers; each segment gets causal attention;
+    tokens in no segment get NaN (cuDNN leaves them uninitialized)."""
+    from jax._src.cudnn import fused_attention_stablehlo as fas
+
+    assert bias is None and mask is None and qkv_layout == "BTNH" and mask_type == fas.MaskType.PADDING_CAUSAL
+    B, T, N, H = query.shape
+    K = key.shape[2]
+    qs, ks, qo, ko = (x.reshape(-1) for x in fas._fix_seqlen_offsets(q_seqlen, kv_seqlen, q_offsets, kv_offsets,
+                                                                     query, key))
+    qo, ko = qo // (N * H), ko // (K * H)  # element offsets -> token offsets, each with its own buffer's stride
+    token = jnp.arange(B * T)
+
+    def segment_and_position(seqlens, offsets):
+        inside = (token[None, :] >= offsets[: seqlens.size, None]) & (
+            token[None, :] < offsets[: seqlens.size, None] + seqlens[:, None])
+        segment = jnp.where(inside.any(0), jnp.argmax(inside, axis=0), -1)
+        return segment, token - offsets[jnp.maximum(segment, 0)]
+
+    q_segment, q_position = segment_and_position(qs, qo)
+    kv_segment, kv_position = segment_and_position(ks, ko)
+    q = query.reshape(B * T, N, H).astype(jnp.float32)
+    k = jnp.repeat(key.reshape(B * T, K, H), N // K, axis=1).astype(jnp.float32)
+    v = jnp.repeat(value.reshape(B * T, K, H), N // K, axis=1).astype(jnp.float32)
+    allowed = (q_segment[:, None] == kv_segment[None, :]) & (q_segment[:, None] >= 0)
+    allowed &= kv_position[None, :] <= q_position[:, None]
+    logits = jnp.where(allowed[None], jnp.einsum("tnh,snh->nts", q, k) * scale, -1e30)
+    out = jnp.einsum("nts,snh->tnh", jax.nn.softmax(logits, axis=-1), v)
+    out = jnp.where((q_segment >= 0)[:, None, None], out, jnp.nan)
+    return out.reshape(B, T, N, H).astype(query.dtype)
+
+
+def fixed_fix_seqlen_offsets(original):
+    """jax's _fix_seqlen_offsets as jax-ml/jax PR #39521 corrected it: kv offsets use the kv head count."""
+
+    def fixed(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key):
+        qs, ks, qo, ko = original(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key)
+        return qs, ks, qo, ko // query.shape[2] * key.shape[2]
+
+    return fixed
+
+
+@pytest.mark.parametrize("jax_has_the_gqa_fix", [False, True])
+def test_cudnn_call_plumbing_with_a_cpu_stand_in_equals_xla(monkeypatch, jax_has_the_gqa_fix):
+    """Not cuDNN itself (that needs a Hopper GPU: scripts/gpu_check.py), but everything around the call: offsets and
+    lengths in the layout jax's private API expects, GQA with and without jax's kv-offset fix, NaN garbage outside
+    segments kept out of the output and the gradients, rows with more documents than max_segments made NaN."""
+    from jax._src.cudnn import fused_attention_stablehlo as fas
+
+    monkeypatch.setattr(attention, "cudnn_unavailable_reason", lambda dtype, head_dim: None)
+    monkeypatch.setattr(fas, "dot_product_attention", fake_cudnn_packed)
+    if jax_has_the_gqa_fix:
+        monkeypatch.setattr(fas, "_fix_seqlen_offsets", fixed_fix_seqlen_offsets(fas._fix_seqlen_offsets))
+    attention.jax_packed_gqa_is_fixed.cache_clear()
+    try:
+        assert attention.jax_packed_gqa_is_fixed() == jax_has_the_gqa_fix
+        q, k, v = qkv(3, 16, seed=11)
+        seg = jnp.asarray([[1] * 5 + [2] * 6 + [3] * 2 + [0] * 3, [0] * 16, [1] * 16], jnp.int32)
+        w = jnp.asarray(np.random.default_rng(12).standard_normal(q.shape, np.float32))
+
+        def loss(q, k, v, impl, max_segments=None):
+            return (packed_attention(q, k, v, seg, impl=impl, max_segments=max_segments) * w).sum()
+
+        # fresh jit wrappers: a cached trace from another parametrization would hide the monkeypatches
+        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=(3, 4))
+        run = jax.jit(lambda q, k, v, impl, m: packed_attention(q, k, v, seg, impl=impl, max_segments=m),
+                      static_argnums=(3, 4))
+        (_, grads), (_, grads_ref) = grad(q, k, v, "cudnn", 4), grad(q, k, v, "xla")
+        out = run(q, k, v, "cudnn", 4)
+        np.testing.assert_allclose(out, run(q, k, v, "xla", None), atol=1e-5, rtol=1e-5)
+        for g, g_ref in zip(grads, grads_ref):
+            assert np.all(np.isfinite(g))
+            np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=1e-5)
+        too_few = np.asarray(run(q, k, v, "cudnn", 2))
+        assert np.all(np.isnan(too_few[0, :13])) and np.all(too_few[0, 13:] == 0)  # 3 documents > 2: loud
+        np.testing.assert_allclose(too_few[2], out[2], atol=1e-6)  # rows within the bound are unaffected
+    finally:
+        attention.jax_packed_gqa_is_fixed.cache_clear()
+
+
+def test_the_stand_in_catches_jax_s_gqa_kv_offset_bug(monkeypatch):
+    """The stand-in is faithful enough to fail without the workaround: GQA k/v passed as they are to a jax whose
+    _fix_seqlen_offsets scales kv offsets by the query heads gives wrong outputs (jax <= 0.11.0 on a real GPU)."""
+    from jax._src.cudnn import fused_attention_stablehlo as fas
+
+    monkeypatch.setattr(attention, "cudnn_unavailable_reason", lambda dtype, head_dim: None)
+    monkeypatch.setattr(fas, "dot_product_attention", fake_cudnn_packed)
+    monkeypatch.setattr(attention, "jax_packed_gqa_is_fixed", lambda: True)  # pretend: no workaround
+    buggy = "N_kv" not in __import__("inspect").getsource(fas._fix_seqlen_offsets)
+    q, k, v = qkv(3, 16, seed=11)
+    seg = jnp.asarray([[1] * 5 + [2] * 6 + [3] * 2 + [0] * 3, [0] * 16, [1] * 16], jnp.int32)
+    run = jax.jit(lambda q, k, v, impl: packed_attention(q, k, v, seg, impl=impl, max_segments=4), static_argnums=3)
+    out, ref = np.asarray(run(q, k, v, "cudnn")), np.asarray(run(q, k, v, "xla"))
+    differs = not np.allclose(np.nan_to_num(out, nan=1e9), ref, atol=1e-3)
+    assert differs == buggy

@@ -6,7 +6,8 @@ One public function, `packed_attention(q, k, v, segment_ids, impl=...)`, with th
             tests); O(L^2) memory, so it is the reference, not the fast path.
     cudnn   cuDNN flash attention in packed ("ragged") layout: segment starts and lengths instead of a mask,
             through the private jax._src.cudnn.fused_attention_stablehlo.dot_product_attention. Needs an NVIDIA
-            Hopper (sm90+) GPU, cuDNN >= 9.6 and bf16/fp16 inputs. GQA native (k/v are not repeated).
+            Hopper (sm90+) GPU, cuDNN >= 9.6 and bf16/fp16 inputs. GQA native (k/v not repeated) only where jax
+            computes packed kv offsets right (after 0.11.0, see `jax_packed_gqa_is_fixed`); else k/v repeated.
     pallas  the Pallas/Triton flash kernel jax.experimental.pallas.ops.gpu.attention.mha, which takes segment ids
             itself. No GQA in that kernel: k/v heads are repeated. `interpret=True` runs it on CPU (slowly).
     auto    CPU/TPU: xla. GPU: cudnn when it is usable (sm90+, cuDNN >= 9.6, bf16/fp16, head dim a multiple of
@@ -23,6 +24,8 @@ padding. Tiny example (one row, two documents and one pad):
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -204,6 +207,9 @@ def _cudnn_attention(q, k, v, segment_ids, scale, max_segments):
     # Zero padding tokens on the way in and out: cuDNN leaves rows outside every segment undefined, and a
     # select keeps whatever it writes there out of the forward result and out of dq/dk/dv.
     q, k, v = (_zero_padding(x, segment_ids) for x in (q, k, v))
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1 and not jax_packed_gqa_is_fixed():  # see jax_packed_gqa_is_fixed: repeat k/v heads instead
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     out = cudnn.dot_product_attention(
         q,
         k,
@@ -216,9 +222,36 @@ def _cudnn_attention(q, k, v, segment_ids, scale, max_segments):
         mask_type=cudnn.MaskType.PADDING_CAUSAL,
         qkv_layout="BTNH",
     )
-    overflow = count_segments(segment_ids) > bound  # rows whose later documents were not covered: poison them
+    return _poison_overflow(out, segment_ids, bound)
+
+
+@functools.cache
+def jax_packed_gqa_is_fixed() -> bool:
+    """Whether this jax passes correct key offsets to cuDNN for packed GQA (fewer kv heads than q heads).
+
+    jax <= 0.11.0 multiplies the packed kv offsets by the QUERY head count (jax._src.cudnn.
+    fused_attention_stablehlo._fix_seqlen_offsets; fixed by jax-ml/jax PR #39521, July 2026): with GQA cuDNN then
+    reads the wrong keys, silently. We ask the function itself (pure JAX, runs on CPU) what it does with one
+    2-token segment, 4 q heads, 1 kv head, head dim 1; the right kv offset of the second row is 2 tokens * 1 head.
+    When it is not fixed, the cuDNN path repeats k/v to the query heads (same FLOPs, more k/v memory).
+    """
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    seqlens = jnp.asarray([[1, 1], [1, 1]], jnp.int32)
+    offsets = jnp.asarray([[0, 1, -1], [0, 1, -1]], jnp.int32)
+    q, k = jnp.zeros((2, 2, 4, 1)), jnp.zeros((2, 2, 1, 1))
+    _, _, _, kv_offsets = cudnn._fix_seqlen_offsets(seqlens, seqlens, offsets, offsets, q, k)
+    return int(kv_offsets.reshape(-1)[2]) == 2  # third segment starts at token 2 = element 2 with 1 kv head
+
+
+def _poison_overflow(out, segment_ids, max_segments: int):
+    """Rows with more documents than max_segments -> NaN (cuDNN computed only the first M), then padding -> 0.
+
+        segment_ids [[1, 2, 3, 0], [1, 1, 2, 0]], max_segments 2 -> row 0: [nan, nan, nan, 0]; row 1 unchanged
+    """
+    overflow = count_segments(segment_ids) > max_segments
     out = jnp.where(overflow[:, None, None, None], jnp.asarray(jnp.nan, out.dtype), out)
-    return _zero_padding(out, segment_ids).astype(q.dtype)
+    return _zero_padding(out, segment_ids)
 
 
 # ----------------------------------------------------------------------------------------------- pallas
