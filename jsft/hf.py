@@ -12,6 +12,7 @@ its own slice (jax.make_array_from_callback over safetensors slices).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -24,7 +25,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jsft.model.llama import Llama, LlamaConfig
+from jsft.model.llama import ARCHITECTURES, Llama, LlamaConfig
 
 # (HF tensor name, jsft parameter path, transpose). {i}: layer index; {proj}/{norm}: the module name.
 RULES = (
@@ -123,7 +124,7 @@ def load_model(path, dtype=jnp.bfloat16, compute_dtype=None, attention_impl="aut
     cfg = LlamaConfig.from_hf(read_config(path))
     generation = path / "generation_config.json"
     if generation.exists():
-        cfg.hf_config["_generation_config"] = json.loads(generation.read_text())
+        cfg = dataclasses.replace(cfg, generation_config=json.loads(generation.read_text()))
     model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, compute_dtype=compute_dtype,
                                          attention_impl=attention_impl, remat_policy=remat_policy))
     targets = base_params(model)
@@ -210,11 +211,15 @@ def save_model(model: Llama, out_dir, tokenizer=None, max_shard_bytes: int = 5 *
         tensors[name] = (value, transpose)
     dtype = model.param_dtype
     _write_safetensors(out, tensors, max_shard_bytes, dtype)
-    hf = {k: v for k, v in model.cfg.hf_config.items() if k != "_generation_config"}
-    hf.update(vocab_size=model.cfg.vocab_size, dtype=_dtype_name(dtype))
+    hf = dict(model.cfg.hf_config, vocab_size=model.cfg.vocab_size, dtype=_dtype_name(dtype))
     hf.pop("torch_dtype", None)
+    hf.setdefault("model_type", model.cfg.model_type)  # a config written by hand (init_from_scratch) may lack them
+    hf.setdefault("architectures", [a for a, t in ARCHITECTURES.items() if t == model.cfg.model_type])
+    hf.setdefault("tie_word_embeddings", model.cfg.tie_word_embeddings)
+    if jax.process_index() != 0:  # every process joined the gathers above; one writes the small files
+        return out
     (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    generation = model.cfg.hf_config.get("_generation_config") or {
+    generation = model.cfg.generation_config or {
         k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
@@ -222,11 +227,24 @@ def save_model(model: Llama, out_dir, tokenizer=None, max_shard_bytes: int = 5 *
     return out
 
 
+def _to_host(x) -> np.ndarray:
+    """A (possibly sharded) array -> numpy on this host; across processes, every process joins the gather."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def _write_safetensors(out: Path, tensors: dict, max_shard_bytes: int, dtype, prefix="model"):
-    """Group tensors into shards of at most max_shard_bytes (a tensor larger than that gets its own shard)."""
+    """Group tensors into shards of at most max_shard_bytes (a tensor larger than that gets its own shard).
+
+    tensors: {HF name: (array or a function returning it, transpose)}; host memory holds one shard at a time."""
     shards, current, size = [], [], 0
     for name in sorted(tensors):
-        nbytes = int(np.prod(tensors[name][0].shape)) * jnp.dtype(dtype).itemsize
+        value = tensors[name][0]
+        shape = jax.eval_shape(value).shape if callable(value) else np.shape(value)
+        nbytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
         if current and size + nbytes > max_shard_bytes:
             shards.append(current)
             current, size = [], 0
@@ -240,12 +258,13 @@ def _write_safetensors(out: Path, tensors: dict, max_shard_bytes: int, dtype, pr
         arrays = {}
         for name in names:
             value, transpose = tensors[name]
-            arr = np.asarray(jax.device_get(value)).astype(dtype)
+            arr = _to_host(value() if callable(value) else value).astype(dtype)
             arrays[name] = np.ascontiguousarray(arr.T if transpose else arr)
             weight_map[name] = file
             total += arrays[name].nbytes
-        save_file(arrays, str(out / file), metadata={"format": "pt"})
-    if len(shards) > 1:
+        if jax.process_index() == 0:
+            save_file(arrays, str(out / file), metadata={"format": "pt"})
+    if len(shards) > 1 and jax.process_index() == 0:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 

@@ -201,3 +201,16 @@ def test_unknown_architecture_and_missing_field_are_named(checkpoint_dir, tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):
         load_model(tmp_path / "empty")
+
+
+def test_a_randomly_initialized_model_exports_to_transformers(tmp_path):
+    """jsft -> HF direction from scratch: a config dict without `architectures` still exports a loadable model."""
+    from jsft.model.llama import Llama, LlamaConfig
+
+    hf = dict(model_type="qwen3", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    model = nnx.jit(lambda: Llama(LlamaConfig.from_hf(hf), rngs=nnx.Rngs(0)))()
+    out = save_model(model, tmp_path / "scratch")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    ids = ids_batch(vocab=96)
+    np.testing.assert_allclose(hf_logits(out, ids), np.asarray(forward(model, ids)), atol=1e-4, rtol=0)

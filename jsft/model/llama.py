@@ -79,6 +79,7 @@ class LlamaConfig:
     rope: tuple  # sorted (key, value) items: rope_type, rope_theta and the scaling fields
     sliding_window: int | None = None
     hf_config: dict = field(default_factory=dict, compare=False, repr=False)  # the original config.json
+    generation_config: dict | None = field(default=None, compare=False, repr=False)  # generation_config.json
 
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
@@ -267,7 +268,7 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def remat_policy(name: str):
+def checkpoint_policy(name: str):
     """The jax.checkpoint policy for a remat setting (None: no remat).
 
     full: save nothing inside a layer; save_dots: keep matmul outputs; offload: move matmul outputs to pinned host
@@ -290,10 +291,10 @@ def remat_policy(name: str):
 class Llama(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, compute_dtype=jnp.float32,
                  attention_impl: str = "auto", remat_policy: str = "none"):
-        remat_policy_fn = globals()["remat_policy"](remat_policy)  # validates the name early
+        policy = checkpoint_policy(remat_policy)  # validates the name early
         dt = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
         self.cfg, self.param_dtype, self.compute_dtype = cfg, param_dtype, compute_dtype
-        self.remat, self._remat_policy = remat_policy, remat_policy_fn
+        self.remat, self._checkpoint_policy = remat_policy, policy
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List(
             [DecoderLayer(cfg, attention_impl=attention_impl, rngs=rngs, **dt) for _ in range(cfg.num_layers)])
@@ -313,8 +314,8 @@ class Llama(nnx.Module):
         def run_layer(layer, x, positions, segment_ids):
             return layer(x, positions, segment_ids, inv_freq)
 
-        if self._remat_policy is not None:
-            run_layer = nnx.remat(run_layer, policy=self._remat_policy, prevent_cse=True)
+        if self._checkpoint_policy is not None:  # rematerialize each decoder layer in the backward pass
+            run_layer = nnx.remat(run_layer, policy=self._checkpoint_policy, prevent_cse=True)
         for layer in self.layers:
             x = run_layer(layer, x, positions, segment_ids)
         return self.norm(x)

@@ -94,13 +94,15 @@ def lora_modules(model) -> dict[str, LoRALinear]:
 
 
 def merged_params(model) -> dict:
-    """{jsft path: array} of every base parameter, LoRA deltas added to their kernels (the model is unchanged)."""
+    """{jsft path: zero-argument function -> array} of every base parameter, LoRA deltas added to their kernels.
+
+    Lazy, so an export merges one tensor at a time (never a second copy of the model); the model is unchanged.
+    """
     from jsft.hf import base_params
 
-    values = {p: v[...] for p, v in base_params(model).items()}
+    values = {p: v.get_value for p, v in base_params(model).items()}
     for path, module in lora_modules(model).items():
-        kernel = values[f"{path}.kernel"]
-        values[f"{path}.kernel"] = (kernel.astype(jnp.float32) + module.delta()).astype(kernel.dtype)
+        values[f"{path}.kernel"] = lambda m=module: (m.kernel[...].astype(jnp.float32) + m.delta()).astype(m.kernel.dtype)
     return values
 
 
