@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         jax_version=jax.__version__,
         cudnn_version=_cudnn_version(),
         auto_picks={str(dt): attention.choose_impl(dt, lengths[0], 128) for dt in ("bfloat16", "float32")},
+        auto_picks_with_max_segments=attention.choose_impl("bfloat16", lengths[0], 128, max_segments=8),
+        jax_packed_gqa_is_fixed=attention.jax_packed_gqa_is_fixed(),
         correctness=[],
         timing=[],
     )

@@ -357,3 +357,16 @@ def test_the_stand_in_catches_jax_s_gqa_kv_offset_bug(monkeypatch):
     out, ref = np.asarray(run(q, k, v, "cudnn")), np.asarray(run(q, k, v, "xla"))
     differs = not np.allclose(np.nan_to_num(out, nan=1e9), ref, atol=1e-3)
     assert differs == buggy
+
+
+def test_auto_rule_on_a_gpu(monkeypatch):
+    """GPU branch of impl="auto", with the device facts faked: cudnn only with a max_segments bound, else pallas
+    (no bound needed) when L fits its 128 blocks, else xla; float32 always xla."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "cudnn_unavailable_reason", lambda dtype, head_dim: None)
+    assert attention.choose_impl(jnp.bfloat16, 4096, 128, max_segments=64) == "cudnn"
+    assert attention.choose_impl(jnp.bfloat16, 4096, 128) == "pallas"
+    assert attention.choose_impl(jnp.bfloat16, 4000, 128) == "xla"
+    assert attention.choose_impl(jnp.float32, 4096, 128, max_segments=64) == "xla"
+    monkeypatch.setattr(attention, "cudnn_unavailable_reason", lambda dtype, head_dim: "an A100 is sm80")
+    assert attention.choose_impl(jnp.bfloat16, 4096, 128, max_segments=64) == "pallas"

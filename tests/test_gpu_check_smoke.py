@@ -1,6 +1,7 @@
 """scripts/gpu_check.py runs end to end on CPU in --smoke mode (xla + pallas interpret) and writes its JSON."""
 
 import importlib.util
+import inspect
 import json
 from pathlib import Path
 
@@ -21,6 +22,10 @@ def test_gpu_check_smoke_writes_passing_json(tmp_path):
     saved = json.loads(path.read_text())
     assert saved["command"] == f"python scripts/gpu_check.py --smoke --out {tmp_path}"
     assert saved["backend"] == "cpu" and saved["auto_picks"] == {"bfloat16": "xla", "float32": "xla"}
+    assert saved["auto_picks_with_max_segments"] == "xla"
+    from jax._src.cudnn import fused_attention_stablehlo as fas  # jax <= 0.11.0: kv offsets use the q heads
+
+    assert saved["jax_packed_gqa_is_fixed"] == ("N_kv" in inspect.getsource(fas._fix_seqlen_offsets))
     checks = {(c["impl"], c["dtype"]): c for c in saved["correctness"]}
     assert set(checks) == {("xla", "float32"), ("pallas", "float32")}
     for check in checks.values():

@@ -10,9 +10,12 @@ One public function, `packed_attention(q, k, v, segment_ids, impl=...)`, with th
             computes packed kv offsets right (after 0.11.0, see `jax_packed_gqa_is_fixed`); else k/v repeated.
     pallas  the Pallas/Triton flash kernel jax.experimental.pallas.ops.gpu.attention.mha, which takes segment ids
             itself. No GQA in that kernel: k/v heads are repeated. `interpret=True` runs it on CPU (slowly).
-    auto    CPU/TPU: xla. GPU: cudnn when it is usable (sm90+, cuDNN >= 9.6, bf16/fp16, head dim a multiple of
-            8 and <= 256), else pallas when L is a multiple of 128 (its block), else xla. This rule is the
-            expected order (flash kernels beat an O(L^2) mask); scripts/gpu_check.py measures it on a device.
+    auto    CPU/TPU: xla. GPU, bf16/fp16: cudnn when it is usable (sm90+, cuDNN >= 9.6, head dim a multiple
+            of 8 and <= 256) AND the caller gives `max_segments` (the data side knows how many documents a row
+            holds; a guessed bound could make rows NaN); else pallas when L is a multiple of 128 (its block)
+            (segment ids natively, no bound, always correct); else xla. GPU, float32: xla. This order is the
+            expected one (flash kernels beat an O(L^2) mask; cuDNN beats Triton), not yet measured here:
+            scripts/gpu_check.py measures all three on a device.
 
 Contract (all implementations): q [B, L, Hq, D], k/v [B, L, Hkv, D] with Hq % Hkv == 0; segment_ids [B, L] int32,
 1, 2, 3 ... per document, 0 = padding at the tail. Output [B, L, Hq, D] in q's dtype; softmax in float32; rows
@@ -58,9 +61,9 @@ def packed_attention(
 
     impl: "auto" | "xla" | "cudnn" | "pallas" (see the module docstring).
     scale: logit scale, default 1/sqrt(D).
-    max_segments (cudnn only): static bound M on the number of documents in one row; None means
-        `default_max_segments(L)` = max(2, L // 16). A row with more documents than M gives NaN outputs for that
-        row (loud, never silently wrong); pass a larger bound for rows of many tiny documents.
+    max_segments (cudnn; and auto, which picks cudnn only when it is given): static bound M on the number of
+        documents in one row; None means `default_max_segments(L)` = max(2, L // 16) for impl="cudnn". A row
+        with more documents than M gives NaN outputs for that row (loud, never silently wrong).
     interpret (pallas only): run the Pallas kernel in interpret mode (CPU tests).
     block_size (pallas only): sequence block of the kernel, default min(128, L); L must be a multiple of it.
 
@@ -74,7 +77,7 @@ def packed_attention(
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl={impl!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
     if impl == "auto":
-        impl = choose_impl(q.dtype, q.shape[1], q.shape[-1])
+        impl = choose_impl(q.dtype, q.shape[1], q.shape[-1], max_segments=max_segments)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     segment_ids = segment_ids.astype(jnp.int32)
     if impl == "xla":
@@ -84,11 +87,11 @@ def packed_attention(
     return _pallas_attention(q, k, v, segment_ids, scale, interpret=interpret, block_size=block_size)
 
 
-def choose_impl(dtype, seq_len: int, head_dim: int) -> str:
-    """The rule behind impl="auto": xla off GPU; on GPU cudnn if usable, else pallas if L fits its blocks, else xla."""
-    if jax.default_backend() != "gpu":
+def choose_impl(dtype, seq_len: int, head_dim: int, max_segments: int | None = None) -> str:
+    """The rule behind impl="auto" (see the module docstring). choose_impl(jnp.bfloat16, 4096, 128) on CPU -> "xla"."""
+    if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return "xla"
-    if cudnn_unavailable_reason(dtype, head_dim) is None:
+    if max_segments is not None and cudnn_unavailable_reason(dtype, head_dim) is None:
         return "cudnn"
     if seq_len % PALLAS_BLOCK == 0:
         return "pallas"
