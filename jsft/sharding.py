@@ -10,14 +10,18 @@ Parameters name their dimensions with logical axes (metadata `out_sharding`, e.g
 `RULES`, the one table below, maps each logical axis to mesh axes; nothing else in jsft decides placement.
 
     mesh = create_mesh(config.sharding)                     # data=-1: all remaining devices
-    model = create_sharded_model(lambda: Llama(...), mesh)  # never materialized whole on one device
-    optimizer = nnx.Optimizer(model, tx, wrt=...)           # state inherits the params' shardings
-    shard_model(optimizer, mesh)                            # (or place it explicitly)
+    model = create_sharded_model(lambda: Llama(...), mesh)  # random init, never whole on one device
+    model, _ = hf.load_model(path, shardings=model_shardings(abstract_model, mesh))  # or: read into shards
+    optimizer = create_sharded_optimizer(model, tx, wrt, mesh)  # Adam state built in its shards
     batch = shard_batch(local_numpy_batch, mesh)            # process-local [A, B_local, L] -> global [A, B, L]
+    with jax.set_mesh(mesh):
+        metrics = train_step(model, optimizer, batch)       # the step ends with constrain(model/optimizer)
 
-A dimension that its mesh axes do not divide (e.g. 2 kv heads on tensor=4) is replicated along those axes, with
-one warning naming the parameter, its shape and the axis: training stays correct, only that tensor costs more
-memory. A batch that does not divide is an error (see `shard_batch`).
+A dimension that its mesh axes do not divide (e.g. a vocab of 32001 rows on tensor=2) is replicated along those
+axes, with one warning naming the parameter, its shape and the axis: training stays correct, only that tensor
+costs more memory. A batch that does not divide is an error (see `shard_batch`). "q_heads"/"kv_heads" name the
+flattened heads*head_dim axis: with tensor <= the head count each device holds whole heads; a larger tensor axis
+(8 devices, 2 kv heads) still computes the same numbers but splits heads and adds communication.
 """
 
 from __future__ import annotations
@@ -208,19 +212,36 @@ def _constrain_leaf(x, spec):
     return jax.lax.with_sharding_constraint(x, spec) if hasattr(x, "shape") else x
 
 
-def create_sharded_model(constructor: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
-    """Build `constructor()` directly into its shards (jit with out shardings): no device holds the whole model."""
-    abstract = nnx.eval_shape(constructor)
+def create_sharded(constructor: Callable, mesh: Mesh, *args):
+    """`constructor(*args)` compiled with its outputs in their shards: no device ever holds the whole result.
+
+    args are graph nodes (e.g. the model an optimizer is built for), passed into the jit, not baked in as constants.
+    """
+    abstract = nnx.eval_shape(constructor, *args)
     shardings = model_shardings(nnx.state(abstract), mesh)
 
     @nnx.jit
-    def build():
-        model = constructor()
-        nnx.update(model, jax.lax.with_sharding_constraint(nnx.state(model), shardings))
-        return model
+    def build(*args):
+        node = constructor(*args)
+        nnx.update(node, jax.lax.with_sharding_constraint(nnx.state(node), shardings))
+        return node
 
     with jax.set_mesh(mesh):
-        return build()
+        return build(*args)
+
+
+def create_sharded_model(constructor: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:
+    """Build `constructor()` (e.g. a random-init Llama) directly into its shards."""
+    return create_sharded(constructor, mesh)
+
+
+def create_sharded_optimizer(model, tx, wrt, mesh: Mesh) -> nnx.Optimizer:
+    """nnx.Optimizer(model, tx, wrt=wrt) with its state (Adam moments, master weights) built in its shards.
+
+    Plain nnx.Optimizer(...) builds state that optax creates with jnp.zeros(shape) whole on one device (only
+    zeros_like would follow the params); for an 8B model that is 64 GB of float32 moments on device 0.
+    """
+    return create_sharded(lambda m: nnx.Optimizer(m, tx, wrt=wrt), mesh, model)
 
 
 # ----------------------------------------------------------------------------------------------- batches

@@ -205,6 +205,27 @@ def test_params_and_optimizer_state_are_really_sharded(base_model, shape):
     assert per_device == (total - norms) // 8 + norms
 
 
+def test_optimizer_state_is_built_in_its_shards(base_model):
+    """jsft's Adam (fp32 moments made with jnp.zeros) lands whole on one device unless built sharded."""
+    from jsft.config import TrainingConfig
+    from jsft.optim import make_optimizer
+
+    mesh = mesh_of((1, 8, 1))
+    model = sharding.shard_model(nnx.clone(base_model), mesh)
+    tx, _ = make_optimizer(TrainingConfig(), total_steps=10)
+    optimizer = sharding.create_sharded_optimizer(model, tx, nnx.Param, mesh)
+    moments = {k: v.get_value() for k, v in nnx.to_flat_state(nnx.state(optimizer))
+               if "embedding" in map(str, k) and v.get_value().ndim == 2}
+    assert len(moments) == 2  # mu, nu
+    for key, m in moments.items():
+        assert m.dtype == jnp.float32 and m.sharding.spec == P(None, "fsdp"), key
+        assert m.addressable_shards[0].data.shape == (384, 8) and not np.any(np.asarray(m))
+    plain = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    for k, v in nnx.to_flat_state(nnx.state(plain)):
+        if "embedding" in map(str, k) and v.get_value().ndim == 2:
+            assert len(v.get_value().sharding.device_set) == 1, k
+
+
 def test_data_parallel_replicates_params_and_splits_batch(base_model):
     mesh = mesh_of((8, 1, 1))
     model = sharding.shard_model(nnx.clone(base_model), mesh)
