@@ -112,7 +112,9 @@ def main(argv=None):
         "benchmark": "data_prep",
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_1m_at_end": os.getloadavg()[0],
+                    "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM")},
         "setup": {"rows": args.rows, "format": "messages", "assistant_only_loss": True, "max_length": MAX_LENGTH,
                   "packing_strategy": "bfd", "processes": 1, "repeats": args.repeats, "timing": "best of repeats"},
         "jsft": {
