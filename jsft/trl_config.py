@@ -348,8 +348,9 @@ TRL_FIELDS: dict[str, tuple] = {
 
 
 def _equal(a, b) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) | isinstance(b, bool):
-        return float(a) == float(b)
+    """TRL's default and a file value are equal; 0 and 0.0 are, True and 1 are not."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
     return a == b
 
 
