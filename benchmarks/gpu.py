@@ -65,7 +65,7 @@ MODELS = {
     ),
     "smoke": dict(
         architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=384, hidden_size=64,
-        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
         rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0,
     ),
 }
@@ -148,7 +148,7 @@ def run_one(spec: dict) -> dict:
         graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
         del model
         tx = optax.adamw(spec["learning_rate"], weight_decay=0.0)
-        opt_state = jax.jit(tx.init)(trainable)
+        opt_state = tx.init(trainable)
         batch_np = packed_batch(spec["micro_batch"], spec["L"], cfg.vocab_size, spec["mean_doc"])
         batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
         step = make_step(graphdef, trainable_filter, tx, spec["chunk_size"])

@@ -36,9 +36,8 @@ def test_gpu_bench_smoke_trains_full_and_lora_and_writes_json(tmp_path):
         assert abs(losses[0] - math.log(384)) < 0.3  # random init: about log(vocab)
     full, lora = runs["full", "none", 1], runs["lora", "full", 2]
     assert full["trainable_params"] == full["params"]
-    # LoRA r=16 on 7 projections x 2 layers: r * (in + out) each
-    per_layer = 16 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64))
-    assert lora["trainable_params"] == 2 * per_layer
+    # LoRA r=16 on the 7 projections of the one layer: r * (in + out) each
+    assert lora["trainable_params"] == 16 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64))
     assert lora["params"] == full["params"] + lora["trainable_params"]
     assert result["path"] == str(path)
 
@@ -67,3 +66,13 @@ def test_mfu_of_a_known_run_uses_the_trainers_flop_count():
     # Llama-3-8B: about 7.5e9 matmul parameters (embedding lookup excluded) -> 6N = 4.5e10 FLOPs per token
     assert 7.4e9 < loss.matmul_params(cfg) < 7.6e9
     assert loss.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+
+
+def test_isolated_run_returns_the_child_process_record_even_for_a_failure():
+    """--isolate runs each configuration in its own process (own peak memory; an OOM cannot end the sweep)."""
+    bench = load_script("benchmarks/gpu.py")
+    spec = dict(model="no-such-model", L=32, micro_batch=1, remat="none", mode="full", attention="auto", steps=1,
+                mean_doc=4, lora_rank=4, chunk_size=32, learning_rate=1e-5, peak_tflops=None)
+    record = bench.run_isolated(spec, timeout=120)
+    assert record["status"] == "error" and "no-such-model" in record["error"]
+    assert record["model"] == "no-such-model" and record["L"] == 32
