@@ -5,8 +5,8 @@
 Both sides read the fixture's `messages` rows from a .jsonl file with `datasets`, render them with the fixture's
 chat template, build assistant-only masks, and pack with BFD at max_length 512, in one process. jsft starts from an
 empty cache (its warm-cache time is reported separately); TRL runs `SFTTrainer._prepare_dataset` with datasets'
-caching off. Reported: examples/s and tokens/s (tokens = all tokens of all rows before truncation), best of
-`--repeats`. Writes benchmarks/results/data_prep-cpu-<date>.json.
+caching off; the two alternate `--repeats` times. Reported: examples/s and tokens/s (tokens = all tokens of all rows
+before truncation) from the best of the repeats. Writes benchmarks/results/data_prep-cpu-<date>.json.
 """
 
 from __future__ import annotations
@@ -89,19 +89,16 @@ def main(argv=None):
         data_file = fixtures.write_jsonl(fixtures.make_rows("messages", args.rows, 0), work / "messages.jsonl")
         checkpoint_dir = fixtures.build_hf_checkpoint(work / "checkpoint")
 
-        jsft_times, prepared = [], None
-        for k in range(args.repeats):
+        trainer, tokenizer = trl_trainer(tokenizer_dir, checkpoint_dir, work / "trl")
+        jsft_times, trl_times = [], []
+        for k in range(args.repeats):  # alternate, so a busy machine slows both sides alike
             seconds, prepared = jsft_run(data_file, tokenizer_dir, work / f"cache{k}", None)
             jsft_times.append(seconds)
+            seconds, trl_prepared = trl_run(trainer, tokenizer, data_file)
+            trl_times.append(seconds)
         warm, _ = jsft_run(data_file, tokenizer_dir, work / "cache0", None)
         assert prepared.stats["cache"] == "miss"
         stats = prepared.stats
-
-        trainer, tokenizer = trl_trainer(tokenizer_dir, checkpoint_dir, work / "trl")
-        trl_times, trl_prepared = [], None
-        for _ in range(args.repeats):
-            seconds, trl_prepared = trl_run(trainer, tokenizer, data_file)
-            trl_times.append(seconds)
         trl_tokens = sum(len(ids) for ids in trl_prepared["input_ids"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
