@@ -310,7 +310,7 @@ def shard_batch(batch, mesh: Mesh):
 
 # Environment variables that announce a multi-process launch jax.distributed.initialize() can read by itself.
 _AUTO_ENV = {
-    "SLURM_NTASKS": "SLURM_JOB_ID",  # srun: one task per GPU (JAX then sees only GPU SLURM_LOCALID)
+    "SLURM_NTASKS": "SLURM_JOB_ID",  # srun
     "OMPI_COMM_WORLD_SIZE": "OMPI_COMM_WORLD_RANK",  # mpirun (Open MPI)
 }
 
@@ -321,6 +321,9 @@ def initialize_distributed(sharding_config) -> tuple[int, int]:
     Explicit: coordinator_address, num_processes, process_id from the config. Auto: under srun (SLURM_NTASKS > 1)
     or mpirun (OMPI_COMM_WORLD_SIZE > 1), or with JAX_COORDINATOR_ADDRESS set, JAX reads them itself. Otherwise
     (one process) nothing happens. Call it before anything touches a device.
+
+    Under SLURM, JAX gives each task the one GPU of index SLURM_LOCALID (launch one task per GPU); with
+    --ntasks-per-node=1 the task gets every GPU of its node (SLURM_GPUS_ON_NODE) instead.
     """
     if jax.distributed.is_initialized():
         return jax.process_index(), jax.process_count()
@@ -338,5 +341,14 @@ def initialize_distributed(sharding_config) -> tuple[int, int]:
     elif os.environ.get("JAX_COORDINATOR_ADDRESS") or any(
         int(os.environ.get(size, "1")) > 1 and marker in os.environ for size, marker in _AUTO_ENV.items()
     ):
-        jax.distributed.initialize()
+        jax.distributed.initialize(local_device_ids=_slurm_node_devices())
     return jax.process_index(), jax.process_count()
+
+
+def _slurm_node_devices() -> list[int] | None:
+    """All GPUs of the node when SLURM runs one task per node; None lets JAX choose (one GPU per task)."""
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]  # "8" or "1(x4)"
+    gpus = os.environ.get("SLURM_GPUS_ON_NODE")
+    if "SLURM_JOB_ID" in os.environ and per_node == "1" and gpus:
+        return list(range(int(gpus)))
+    return None

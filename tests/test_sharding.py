@@ -315,6 +315,28 @@ def test_data_process_split_single_process():
     assert sharding.data_process_split(mesh_of((2, 2, 2))) == (0, 1)
 
 
+def test_initialize_distributed_explicit_and_auto_detected(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append((args, kwargs)))
+    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_GPUS_ON_NODE",
+                "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    sharding.initialize_distributed(ShardingConfig(coordinator_address="10.0.0.1:1234", num_processes=4,
+                                                   process_id=3))
+    assert calls[-1] == (("10.0.0.1:1234", 4, 3), {})
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_NTASKS", "16")  # srun, one task per GPU: JAX reads everything itself
+    sharding.initialize_distributed(ShardingConfig())
+    assert calls[-1] == ((), {"local_device_ids": None})
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1")  # one task per node sees all its GPUs
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+    sharding.initialize_distributed(ShardingConfig())
+    assert calls[-1] == ((), {"local_device_ids": list(range(8))})
+    with pytest.raises(sharding.ShardingError, match=r"process_id=4 must be in \[0, num_processes=4\)"):
+        sharding.initialize_distributed(ShardingConfig(coordinator_address="h:1", num_processes=4, process_id=4))
+    assert len(calls) == 3
+
+
 def test_initialize_distributed_is_a_no_op_for_one_process(monkeypatch):
     for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
