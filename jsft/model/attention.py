@@ -243,7 +243,10 @@ def jax_packed_gqa_is_fixed() -> bool:
     seqlens = jnp.asarray([[1, 1], [1, 1]], jnp.int32)
     offsets = jnp.asarray([[0, 1, -1], [0, 1, -1]], jnp.int32)
     q, k = jnp.zeros((2, 2, 4, 1)), jnp.zeros((2, 2, 1, 1))
-    _, _, _, kv_offsets = cudnn._fix_seqlen_offsets(seqlens, seqlens, offsets, offsets, q, k)
+    try:
+        _, _, _, kv_offsets = cudnn._fix_seqlen_offsets(seqlens, seqlens, offsets, offsets, q, k)
+    except Exception:  # noqa: BLE001 - a jax that changed this private helper: repeating k/v is always correct
+        return False
     return int(kv_offsets.reshape(-1)[2]) == 2  # third segment starts at token 2 = element 2 with 1 kv head
 
 
