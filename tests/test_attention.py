@@ -370,3 +370,19 @@ def test_auto_rule_on_a_gpu(monkeypatch):
     assert attention.choose_impl(jnp.float32, 4096, 128, max_segments=64) == "xla"
     monkeypatch.setattr(attention, "cudnn_unavailable_reason", lambda dtype, head_dim: "an A100 is sm80")
     assert attention.choose_impl(jnp.bfloat16, 4096, 128, max_segments=64) == "pallas"
+
+
+def test_raw_pallas_kernel_treats_padding_as_one_more_document():
+    """What the wrapper corrects: jax's Pallas mha masks by segment-id equality (so never across documents), and
+    segment 0 (padding) is just another segment: padding rows attend causally to earlier padding, finite and
+    non-zero. The wrapper zeros them."""
+    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+    q, k, v = qkv(1, 32, hq=2, hkv=2, seed=13)
+    seg = jnp.asarray([[1] * 10 + [2] * 12 + [0] * 10], jnp.int32)
+    blocks = pallas_attention.BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_kv_dkv=16, block_q_dq=16,
+                                         block_kv_dq=16)
+    raw = pallas_attention.mha(q, k, v, seg, sm_scale=D**-0.5, causal=True, block_sizes=blocks, interpret=True)
+    padding_as_document = jnp.where(seg == 0, 3, seg)
+    np.testing.assert_allclose(raw, attend(q, k, v, padding_as_document, impl="xla"), atol=1e-5, rtol=1e-5)
+    assert np.all(np.abs(np.asarray(raw[0, 22:])) > 0)
