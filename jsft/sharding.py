@@ -208,6 +208,18 @@ def constrain(node, mesh: Mesh | None = None):
     return node
 
 
+def shard_activation(x, names: tuple):
+    """Inside a model under `with jax.set_mesh(mesh)`: pin an activation to its logical axes via RULES.
+
+    h = shard_activation(h, ("batch", "length", "embed")) -> P(("data", "fsdp")): "embed" would map to fsdp, which
+    the batch already uses, so the hidden dim stays whole. No mesh set: returns x unchanged.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(tuple(names), x.shape, mesh, "activation"))
+
+
 def _constrain_leaf(x, spec):
     return jax.lax.with_sharding_constraint(x, spec) if hasattr(x, "shape") else x
 

@@ -311,6 +311,24 @@ def test_constrain_is_a_no_op_without_a_mesh(base_model):
     np.testing.assert_allclose(float(touch(nnx.clone(base_model))), float(base_model.norm.scale[...].sum()))
 
 
+def test_shard_activation_keeps_batch_split_and_hidden_whole():
+    mesh = mesh_of((2, 2, 2))
+    x = np.ones((8, 16, 64), np.float32)
+
+    @jax.jit
+    def f(x):
+        return sharding.shard_activation(x * 2, ("batch", "length", "embed"))
+
+    @jax.jit
+    def g(x):
+        return sharding.shard_activation(x * 2, ("batch", "length", "q_heads"))
+
+    assert np.asarray(f(x)).sum() == 2 * x.size  # no mesh: unchanged, runs
+    with jax.set_mesh(mesh):
+        assert f(x).sharding.spec == P(("data", "fsdp"))
+        assert g(x).sharding.spec == P(("data", "fsdp"), None, "tensor")
+
+
 def test_data_process_split_single_process():
     assert sharding.data_process_split(mesh_of((2, 2, 2))) == (0, 1)
 
