@@ -259,3 +259,17 @@ def test_grain_worker_processes_give_the_same_examples_in_order(tmp_path, tokeni
     config.data.skip_bad_rows, config.data.dataset_num_proc = False, None
     with pytest.raises(formats.BadRowError, match="row 300, field 'messages'"):
         pipeline.tokenize_rows(dataset, tokenizer, config.data)
+
+
+def test_eval_keeps_the_last_partial_step_with_empty_rows(chat):
+    _, _, prepared = chat
+    b, accum = 16, 2
+    steps = list(batch_iterator(prepared, b, accum, seed=0, shuffle=False, drop_remainder=False, prefetch=0))
+    assert len(steps) == steps_per_epoch(prepared, b, accum, drop_remainder=False) == -(-prepared.num_rows // 32)
+    trained = sum(int(s["loss_mask"].sum()) for s in steps)
+    assert trained == prepared.stats["trained_tokens"]  # every row once, the filler rows train nothing
+    last = steps[-1]["segment_ids"].reshape(-1, prepared.max_length)
+    empty = (last == 0).all(axis=1)
+    assert empty.sum() == len(steps) * 32 - prepared.num_rows and empty[-1]
+    in_order = np.concatenate([s["input_ids"].reshape(-1, prepared.max_length) for s in steps])[: prepared.num_rows]
+    np.testing.assert_array_equal(in_order, prepared.batch(np.arange(prepared.num_rows))["input_ids"])

@@ -30,7 +30,8 @@ Preparation (`prepare_dataset`):
 Batches (`batch_iterator`): a Grain MapDataset over row indices: shuffle (Grain's index shuffle, reseeded each epoch)
 -> batch into optimizer steps of accum_steps * rows_per_micro_batch * process_count rows -> repeat num_epochs (None:
 forever) -> assemble this process's rows. Each epoch drops its last partial step (fixed shapes), so an epoch is
-`steps_per_epoch` steps and `dropped_rows_per_epoch` rows wait for the next epoch's shuffle. A global micro-batch
+`steps_per_epoch` steps and `dropped_rows_per_epoch` rows wait for the next epoch's shuffle. With
+drop_remainder=False (for eval) that step is kept and completed with empty rows (padding, nothing trained). A global micro-batch
 holds rows_per_micro_batch rows of each process, process p taking [p * rows_per_micro_batch, (p + 1) * ...): the
 processes' rows are disjoint and together are the single-process batch.
 
@@ -396,17 +397,22 @@ def format_stats(stats: dict) -> str:
 
 
 def assemble_rows(prepared: PreparedDataset, row_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows -> {input_ids, segment_ids, positions, targets, loss_mask}, each [len(row_ids), L] (module doc example)."""
+    """Rows -> {input_ids, segment_ids, positions, targets, loss_mask}, each [len(row_ids), L] (module doc example).
+    A row id of -1 gives an empty row: all padding, nothing trained."""
     rows, ex = prepared.rows, prepared.examples
     B, L = len(row_ids), prepared.max_length
-    first, count = rows.row_ptr[row_ids], rows.row_ptr[row_ids + 1] - rows.row_ptr[row_ids]
+    real = row_ids >= 0  # -1: an empty row (all padding), which fills a last partial step
+    safe = np.where(real, row_ids, 0)
+    first = rows.row_ptr[safe]
+    count = np.where(real, rows.row_ptr[safe + 1] - first, 0)
     slot_row = np.repeat(np.arange(B), count)  # each slice: its batch row
     within = np.arange(len(slot_row)) - np.repeat(np.cumsum(count) - count, count)  # slice number inside its row
     slices = np.repeat(first, count) + within
     start, stop = rows.start[slices], rows.stop[slices]
     size = stop - start
     before = np.cumsum(size) - size  # tokens before each slice in the whole listing
-    row_offset = before - np.repeat(before[np.cumsum(count) - count], count)  # ... inside its own row
+    row_first = np.append(before, 0)[np.cumsum(count) - count]  # (empty rows point past the end)
+    row_offset = before - np.repeat(row_first, count)  # tokens before each slice inside its own row
     tok_slice = np.repeat(np.arange(len(size)), size)
     pos = np.arange(int(size.sum())) - np.repeat(np.cumsum(size) - size, size)
     src = ex.offsets[rows.example[slices]][tok_slice] + start[tok_slice] + pos
@@ -429,9 +435,12 @@ def assemble_rows(prepared: PreparedDataset, row_ids: np.ndarray) -> dict[str, n
     return out
 
 
-def steps_per_epoch(prepared: PreparedDataset, global_rows_per_micro_batch: int, accum_steps: int) -> int:
-    """Optimizer steps in one epoch; the rows of a last partial step are dropped (`dropped_rows_per_epoch`)."""
-    return prepared.num_rows // (global_rows_per_micro_batch * accum_steps)
+def steps_per_epoch(prepared: PreparedDataset, global_rows_per_micro_batch: int, accum_steps: int,
+                    drop_remainder: bool = True) -> int:
+    """Optimizer steps in one epoch. drop_remainder: the rows of a last partial step are dropped
+    (`dropped_rows_per_epoch`); else that step is completed with empty rows (eval: every row counted once)."""
+    step_rows = global_rows_per_micro_batch * accum_steps
+    return prepared.num_rows // step_rows if drop_remainder else -(-prepared.num_rows // step_rows)
 
 
 def dropped_rows_per_epoch(prepared: PreparedDataset, global_rows_per_micro_batch: int, accum_steps: int) -> int:
@@ -440,20 +449,23 @@ def dropped_rows_per_epoch(prepared: PreparedDataset, global_rows_per_micro_batc
 
 def _process_step(row_ids: np.ndarray, prepared: PreparedDataset, rows_per_micro_batch: int, accum_steps: int,
                   process_index: int, process_count: int) -> dict[str, np.ndarray]:
+    step_rows = accum_steps * process_count * rows_per_micro_batch
+    row_ids = np.concatenate([row_ids, np.full(step_rows - len(row_ids), -1, dtype=np.int64)])  # a short last step
     mine = row_ids.reshape(accum_steps, process_count, rows_per_micro_batch)[:, process_index].reshape(-1)
     batch = assemble_rows(prepared, mine)
     return {k: v.reshape(accum_steps, rows_per_micro_batch, prepared.max_length) for k, v in batch.items()}
 
 
 def batch_dataset(prepared: PreparedDataset, rows_per_micro_batch: int, accum_steps: int, seed: int,
-                  num_epochs: int | None = 1, shuffle: bool = True, process_index: int = 0, process_count: int = 1):
+                  num_epochs: int | None = 1, shuffle: bool = True, process_index: int = 0, process_count: int = 1,
+                  drop_remainder: bool = True):
     """The grain.MapDataset of optimizer steps (see batch_iterator); len() is the number of steps when finite."""
     import grain
 
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     step_rows = rows_per_micro_batch * process_count * accum_steps
-    if steps_per_epoch(prepared, rows_per_micro_batch * process_count, accum_steps) == 0:
+    if steps_per_epoch(prepared, rows_per_micro_batch * process_count, accum_steps, drop_remainder) == 0:
         raise ValueError(
             f"{prepared.num_rows} rows cannot fill one optimizer step of {step_rows} rows (rows_per_micro_batch "
             f"{rows_per_micro_batch} x processes {process_count} x accum_steps {accum_steps}): lower the batch size"
@@ -461,22 +473,23 @@ def batch_dataset(prepared: PreparedDataset, rows_per_micro_batch: int, accum_st
     ds = grain.MapDataset.range(prepared.num_rows)
     if shuffle:
         ds = ds.shuffle(seed=seed % 2**32)
-    ds = ds.batch(step_rows, drop_remainder=True).repeat(num_epochs)
+    ds = ds.batch(step_rows, drop_remainder=drop_remainder).repeat(num_epochs)
     return ds.map(partial(_process_step, prepared=prepared, rows_per_micro_batch=rows_per_micro_batch,
                           accum_steps=accum_steps, process_index=process_index, process_count=process_count))
 
 
 def batch_iterator(prepared: PreparedDataset, rows_per_micro_batch: int, accum_steps: int, seed: int,
                    num_epochs: int | None = 1, shuffle: bool = True, process_index: int = 0, process_count: int = 1,
-                   prefetch: int = 2):
+                   prefetch: int = 2, drop_remainder: bool = True):
     """A checkpointable Grain DatasetIterator of optimizer steps: {key: [accum_steps, rows_per_micro_batch, L]}.
 
     `it.get_state()` / `it.set_state(state)` save and restore the position; one background thread assembles up to
-    `prefetch` steps ahead (0: none).
+    `prefetch` steps ahead (0: none). drop_remainder=False (eval): each epoch's last partial step is completed with
+    empty rows (all padding, nothing trained) instead of dropped.
     """
     import grain
 
     ds = batch_dataset(prepared, rows_per_micro_batch, accum_steps, seed, num_epochs, shuffle, process_index,
-                       process_count)
+                       process_count, drop_remainder)
     options = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
     return iter(ds.to_iter_dataset(options))
