@@ -209,10 +209,15 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(self.compute_dtype) * normed.astype(self.compute_dtype)
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotate x [B, L, heads, D] by angle positions * inv_freq (HF's rotate_half layout), in float32."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, D/2]
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+def rope_table(positions, inv_freq):
+    """(cos, sin), each [B, L, 1, D/2] float32, of the angles positions * inv_freq; computed once per forward."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x, rope):
+    """Rotate x [B, L, heads, D] by the (cos, sin) table, HF's rotate_half layout, in float32."""
+    cos, sin = rope
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -230,14 +235,14 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(D, ("head_dim",), eps=cfg.rms_norm_eps, **dt)
         self.qk_norm, self.head_dim, self.impl = cfg.qk_norm, D, attention_impl
 
-    def __call__(self, x, positions, segment_ids, inv_freq):
+    def __call__(self, x, rope, segment_ids):
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, -1, self.head_dim)
         k = self.k_proj(x).reshape(B, L, -1, self.head_dim)
         v = self.v_proj(x).reshape(B, L, -1, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = packed_attention(q, k, v, segment_ids, impl=self.impl)
         return self.o_proj(out.reshape(B, L, -1))
 
@@ -263,8 +268,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, ("norm",), eps=cfg.rms_norm_eps, **dt)
         self.mlp = MLP(cfg, rngs=rngs, **dt)
 
-    def __call__(self, x, positions, segment_ids, inv_freq):
-        x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq)
+    def __call__(self, x, rope, segment_ids):
+        x = x + self.self_attn(self.input_layernorm(x), rope, segment_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -309,15 +314,15 @@ class Llama(nnx.Module):
             raise ValueError(f"sequence length {L} exceeds the model's sliding_window={self.cfg.sliding_window}; "
                              "sliding-window attention is not implemented, use max_length <= sliding_window")
         x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(self.compute_dtype)
-        inv_freq = jnp.asarray(self.cfg.inv_freq())
+        rope = rope_table(positions, jnp.asarray(self.cfg.inv_freq()))
 
-        def run_layer(layer, x, positions, segment_ids):
-            return layer(x, positions, segment_ids, inv_freq)
+        def run_layer(layer, x, rope, segment_ids):
+            return layer(x, rope, segment_ids)
 
         if self._checkpoint_policy is not None:  # rematerialize each decoder layer in the backward pass
             run_layer = nnx.remat(run_layer, policy=self._checkpoint_policy, prevent_cse=True)
         for layer in self.layers:
-            x = run_layer(layer, x, positions, segment_ids)
+            x = run_layer(layer, x, rope, segment_ids)
         return self.norm(x)
 
     def lm_head_weight(self):
