@@ -386,3 +386,16 @@ def test_raw_pallas_kernel_treats_padding_as_one_more_document():
     padding_as_document = jnp.where(seg == 0, 3, seg)
     np.testing.assert_allclose(raw, attend(q, k, v, padding_as_document, impl="xla"), atol=1e-5, rtol=1e-5)
     assert np.all(np.abs(np.asarray(raw[0, 22:])) > 0)
+
+
+def test_gqa_fix_detection_works_when_first_asked_inside_jit():
+    """The model asks from inside its jitted step: the probe must evaluate eagerly, not become a tracer."""
+    from jax._src.cudnn import fused_attention_stablehlo as fas
+
+    attention.jax_packed_gqa_is_fixed.cache_clear()
+    try:
+        probe = jax.jit(lambda x: x * attention.jax_packed_gqa_is_fixed())
+        expected = "N_kv" in __import__("inspect").getsource(fas._fix_seqlen_offsets)  # the fix names N_kv
+        assert float(probe(jnp.ones(()))) == float(expected)
+    finally:
+        attention.jax_packed_gqa_is_fixed.cache_clear()

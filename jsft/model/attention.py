@@ -234,20 +234,22 @@ def jax_packed_gqa_is_fixed() -> bool:
 
     jax <= 0.11.0 multiplies the packed kv offsets by the QUERY head count (jax._src.cudnn.
     fused_attention_stablehlo._fix_seqlen_offsets; fixed by jax-ml/jax PR #39521, July 2026): with GQA cuDNN then
-    reads the wrong keys, silently. We ask the function itself (pure JAX, runs on CPU) what it does with one
-    2-token segment, 4 q heads, 1 kv head, head dim 1; the right kv offset of the second row is 2 tokens * 1 head.
+    reads the wrong keys, silently. We ask the function itself (pure JAX; evaluated eagerly even inside a jit
+    trace) what it does with 2 rows of two 1-token segments, 4 q heads, 1 kv head, head dim 1: the third segment
+    (row 1's first) starts at token 2, which is element 2 with 1 kv head (element 8 with the bug).
     When it is not fixed, the cuDNN path repeats k/v to the query heads (same FLOPs, more k/v memory).
     """
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
-    seqlens = jnp.asarray([[1, 1], [1, 1]], jnp.int32)
-    offsets = jnp.asarray([[0, 1, -1], [0, 1, -1]], jnp.int32)
-    q, k = jnp.zeros((2, 2, 4, 1)), jnp.zeros((2, 2, 1, 1))
-    try:
-        _, _, _, kv_offsets = cudnn._fix_seqlen_offsets(seqlens, seqlens, offsets, offsets, q, k)
-    except Exception:  # noqa: BLE001 - a jax that changed this private helper: repeating k/v is always correct
-        return False
-    return int(kv_offsets.reshape(-1)[2]) == 2  # third segment starts at token 2 = element 2 with 1 kv head
+    with jax.ensure_compile_time_eval():
+        seqlens = jnp.asarray([[1, 1], [1, 1]], jnp.int32)
+        offsets = jnp.asarray([[0, 1, -1], [0, 1, -1]], jnp.int32)
+        q, k = jnp.zeros((2, 2, 4, 1)), jnp.zeros((2, 2, 1, 1))
+        try:
+            _, _, _, kv_offsets = cudnn._fix_seqlen_offsets(seqlens, seqlens, offsets, offsets, q, k)
+            return int(kv_offsets.reshape(-1)[2]) == 2
+        except Exception:  # noqa: BLE001 - a jax that changed this private helper: repeating k/v is always right
+            return False
 
 
 def _poison_overflow(out, segment_ids, max_segments: int):
