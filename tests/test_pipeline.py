@@ -273,3 +273,41 @@ def test_eval_keeps_the_last_partial_step_with_empty_rows(chat):
     assert empty.sum() == len(steps) * 32 - prepared.num_rows and empty[-1]
     in_order = np.concatenate([s["input_ids"].reshape(-1, prepared.max_length) for s in steps])[: prepared.num_rows]
     np.testing.assert_array_equal(in_order, prepared.batch(np.arange(prepared.num_rows))["input_ids"])
+
+
+@pytest.mark.slow
+def test_kept_examples_are_trls_rows_without_packing(tmp_path, tokenizer_dir, data_dir, checkpoint_dir):
+    """TRL (no packing) truncates to max_length and drops rows left with no trained label; jsft keeps the same rows
+    with the same tokens, and counts the drop (here in BOTH paths; TRL's packing path keeps such rows)."""
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import SFTConfig as TRLConfig
+    from trl import SFTTrainer
+
+    from jsft.data import load_tokenizer
+
+    lines = open(data_dir / "messages.jsonl").readlines()[:500]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(dict(json.loads(line), idx=i)) + "\n" for i, line in enumerate(lines)))
+    datasets.disable_progress_bars()
+    args = TRLConfig(output_dir=str(tmp_path / "trl"), max_length=256, assistant_only_loss=True, shuffle_dataset=False,
+                     report_to=[], use_cpu=True, bf16=False)
+    trl_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = datasets.load_dataset("json", data_files=str(path), split="train")
+    trainer = SFTTrainer(model=str(checkpoint_dir), args=args, train_dataset=rows.select(range(4)),
+                         processing_class=trl_tokenizer)
+    theirs = trainer._prepare_dataset(rows, trl_tokenizer, args, False, None, "train")
+
+    config = make_config(tmp_path, path, assistant_only_loss=True, packing=False, max_length=256)
+    tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
+    prepared = prepare_dataset(config, tokenizer)
+    s = prepared.stats
+    assert s["examples"] - s["dropped_no_trained_token"] == len(theirs) == prepared.num_rows
+    assert s["dropped_no_trained_token"] > 0
+    ex = prepared.examples
+    for r, row in zip(range(prepared.num_rows), theirs):
+        ((e, start, stop),) = prepared.rows.to_lists()[r]
+        assert ex.source_rows[e] == row["idx"]
+        assert ex.tokens[ex.offsets[e] + start : ex.offsets[e] + stop].tolist() == row["input_ids"]
+        mask = ex.loss_mask[ex.offsets[e] + start : ex.offsets[e] + stop].tolist()
+        assert mask == [label != -100 for label in row["labels"]]
