@@ -1,0 +1,90 @@
+"""HF exports of a trained model, with the tokenizer and its chat template.
+
+    full     <output_dir>/export    the whole model as transformers loads it (LoRA, if any, merged in)
+    merged   <output_dir>/export    the same for a LoRA run: base + alpha/r * A @ B folded into each kernel
+    adapter  <output_dir>/adapter   a PEFT adapter (adapter_config.json + adapter_model.safetensors)
+    auto     full for full fine-tuning, adapter for LoRA
+
+The train loop calls `export(model, tokenizer, config)` at the end. From a checkpoint:
+
+    python -m jsft.export --config configs/<name>.py [--checkpoint STEP] --format full|merged|adapter [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jsft.config import ConfigError, SFTConfig, load
+
+FORMATS = ("auto", "full", "merged", "adapter")
+
+
+def resolve_formats(config: SFTConfig, formats=None) -> list[str]:
+    formats = list(formats or config.logging.export_formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ConfigError(f"logging.export_formats has {unknown}: choose from {', '.join(FORMATS)}")
+    lora = config.lora.use_peft
+    resolved = []
+    for f in formats:
+        f = ("adapter" if lora else "full") if f == "auto" else f
+        if f in ("merged", "adapter") and not lora:
+            raise ConfigError(f"export format {f!r} needs a LoRA run (lora.use_peft=True); use 'full'")
+        if f not in resolved:
+            resolved.append(f)
+    return resolved
+
+
+def export(model, tokenizer, config: SFTConfig, formats=None, out_dir=None) -> dict[str, Path]:
+    """Write each format; returns {format: directory}."""
+    from jsft import hf
+
+    out = Path(out_dir) if out_dir is not None else Path(config.logging.output_dir)
+    written = {}
+    for fmt in resolve_formats(config, formats):
+        if fmt == "full":
+            written[fmt] = hf.save_model(model, out / "export", tokenizer=tokenizer)
+        elif fmt == "merged":
+            written[fmt] = hf.save_merged(model, out / "export", tokenizer=tokenizer)
+        else:
+            lc = config.lora
+            base = config.model.model_name_or_path or "(random init: model.init_from_scratch)"
+            written[fmt] = hf.save_peft_adapter(model, out / "adapter", base, lc.lora_r, lc.lora_alpha,
+                                                lc.lora_dropout, lc.lora_target_modules)
+            tokenizer.save_pretrained(written[fmt])
+    return written
+
+
+def export_checkpoint(config: SFTConfig, step: int | None = None, formats=None, out_dir=None) -> dict[str, Path]:
+    """Rebuild the run's model (base weights + the checkpoint's trained params) and export it."""
+    from jsft import checkpoint, sharding, train
+    from jsft.optim import trainable_filter
+
+    mesh = sharding.create_mesh(config.sharding)
+    tokenizer, added = train.build_tokenizer(config)
+    model, grew = train.build_model(config, tokenizer, mesh)
+    wrt = trainable_filter(config.lora.use_peft, new_token_rows=bool(added) or grew)
+    manager = checkpoint.make_manager(config.logging.output_dir, config.logging.save_total_limit, async_save=False)
+    step = checkpoint.restore_params(manager, model, wrt, step)
+    manager.close()
+    print(f"export: checkpoint {step} of {config.logging.output_dir}")
+    return export(model, tokenizer, config, formats, out_dir)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m jsft.export", description="Export a jsft checkpoint to HF.")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--checkpoint", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--format", action="append", choices=FORMATS, default=None, help="repeatable; default: "
+                        "logging.export_formats")
+    parser.add_argument("--out", default=None, help="directory to export under (default: logging.output_dir)")
+    args = parser.parse_args(argv)
+    config = load(args.config, args.set)
+    for fmt, path in export_checkpoint(config, args.checkpoint, args.format, args.out).items():
+        print(f"export ({fmt}): {path}")
+
+
+if __name__ == "__main__":
+    main()

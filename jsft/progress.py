@@ -1,0 +1,98 @@
+"""What a run shows and records: the progress bar and the metrics files.
+
+    <output_dir>/metrics.jsonl   one JSON object per logged step: {"step": 10, "loss": 2.31, ...} (TRL's names)
+    <output_dir>/tensorboard/    TensorBoard event files, when tensorboardX is installed (`pip install tensorboardX`);
+                                 without it jsft says so once and writes metrics.jsonl only (no heavy dependency)
+
+On resume, metrics.jsonl keeps the lines up to the restored step and drops later ones (written by the interrupted
+run after its last checkpoint), so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class MetricsWriter:
+    def __init__(self, output_dir, report_to=("jsonl", "tensorboard"), resume_step: int | None = None,
+                 enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.tensorboard = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.jsonl = "jsonl" in report_to
+        if "tensorboard" in report_to:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            except ImportError:
+                print("tensorboard: tensorboardX is not installed, so no event files are written (metrics.jsonl "
+                      "has every logged value; `pip install tensorboardX` to get TensorBoard logs)")
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        if self.jsonl:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _plain(value):
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return value
+
+
+def read_metrics(output_dir) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Throughput:
+    """Tokens per second (and MFU) over the window since the last report."""
+
+    def __init__(self):
+        self.start, self.tokens = time.perf_counter(), 0.0
+
+    def add(self, tokens: float) -> None:
+        self.tokens += tokens
+
+    def report(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.start, 1e-9)
+        self.start, self.tokens = now, 0.0
+        return rate
+
+
+def progress_bar(total_steps: int, initial: int, disable: bool = False):
+    """A tqdm bar over optimizer steps; tqdm shows the ETA, the train loop sets loss, tokens/s and MFU."""
+    return tqdm(total=total_steps, initial=initial, desc="train", unit="step", disable=disable, dynamic_ncols=True)
+
+
+def bar_postfix(metrics: dict, tokens_per_second: float, mfu: float | None) -> dict:
+    postfix = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{tokens_per_second:,.0f}"}
+    if mfu is not None:  # None on CPU: hidden
+        postfix["mfu"] = f"{mfu:.1%}"
+    return postfix

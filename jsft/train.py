@@ -1,0 +1,425 @@
+"""`python -m jsft.train --config configs/<name>.py [--set section.field=value ...] [--resume]`
+
+The run, top to bottom: config -> devices -> tokenizer -> data -> model (+ LoRA) -> optimizer -> checkpoint resume
+-> the plan -> the loop (log, eval, save) -> final checkpoint -> export. `run(config)` does it all and returns a
+summary dict; `main(argv)` is the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jsft import checkpoint, progress, sharding, step
+from jsft.config import ConfigError, SFTConfig, load, validate
+from jsft.loss import effective_seq_len, flops_per_token, mfu, normalize, peak_tflops
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+# ----------------------------------------------------------------------------------------------- building blocks
+
+
+def tokenizer_path(config: SFTConfig) -> str:
+    path = config.model.tokenizer_name_or_path or config.model.model_name_or_path
+    if not path:
+        raise ConfigError("model.tokenizer_name_or_path is empty and so is model.model_name_or_path: with "
+                          "model.init_from_scratch, set model.tokenizer_name_or_path to a tokenizer directory")
+    return path
+
+
+def build_tokenizer(config: SFTConfig):
+    """(tokenizer, added token ids) with the run's chat template and special tokens."""
+    from jsft.data.templates import load_tokenizer
+
+    return load_tokenizer(tokenizer_path(config), config.data)
+
+
+def _round_up(n: int, multiple: int = 64) -> int:
+    return multiple * math.ceil(n / multiple)
+
+
+def scratch_hf_config(config: SFTConfig, tokenizer) -> dict:
+    """model.init_from_scratch + what the tokenizer decides: vocab size (len(tokenizer) rounded up to 64), ids."""
+    hf = dict(config.model.init_from_scratch)
+    hf.setdefault("model_type", "llama")
+    hf.setdefault("architectures", ["LlamaForCausalLM"])
+    hf.setdefault("vocab_size", _round_up(len(tokenizer)))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        hf.setdefault(name, getattr(tokenizer, name))
+    return hf
+
+
+def build_model(config: SFTConfig, tokenizer, mesh):
+    """The model, placed on the mesh: loaded from model.model_name_or_path (each device reads only its shards) or
+    random-initialized from model.init_from_scratch; the vocabulary grown when the tokenizer has more tokens;
+    LoRA applied when lora.use_peft. Returns (model, grew_vocab)."""
+    from jsft.hf import load_model
+    from jsft.model.llama import Llama, LlamaConfig
+
+    m = config.model
+    dtype = DTYPES[m.dtype]
+    options = dict(compute_dtype=DTYPES[m.compute_dtype], attention_impl=m.attention_impl, remat_policy=m.remat_policy)
+    if m.init_from_scratch:
+        cfg = LlamaConfig.from_hf(scratch_hf_config(config, tokenizer))
+        model = sharding.create_sharded_model(
+            lambda: Llama(cfg, rngs=nnx.Rngs(config.training.seed), param_dtype=dtype, **options), mesh)
+    else:
+        model, _ = load_model(m.model_name_or_path, dtype=dtype, shardings=_variable_sharding(mesh), **options)
+    grew = len(tokenizer) > model.cfg.vocab_size
+    if grew:
+        model.resize_vocab(_round_up(len(tokenizer)), nnx.Rngs(config.training.seed))
+    if config.lora.use_peft:
+        from jsft.model.lora import apply_lora
+
+        lc = config.lora
+        apply_lora(model, lc.lora_r, lc.lora_alpha, lc.lora_dropout, lc.lora_target_modules,
+                   rngs=nnx.Rngs(config.training.seed + 1))
+    sharding.shard_model(model, mesh)
+    return model, grew
+
+
+def _variable_sharding(mesh):
+    def place(path, variable):
+        names = variable.get_metadata().get("out_sharding")
+        spec = sharding.logical_to_spec(tuple(names), tuple(variable.shape), mesh, path) if names else None
+        return jax.sharding.NamedSharding(mesh, spec or jax.sharding.PartitionSpec())
+
+    return place
+
+
+def count_params(model, wrt) -> tuple[int, int]:
+    """(all params, trainable params)."""
+    size = lambda state: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))  # noqa: E731
+    return size(nnx.state(model, nnx.Param)), size(nnx.state(model, wrt))
+
+
+def total_steps_for(config: SFTConfig, steps_per_epoch: int) -> int:
+    t = config.training
+    if t.max_steps > 0:
+        return t.max_steps
+    return max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
+
+
+def _abstract_batch(batch, mesh):
+    spec = lambda x: jax.sharding.NamedSharding(mesh, sharding.batch_spec(x.ndim))  # noqa: E731
+    _, count = sharding.data_process_split(mesh)
+    return {k: jax.ShapeDtypeStruct((v.shape[0], v.shape[1] * count, *v.shape[2:]), v.dtype, sharding=spec(v))
+            for k, v in batch.items()}
+
+
+def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_step, schedule) -> dict:
+    """What the run will do, before the first step: sizes, tokens per step, the compiled memory per device."""
+    total, trainable = count_params(model, wrt)
+    A, B, L = batch["input_ids"].shape
+    _, count = sharding.data_process_split(mesh)
+    plan = {"params": total, "trainable_params": trainable, "micro_batches": A, "rows_per_micro_batch": B * count,
+            "max_length": L, "tokens_per_step": A * B * count * L, "total_steps": total_steps,
+            "devices": jax.device_count(), "mesh": dict(mesh.shape)}
+    print(f"plan: {total:,} params, {trainable:,} trainable ({trainable / max(total, 1):.2%}); mesh {dict(mesh.shape)} "
+          f"on {jax.device_count()} x {jax.devices()[0].device_kind}")
+    print(f"plan: {A} micro-batch(es) x {B * count} rows x {L} tokens = {A * B * count * L:,} token slots per step; "
+          f"steps {start_step} -> {total_steps}")
+    try:
+        with jax.set_mesh(mesh):
+            compiled = step.train_step.lower(model, optimizer, _abstract_batch(batch, mesh),
+                                             loss_type=config.training.loss_type,
+                                             chunk_size=config.training.loss_chunk_size, schedule=schedule).compile()
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            gib = lambda n: n / 2**30  # noqa: E731
+            need = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes \
+                - mem.alias_size_in_bytes
+            plan["memory_per_device_bytes"] = int(need)
+            print(f"plan: compiled step needs {gib(need):.2f} GiB per device (arguments {gib(mem.argument_size_in_bytes):.2f}"
+                  f", temporaries {gib(mem.temp_size_in_bytes):.2f}). If it does not fit: lower "
+                  "training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch), "
+                  "model.remat_policy='full', a larger sharding.mesh_shape fsdp, lora.use_peft=True, or "
+                  "data.max_length.")
+    except Exception as e:  # the estimate is advice; the run itself reports real failures
+        print(f"plan: no compiled memory estimate ({type(e).__name__}: {e})")
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------- eval
+
+
+def evaluate(config, model, eval_data, mesh, rows_per_micro_batch: int) -> dict:
+    """eval_loss, eval_mean_token_accuracy, eval_entropy over the eval split (its last partial batch is dropped)."""
+    from jsft.data.pipeline import batch_iterator
+
+    it = batch_iterator(eval_data, rows_per_micro_batch, 1, seed=0, num_epochs=1, shuffle=False,
+                        process_index=sharding.data_process_split(mesh)[0],
+                        process_count=sharding.data_process_split(mesh)[1], prefetch=0)
+    totals = None
+    with jax.set_mesh(mesh):
+        for batch in it:
+            sums = step.eval_step(model, sharding.shard_batch(batch, mesh), loss_type=config.training.loss_type,
+                                  chunk_size=config.training.loss_chunk_size)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+        return {}
+    means = normalize(totals, totals["num_trained"])
+    return {f"eval_{k}": float(v) for k, v in means.items()}
+
+
+def eval_generations(config, model, tokenizer, n: int) -> list[dict]:
+    """Greedy replies to the first n eval conversations (chat data only), cut before their last assistant turn."""
+    from jsft.data.pipeline import load_rows
+    from jsft.generate import chat_prompt_ids, chat_replies
+
+    if n <= 0 or config.data.dataset_test_split is None:
+        return []
+    rows = load_rows(config.data, "eval")
+    if "messages" not in rows.column_names:
+        return []
+    conversations, references = [], []
+    for row in rows.select(range(min(len(rows), 4 * n))):
+        messages = row["messages"]
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None or last == 0:
+            continue
+        prompt = messages[:last]
+        if len(chat_prompt_ids(tokenizer, prompt)) > (config.data.max_length or 512):
+            continue
+        conversations.append(prompt)
+        references.append(messages[last]["content"])
+        if len(conversations) == n:
+            break
+    replies = chat_replies(model, tokenizer, conversations, max_new_tokens=64)
+    return [{"prompt": c[-1]["content"], "reply": r, "reference": ref}
+            for c, r, ref in zip(conversations, replies, references)]
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+class _Interrupt:
+    """Ctrl-C (SIGINT) sets a flag; the loop finishes its step, saves a checkpoint and stops cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            signal.signal(signal.SIGINT, self.previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def run(config: SFTConfig) -> dict:
+    """Train as the config says; returns a summary: steps, last logged metrics, the plan, export paths, demo
+    results, and "model" (the trained model object, for callers in the same process)."""
+    # ---- config and devices
+    from jsft.export import resolve_formats
+
+    config = validate(config)
+    resolve_formats(config)  # export settings fail now, not after training
+    lc, tc = config.logging, config.training
+    out = Path(lc.output_dir)
+    sharding.initialize_distributed(config.sharding)
+    mesh = sharding.create_mesh(config.sharding)
+    data_index, data_count = sharding.data_process_split(mesh)
+    is_main = jax.process_index() == 0
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    # ---- tokenizer and data
+    from jsft.data.pipeline import batch_iterator, format_stats, prepare_dataset, steps_per_epoch
+
+    tokenizer, added_tokens = build_tokenizer(config)
+    train_data = prepare_dataset(config, tokenizer, "train")
+    print(format_stats(train_data.stats))
+    eval_data = None
+    if config.data.dataset_test_split is not None:
+        eval_data = prepare_dataset(config, tokenizer, "eval")
+        print(format_stats(eval_data.stats))
+    batch_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    rows_per_micro = tc.per_device_train_batch_size * batch_shards // data_count  # this process's rows
+    epoch_steps = steps_per_epoch(train_data, rows_per_micro * data_count, tc.gradient_accumulation_steps)
+    total_steps = total_steps_for(config, epoch_steps)
+    num_epochs = None if tc.max_steps > 0 else math.ceil(tc.num_train_epochs)
+
+    # ---- model, LoRA, optimizer
+    from jsft.optim import make_optimizer, trainable_filter
+
+    model, grew_vocab = build_model(config, tokenizer, mesh)
+    wrt = trainable_filter(config.lora.use_peft, new_token_rows=bool(added_tokens) or grew_vocab)
+    tx, schedule = make_optimizer(tc, total_steps)
+    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+    sharding.shard_model(optimizer, mesh)
+
+    demo_before = None
+    if lc.demo_eval:
+        from jsft import demo
+
+        demo_before = demo.accuracy(model, tokenizer, config, label="before training")
+
+    # ---- resume
+    manager = checkpoint.make_manager(out, lc.save_total_limit)
+    data_it = batch_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, tc.seed, num_epochs,
+                             config.data.shuffle_dataset, data_index, data_count)
+    start_step, tokens_seen = 0, 0.0
+    existing = manager.latest_step()
+    if existing is not None and lc.resume_from_checkpoint is False:
+        print(f"logging.resume_from_checkpoint=False: starting fresh, removing the old checkpoints in "
+              f"{checkpoint.checkpoint_dir(out)}")
+        manager.close()
+        checkpoint.remove_all(out)
+        manager, existing = checkpoint.make_manager(out, lc.save_total_limit), None
+    if lc.resume_from_checkpoint and existing is None:
+        raise ConfigError(f"logging.resume_from_checkpoint=True but {checkpoint.checkpoint_dir(out)} has no checkpoint")
+    if existing is not None:
+        meta = checkpoint.restore(manager, model, optimizer, existing)
+        data_it.set_state(meta["data_iterator"])
+        start_step, tokens_seen = int(meta["step"]), float(meta.get("num_tokens", 0.0))
+        print(f"resume: checkpoint {start_step} from {checkpoint.checkpoint_dir(out)}")
+    writer = progress.MetricsWriter(out, lc.report_to, resume_step=start_step, enabled=is_main)
+
+    # ---- the plan
+    first = next(data_it)
+    plan = print_plan(config, model, optimizer, wrt, first, mesh, total_steps, start_step, schedule)
+    peak = peak_tflops(override=tc.peak_tflops)
+    hf_cfg = model.cfg.hf_config
+
+    # ---- the loop
+    interrupt = _Interrupt()
+    bar = progress.progress_bar(total_steps, start_step, disable=lc.disable_tqdm or not is_main)
+    throughput = progress.Throughput()
+    window, last_metrics, saved_step, batch = [], {}, existing, first
+    step_no = start_step
+    try:
+        with jax.set_mesh(mesh):
+            while step_no < total_steps:
+                if batch is None:
+                    batch = next(data_it, None)
+                    if batch is None:
+                        break
+                step.check_batch(batch, step_no + 1)
+                _, local_tokens = step.host_token_counts(batch)
+                seq = effective_seq_len(batch["segment_ids"][0])
+                metrics = step.train_step(model, optimizer, sharding.shard_batch(batch, mesh),
+                                          loss_type=tc.loss_type, chunk_size=tc.loss_chunk_size, schedule=schedule)
+                batch = None
+                step_no += 1
+                window.append(metrics)
+                throughput.add(local_tokens * data_count)
+                bar.update(1)
+                if step_no % lc.logging_steps == 0 or step_no == total_steps:
+                    window = jax.device_get(window)
+                    tokens_seen += sum(float(m["num_tokens"]) for m in window)
+                    rate = throughput.report()
+                    util = mfu(rate, flops_per_token(hf_cfg, seq), jax.device_count(), peak)
+                    last_metrics = _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util)
+                    writer.write(step_no, last_metrics)
+                    bar.set_postfix(progress.bar_postfix(last_metrics, rate, util))
+                    window = []
+                if eval_data is not None and lc.eval_steps and step_no % lc.eval_steps == 0:
+                    _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
+                if step_no % lc.save_steps == 0 or interrupt.requested:
+                    checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
+                                    {"num_tokens": tokens_seen})
+                    saved_step = step_no
+                if interrupt.requested:
+                    break
+    finally:
+        interrupt.restore()
+        bar.close()
+    if saved_step != step_no:
+        checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(), {"num_tokens": tokens_seen},
+                        force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+    summary = {"steps": step_no, "total_steps": total_steps, "interrupted": interrupt.requested, "plan": plan,
+               "last_metrics": last_metrics, "output_dir": str(out), "exports": {}, "model": model}
+    if interrupt.requested:
+        print(f"stopped at step {step_no}; checkpoint saved. Resume with the same command (or --resume).")
+        writer.close()
+        return summary
+    if eval_data is not None:
+        summary["eval"] = _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, None)
+
+    # ---- export
+    from jsft.export import export
+
+    if is_main:
+        summary["exports"] = {k: str(v) for k, v in export(model, tokenizer, config).items()}
+        for fmt, path in summary["exports"].items():
+            print(f"export ({fmt}): {path}")
+    if lc.demo_eval:
+        from jsft import demo
+
+        summary["demo"] = demo.after_training(model, tokenizer, config, summary, demo_before)
+    writer.close()
+    return summary
+
+
+def _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util) -> dict:
+    """TRL's logged values over the steps since the last log: means of loss, grad_norm, accuracy, entropy."""
+    mean = lambda key: float(np.mean([float(m[key]) for m in window]))  # noqa: E731
+    record = {key: mean(key) for key in ("loss", "grad_norm", "mean_token_accuracy", "entropy")}
+    record.update(
+        learning_rate=float(window[-1]["learning_rate"]),
+        num_tokens=tokens_seen,
+        num_trained=float(sum(float(m["num_trained"]) for m in window)),
+        epoch=step_no / max(epoch_steps, 1),
+        step_losses=[float(m["loss"]) for m in window],
+        tokens_per_second=rate,
+    )
+    if util is not None:
+        record["mfu"] = util
+    return record
+
+
+def _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar) -> dict:
+    rows = config.training.per_device_eval_batch_size * math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    result = evaluate(config, model, eval_data, mesh, rows // sharding.data_process_split(mesh)[1])
+    samples = eval_generations(config, model, tokenizer, config.logging.num_eval_generations)
+    say = bar.write if bar is not None else print
+    say(f"eval @ {step_no}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    for s in samples:
+        say(f"  user: {s['prompt'][-80:]!r}\n  model: {s['reply']!r}  (reference {s['reference']!r})")
+    writer.write(step_no, {**result, **({"eval_generations": samples} if samples else {})})
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m jsft.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="a configs/<name>.py file (or a TRL SFTConfig YAML/JSON)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one config field (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    overrides = list(args.set) + (["logging.resume_from_checkpoint=true"] if args.resume else [])
+    config = load(args.config, overrides)
+    started = time.perf_counter()
+    summary = run(config)
+    print(f"done: {summary['steps']} steps in {time.perf_counter() - started:.0f} s; output in {summary['output_dir']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""End to end through `jsft.train.run`: it learns, logs, saves, exports; LoRA leaves the base alone; bad configs fail
+before any compute."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from jsft import fixtures, progress, sharding, train
+from jsft.config import ConfigError
+from jsft.hf import base_params
+from train_configs import tiny_config
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """8 prompt/completion rows: with 8 rows a step and no shuffle, every step sees the same batch."""
+    path = tmp_path_factory.mktemp("small") / "pc.jsonl"
+    return fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 8, seed=5), path)
+
+
+def test_run_learns_a_repeated_batch_logs_saves_and_exports(tokenizer_dir, small_data, tmp_path):
+    config = tiny_config(tokenizer_dir, small_data, tmp_path / "run", data={"packing": False, "padding_free": False,
+                                                                              "shuffle_dataset": False})
+    summary = train.run(config)
+    records = progress.read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    losses = [r["loss"] for r in records]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.85 * losses[0]
+    for key in ("grad_norm", "learning_rate", "num_tokens", "mean_token_accuracy", "entropy", "epoch"):
+        assert key in records[0]
+    assert records[0]["learning_rate"] == pytest.approx(1e-2)
+    assert records[1]["num_tokens"] == 2 * records[0]["num_tokens"] > 0  # cumulative, like TRL
+    ckpts = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts == [3, 6]
+    export = tmp_path / "run" / "export"
+    assert summary["exports"] == {"full": str(export)}
+    assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()
+    assert json.loads((export / "config.json").read_text())["hidden_size"] == 32
+    assert summary["plan"]["params"] > 0 and summary["plan"]["trainable_params"] == summary["plan"]["params"]
+
+
+def test_lora_run_keeps_frozen_base_weights_bit_for_bit(tokenizer_dir, small_data, tmp_path):
+    config = tiny_config(tokenizer_dir, small_data, tmp_path / "lora", lora={"use_peft": True, "lora_r": 4,
+                                                                               "lora_dropout": 0.0},
+                         training={"max_steps": 3}, data={"packing": False, "padding_free": False})
+    mesh = sharding.create_mesh(config.sharding)
+    tokenizer, _ = train.build_tokenizer(config)
+    initial, _ = train.build_model(config, tokenizer, mesh)
+    before = {p: np.asarray(v[...]) for p, v in base_params(initial).items()}
+    lora_before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(initial, nnx.LoRAParam))}
+    summary = train.run(config)
+    model = summary["model"]
+    after = {p: np.asarray(v[...]) for p, v in base_params(model).items()}
+    assert before.keys() == after.keys() and len(before) > 0
+    for p in before:
+        assert np.array_equal(before[p], after[p]), p
+    lora_after = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+    assert any(not np.array_equal(lora_before[k], lora_after[k]) for k in lora_before)
+    assert summary["plan"]["trainable_params"] < summary["plan"]["params"] / 2
+    assert summary["exports"] == {"adapter": str(tmp_path / "lora" / "adapter")}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.padding_free", True, "padding_free=True needs data.packing=True"),
+    ("training.learning_rate", -1.0, "training.learning_rate=-1.0"),
+    ("logging.export_formats", ["adapter"], "'adapter' needs a LoRA run"),
+])
+def test_config_error_fails_before_any_compute(tokenizer_dir, small_data, tmp_path, field, value, message):
+    config = tiny_config(tokenizer_dir, small_data, tmp_path / "bad", data={"packing": False})
+    section, name = field.split(".")
+    setattr(getattr(config, section), name, value)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=message):
+        train.run(config)
+    assert time.perf_counter() - started < 5
+    assert not (tmp_path / "bad").exists()
