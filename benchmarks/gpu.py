@@ -18,6 +18,8 @@ length, tail padding, positions restarting per document). Reported per run:
     temp_bytes       the compiled step's temporary buffers (XLA memory analysis)
     attention_impl   what impl="auto" (or --attention) resolved to
 
+Full fine-tuning keeps params and Adam moments in bf16 (the real models are random-init in bf16), so an 8B model
+needs 4 x 16 GB for params, grads and moments before activations; an out-of-memory run is recorded as an error.
 Peak TFLOP/s comes from jsft.loss.peak_tflops (H100/H200 989 bf16 dense, A100 312), or --peak-tflops.
 Results go to benchmarks/results/<device>-<date>.json (or --out) with the command that made them.
 """
@@ -28,6 +30,7 @@ import argparse
 import datetime
 import itertools
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -216,7 +219,7 @@ def run_isolated(spec: dict, timeout: int) -> dict:
     """run_one in a fresh process: its own peak memory, and an out-of-memory crash cannot take the sweep down."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=CHILD_ENV)
     except subprocess.TimeoutExpired:
         return dict(spec, status="error", error=f"timed out after {timeout} s")
     for line in reversed(done.stdout.splitlines()):
@@ -277,11 +280,18 @@ def specs(args) -> list[dict]:
     ]
 
 
+CHILD_ENV = dict(os.environ)  # isolated runs get the environment as it was (GPU memory preallocation included)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.one is not None:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
         return {}
+    # The driver only asks what the device is; without this, starting its GPU client would preallocate 75% of the
+    # device memory and leave the isolated runs a quarter of it. (No effect once a backend is already running.)
+    if not args.smoke and args.isolate is not False:
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     isolate = args.isolate if args.isolate is not None else (not args.smoke and jax.default_backend() == "gpu")
     result = dict(
         command="python benchmarks/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
