@@ -78,7 +78,7 @@ class Packed:
         return Packed(row_ptr, flat[:, 0].copy(), flat[:, 1].copy(), flat[:, 2].copy())
 
 
-def pack(lengths, max_length: int, strategy: str = "bfd", buffer_size: int = 10_000) -> list[list[tuple[int, int, int]]]:
+def pack(lengths, max_length: int, strategy: str = "bfd", buffer_size: int = 10_000) -> list[list[tuple]]:
     """lengths[i] = tokens of example i -> rows, each a list of (example_index, start, stop). See the module doc."""
     return pack_arrays(lengths, max_length, strategy, buffer_size).to_lists()
 

@@ -11,11 +11,12 @@
 Preparation (`prepare_dataset`):
 1. Rows come from `datasets.load_dataset`: a local .jsonl/.json/.parquet/.arrow/.csv file, a directory, or a hub name.
 2. Every row goes through `jsft.data.prepare_example` WITHOUT truncation, in chunks of 256 rows batched by
-   `jsft.data.batched` (Grain worker processes when data.dataset_num_proc > 1; row order kept). Rows that raise BadRowError stop the run, or with data.skip_bad_rows are
-   counted per reason and skipped. The examples (one flat token array, one flat mask, offsets) are cached in
-   `<cache_dir>/examples-<key>.npz`, keyed by the data files (path, size, mtime), the tokenizer (vocabulary, special
-   tokens, chat template), the DataConfig fields that change tokens, and the source of the formats code. Changing
-   max_length, packing or truncation_mode reuses the cache: those steps run after it.
+   `jsft.data.batched` (Grain worker processes when data.dataset_num_proc > 1; row order kept). Rows that raise
+   BadRowError stop the run, or with data.skip_bad_rows are counted per reason and skipped. The examples (one flat
+   token array, one flat mask, offsets) are cached in `<cache_dir>/examples-<split>-<key>.npz`, keyed by the data
+   files (path, size, mtime), the tokenizer (vocabulary, special tokens, chat template), the DataConfig fields that
+   change tokens, and the source of the code that tokenizes. Changing max_length, packing or truncation_mode reuses
+   the cache: those steps run after it.
 3. Truncation. Without packing: data.truncation_mode (keep_start / keep_end) to max_length. `bfd` / `bfd_stream`: the
    first max_length tokens. `bfd_split`: overlong examples become fragments of max_length. `wrapped`: none.
    Truncated examples and tokens are counted.
@@ -31,9 +32,10 @@ Batches (`batch_iterator`): a Grain MapDataset over row indices: shuffle (Grain'
 -> batch into optimizer steps of accum_steps * rows_per_micro_batch * process_count rows -> repeat num_epochs (None:
 forever) -> assemble this process's rows. Each epoch drops its last partial step (fixed shapes), so an epoch is
 `steps_per_epoch` steps and `dropped_rows_per_epoch` rows wait for the next epoch's shuffle. With
-drop_remainder=False (for eval) that step is kept and completed with empty rows (padding, nothing trained). A global micro-batch
-holds rows_per_micro_batch rows of each process, process p taking [p * rows_per_micro_batch, (p + 1) * ...): the
-processes' rows are disjoint and together are the single-process batch.
+drop_remainder=False (for eval) that step is kept and completed with empty rows (padding, nothing trained).
+Processes: each micro-batch of the global step holds rows_per_micro_batch rows of each process, process p taking
+[p * rows_per_micro_batch, (p + 1) * rows_per_micro_batch); the processes' rows are disjoint and together are the
+single-process batch.
 
 Example of one packed row (L = 8) holding documents [a b c] (mask 0 1 1) and [d e] (mask 1 1):
 
@@ -169,7 +171,8 @@ def _source_fingerprint(data: DataConfig, split: str, dataset) -> dict:
 def _tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    h.update(vocabulary.encode())
     h.update(json.dumps([type(tokenizer).__name__, str(tokenizer.chat_template), tokenizer.bos_token,
                          tokenizer.eos_token, tokenizer.pad_token, str(tokenizer.special_tokens_map)]).encode())
     return h.hexdigest()
@@ -177,9 +180,10 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 def _code_fingerprint() -> str:
     """The source of the code that turns rows into tokens: editing it invalidates caches."""
-    from jsft.data import chat, formats, templates
+    from jsft.data import batched, chat, formats, templates
 
-    return hashlib.sha256("".join(inspect.getsource(m) for m in (chat, formats, templates)).encode()).hexdigest()
+    modules = (batched, chat, formats, templates)
+    return hashlib.sha256("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()
 
 
 def cache_key(data: DataConfig, split: str, dataset, tokenizer) -> str:
@@ -338,7 +342,9 @@ def build_rows(examples: Examples, data: DataConfig, seed: int) -> tuple[packing
     if strategy is None:
         rows = packing.Packed(np.arange(len(example) + 1, dtype=np.int64), example, start, stop)
     else:
-        order = np.random.default_rng(seed).permutation(len(example)) if data.shuffle_dataset else np.arange(len(example))
+        order = np.arange(len(example))
+        if data.shuffle_dataset:
+            order = np.random.default_rng(seed).permutation(len(example))
         example, start, stop = example[order], start[order], stop[order]
         rows = packing.pack_slices(example, start, stop, row_length, strategy, data.packing_buffer_size)
 
@@ -387,7 +393,8 @@ def format_stats(stats: dict) -> str:
         f"  truncated to {s['row_length']}: {s['truncated_examples']:,} examples, {s['truncated_tokens']:,} tokens",
         f"  dropped (no trained token after truncation): {s['dropped_no_trained_token']:,} {s['dropped_unit']}, "
         f"{s['dropped_tokens']:,} tokens",
-        f"  rows ({s['packing']}): {s['rows']:,} of {s['row_length']} slots, {s['row_tokens']:,} tokens, "
+        f"  rows ({'packed ' + s['packing'] if s['packing'] != 'none' else 'one example each'}): {s['rows']:,} of "
+        f"{s['row_length']} slots, {s['row_tokens']:,} tokens, "
         f"{s['trained_tokens']:,} trained, fill {s['fill_rate']:.1%}",
     ]
     return "\n".join(lines)
