@@ -125,7 +125,8 @@ def test_hidden_states_times_lm_head_weight_are_the_logits(variant):
         batch, _ = packed_batch(DOCS, L, cfg.vocab_size)
         args = (batch["input_ids"], batch["positions"], batch["segment_ids"])
         hidden = nnx.jit(lambda m, *a: m.hidden_states(*a))(model, *args)
-        assert hidden.shape == (2, L, cfg.hidden_size) and model.lm_head_weight().shape == (cfg.hidden_size, cfg.vocab_size)
+        assert hidden.shape == (2, L, cfg.hidden_size)
+        assert model.lm_head_weight().shape == (cfg.hidden_size, cfg.vocab_size)
         np.testing.assert_allclose(hidden @ model.lm_head_weight(), forward(model, *args), atol=1e-5)
 
 

@@ -26,7 +26,8 @@ Every parameter carries logical axis names in its metadata (`var.get_metadata()[
     layers.N.{input,post_attention}_layernorm.scale       [H]             ("norm",)
     norm.scale                                            [H]             ("norm",)
     lm_head.kernel (absent when tied)                     [H, V]          ("embed", "vocab")
-    LoRA (jsft/model/lora.py): <proj>.lora_a / .lora_b    [in, r] / [r, out]  (in-axis, "lora_rank") / ("lora_rank", out-axis)
+    <proj>.lora_a / <proj>.lora_b (LoRA, lora.py)        [in, r] / [r, out]
+                                                          (in axis, "lora_rank") / ("lora_rank", out axis)
 
 "q_heads"/"kv_heads" name the flattened heads*head_dim axis: splitting it in n equal blocks splits whole heads
 when the head count divides by n. Params are created with `eager_sharding=False`: names are metadata only, so the
@@ -135,7 +136,8 @@ class LlamaConfig:
         """RoPE inverse frequencies [head_dim/2] (float32), with linear or llama3 (Llama 3.1) scaling."""
         rope = dict(self.rope)
         dim = self.head_dim
-        inv = (1.0 / (np.float32(rope["rope_theta"]) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(np.float32)
+        exponents = np.arange(0, dim, 2, dtype=np.float32) / dim
+        inv = (1.0 / (np.float32(rope["rope_theta"]) ** exponents)).astype(np.float32)
         kind = rope["rope_type"]
         if kind == "default":
             return inv
@@ -224,7 +226,8 @@ def apply_rope(x, rope):
 
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, param_dtype, compute_dtype, attention_impl, rngs):
-        H, D, q_out, kv_out = cfg.hidden_size, cfg.head_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        H, D = cfg.hidden_size, cfg.head_dim
+        q_out, kv_out = cfg.num_heads * D, cfg.num_kv_heads * D
         dt = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
         self.q_proj = Linear(H, q_out, ("embed", "q_heads"), bias=cfg.qkv_bias, rngs=rngs, **dt)
         self.k_proj = Linear(H, kv_out, ("embed", "kv_heads"), bias=cfg.qkv_bias, rngs=rngs, **dt)

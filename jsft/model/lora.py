@@ -102,7 +102,7 @@ def merged_params(model) -> dict:
 
     values = {p: v.get_value for p, v in base_params(model).items()}
     for path, module in lora_modules(model).items():
-        values[f"{path}.kernel"] = lambda m=module: (m.kernel[...].astype(jnp.float32) + m.delta()).astype(m.kernel.dtype)
+        values[f"{path}.kernel"] = lambda m=module: (m.kernel[...] + m.delta()).astype(m.kernel.dtype)
     return values
 
 
