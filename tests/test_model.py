@@ -191,6 +191,11 @@ def test_config_errors_name_the_field():
         LlamaConfig.from_hf(hf)
     with pytest.raises(ModelConfigError, match="'low_freq_factor'"):
         LlamaConfig.from_hf(read_config_dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}))
+    with pytest.raises(ModelConfigError, match="use_sliding_window"):
+        LlamaConfig.from_hf(read_config_dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                                             use_sliding_window=True))
+    with pytest.raises(ModelConfigError, match="layer_types"):
+        LlamaConfig.from_hf(read_config_dict(layer_types=["sliding_attention"]))
     with pytest.raises(ModelConfigError, match="yarn"):
         LlamaConfig.from_hf(read_config_dict(rope_parameters={"rope_type": "yarn", "factor": 8.0, "rope_theta": 1e4}))
 

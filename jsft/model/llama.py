@@ -106,6 +106,9 @@ class LlamaConfig:
         if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
             raise ModelConfigError(f"config.json use_sliding_window=true ({model_type}): sliding-window attention "
                                    "is not implemented; set it to false")
+        if "sliding_attention" in (hf.get("layer_types") or []):
+            raise ModelConfigError("config.json layer_types has 'sliding_attention' layers: sliding-window attention "
+                                   "is not implemented; use 'full_attention'")
         heads = hf["num_attention_heads"]
         kv_heads = hf.get("num_key_value_heads") or heads
         if heads % kv_heads:
