@@ -3,7 +3,8 @@
     python benchmarks/data_prep.py [--rows 2000] [--repeats 3]
 
 Both sides read the fixture's `messages` rows from a .jsonl file with `datasets`, render them with the fixture's
-chat template, build assistant-only masks, and pack with BFD at max_length 512, in one process. jsft starts from an
+chat template, build assistant-only masks, and pack with BFD at max_length 512, in one process (--num-proc N: N
+worker processes on both sides: Grain workers for jsft, datasets' num_proc for TRL). jsft starts from an
 empty cache (its warm-cache time is reported separately); TRL runs `SFTTrainer._prepare_dataset` with datasets'
 caching off; the two alternate `--repeats` times. Reported: examples/s and tokens/s (tokens = all tokens of all rows
 before truncation) from the best of the repeats. Writes benchmarks/results/data_prep-cpu-<date>.json.
@@ -46,7 +47,7 @@ def jsft_run(data_file: Path, tokenizer_dir: Path, cache_dir: Path, num_proc: in
     return time.perf_counter() - start, prepared
 
 
-def trl_trainer(tokenizer_dir: Path, checkpoint_dir: Path, out_dir: Path):
+def trl_trainer(tokenizer_dir: Path, checkpoint_dir: Path, out_dir: Path, num_proc: int | None):
     import datasets
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -54,7 +55,7 @@ def trl_trainer(tokenizer_dir: Path, checkpoint_dir: Path, out_dir: Path):
     from jsft import fixtures
 
     args = SFTConfig(output_dir=str(out_dir), max_length=MAX_LENGTH, packing=True, packing_strategy="bfd",
-                     assistant_only_loss=True, report_to=[], use_cpu=True, bf16=False)
+                     assistant_only_loss=True, report_to=[], use_cpu=True, bf16=False, dataset_num_proc=num_proc)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     small = datasets.Dataset.from_list(fixtures.make_rows("messages", 4, 1))
     trainer = SFTTrainer(model=str(checkpoint_dir), args=args, train_dataset=small, processing_class=tokenizer)
@@ -74,6 +75,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--num-proc", type=int, default=None, help="worker processes on both sides (default: none)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
 
@@ -89,10 +91,10 @@ def main(argv=None):
         data_file = fixtures.write_jsonl(fixtures.make_rows("messages", args.rows, 0), work / "messages.jsonl")
         checkpoint_dir = fixtures.build_hf_checkpoint(work / "checkpoint")
 
-        trainer, tokenizer = trl_trainer(tokenizer_dir, checkpoint_dir, work / "trl")
+        trainer, tokenizer = trl_trainer(tokenizer_dir, checkpoint_dir, work / "trl", args.num_proc)
         jsft_times, trl_times = [], []
         for k in range(args.repeats):  # alternate, so a busy machine slows both sides alike
-            seconds, prepared = jsft_run(data_file, tokenizer_dir, work / f"cache{k}", None)
+            seconds, prepared = jsft_run(data_file, tokenizer_dir, work / f"cache{k}", args.num_proc)
             jsft_times.append(seconds)
             seconds, trl_prepared = trl_run(trainer, tokenizer, data_file)
             trl_times.append(seconds)
@@ -113,7 +115,7 @@ def main(argv=None):
                     "load_average_1m_at_end": os.getloadavg()[0],
                     "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM")},
         "setup": {"rows": args.rows, "format": "messages", "assistant_only_loss": True, "max_length": MAX_LENGTH,
-                  "packing_strategy": "bfd", "processes": 1, "repeats": args.repeats, "timing": "best of repeats"},
+                  "packing_strategy": "bfd", "processes": args.num_proc or 1, "repeats": args.repeats, "timing": "best of repeats"},
         "jsft": {
             "seconds": jsft_times, "seconds_cache_hit": warm,
             "examples_per_s": args.rows / best_jsft, "tokens_per_s": tokens / best_jsft,
@@ -129,7 +131,8 @@ def main(argv=None):
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"data_prep-cpu-{datetime.date.today().isoformat()}.json"
+    tag = f"-proc{args.num_proc}" if args.num_proc else ""
+    path = out / f"data_prep-cpu-{datetime.date.today().isoformat()}{tag}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"jsft: {result['jsft']['examples_per_s']:,.0f} examples/s, {result['jsft']['tokens_per_s']:,.0f} tokens/s "
           f"({best_jsft:.2f} s; cache hit {warm:.2f} s), {stats['rows']} rows, fill {stats['fill_rate']:.3f}")
