@@ -16,8 +16,8 @@ Preparation (`prepare_dataset`):
    chat rows take ~1.5 s in-process). Rows that raise BadRowError stop the run, or with data.skip_bad_rows are
    counted per reason and skipped. The examples (one flat token array, one flat mask, offsets) are cached in
    `<cache_dir>/examples-<split>-<key>.npz`, keyed by the data files (path, size, mtime), the tokenizer (vocabulary,
-   special tokens, chat template), the DataConfig fields that change tokens, and the source of the code that tokenizes. Changing max_length, packing or truncation_mode reuses
-   the cache: those steps run after it.
+   special tokens, chat template), the DataConfig fields that change tokens, and the source of the code that
+   tokenizes. Changing max_length, packing or truncation_mode reuses the cache: those steps run after it.
 3. Truncation. Without packing: data.truncation_mode (keep_start / keep_end) to max_length. `bfd` / `bfd_stream`: the
    first max_length tokens. `bfd_split`: overlong examples become fragments of max_length. `wrapped`: none.
    Truncated examples and tokens are counted.
