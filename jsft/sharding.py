@@ -273,24 +273,34 @@ def data_process_split(mesh: Mesh) -> tuple[int, int]:
     Processes whose devices hold the same batch rows (a tensor axis that crosses hosts) get the same index, so
     count can be smaller than jax.process_count(). Pass these to the data pipeline's per-process split.
     """
-    batch_axes = [a for a in MESH_AXES if a in RULES["batch"]]
+    process_grid = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+    return batch_split(process_grid, jax.process_index())
+
+
+def batch_split(process_grid: np.ndarray, process_index: int) -> tuple[int, int]:
+    """data_process_split on a grid of the mesh's shape holding each device's process index.
+
+    Process grid (data=2, fsdp=1, tensor=2) [[[0, 0]], [[1, 1]]]: process 1 -> (1, 2).
+    Process grid (1, 1, tensor=4) [[[0, 0, 1, 1]]]: both processes hold every row -> (0, 1).
+    """
     # the batch shard each device holds = its position on the batch axes, row-major over (data, fsdp)
-    positions = np.indices(mesh.devices.shape)
-    shard_of = np.zeros(mesh.devices.shape, dtype=int)
-    for axis in batch_axes:
+    positions = np.indices(process_grid.shape)
+    shard_of = np.zeros(process_grid.shape, dtype=int)
+    for axis in RULES["batch"]:
         i = MESH_AXES.index(axis)
-        shard_of = shard_of * mesh.devices.shape[i] + positions[i]
+        shard_of = shard_of * process_grid.shape[i] + positions[i]
     groups: dict[int, set[int]] = {}
-    for device, shard in zip(mesh.devices.flat, shard_of.flat):
-        groups.setdefault(device.process_index, set()).add(int(shard))
+    for process, shard in zip(process_grid.flat, shard_of.flat):
+        groups.setdefault(int(process), set()).add(int(shard))
     distinct = sorted({tuple(sorted(g)) for g in groups.values()})
     flat = sorted(s for g in distinct for s in g)
-    if flat != list(range(shard_of.max() + 1)) or any(g != tuple(range(g[0], g[0] + len(distinct[0]))) for g in distinct):
+    size = len(distinct[0])
+    if flat != list(range(shard_of.max() + 1)) or any(g != tuple(range(g[0], g[0] + size)) for g in distinct):
         raise ShardingError(
-            f"mesh {dict(mesh.shape)}: processes hold overlapping or uneven batch shards {distinct}; "
+            f"mesh {process_grid.shape}: processes hold overlapping or uneven batch shards {distinct}; "
             "keep the tensor axis inside one host or make data*fsdp a multiple of the process count"
         )
-    return distinct.index(tuple(sorted(groups[jax.process_index()]))), len(distinct)
+    return distinct.index(tuple(sorted(groups[process_index]))), len(distinct)
 
 
 def shard_batch(batch, mesh: Mesh):

@@ -333,6 +333,19 @@ def test_data_process_split_single_process():
     assert sharding.data_process_split(mesh_of((2, 2, 2))) == (0, 1)
 
 
+def test_batch_split_of_processes_on_the_mesh():
+    """Which slice of the global batch each host loads, for mesh layouts over 2 or 4 hosts."""
+    data_across = np.array([0, 0, 0, 0, 1, 1, 1, 1]).reshape(2, 2, 2)  # data=2 crosses the 2 hosts
+    assert [sharding.batch_split(data_across, p) for p in (0, 1)] == [(0, 2), (1, 2)]
+    fsdp_across = np.array([0, 0, 0, 0, 1, 1, 1, 1]).reshape(1, 8, 1)
+    assert [sharding.batch_split(fsdp_across, p) for p in (0, 1)] == [(0, 2), (1, 2)]
+    tensor_across = np.array([0, 0, 1, 1, 2, 2, 3, 3]).reshape(2, 1, 4)  # tensor=4 spans 2 hosts
+    assert [sharding.batch_split(tensor_across, p) for p in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    uneven = np.array([0, 0, 0, 1]).reshape(1, 4, 1)
+    with pytest.raises(sharding.ShardingError, match="overlapping or uneven batch shards"):
+        sharding.batch_split(uneven, 0)
+
+
 def test_initialize_distributed_explicit_and_auto_detected(monkeypatch):
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append((args, kwargs)))
