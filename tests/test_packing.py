@@ -118,6 +118,14 @@ def test_global_bfd_fills_at_least_as_well_as_trl_on_the_chat_fixture(chat_lengt
     assert ours.num_rows <= len(theirs)
 
 
+def test_global_bfd_pairs_across_trls_1000_row_chunks():
+    """1,000 examples of 300 tokens then 1,000 of 200: TRL's chunks cannot pair them (1,500 rows), global BFD does."""
+    lengths = [300] * 1000 + [200] * 1000
+    assert len(trl_pack(lengths, 512, "bfd")) == 1500
+    packed = pack_arrays(lengths, 512, "bfd")
+    assert packed.num_rows == 1000 and (packed.row_lengths() == 500).all()
+
+
 def test_bfd_stream_within_one_point_of_global_bfd(chat_lengths):
     bfd = fill(pack_arrays(chat_lengths, 512, "bfd"), 512)
     for buffer_size in (64, 256, 10_000):
