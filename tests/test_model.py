@@ -99,6 +99,16 @@ def test_llama3_rope_frequencies_match_transformers_and_really_scale():
     assert changed.sum() >= 3 and not changed[0]  # low frequencies scaled, the highest kept
 
 
+def test_llama3_scaling_changes_logits_more_than_the_parity_tolerance(variant):
+    """Same weights (same seed), default vs llama3 RoPE: the parity test at 1e-4 would see a wrong scaling."""
+    _, model, cfg, _ = variant("llama3_rope")
+    default_hf = variant("llama")[3]
+    batch, docs = packed_batch(DOCS, L, cfg.vocab_size)
+    logits = np.asarray(forward(model, batch["input_ids"], batch["positions"], batch["segment_ids"]))
+    r, start, stop = docs[2]  # the 30-token document
+    assert np.abs(logits[r, start:stop] - hf_logits(default_hf, batch["input_ids"][r, start:stop])).max() > 1e-3
+
+
 def test_legacy_rope_scaling_and_rope_theta_are_read():
     hf = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4).to_dict()
     hf.pop("rope_parameters")
