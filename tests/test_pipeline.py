@@ -311,3 +311,22 @@ def test_kept_examples_are_trls_rows_without_packing(tmp_path, tokenizer_dir, da
         assert ex.tokens[ex.offsets[e] + start : ex.offsets[e] + stop].tolist() == row["input_ids"]
         mask = ex.loss_mask[ex.offsets[e] + start : ex.offsets[e] + stop].tolist()
         assert mask == [label != -100 for label in row["labels"]]
+
+
+def test_rows_load_from_a_directory_split_or_a_parquet_file(tmp_path, data_dir):
+    import datasets
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    lines = open(data_dir / "text.jsonl").readlines()
+    (folder / "train.jsonl").write_text("".join(lines[:30]))
+    (folder / "test.jsonl").write_text("".join(lines[30:40]))
+    config = make_config(tmp_path, folder, dataset_test_split="test")
+    assert len(pipeline.load_rows(config.data, "train")) == 30
+    assert len(pipeline.load_rows(config.data, "eval")) == 10
+    parquet = tmp_path / "rows.parquet"
+    datasets.Dataset.from_list([json.loads(line) for line in lines[:7]]).to_parquet(str(parquet))
+    config = make_config(tmp_path, parquet)
+    assert pipeline.load_rows(config.data)["text"] == [json.loads(line)["text"] for line in lines[:7]]
+    with pytest.raises(pipeline.ConfigError, match="one file"):
+        pipeline.load_rows(make_config(tmp_path, parquet, dataset_test_split="test").data, "eval")
