@@ -330,3 +330,18 @@ def test_rows_load_from_a_directory_split_or_a_parquet_file(tmp_path, data_dir):
     assert pipeline.load_rows(config.data)["text"] == [json.loads(line)["text"] for line in lines[:7]]
     with pytest.raises(pipeline.ConfigError, match="one file"):
         pipeline.load_rows(make_config(tmp_path, parquet, dataset_test_split="test").data, "eval")
+
+
+def test_cache_misses_when_the_data_file_changes(tmp_path, tokenizer_dir, data_dir):
+    from jsft.data import load_tokenizer
+
+    lines = open(data_dir / "text.jsonl").readlines()
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(lines[:20]))
+    config = make_config(tmp_path, path, packing=False)
+    tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
+    assert prepare_dataset(config, tokenizer).stats["cache"] == "miss"
+    assert prepare_dataset(config, tokenizer).stats["cache"] == "hit"
+    path.write_text("".join(lines[:21]))
+    again = prepare_dataset(config, tokenizer)
+    assert again.stats["cache"] == "miss" and again.stats["examples"] == 21
