@@ -231,6 +231,8 @@ def run(config: SFTConfig) -> dict:
     resolve_formats(config)  # export settings fail now, not after training
     lc, tc = config.logging, config.training
     out = Path(lc.output_dir)
+    if lc.resume_from_checkpoint and checkpoint.latest_step(out) is None:
+        raise ConfigError(f"logging.resume_from_checkpoint=True but {checkpoint.checkpoint_dir(out)} has no checkpoint")
     sharding.initialize_distributed(config.sharding)
     mesh = sharding.create_mesh(config.sharding)
     data_index, data_count = sharding.data_process_split(mesh)
@@ -282,8 +284,6 @@ def run(config: SFTConfig) -> dict:
         manager.close()
         checkpoint.remove_all(out)
         manager, existing = checkpoint.make_manager(out, lc.save_total_limit), None
-    if lc.resume_from_checkpoint and existing is None:
-        raise ConfigError(f"logging.resume_from_checkpoint=True but {checkpoint.checkpoint_dir(out)} has no checkpoint")
     if existing is not None:
         meta = checkpoint.restore(manager, model, optimizer, existing)
         data_it.set_state(meta["data_iterator"])

@@ -1,0 +1,74 @@
+"""Resume is exact: a run killed with SIGKILL and resumed logs the same per-step losses as an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jsft import fixtures, progress, train
+from train_configs import tiny_config, write_config_file
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+RUN = dict(data={"packing": False, "padding_free": False}, training={"max_steps": 24},
+           logging={"save_steps": 4, "save_total_limit": 2})
+
+
+@pytest.fixture(scope="module")
+def data_32(tmp_path_factory):
+    """32 rows = 4 steps an epoch: 24 steps cross epochs, so the iterator state (shuffle epoch, position) matters."""
+    path = tmp_path_factory.mktemp("ckpt_data") / "pc.jsonl"
+    return fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 32, seed=9), path)
+
+
+def _env(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),  # the second process compiles nothing
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_logs_the_same_losses(tokenizer_dir, data_32, tmp_path):
+    reference = tiny_config(tokenizer_dir, data_32, tmp_path / "reference", **RUN)
+    train.run(reference)
+    want = {r["step"]: r["loss"] for r in progress.read_metrics(tmp_path / "reference") if "loss" in r}
+    assert sorted(want) == list(range(1, 25))
+
+    out = tmp_path / "killed"
+    config_file = write_config_file(tmp_path / "killed.py", TESTS, tokenizer_dir, data_32, out, **RUN)
+    command = [sys.executable, "-m", "jsft.train", "--config", str(config_file)]
+    proc = subprocess.Popen(command, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "4").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(r["step"] for r in progress.read_metrics(out))
+    assert killed_at < 24, "the run finished before it was killed: nothing was tested"
+
+    resumed = subprocess.run(command + ["--resume"], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                             timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resume: checkpoint" in resumed.stdout
+    got = {r["step"]: r["loss"] for r in progress.read_metrics(out) if "loss" in r}
+    assert sorted(got) == list(range(1, 25))  # no step lost, none logged twice
+    for s in want:
+        assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-7), f"step {s}"
+
+
+def test_resume_false_starts_fresh_and_true_needs_a_checkpoint(tokenizer_dir, data_32, tmp_path):
+    from jsft.config import ConfigError
+
+    config = tiny_config(tokenizer_dir, data_32, tmp_path / "none", logging={"resume_from_checkpoint": True})
+    with pytest.raises(ConfigError, match="resume_from_checkpoint=True but .* has no checkpoint"):
+        train.run(config)
