@@ -29,6 +29,7 @@ padding. Tiny example (one row, two documents and one pad):
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -290,10 +291,42 @@ def _pallas_attention(q, k, v, segment_ids, scale, *, interpret, block_size):
     if groups > 1:  # the kernel has no GQA: query head h reads kv head h // groups, as jnp.repeat lays it out
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     # The kernel masks by segment equality (and causally), so padding attends to earlier padding: finite, zeroed.
-    out = pallas_attention.mha(
-        q, k, v, segment_ids, sm_scale=scale, causal=True, block_sizes=blocks, interpret=interpret
+    kernel = functools.partial(
+        pallas_attention.mha, sm_scale=scale, causal=True, block_sizes=blocks, interpret=interpret
     )
+    out = per_device_shard(kernel, q, k, v, segment_ids)
     return _zero_padding(out, segment_ids).astype(q.dtype)
+
+
+def per_device_shard(kernel, q, k, v, segment_ids):
+    """kernel(q, k, v, segment_ids) on each device's own rows and heads when a mesh is set (`jax.set_mesh`).
+
+    XLA cannot split a Pallas/Triton custom call across devices: given batch-sharded inputs it would gather the
+    whole batch onto every device. So under a mesh the kernel runs inside `jax.shard_map`, rows split along the
+    mesh axes jsft.sharding.RULES gives "batch", heads along those of "heads" (an axis that does not divide the
+    batch or head count is left out: replicated, still correct). No mesh: a plain call.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(q, k, v, segment_ids)
+    from jsft.sharding import RULES
+
+    def usable(logical, size):
+        names = RULES[logical] if isinstance(RULES[logical], tuple) else (RULES[logical],)
+        axes = tuple(a for a in names if a in mesh.axis_names and a not in mesh.manual_axes and mesh.shape[a] > 1)
+        return axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+    batch_axes, head_axes = usable("batch", q.shape[0]), usable("heads", min(q.shape[2], k.shape[2]))
+    if not batch_axes and not head_axes:
+        return kernel(q, k, v, segment_ids)
+    P = jax.sharding.PartitionSpec
+    rows_heads, rows = P(batch_axes or None, None, head_axes or None, None), P(batch_axes or None, None)
+    specs = (rows_heads, rows_heads, rows_heads, rows)
+    args = (q, k, v, segment_ids)
+    if mesh.explicit_axes:  # sharding in types: move the inputs to these specs, and the output back to q's
+        args = tuple(jax.sharding.reshard(x, spec) for x, spec in zip(args, specs))
+    out = jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=rows_heads, check_vma=False)(*args)
+    return jax.sharding.reshard(out, jax.typeof(q).sharding.spec) if mesh.explicit_axes else out
 
 
 # ----------------------------------------------------------------------------------------------- checks
