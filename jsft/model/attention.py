@@ -10,6 +10,8 @@ One public function, `packed_attention(q, k, v, segment_ids, impl=...)`, with th
             computes packed kv offsets right (after 0.11.0, see `jax_packed_gqa_is_fixed`); else k/v repeated.
     pallas  the Pallas/Triton flash kernel jax.experimental.pallas.ops.gpu.attention.mha, which takes segment ids
             itself. No GQA in that kernel: k/v heads are repeated. `interpret=True` runs it on CPU (slowly).
+            Under a mesh (`jax.set_mesh`) it runs per device shard (`per_device_shard`); cuDNN's call carries
+            its own partitioning rules and xla is plain XLA, so both shard without help.
     auto    CPU/TPU: xla. GPU, bf16/fp16: cudnn when it is usable (sm90+, cuDNN >= 9.6, head dim a multiple
             of 8 and <= 256) AND the caller gives `max_segments` (the data side knows how many documents a row
             holds; a guessed bound could make rows NaN); else pallas when L is a multiple of 128 (its block)
