@@ -154,6 +154,9 @@ def load_model(path, dtype=jnp.bfloat16, compute_dtype=None, attention_impl="aut
             var.set_value(_read(handles[file], name, transpose, var, dtype, sharding_for(p, var)))
     finally:
         handles.clear()
+    for p, var in nnx.to_flat_state(nnx.state(model)):  # nothing abstract may survive the load
+        if isinstance(var.get_value(), jax.ShapeDtypeStruct):
+            raise RuntimeError(f"load_model left {path_str(p)} unset: jsft.hf.RULES does not cover that variable")
     return model, cfg
 
 

@@ -211,12 +211,13 @@ def test_adapter_with_whole_trained_embeddings_loads_in_peft(make_checkpoint, tm
                           target_modules=["q_proj", "v_proj"], added_token_ids=[400], save_embeddings=True)
 
 
-def test_dropout_masks_are_replayed_by_remat(checkpoint_dir):
+def test_dropout_masks_are_replayed_by_remat(make_checkpoint):
     """With LoRA dropout on, remat recomputes each layer with the same dropout mask: gradients equal no-remat."""
     ids = ids_batch(seed=5)
+    path = make_checkpoint("one_layer", "llama", num_hidden_layers=1)
 
     def grads(policy):
-        model, _ = load_model(checkpoint_dir, dtype=jnp.float32, remat_policy=policy)
+        model, _ = load_model(path, dtype=jnp.float32, remat_policy=policy)
         apply_lora(model, r=R, alpha=ALPHA, dropout=0.3, target_modules=["q_proj", "up_proj"], rngs=nnx.Rngs(3))
         randomize_b(model)
 
