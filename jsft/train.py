@@ -8,6 +8,7 @@ summary dict; `main(argv)` is the command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import signal
@@ -270,7 +271,8 @@ def run(config: SFTConfig) -> dict:
     if lc.demo_eval:
         from jsft import demo
 
-        demo_before = demo.accuracy(model, tokenizer, config, label="before training")
+        with eval_mode(model):
+            demo_before = demo.accuracy(model, tokenizer, config, label="before training")
 
     # ---- resume
     manager = checkpoint.make_manager(out, lc.save_total_limit)
@@ -365,7 +367,8 @@ def run(config: SFTConfig) -> dict:
     if lc.demo_eval:
         from jsft import demo
 
-        summary["demo"] = demo.after_training(model, tokenizer, config, summary, demo_before)
+        with eval_mode(model):
+            summary["demo"] = demo.after_training(model, tokenizer, config, summary, demo_before)
     writer.close()
     return summary
 
@@ -387,10 +390,21 @@ def _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util) -> di
     return record
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """Dropout (LoRA's) off inside, back on after: for eval loss, generations and the demo's accuracy."""
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train()
+
+
 def _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar) -> dict:
     rows = config.training.per_device_eval_batch_size * math.prod(mesh.shape[a] for a in ("data", "fsdp"))
-    result = evaluate(config, model, eval_data, mesh, rows // sharding.data_process_split(mesh)[1])
-    samples = eval_generations(config, model, tokenizer, config.logging.num_eval_generations)
+    with eval_mode(model):
+        result = evaluate(config, model, eval_data, mesh, rows // sharding.data_process_split(mesh)[1])
+        samples = eval_generations(config, model, tokenizer, config.logging.num_eval_generations)
     say = bar.write if bar is not None else print
     say(f"eval @ {step_no}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     for s in samples:

@@ -1,0 +1,86 @@
+"""HF exports load unchanged: the full model in transformers (jsft's logits), the adapter in peft."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+
+from jsft import checkpoint, export, sharding, train
+from jsft.config import ConfigError
+from train_configs import tiny_config
+
+IDS = np.array([[5, 17, 42, 99, 7, 3, 250, 11, 64, 2]], np.int32)
+
+
+def jsft_logits(model):
+    model.eval()  # LoRA dropout off, as in peft's eval mode
+    positions = np.arange(IDS.shape[1], dtype=np.int32)[None]
+    return np.asarray(model(IDS, positions, np.ones_like(IDS)))
+
+
+def torch_logits(model):
+    with torch.no_grad():
+        return model(torch.tensor(IDS, dtype=torch.long)).logits.float().numpy()
+
+
+def _perturb(model, filt, seed):
+    """Move the params matched by filt away from their init (LoRA B starts at zero: an adapter that does nothing)."""
+    state = nnx.state(model, filt)
+    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(state))))
+    nnx.update(model, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape, x.dtype), state))
+
+
+def _model(config):
+    mesh = sharding.create_mesh(config.sharding)
+    tokenizer, _ = train.build_tokenizer(config)
+    model, _ = train.build_model(config, tokenizer, mesh)
+    return model, tokenizer
+
+
+def test_full_export_from_a_checkpoint_loads_in_transformers(tokenizer_dir, checkpoint_dir, data_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(tokenizer_dir, data_dir / "text.jsonl", tmp_path / "run")
+    config.model.init_from_scratch, config.model.model_name_or_path = None, str(checkpoint_dir)
+    model, _ = _model(config)
+    _perturb(model, nnx.Param, 0)  # "trained"
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    manager = checkpoint.make_manager(tmp_path / "run", async_save=False)
+    checkpoint.save(manager, 7, model, optimizer, {"position": 0})
+    manager.close()
+
+    written = export.export_checkpoint(config, step=None, formats=["full"])  # python -m jsft.export --format full
+    hf = AutoModelForCausalLM.from_pretrained(written["full"], dtype=torch.float32)
+    np.testing.assert_allclose(torch_logits(hf), jsft_logits(model), atol=1e-4)
+    assert (written["full"] / "tokenizer_config.json").exists()
+
+
+def test_adapter_export_loads_in_peft_and_merged_in_transformers(tokenizer_dir, checkpoint_dir, data_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(tokenizer_dir, data_dir / "text.jsonl", tmp_path / "lora",
+                         lora={"use_peft": True, "lora_r": 4, "lora_alpha": 8})
+    config.model.init_from_scratch, config.model.model_name_or_path = None, str(checkpoint_dir)
+    model, tokenizer = _model(config)
+    _perturb(model, nnx.LoRAParam, 1)
+    written = export.export(model, tokenizer, config, formats=["adapter", "merged"])
+    want = jsft_logits(model)
+
+    base = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32)
+    assert np.abs(torch_logits(base) - want).max() > 1e-3  # the adapter changes the model
+    peft_model = PeftModel.from_pretrained(base, written["adapter"])
+    np.testing.assert_allclose(torch_logits(peft_model), want, atol=1e-4)
+    merged = AutoModelForCausalLM.from_pretrained(written["merged"], dtype=torch.float32)
+    np.testing.assert_allclose(torch_logits(merged), want, atol=1e-4)
+
+
+def test_auto_format_and_refusals(tokenizer_dir, data_dir, tmp_path):
+    config = tiny_config(tokenizer_dir, data_dir / "text.jsonl", tmp_path)
+    assert export.resolve_formats(config) == ["full"]
+    config.lora.use_peft = True
+    assert export.resolve_formats(config) == ["adapter"]
+    with pytest.raises(ConfigError, match="choose from"):
+        export.resolve_formats(config, ["gguf"])
