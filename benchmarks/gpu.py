@@ -269,7 +269,8 @@ def specs(args) -> list[dict]:
     modes = args.modes or ["full", "lora"]
     combos = list(itertools.product(models, lengths, micro, remats, modes, args.attention))
     if smoke and not (args.micro_batch or args.remat or args.modes):
-        combos = [(models[0], lengths[0], 1, "none", "full", "auto"), (models[0], lengths[0], 2, "full", "lora", "auto")]
+        model, length = models[0], lengths[0]
+        combos = [(model, length, 1, "none", "full", "auto"), (model, length, 2, "full", "lora", "auto")]
     steps = args.steps or (2 if smoke else 5)
     return [
         dict(model=model, L=length, micro_batch=b, remat=remat, mode=mode, attention=impl, steps=steps,

@@ -224,7 +224,8 @@ def device_name() -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: xla + pallas (interpret) only")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory (or .json file) for the results")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
+                        help="directory (or .json file) for the results")
     parser.add_argument("--lengths", type=int, nargs="*", default=None, help="timed L (default 4096 8192 16384)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per config (median reported)")
     parser.add_argument("--skip-correctness", action="store_true")

@@ -97,7 +97,7 @@ def test_xla_packed_row_equals_documents_alone():
 def test_xla_packed_gradients_equal_documents_alone():
     q, k, v = qkv(3, L, seed=1)
     seg = segments_from_lengths(LAYOUT, L)
-    w = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape, np.float32))  # a loss that weights every output differently
+    w = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape, np.float32))  # weights every output differently
 
     def packed_loss(q, k, v):
         return (packed_attention(q, k, v, seg, impl="xla") * w).sum()
