@@ -1,6 +1,6 @@
 """Per-device memory of parameters, gradients and Adam state for each mesh shape, on 8 simulated devices.
 
-    python benchmarks/sharding_memory.py            # prints a table, writes benchmarks/results/sharding_memory-cpu8-<date>.json
+    python benchmarks/sharding_memory.py   # prints a table; writes benchmarks/results/sharding_memory-cpu8-<date>.json
 
 Nothing is materialized: the model and its optimizer are built with nnx.eval_shape, jsft.sharding gives each
 array its NamedSharding, and a device's bytes are the sum of its shard shapes. So Llama-3-8B costs nothing here.

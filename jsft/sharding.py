@@ -30,6 +30,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 import jax
 import numpy as np
@@ -38,23 +39,22 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# The one table: logical axis -> mesh axis, tuple of mesh axes, or None (replicated).
-RULES: Mapping[str, str | tuple[str, ...] | None] = {
+# The one table: logical axis -> mesh axis, tuple of mesh axes, or None (replicated). Read-only.
+RULES: Mapping[str, str | tuple[str, ...] | None] = MappingProxyType({
     # activations and batches
     "batch": ("data", "fsdp"),
     "length": None,
+    "heads": "tensor",  # the (unflattened) head axis of q/k/v activations: model/attention.py splits kernels on it
     # parameters (and, by inheritance, their gradients and optimizer state)
     "vocab": "tensor",
     "embed": "fsdp",
     "mlp": "tensor",
     "q_heads": "tensor",
     "kv_heads": "tensor",
-    "heads": "tensor",
     "head_dim": None,
     "norm": None,
-    "layers": None,
     "lora_rank": None,
-}
+})
 
 
 class ShardingError(ValueError):
