@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jsft import sharding
 from jsft.loss import SUM_KEYS, check_trained_tokens, chunked_loss, normalize
 
 BATCH_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
@@ -92,6 +93,8 @@ def train_step(model, optimizer, batch: dict, *, loss_type: str = "nll", chunk_s
     grad_norm = optax.tree.norm(grads)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     optimizer.update(model, grads)
+    sharding.constrain(model)  # outputs keep the inputs' shardings, so the next call does not recompile
+    sharding.constrain(optimizer)
 
     metrics = normalize(sums, num_trained)
     metrics.update(

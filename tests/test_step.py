@@ -110,3 +110,21 @@ def test_learning_rate_metric_follows_the_schedule():
     batch = micro(pack_rows(np.random.default_rng(4), 2), 1)
     lrs = [float(step_lib.train_step(model, optimizer, batch, schedule=schedule)["learning_rate"]) for _ in range(3)]
     np.testing.assert_allclose(lrs, [1.0, 0.9, 0.8], rtol=1e-6)
+
+
+def test_step_compiles_once_on_an_8_device_mesh():
+    import jax
+
+    from jsft import sharding
+
+    mesh = sharding.create_mesh({"data": -1})
+    rng = np.random.default_rng(5)
+    model, optimizer = fresh()
+    sharding.shard_model(model, mesh)
+    sharding.shard_model(optimizer, mesh)
+    step_lib.train_step.jitted_fn.clear_cache()
+    with jax.set_mesh(mesh):
+        for _ in range(3):
+            batch = sharding.shard_batch(micro(pack_rows(rng, 16), 2), mesh)
+            step_lib.train_step(model, optimizer, batch, chunk_size=16)
+    assert step_lib.train_step.jitted_fn._cache_size() == 1

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jsft import fixtures, progress, sharding, train
+from jsft import fixtures, progress, sharding, step, train
 from jsft.config import ConfigError
 from jsft.hf import base_params
 from train_configs import tiny_config
@@ -25,7 +25,9 @@ def small_data(tmp_path_factory):
 def test_run_learns_a_repeated_batch_logs_saves_and_exports(tokenizer_dir, small_data, tmp_path):
     config = tiny_config(tokenizer_dir, small_data, tmp_path / "run", data={"packing": False, "padding_free": False,
                                                                               "shuffle_dataset": False})
+    step.train_step.jitted_fn.clear_cache()
     summary = train.run(config)
+    assert step.train_step.jitted_fn._cache_size() == 1  # one compilation for all 6 steps
     records = progress.read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     losses = [r["loss"] for r in records]
