@@ -74,7 +74,7 @@ def test_lora_run_keeps_frozen_base_weights_bit_for_bit(tokenizer_dir, small_dat
     ("logging.export_formats", ["adapter"], "'adapter' needs a LoRA run"),
 ])
 def test_config_error_fails_before_any_compute(tokenizer_dir, small_data, tmp_path, field, value, message):
-    config = tiny_config(tokenizer_dir, small_data, tmp_path / "bad", data={"packing": False})
+    config = tiny_config(tokenizer_dir, small_data, tmp_path / "bad", data={"packing": False, "padding_free": False})
     section, name = field.split(".")
     setattr(getattr(config, section), name, value)
     started = time.perf_counter()
