@@ -10,11 +10,11 @@ from jsft import fixtures
 from jsft.config import (DataConfig, LoggingConfig, ModelConfig, SFTConfig, ShardingConfig, TrainingConfig)
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / "output" / "demo_fixtures"  # built once; output*/ is git-ignored
+CACHE = ROOT / "output" / "demo_fixtures_8k"  # built once; output*/ is git-ignored
 if not (CACHE / "tokenizer" / "tokenizer.json").exists():
     fixtures.build_tokenizer(CACHE / "tokenizer")
 if not (CACHE / "data" / "messages_test.jsonl").exists():
-    fixtures.build_datasets(CACHE / "data")
+    fixtures.build_datasets(CACHE / "data", n_train=8000)  # enough rows that 400 steps never repeat one
 
 config = SFTConfig(
     model=ModelConfig(

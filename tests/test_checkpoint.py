@@ -72,3 +72,24 @@ def test_resume_false_starts_fresh_and_true_needs_a_checkpoint(tokenizer_dir, da
     config = tiny_config(tokenizer_dir, data_32, tmp_path / "none", logging={"resume_from_checkpoint": True})
     with pytest.raises(ConfigError, match="resume_from_checkpoint=True but .* has no checkpoint"):
         train.run(config)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_with_a_final_checkpoint(tokenizer_dir, data_32, tmp_path):
+    out = tmp_path / "interrupted"
+    run = dict(RUN, training={"max_steps": 400}, logging={"save_steps": 4, "save_total_limit": 1})
+    config_file = write_config_file(tmp_path / "interrupted.py", TESTS, tokenizer_dir, data_32, out, **run)
+    proc = subprocess.Popen([sys.executable, "-m", "jsft.train", "--config", str(config_file)], cwd=ROOT,
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "4").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stopped at step" in stdout
+    stopped = max(r["step"] for r in progress.read_metrics(out))
+    assert 4 <= stopped < 400
+    assert (out / "checkpoints" / str(stopped)).exists()  # the final checkpoint is the step it stopped at
+    assert not (out / "export").exists()
