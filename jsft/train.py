@@ -334,8 +334,9 @@ def run(config: SFTConfig) -> dict:
                 if eval_data is not None and lc.eval_steps and step_no % lc.eval_steps == 0:
                     _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
                 if step_no % lc.save_steps == 0 or interrupt.requested:
+                    pending = sum(float(m["num_tokens"]) for m in jax.device_get(window))  # not yet logged
                     checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
-                                    {"num_tokens": tokens_seen})
+                                    {"num_tokens": tokens_seen + pending})
                     saved_step = step_no
                 if interrupt.requested:
                     break
@@ -354,7 +355,7 @@ def run(config: SFTConfig) -> dict:
         print(f"stopped at step {step_no}; checkpoint saved. Resume with the same command (or --resume).")
         writer.close()
         return summary
-    if eval_data is not None:
+    if eval_data is not None and not (lc.eval_steps and step_no % lc.eval_steps == 0):
         summary["eval"] = _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, None)
 
     # ---- export
