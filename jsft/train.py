@@ -155,22 +155,34 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
 
 
 def evaluate(config, model, eval_data, mesh, rows_per_micro_batch: int) -> dict:
-    """eval_loss, eval_mean_token_accuracy, eval_entropy over the eval split (its last partial batch is dropped)."""
-    from jsft.data.pipeline import batch_iterator
-
-    it = batch_iterator(eval_data, rows_per_micro_batch, 1, seed=0, num_epochs=1, shuffle=False,
-                        process_index=sharding.data_process_split(mesh)[0],
-                        process_count=sharding.data_process_split(mesh)[1], prefetch=0)
+    """eval_loss, eval_mean_token_accuracy, eval_entropy over every row of the eval split (exact: the last batch
+    is filled with empty rows, which have no trained token)."""
+    index, count = sharding.data_process_split(mesh)
+    global_rows = rows_per_micro_batch * count
     totals = None
     with jax.set_mesh(mesh):
-        for batch in it:
+        for start in range(0, eval_data.num_rows, global_rows):
+            mine = np.arange(start + index * rows_per_micro_batch, start + (index + 1) * rows_per_micro_batch)
+            batch = _padded_rows(eval_data, mine[mine < eval_data.num_rows], rows_per_micro_batch)
             sums = step.eval_step(model, sharding.shard_batch(batch, mesh), loss_type=config.training.loss_type,
                                   chunk_size=config.training.loss_chunk_size)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    if totals is None:
-        return {}
     means = normalize(totals, totals["num_trained"])
     return {f"eval_{k}": float(v) for k, v in means.items()}
+
+
+def _padded_rows(prepared, row_ids, num_rows: int) -> dict:
+    """prepared.batch(row_ids) plus empty rows (padding, segment 0, nothing trained) up to num_rows: [1, R, L]."""
+    batch = prepared.batch(row_ids) if len(row_ids) else None
+    L = prepared.max_length
+    empty = {"input_ids": np.full((num_rows, L), prepared.pad_id, np.int32),
+             "segment_ids": np.zeros((num_rows, L), np.int32),
+             "positions": np.zeros((num_rows, L), np.int32), "targets": np.full((num_rows, L), prepared.pad_id, np.int32),
+             "loss_mask": np.zeros((num_rows, L), bool)}
+    if batch is not None:
+        for k in empty:
+            empty[k][: len(row_ids)] = batch[k]
+    return {k: v[None] for k, v in empty.items()}
 
 
 def eval_generations(config, model, tokenizer, n: int) -> list[dict]:

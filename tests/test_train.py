@@ -24,12 +24,18 @@ def small_data(tmp_path_factory):
 @pytest.mark.slow
 def test_run_learns_a_repeated_batch_logs_saves_and_exports(tokenizer_dir, small_data, tmp_path):
     config = tiny_config(tokenizer_dir, small_data, tmp_path / "run", data={"packing": False, "padding_free": False,
-                                                                              "shuffle_dataset": False})
+                                                                              "shuffle_dataset": False,
+                                                                              "dataset_test_split": str(small_data)},
+                         logging={"eval_steps": 3})
     step.train_step.jitted_fn.clear_cache()
     summary = train.run(config)
     assert step.train_step.jitted_fn._cache_size() == 1  # one compilation for all 6 steps
     records = progress.read_metrics(tmp_path / "run")
+    evals = [r for r in records if "eval_loss" in r]
+    records = [r for r in records if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in evals] == [3, 6] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    assert evals[1]["eval_loss"] == pytest.approx(summary["last_metrics"]["loss"], rel=0.5)
     losses = [r["loss"] for r in records]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.85 * losses[0]
