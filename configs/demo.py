@@ -19,8 +19,8 @@ if not (CACHE / "data" / "messages_test.jsonl").exists():
 config = SFTConfig(
     model=ModelConfig(
         tokenizer_name_or_path=str(CACHE / "tokenizer"),
-        init_from_scratch=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
-                               num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        init_from_scratch=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
+                               num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5,
                                rope_theta=10000.0, tie_word_embeddings=False),
         dtype="float32",
         compute_dtype="float32",
@@ -29,16 +29,16 @@ config = SFTConfig(
     data=DataConfig(
         dataset_name=str(CACHE / "data" / "messages.jsonl"),
         dataset_test_split=str(CACHE / "data" / "messages_test.jsonl"),
-        max_length=256,
+        max_length=128,
         packing=True,
         packing_strategy="bfd",
         padding_free=True,
         assistant_only_loss=True,
     ),
     training=TrainingConfig(
-        learning_rate=2e-3,
-        per_device_train_batch_size=8,
-        max_steps=300,
+        learning_rate=3e-3,
+        per_device_train_batch_size=16,
+        max_steps=600,
         warmup_ratio=0.05,
         lr_scheduler_type="cosine",
         weight_decay=0.0,
@@ -49,8 +49,8 @@ config = SFTConfig(
     logging=LoggingConfig(
         output_dir=str(ROOT / "output" / "demo"),
         logging_steps=10,
-        eval_steps=100,
-        save_steps=100,
+        eval_steps=200,
+        save_steps=200,
         save_total_limit=1,
         resume_from_checkpoint=False,
         num_eval_generations=2,
