@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -218,13 +219,12 @@ def main(argv=None):
         (work / f"result-{args.child}-{args.case}.json").write_text(json.dumps(result))
         return None
 
-    import torch
-
     cases = args.cases.split(",")
     work = Path(tempfile.mkdtemp(prefix="jsft-vs-trl-"))
     build_fixtures(work, args.rows)
     from transformers import AutoConfig
 
+    model_type = AutoConfig.from_pretrained(work / "checkpoint").model_type
     n_params = None
     try:
         from transformers import AutoModelForCausalLM
@@ -233,6 +233,14 @@ def main(argv=None):
     except Exception:  # noqa: BLE001 - only informative
         pass
     results = {}
+    try:
+        _run_cases(cases, args, work, results)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return _report(results, cases, args, n_params, model_type, argv)
+
+
+def _run_cases(cases, args, work: Path, results: dict) -> None:
     for case in cases:
         results[case] = {}
         for side in ("jsft", "trl"):
@@ -252,14 +260,19 @@ def main(argv=None):
             "peak_rss": j["peak_rss_mib"] / t["peak_rss_mib"],
         }
 
+
+def _report(results: dict, cases, args, n_params, model_type, argv) -> dict:
+    import torch
+
     result = {
         "benchmark": "vs_trl",
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch_threads": torch.get_num_threads()},
+                    "torch_threads": torch.get_num_threads(),
+                    "load_average_1_5_15_min_at_end": os.getloadavg()},
         "setup": {"model": {**MODEL, "vocab_size": 384, "params": n_params,
-                            "config": AutoConfig.from_pretrained(work / "checkpoint").model_type},
+                            "config": model_type},
                   "data": f"fixture messages x{args.rows}, assistant_only_loss", "max_length": args.max_length,
                   "per_device_train_batch_size": args.batch, "steps": args.steps, "warmup_steps_excluded": args.warmup,
                   "learning_rate": args.lr, "dtype": "float32", "lora": LORA, "cases": {c: CASES[c] for c in cases}},
