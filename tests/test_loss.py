@@ -37,7 +37,7 @@ def _jit_loss_and_grads(fn, hidden, w, targets, mask, loss_type, chunk_size, den
 
 
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])
-@pytest.mark.parametrize("chunk_size", [5, 8, 24, 1000])  # 5 does not divide B*L=24; 1000 is more than B*L
+@pytest.mark.parametrize("chunk_size", [5, 8, 1000])  # 5 does not divide B*L=24, 8 does; 1000 > B*L
 def test_chunked_equals_unchunked_values_and_gradients(loss_type, chunk_size):
     args = _inputs()
     ref_value, ref_sums, ref_grads = _loss_and_grads(L.unchunked_loss, *args, loss_type, chunk_size)
