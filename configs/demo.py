@@ -20,7 +20,7 @@ config = SFTConfig(
     model=ModelConfig(
         tokenizer_name_or_path=str(CACHE / "tokenizer"),
         init_from_scratch=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
-                               num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5,
+                               num_key_value_heads=8, max_position_embeddings=512, rms_norm_eps=1e-5,
                                rope_theta=10000.0, tie_word_embeddings=False),
         dtype="float32",
         compute_dtype="float32",
@@ -38,7 +38,7 @@ config = SFTConfig(
     training=TrainingConfig(
         learning_rate=3e-3,
         per_device_train_batch_size=16,
-        max_steps=600,
+        max_steps=700,
         warmup_ratio=0.05,
         lr_scheduler_type="cosine",
         weight_decay=0.0,
