@@ -21,7 +21,6 @@ def small_data(tmp_path_factory):
     return fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 8, seed=5), path)
 
 
-@pytest.mark.slow
 def test_run_learns_a_repeated_batch_logs_saves_and_exports(tokenizer_dir, small_data, tmp_path):
     config = tiny_config(tokenizer_dir, small_data, tmp_path / "run", data={"packing": False, "padding_free": False,
                                                                               "shuffle_dataset": False,
@@ -52,7 +51,6 @@ def test_run_learns_a_repeated_batch_logs_saves_and_exports(tokenizer_dir, small
     assert summary["plan"]["params"] > 0 and summary["plan"]["trainable_params"] == summary["plan"]["params"]
 
 
-@pytest.mark.slow
 def test_lora_run_keeps_frozen_base_weights_bit_for_bit(tokenizer_dir, small_data, tmp_path):
     config = tiny_config(tokenizer_dir, small_data, tmp_path / "lora", lora={"use_peft": True, "lora_r": 4,
                                                                                "lora_dropout": 0.0},
