@@ -84,6 +84,12 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _restore_args(live, partial: bool = False):
+    abstract = _abstract(live)
+    return ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                  partial_restore=partial)
+
+
 def restore(manager: ocp.CheckpointManager, model, optimizer, step: int | None = None) -> dict:
     """Load checkpoint `step` (default: the latest) into model and optimizer in place; returns its JSON item with
     "data_iterator" ready for the iterator's set_state()."""
@@ -91,8 +97,7 @@ def restore(manager: ocp.CheckpointManager, model, optimizer, step: int | None =
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {manager.directory}")
     live = _train_state(model, optimizer)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(_abstract(live)),
-                                                             data=ocp.args.JsonRestore()))
+    restored = manager.restore(step, args=ocp.args.Composite(state=_restore_args(live), data=ocp.args.JsonRestore()))
     state = restored["state"]
     for target, key in ((model, "params"), (model, "rngs"), (optimizer, "optimizer")):
         flt = (optimizer.wrt if key == "params" else nnx.RngState) if target is model else ...
@@ -115,8 +120,7 @@ def restore_params(manager: ocp.CheckpointManager, model, wrt, step: int | None 
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {manager.directory}")
     live = {"params": nnx.state(model, wrt).to_pure_dict()}
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(_abstract(live), partial_restore=True)))
+    restored = manager.restore(step, args=ocp.args.Composite(state=_restore_args(live, partial=True)))
     current = nnx.state(model, wrt)
     nnx.replace_by_pure_dict(current, restored["state"]["params"])
     nnx.update(model, current)

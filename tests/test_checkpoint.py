@@ -93,3 +93,42 @@ def test_ctrl_c_stops_cleanly_with_a_final_checkpoint(tokenizer_dir, data_32, tm
     assert 4 <= stopped < 400
     assert (out / "checkpoints" / str(stopped)).exists()  # the final checkpoint is the step it stopped at
     assert not (out / "export").exists()
+
+
+def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path):
+    """Saved with params split over fsdp=8, restored into a model split over fsdp=2 on 2 devices: same values,
+    the new mesh's shardings."""
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from jsft import checkpoint, sharding
+    from jsft.model.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig.from_hf(dict(fixtures.TINY_LLAMA, vocab_size=64, model_type="llama"))
+
+    def build(mesh, seed):
+        model = sharding.create_sharded_model(lambda: Llama(cfg, rngs=nnx.Rngs(seed)), mesh)
+        optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+        sharding.shard_model(optimizer, mesh)
+        return model, optimizer
+
+    mesh8 = sharding.create_mesh({"fsdp": -1})
+    model, optimizer = build(mesh8, seed=0)
+    manager = checkpoint.make_manager(tmp_path, async_save=False)
+    checkpoint.save(manager, 5, model, optimizer, {"next_index": 40}, {"num_tokens": 123.0})
+    manager.close()
+
+    mesh2 = sharding.create_mesh({"fsdp": -1}, devices=jax.devices()[:2])
+    other, other_opt = build(mesh2, seed=1)
+    manager = checkpoint.make_manager(tmp_path)
+    meta = checkpoint.restore(manager, other, other_opt)
+    manager.close()
+    assert meta["step"] == 5 and meta["data_iterator"] == {"next_index": 40} and meta["num_tokens"] == 123.0
+    saved = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for path, value in nnx.to_flat_state(nnx.state(other, nnx.Param)):
+        np.testing.assert_array_equal(np.asarray(value[...]), np.asarray(saved[path][...]))
+        assert len(value[...].sharding.device_set) <= 2
+    kernel = other.layers[0].mlp.up_proj.kernel[...]
+    assert kernel.sharding.mesh.shape["fsdp"] == 2 and not kernel.sharding.is_fully_replicated
