@@ -14,15 +14,21 @@ from train_configs import tiny_config, write_config_file
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
-RUN = dict(data={"packing": False, "padding_free": False}, training={"max_steps": 24},
+STEPS = 40
+RUN = dict(data={"packing": False, "padding_free": False}, training={"max_steps": STEPS},
            logging={"save_steps": 4, "save_total_limit": 2})
 
 
 @pytest.fixture(scope="module")
 def data_32(tmp_path_factory):
-    """32 rows = 4 steps an epoch: 24 steps cross epochs, so the iterator state (shuffle epoch, position) matters."""
+    """32 rows = 4 steps an epoch: 40 steps cross epochs, so the iterator state (shuffle epoch, position) matters."""
     path = tmp_path_factory.mktemp("ckpt_data") / "pc.jsonl"
     return fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 32, seed=9), path)
+
+
+def _checkpoints(out):
+    folder = out / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
 
 
 def _env(tmp_path):
@@ -39,7 +45,7 @@ def test_sigkill_then_resume_logs_the_same_losses(tokenizer_dir, data_32, tmp_pa
     reference = tiny_config(tokenizer_dir, data_32, tmp_path / "reference", **RUN)
     train.run(reference)
     want = {r["step"]: r["loss"] for r in progress.read_metrics(tmp_path / "reference") if "loss" in r}
-    assert sorted(want) == list(range(1, 25))
+    assert sorted(want) == list(range(1, STEPS + 1))
 
     out = tmp_path / "killed"
     config_file = write_config_file(tmp_path / "killed.py", TESTS, tokenizer_dir, data_32, out, **RUN)
@@ -47,21 +53,21 @@ def test_sigkill_then_resume_logs_the_same_losses(tokenizer_dir, data_32, tmp_pa
     proc = subprocess.Popen(command, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.time() + 240
-    while not (out / "checkpoints" / "4").exists():
+    while not _checkpoints(out):  # kill as soon as the first checkpoint is complete
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.time() < deadline, "no checkpoint within 240 s"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(r["step"] for r in progress.read_metrics(out))
-    assert killed_at < 24, "the run finished before it was killed: nothing was tested"
+    assert killed_at < STEPS, "the run finished before it was killed: nothing was tested"
 
     resumed = subprocess.run(command + ["--resume"], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
                              timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resume: checkpoint" in resumed.stdout
     got = {r["step"]: r["loss"] for r in progress.read_metrics(out) if "loss" in r}
-    assert sorted(got) == list(range(1, 25))  # no step lost, none logged twice
+    assert sorted(got) == list(range(1, STEPS + 1))  # no step lost, none logged twice
     for s in want:
         assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-7), f"step {s}"
 
@@ -82,7 +88,7 @@ def test_ctrl_c_stops_cleanly_with_a_final_checkpoint(tokenizer_dir, data_32, tm
     proc = subprocess.Popen([sys.executable, "-m", "jsft.train", "--config", str(config_file)], cwd=ROOT,
                             env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while not (out / "checkpoints" / "4").exists():
+    while not _checkpoints(out):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
