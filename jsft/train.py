@@ -348,7 +348,7 @@ def run(config: SFTConfig) -> dict:
                 if step_no % lc.save_steps == 0 or interrupt.requested:
                     pending = sum(float(m["num_tokens"]) for m in jax.device_get(window))  # not yet logged
                     checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
-                                    {"num_tokens": tokens_seen + pending})
+                                    {"num_tokens": tokens_seen + pending, "config": config.to_dict()})
                     saved_step = step_no
                 if interrupt.requested:
                     break
@@ -356,7 +356,8 @@ def run(config: SFTConfig) -> dict:
         interrupt.restore()
         bar.close()
     if saved_step != step_no:
-        checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(), {"num_tokens": tokens_seen},
+        checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
+                        {"num_tokens": tokens_seen, "config": config.to_dict()},
                         force=True)
     manager.wait_until_finished()
     manager.close()

@@ -44,6 +44,11 @@ def test_run_learns_a_repeated_batch_logs_saves_and_exports(tokenizer_dir, small
     assert records[1]["num_tokens"] == 2 * records[0]["num_tokens"] > 0  # cumulative, like TRL
     ckpts = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     assert ckpts == [3, 6]
+    from jsft import checkpoint
+
+    meta = checkpoint.read_meta(tmp_path / "run", 6)
+    assert meta["step"] == 6 and meta["config"]["model"]["init_from_scratch"]["hidden_size"] == 32
+    assert meta["num_tokens"] == records[-1]["num_tokens"]
     export = tmp_path / "run" / "export"
     assert summary["exports"] == {"full": str(export)}
     assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()
