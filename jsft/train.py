@@ -141,9 +141,13 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
             need = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes \
                 - mem.alias_size_in_bytes
             plan["memory_per_device_bytes"] = int(need)
-            print(f"plan: compiled step needs {gib(need):.2f} GiB per device (arguments {gib(mem.argument_size_in_bytes):.2f}"
-                  f", temporaries {gib(mem.temp_size_in_bytes):.2f}). If it does not fit: lower "
-                  "training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch), "
+            stats = jax.local_devices()[0].memory_stats() or {}  # None on CPU
+            limit = stats.get("bytes_limit")
+            verdict = "" if limit is None else (f" of {gib(limit):.2f} GiB: fits" if need <= limit
+                                                else f" but the device has {gib(limit):.2f} GiB: WILL NOT FIT")
+            print(f"plan: compiled step needs {gib(need):.2f} GiB per device{verdict} (arguments "
+                  f"{gib(mem.argument_size_in_bytes):.2f}, temporaries {gib(mem.temp_size_in_bytes):.2f}). To use less: "
+                  "lower training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch), "
                   "model.remat_policy='full', a larger sharding.mesh_shape fsdp, lora.use_peft=True, or "
                   "data.max_length.")
     except Exception as e:  # the estimate is advice; the run itself reports real failures
@@ -345,6 +349,7 @@ def run(config: SFTConfig) -> dict:
                     window = []
                 if eval_data is not None and lc.eval_steps and step_no % lc.eval_steps == 0:
                     _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
+                    throughput = progress.Throughput()  # tokens/s counts training time only
                 if step_no % lc.save_steps == 0 or interrupt.requested:
                     pending = sum(float(m["num_tokens"]) for m in jax.device_get(window))  # not yet logged
                     checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
