@@ -72,7 +72,8 @@ def train_step(model, optimizer, batch: dict, *, loss_type: str = "nll", chunk_s
     denom = jnp.maximum(num_trained, 1.0)
 
     def micro_loss(params, rngs, micro):
-        m = nnx.merge(graphdef, params, rngs, rest)
+        # copy=True: fresh Variables in this trace, so dropout may advance its RNG count here
+        m = nnx.merge(graphdef, params, rngs, rest, copy=True)
         sums = _micro_sums(m, micro, loss_type, chunk_size)
         return sums["loss_sum"] / denom, (sums, nnx.state(m, nnx.RngState))
 

@@ -1,5 +1,7 @@
 """The train step: TRL's loss normalizer over the whole step, compiled once, and refusing empty steps."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -128,3 +130,33 @@ def test_step_compiles_once_on_an_8_device_mesh():
             batch = sharding.shard_batch(micro(pack_rows(rng, 16), 2), mesh)
             step_lib.train_step(model, optimizer, batch, chunk_size=16)
     assert step_lib.train_step.jitted_fn._cache_size() == 1
+
+
+def lora_model(dropout: float):
+    """A one-layer Llama with LoRA (B randomized, so LoRA changes the output) and the given dropout."""
+    from jsft.model.llama import Llama, LlamaConfig
+    from jsft.model.lora import apply_lora, lora_modules
+
+    cfg = LlamaConfig.from_hf(dict(model_type="llama", vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    model = apply_lora(Llama(cfg, rngs=nnx.Rngs(0)), r=4, alpha=8, dropout=dropout)
+    for i, module in enumerate(lora_modules(model).values()):
+        module.lora_b[...] = 0.3 * jax.random.normal(jax.random.key(i), module.lora_b.shape, jnp.float32)
+    return model, nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.LoRAParam)
+
+
+def test_lora_dropout_trains_through_the_step_with_fresh_masks_each_step():
+    batch = micro(pack_rows(np.random.default_rng(3), 4), 2)
+
+    def losses(dropout, steps=3):
+        model, optimizer = lora_model(dropout)
+        return [float(step_lib.train_step(model, optimizer, batch, chunk_size=8)["loss"]) for _ in range(steps)], model
+
+    no_dropout, _ = losses(0.0)
+    with_dropout, model = losses(0.5)
+    again, _ = losses(0.5)
+    assert with_dropout == again  # deterministic for a seed
+    assert with_dropout[0] != no_dropout[0]  # dropout is active in the step
+    # the RNG advanced across steps (the step returns the stream's new state): a fourth step's masks differ
+    counts = [int(c) for c in jax.tree.leaves(nnx.state(model, nnx.RngCount))]
+    assert counts and all(c > 0 for c in counts)
