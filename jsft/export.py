@@ -36,8 +36,10 @@ def resolve_formats(config: SFTConfig, formats=None) -> list[str]:
     return resolved
 
 
-def export(model, tokenizer, config: SFTConfig, formats=None, out_dir=None) -> dict[str, Path]:
-    """Write each format; returns {format: directory}."""
+def export(model, tokenizer, config: SFTConfig, formats=None, out_dir=None, trained_embeddings=False) -> dict[str, Path]:
+    """Write each format; returns {format: directory}. trained_embeddings: the LoRA run also trained the whole
+    embedding and lm_head (new tokens from a cloned chat template, or a grown vocabulary); the adapter then carries
+    them, as PEFT's modules_to_save, so PEFT loads the trained rows."""
     from jsft import hf
 
     out = Path(out_dir) if out_dir is not None else Path(config.logging.output_dir)
@@ -51,7 +53,8 @@ def export(model, tokenizer, config: SFTConfig, formats=None, out_dir=None) -> d
             lc = config.lora
             base = config.model.model_name_or_path or "(random init: model.init_from_scratch)"
             written[fmt] = hf.save_peft_adapter(model, out / "adapter", base, lc.lora_r, lc.lora_alpha,
-                                                lc.lora_dropout, lc.lora_target_modules)
+                                                lc.lora_dropout, lc.lora_target_modules,
+                                                save_embeddings=trained_embeddings)
             tokenizer.save_pretrained(written[fmt])
     return written
 
@@ -64,12 +67,13 @@ def export_checkpoint(config: SFTConfig, step: int | None = None, formats=None, 
     mesh = sharding.create_mesh(config.sharding)
     tokenizer, added = train.build_tokenizer(config)
     model, grew = train.build_model(config, tokenizer, mesh)
-    wrt = trainable_filter(config.lora.use_peft, new_token_rows=bool(added) or grew)
+    trained_embeddings = bool(added) or grew
+    wrt = trainable_filter(config.lora.use_peft, new_token_rows=trained_embeddings)
     manager = checkpoint.make_manager(config.logging.output_dir, config.logging.save_total_limit, async_save=False)
     step = checkpoint.restore_params(manager, model, wrt, step)
     manager.close()
     print(f"export: checkpoint {step} of {config.logging.output_dir}")
-    return export(model, tokenizer, config, formats, out_dir)
+    return export(model, tokenizer, config, formats, out_dir, trained_embeddings)
 
 
 def main(argv=None):

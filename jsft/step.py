@@ -92,7 +92,7 @@ def train_step(model, optimizer, batch: dict, *, loss_type: str = "nll", chunk_s
 
     learning_rate = schedule(optimizer.step[...]) if schedule is not None else jnp.zeros(())
     grad_norm = optax.tree.norm(grads)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    # grads stay float32 (summed in float32): the optimizer upcasts anyway, and bf16 would round them first
     optimizer.update(model, grads)
     sharding.constrain(model)  # outputs keep the inputs' shardings, so the next call does not recompile
     sharding.constrain(optimizer)

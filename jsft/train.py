@@ -278,10 +278,10 @@ def run(config: SFTConfig) -> dict:
     from jsft.optim import make_optimizer, trainable_filter
 
     model, grew_vocab = build_model(config, tokenizer, mesh)
-    wrt = trainable_filter(config.lora.use_peft, new_token_rows=bool(added_tokens) or grew_vocab)
+    wrt_embeddings = bool(added_tokens) or grew_vocab  # the whole embedding and head train too (LoRA)
+    wrt = trainable_filter(config.lora.use_peft, new_token_rows=wrt_embeddings)
     tx, schedule = make_optimizer(tc, total_steps)
-    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
-    sharding.shard_model(optimizer, mesh)
+    optimizer = sharding.create_sharded_optimizer(model, tx, wrt, mesh)  # moments built in their shards
 
     demo_before = None
     if lc.demo_eval:
@@ -380,7 +380,7 @@ def run(config: SFTConfig) -> dict:
     from jsft.export import export
 
     if is_main:
-        summary["exports"] = {k: str(v) for k, v in export(model, tokenizer, config).items()}
+        summary["exports"] = {k: str(v) for k, v in export(model, tokenizer, config, trained_embeddings=wrt_embeddings).items()}
         for fmt, path in summary["exports"].items():
             print(f"export ({fmt}): {path}")
     if lc.demo_eval:

@@ -9,6 +9,7 @@ from flax import nnx
 
 from jsft import checkpoint, export, sharding, train
 from jsft.config import ConfigError
+from jsft.optim import trainable_filter
 from train_configs import tiny_config
 
 IDS = np.array([[5, 17, 42, 99, 7, 3, 250, 11, 64, 2]], np.int32)
@@ -84,3 +85,30 @@ def test_auto_format_and_refusals(tokenizer_dir, data_dir, tmp_path):
     assert export.resolve_formats(config) == ["adapter"]
     with pytest.raises(ConfigError, match="choose from"):
         export.resolve_formats(config, ["gguf"])
+
+
+def test_lora_adapter_carries_the_embeddings_a_cloned_template_trained(tokenizer_dir, checkpoint_dir, data_dir,
+                                                                         tmp_path):
+    """A cloned chat template adds tokens: the vocabulary grows and the whole embedding and head train with LoRA
+    (TRL's way); the adapter carries them, so PEFT on the resized base reproduces jsft's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = AutoTokenizer.from_pretrained(tokenizer_dir)
+    source.add_special_tokens({"additional_special_tokens": ["<|tool_call|>", "<|tool_result|>"]})
+    source.save_pretrained(tmp_path / "source")
+    config = tiny_config(tokenizer_dir, data_dir / "messages.jsonl", tmp_path / "run",
+                         data={"chat_template_path": str(tmp_path / "source")},
+                         lora={"use_peft": True, "lora_r": 4, "lora_alpha": 8})
+    config.model.init_from_scratch, config.model.model_name_or_path = None, str(checkpoint_dir)
+    mesh = sharding.create_mesh(config.sharding)
+    tokenizer, added = train.build_tokenizer(config)
+    model, grew = train.build_model(config, tokenizer, mesh)
+    assert len(added) == 2 and grew
+    _perturb(model, trainable_filter(lora=True, new_token_rows=True), 2)  # LoRA params and the whole embedding / head "trained"
+    written = export.export(model, tokenizer, config, formats=["adapter"], trained_embeddings=True)
+
+    base = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32)
+    base.resize_token_embeddings(model.cfg.vocab_size)
+    peft_model = PeftModel.from_pretrained(base, written["adapter"])
+    np.testing.assert_allclose(torch_logits(peft_model), jsft_logits(model), atol=1e-4)
