@@ -12,6 +12,9 @@ Inputs follow the batch contract: `input_ids`, `positions` (restarting at 0 per 
 (1, 2, 3 ... per document, 0 = padding), all int32 [B, L]. RoPE reads `positions`, attention never crosses
 documents, so a packed row gives each document exactly the logits it gets alone.
 
+Decoding (jsft/generate.py) uses `init_cache` and `decode`: the same layers, run on the new tokens only, against a
+preallocated KV cache (KVCache: per layer [B, max_len, kv_heads, head_dim]) with a per-slot valid mask.
+
 Every parameter carries logical axis names in its metadata (`var.get_metadata()["out_sharding"]`, which
 `nnx.get_partition_spec` reads); jsft/sharding.py maps them to mesh axes. Kernels are [in, out] (HF's transposed).
 
@@ -39,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -241,16 +245,34 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(D, ("head_dim",), eps=cfg.rms_norm_eps, **dt)
         self.qk_norm, self.head_dim, self.impl = cfg.qk_norm, D, attention_impl
 
-    def __call__(self, x, rope, segment_ids):
+    def qkv(self, x, rope):
+        """x [B, L, H] -> q [B, L, Hq, D], k and v [B, L, Hkv, D]: projected, q/k normed (Qwen3), q/k rotated."""
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, -1, self.head_dim)
         k = self.k_proj(x).reshape(B, L, -1, self.head_dim)
         v = self.v_proj(x).reshape(B, L, -1, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return apply_rope(q, rope), apply_rope(k, rope), v
+
+    def __call__(self, x, rope, segment_ids):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x, rope)
         out = packed_attention(q, k, v, segment_ids, impl=self.impl)
         return self.o_proj(out.reshape(B, L, -1))
+
+    def cached(self, x, rope, k_cache, v_cache, index, mask):
+        """Attention of T new tokens over a KV cache (see Llama.decode); returns (output, k_cache, v_cache).
+
+        The new keys/values are written at cache slots [index, index + T); mask [B, 1, T, S] says which slots each
+        new token sees. XLA attention (GQA native): one query per row at decode time, nothing for flash to win.
+        """
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, rope)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        out = jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask, implementation="xla")
+        return self.o_proj(out.reshape(B, T, -1)), k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -278,6 +300,12 @@ class DecoderLayer(nnx.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, segment_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def cached(self, x, rope, k_cache, v_cache, index, mask):
+        """The layer over a KV cache (Attention.cached); returns (x, k_cache, v_cache)."""
+        attn, k_cache, v_cache = self.self_attn.cached(self.input_layernorm(x), rope, k_cache, v_cache, index, mask)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
+
 
 def checkpoint_policy(name: str):
     """The jax.checkpoint policy for a remat setting (None: no remat).
@@ -299,6 +327,20 @@ def checkpoint_policy(name: str):
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
+class KVCache(NamedTuple):
+    """Keys and values of every token run so far, for decoding (Llama.init_cache, Llama.decode).
+
+    k, v: one [B, S, Hkv, D] array per layer (S = max_len slots, fixed: one compile per (B, S)); valid [B, S] bool:
+    the slot holds a real token (not padding, already written); index: int32 scalar, the next slot to write (the
+    same for every row; each row's RoPE position is its own).
+    """
+
+    k: tuple
+    v: tuple
+    valid: jax.Array
+    index: jax.Array
+
+
 class Llama(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, compute_dtype=jnp.float32,
                  attention_impl: str = "auto", remat_policy: str = "none"):
@@ -313,13 +355,19 @@ class Llama(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, rngs=rngs, **dt)
 
+    def _check_window(self, length: int):
+        if self.cfg.sliding_window is not None and length > self.cfg.sliding_window:
+            raise ValueError(f"sequence length {length} exceeds the model's sliding_window={self.cfg.sliding_window}; "
+                             "sliding-window attention is not implemented, use max_length <= sliding_window")
+
+    def embed(self, input_ids):
+        """[B, L] int32 -> [B, L, H] token embeddings in the compute dtype."""
+        return jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(self.compute_dtype)
+
     def hidden_states(self, input_ids, positions, segment_ids):
         """[B, L] int32 each -> [B, L, H] final-normed hidden states in the compute dtype (no lm_head)."""
-        L = input_ids.shape[1]
-        if self.cfg.sliding_window is not None and L > self.cfg.sliding_window:
-            raise ValueError(f"sequence length {L} exceeds the model's sliding_window={self.cfg.sliding_window}; "
-                             "sliding-window attention is not implemented, use max_length <= sliding_window")
-        x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(self.compute_dtype)
+        self._check_window(input_ids.shape[1])
+        x = self.embed(input_ids)
         rope = rope_table(positions, jnp.asarray(self.cfg.inv_freq()))
 
         def run_layer(layer, x, rope, segment_ids):
@@ -337,11 +385,46 @@ class Llama(nnx.Module):
             return self.embed_tokens.embedding[...].T
         return self.lm_head.kernel[...]
 
-    def __call__(self, input_ids, positions, segment_ids):
-        """[B, L] int32 each -> logits [B, L, V] float32."""
-        hidden = self.hidden_states(input_ids, positions, segment_ids)
+    def logits(self, hidden):
+        """Final-normed hidden states [B, L, H] -> logits [B, L, V] float32."""
         w = self.lm_head_weight().astype(self.compute_dtype)
         return jnp.dot(hidden, w, preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, positions, segment_ids):
+        """[B, L] int32 each -> logits [B, L, V] float32."""
+        return self.logits(self.hidden_states(input_ids, positions, segment_ids))
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache: max_len slots per row, keys/values in the compute dtype, nothing valid, index 0."""
+        self._check_window(max_len)
+        shape = (batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim)
+        empty = tuple(jnp.zeros(shape, self.compute_dtype) for _ in self.layers)
+        return KVCache(k=empty, v=empty, valid=jnp.zeros((batch, max_len), bool), index=jnp.asarray(0, jnp.int32))
+
+    def decode(self, input_ids, positions, mask, cache: KVCache):
+        """Run T new tokens per row against the cache -> (logits [B, T, V] float32, updated cache).
+
+        input_ids, positions [B, T] int32 (RoPE reads positions, so each row counts its own); mask [B, T] bool,
+        False for padding. The tokens go to cache slots [index, index + T) (the caller keeps index + T <= max_len)
+        and each sees the valid slots up to its own. Prefill is one call with the prompts, decoding one call per
+        token (T = 1); prompts may be padded on either side. Two rows, prompts of 2 and 3 tokens, left-padded:
+
+            prefill   input_ids [[0, a, b], [c, d, e]]  positions [[0, 0, 1], [0, 1, 2]]  mask [[F, T, T], [T, T, T]]
+            step      input_ids [[x], [y]]              positions [[2], [3]]              mask [[T], [T]]
+            -> x (slot 3) sees slots 1..3 of row 0; y sees slots 0..3 of row 1; nothing ever sees slot 0 of row 0.
+        """
+        T, S = input_ids.shape[1], cache.valid.shape[1]
+        valid = jax.lax.dynamic_update_slice(cache.valid, mask.astype(bool), (0, cache.index))
+        causal = jnp.arange(S)[None, :] <= cache.index + jnp.arange(T)[:, None]  # [T, S]
+        attend = (valid[:, None, :] & causal[None])[:, None]  # [B, 1, T, S]
+        x = self.embed(input_ids)
+        rope = rope_table(positions, jnp.asarray(self.cfg.inv_freq()))
+        ks, vs = [], []
+        for layer, k, v in zip(self.layers, cache.k, cache.v):
+            x, k, v = layer.cached(x, rope, k, v, cache.index, attend)
+            ks.append(k)
+            vs.append(v)
+        return self.logits(self.norm(x)), KVCache(tuple(ks), tuple(vs), valid, cache.index + T)
 
     def resize_vocab(self, new_size: int, rngs: nnx.Rngs | None = None):
         """Grow the embedding (and an untied lm_head) to new_size rows; new rows are the mean of the old rows.
