@@ -1,8 +1,8 @@
 """What a run shows and records: the progress bar and the metrics files.
 
     <output_dir>/metrics.jsonl   one JSON object per logged step: {"step": 10, "loss": 2.31, ...} (TRL's names)
-    <output_dir>/tensorboard/    TensorBoard event files, when tensorboardX is installed (`pip install tensorboardX`);
-                                 without it jsft says so once and writes metrics.jsonl only (no heavy dependency)
+    <output_dir>/tensorboard/    TensorBoard event files (tensorboardX: the event format without TensorFlow);
+                                 `tensorboard --logdir <output_dir>/tensorboard` shows them
 
 On resume, metrics.jsonl keeps the lines up to the restored step and drops later ones (written by the interrupted
 run after its last checkpoint), so the file reads as one uninterrupted run.
@@ -34,13 +34,9 @@ class MetricsWriter:
         self.path.write_text("".join(line + "\n" for line in kept))
         self.jsonl = "jsonl" in report_to
         if "tensorboard" in report_to:
-            try:
-                from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter
 
-                self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-            except ImportError:
-                print("tensorboard: tensorboardX is not installed, so no event files are written (metrics.jsonl "
-                      "has every logged value; `pip install tensorboardX` to get TensorBoard logs)")
+            self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -53,6 +49,7 @@ class MetricsWriter:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
                     self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
 
     def close(self) -> None:
         if self.tensorboard is not None:
