@@ -345,3 +345,121 @@ def test_cache_misses_when_the_data_file_changes(tmp_path, tokenizer_dir, data_d
     path.write_text("".join(lines[:21]))
     again = prepare_dataset(config, tokenizer)
     assert again.stats["cache"] == "miss" and again.stats["examples"] == 21
+
+
+# ----------------------------------------------------------------------------------------------- reading, checking
+
+
+def chat_lines(n):
+    row = {"messages": [{"role": "user", "content": "spell: 1"}, {"role": "assistant", "content": "one"}]}
+    return [json.dumps(row) + "\n" for _ in range(n)]
+
+
+def test_malformed_json_line_is_an_error_naming_file_and_line(tmp_path, tokenizer_dir):
+    from jsft.data import load_tokenizer
+
+    lines = chat_lines(5)
+    lines[2] = lines[2][:30] + "\n"  # the middle row is cut short
+    path = tmp_path / "broken.jsonl"
+    path.write_text("".join(lines))
+    config = make_config(tmp_path, path, assistant_only_loss=True)
+    tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
+    with pytest.raises(formats.BadRowError) as excinfo:
+        prepare_dataset(config, tokenizer)
+    message = str(excinfo.value)
+    print("\n" + message)
+    assert excinfo.value.row_index == 2 and excinfo.value.field == "json"
+    assert "malformed JSON on line 3 of" in message and str(path) in message and "remove that line" in message
+    assert isinstance(excinfo.value.__cause__, json.JSONDecodeError)  # not datasets' "error generating the dataset"
+
+
+def test_malformed_json_lines_are_counted_skips_with_skip_bad_rows(tmp_path, tokenizer_dir):
+    from jsft.data import load_tokenizer
+
+    lines = chat_lines(6)
+    lines[1], lines[4] = "{not json\n", "[1, 2]\n"  # rows 1 and 4 (lines 2 and 6: a blank line comes first)
+    path = tmp_path / "broken.jsonl"
+    path.write_text("".join(lines[:3] + ["\n"] + lines[3:]))
+    config = make_config(tmp_path, path, assistant_only_loss=True, skip_bad_rows=True)
+    tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
+    with pytest.warns(UserWarning, match=r"skipped 2 malformed JSON line\(s\).*line\(s\) 2, 6"):
+        prepared = prepare_dataset(config, tokenizer)
+    s = prepared.stats
+    assert s["rows_read"] == 6 and s["examples"] == 4 and sum(s["skipped_bad_rows"].values()) == 2
+    assert all(reason.startswith("json: ") for reason in s["skipped_bad_rows"])
+    assert prepared.examples.source_rows.tolist() == [0, 2, 3, 5]  # rows of the file, as errors number them
+    assert "skipped bad rows: 2" in format_stats(s)
+
+
+def test_json_document_with_a_syntax_error_names_its_line(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('[\n  {"text": "a"},\n  {"text": "b"\n  {"text": "c"}\n]\n')
+    config = make_config(tmp_path, path, skip_bad_rows=True)  # no row boundary to skip to: still an error
+    with pytest.raises(formats.BadRowError, match=r"rows.json is not valid JSON: .* on line 4, column 3"):
+        pipeline.load_rows(config.data)
+    path.write_text('{"text": "a"}\n{"text": "b"\n')  # a .json file written as JSON lines: read line by line
+    with pytest.raises(formats.BadRowError, match="line 2 of"):
+        pipeline.load_rows(make_config(tmp_path, path).data)
+
+
+def test_malformed_json_line_in_a_dataset_directory_names_the_file(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": \n')
+    with pytest.raises(formats.BadRowError, match=r"line 3 of .*train.jsonl"):
+        pipeline.load_rows(make_config(tmp_path, folder).data)
+
+
+@pytest.mark.parametrize("kind,data,field", [
+    ("text", {"assistant_only_loss": True}, "data.assistant_only_loss"),
+    ("prompt_completion", {"assistant_only_loss": True}, "data.assistant_only_loss"),
+    ("text", {"completion_only_loss": True}, "data.completion_only_loss"),
+    ("text", {"dataset_text_field": "content"}, "data.dataset_text_field"),
+])
+def test_impossible_loss_setting_fails_before_any_tokenization(tmp_path, tokenizer_dir, monkeypatch, kind, data,
+                                                               field):
+    from jsft.config import ConfigError
+    from jsft.data import load_tokenizer
+    from jsft.fixtures import make_rows, write_jsonl
+
+    path = write_jsonl(make_rows(kind, 8, 0), tmp_path / f"{kind}.jsonl")
+    config = make_config(tmp_path, path, **data)
+    tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
+    monkeypatch.setattr(pipeline, "tokenize_rows", lambda *a, **k: pytest.fail("tokenized before the check"))
+    with pytest.raises(ConfigError, match=field):
+        prepare_dataset(config, tokenizer)
+
+
+def test_the_data_check_accepts_every_format(tmp_path, tokenizer_dir):
+    """Pre-tokenized ids (labels / assistant_masks), ShareGPT conversations, tools and chat_template_kwargs columns,
+    conversational prompt/completion: each passes the check with the loss settings it supports."""
+    from jsft.data import load_tokenizer
+    from jsft.fixtures import make_rows
+
+    tokenizer, _ = load_tokenizer(tokenizer_dir, SFTConfig().data)
+    messages = make_rows("messages", 6, 0)
+    example = formats.prepare_example(messages[0], tokenizer, SFTConfig().data)
+    ids, mask = example["input_ids"].tolist(), example["loss_mask"].tolist()
+    tools = json.dumps([{"type": "function", "function": {"name": "spell", "parameters": {"type": "object"}}}])
+    cases = {
+        "labels": ([{"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]}] * 3,
+                   {"assistant_only_loss": True}),
+        "labels, completion only": ([{"input_ids": ids, "labels": ids}] * 3, {"completion_only_loss": True}),
+        "assistant masks": ([{"input_ids": ids, "assistant_masks": [int(m) for m in mask]}] * 3,
+                            {"assistant_only_loss": True}),
+        "plain ids": ([{"input_ids": ids}] * 3, {}),
+        "conversations": ([{"conversations": [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]}
+                                              for m in row["messages"] if m["role"] != "system"]} for row in messages],
+                          {"assistant_only_loss": True}),
+        "tools": ([dict(row, tools=tools) for row in messages], {"assistant_only_loss": True}),
+        "chat_template_kwargs": ([dict(row, chat_template_kwargs={"unused": i}) for i, row in enumerate(messages)],
+                                 {"assistant_only_loss": True}),
+        "conversational prompt/completion": (make_rows("conversational_prompt_completion", 6, 0),
+                                             {"assistant_only_loss": True}),
+    }
+    for name, (rows, data) in cases.items():
+        path = tmp_path / (name.replace(" ", "_").replace("/", "_") + ".jsonl")
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config = make_config(tmp_path / path.stem, path, **data)
+        prepared = prepare_dataset(config, tokenizer)
+        assert prepared.stats["examples"] == len(rows), name

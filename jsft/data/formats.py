@@ -63,10 +63,14 @@ class BadRowError(ValueError):
 # ----------------------------------------------------------------------------------------------- reading rows
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict]:
+def read_jsonl(path: str | Path, skipped: list | None = None) -> Iterator[dict]:
     """Rows of a JSON-lines file. Blank lines are skipped; a malformed line raises BadRowError with its line number.
 
-    row_index counts rows (non-blank lines) from 0, the same index prepare_example errors use.
+    row_index counts rows (non-blank lines) from 0, the same index prepare_example errors use. With a `skipped` list,
+    a malformed line is not raised but appended to it (as its BadRowError) and reading goes on; it keeps its row
+    index, so later rows keep theirs:
+
+        '{"text": "a"}\\n{"text": \\n{"text": "c"}\\n'  ->  yields rows 0 and 2; skipped = [row 1 (line 2)]
     """
     path = Path(path)
     row_index = 0
@@ -74,20 +78,29 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            error = None
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise BadRowError(
-                    row_index, "json", f"malformed JSON on line {line_number} of {path}: {e.msg} (column {e.colno})",
+                error = BadRowError(
+                    row_index, "json", f"malformed JSON on line {line_number} of {path}: {e.msg} (column {e.pos + 1})",
                     "repair or remove that line (or set skip_bad_rows=True to count and skip it)",
-                ) from e
-            if not isinstance(row, dict):
-                raise BadRowError(
-                    row_index, "json", f"line {line_number} of {path} is a JSON {type(row).__name__}, not an object",
-                    'write one JSON object per line, e.g. {"text": "..."}',
                 )
-            yield row
+                error.__cause__ = e
+            else:
+                if not isinstance(row, dict):
+                    error = BadRowError(
+                        row_index, "json",
+                        f"line {line_number} of {path} is a JSON {type(row).__name__}, not an object",
+                        'write one JSON object per line, e.g. {"text": "..."}',
+                    )
             row_index += 1
+            if error is None:
+                yield row
+            elif skipped is None:
+                raise error
+            else:
+                skipped.append(error)
 
 
 # ----------------------------------------------------------------------------------------------- detection

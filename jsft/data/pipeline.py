@@ -10,6 +10,8 @@
 
 Preparation (`prepare_dataset`):
 1. Rows come from `datasets.load_dataset`: a local .jsonl/.json/.parquet/.arrow/.csv file, a directory, or a hub name.
+   A malformed JSON line is a BadRowError naming the file and line (with skip_bad_rows, a counted skip: `read_split`).
+   The loss settings are then checked against the columns (jsft.config.check_data_compatibility), before any work.
 2. Every row goes through `jsft.data.prepare_example` WITHOUT truncation, in chunks of 256 rows batched by
    `jsft.data.batched` (Grain worker processes when data.dataset_num_proc > 1, row order kept; each worker is a
    spawned process importing grain, jax and transformers, seconds each, so they pay off on large datasets only: 2,000
@@ -55,6 +57,7 @@ import inspect
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -62,8 +65,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jsft.config import ConfigError, DataConfig, SFTConfig
+from jsft.config import ConfigError, DataConfig, SFTConfig, check_data_compatibility
 from jsft.data import packing
+from jsft.data.formats import BadRowError, read_jsonl
 
 CACHE_VERSION = 1
 PREPARE_CHUNK_ROWS = 256
@@ -121,6 +125,24 @@ def load_rows(data: DataConfig, split: str = "train"):
     """A datasets.Dataset for "train" (data.dataset_train_split) or "eval" (data.dataset_test_split).
 
     A split may be a split name of data.dataset_name (a directory or hub dataset), or a path to its own file.
+    A malformed JSON line raises BadRowError naming the file and line (see `read_split`); lines skipped under
+    data.skip_bad_rows are warned about here (prepare_dataset counts them in its report).
+    """
+    return read_split(data, split)[0]
+
+
+def read_split(data: DataConfig, split: str = "train"):
+    """(dataset, unreadable): the rows of a split, and the BadRowErrors of JSON lines skipped (data.skip_bad_rows).
+
+    Malformed JSON. datasets reports a broken line of a local JSON file as "An error occurred while generating the
+    dataset". jsft then reads the file again with `jsft.data.read_jsonl` and raises BadRowError naming the file, the
+    line (1-based), the row index and the JSON problem, with the fix. With data.skip_bad_rows a malformed line of a
+    JSON-lines file (.jsonl, or a .json file written one object per line) is a counted skip like any other bad row:
+    each line is a row of its own, so the other lines are read whole, the skip is warned about (with line numbers),
+    counted in the preparation report, and the rows after it keep their row index (Examples.source_rows). A .json file
+    holding ONE document (an array of rows) with a syntax error, and a malformed line inside a dataset directory,
+    stay errors even with skip_bad_rows: past the error there is no row boundary to resume at (a document), or the
+    split's files are datasets' to read (a directory); fix the file.
     """
     import datasets
 
@@ -130,7 +152,7 @@ def load_rows(data: DataConfig, split: str = "train"):
     if name is None:
         raise ConfigError("data.dataset_test_split is None: set a split name or a file path to evaluate")
     if Path(name).is_file():
-        return _load_file(Path(name))
+        return _load_file(Path(name), data.skip_bad_rows)
     path = Path(data.dataset_name)
     if path.is_file():
         if split == "eval":
@@ -138,21 +160,102 @@ def load_rows(data: DataConfig, split: str = "train"):
                 f"data.dataset_name={data.dataset_name!r} is one file (one split); set data.dataset_test_split to "
                 f"the path of an eval file, not the split name {name!r}"
             )
-        return _load_file(path)
+        return _load_file(path, data.skip_bad_rows)
     if path.is_dir():
-        return datasets.load_dataset(str(path), data.dataset_config, split=name)
+        try:
+            return datasets.load_dataset(str(path), data.dataset_config, split=name), []
+        except Exception as e:  # noqa: BLE001 (re-raised unless a malformed JSON line explains it)
+            error = e
+        files = sorted(p for p in path.rglob("*") if p.is_file() and DATA_FILE_TYPES.get(p.suffix) == "json")
+        for file in files:
+            bad = _malformed_json(file)
+            if bad is not None:
+                fix = "repair or remove that line (skip_bad_rows skips malformed lines of a single data file only)"
+                raise BadRowError(bad.row_index, bad.field, bad.problem, fix) from bad.__cause__
+        raise error
     if data.dataset_name.startswith((".", "/")) or not data.dataset_name:
         raise ConfigError(f"data.dataset_name={data.dataset_name!r}: no such file or directory")
-    return datasets.load_dataset(data.dataset_name, data.dataset_config, split=name)
+    return datasets.load_dataset(data.dataset_name, data.dataset_config, split=name), []
 
 
-def _load_file(path: Path):
+def _load_file(path: Path, skip_bad_rows: bool = False):
+    """(dataset, unreadable) of one data file; see read_split for malformed JSON."""
     import datasets
 
     kind = DATA_FILE_TYPES.get(path.suffix)
     if kind is None:
         raise ConfigError(f"{path}: unknown data file type; use one of {', '.join(DATA_FILE_TYPES)}")
-    return datasets.load_dataset(kind, data_files=str(path), split="train")
+    try:
+        return datasets.load_dataset(kind, data_files=str(path), split="train"), []
+    except Exception as e:  # noqa: BLE001 (re-raised unless a malformed JSON line explains it)
+        if kind != "json":
+            raise
+        error = e
+    bad = _malformed_json(path)
+    if bad is None:
+        raise error
+    if not skip_bad_rows or bad.row_index is None:
+        raise bad  # (its cause: the JSONDecodeError; datasets' own error says no more)
+    return _load_skipping_malformed_lines(path)
+
+
+def _malformed_json(path: Path) -> BadRowError | None:
+    """The BadRowError of the first malformed row of a JSON file, or None when it parses.
+
+    JSON lines (any .jsonl; a .json whose first non-blank line is an object on its own) go through read_jsonl, which
+    names the line. Otherwise a .json is one document, and the error names its line and column (row index unknown).
+    """
+    if path.suffix == ".json" and not _first_line_is_an_object(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except json.JSONDecodeError as e:
+            return BadRowError(
+                None, "json", f"{path} is not valid JSON: {e.msg} on line {e.lineno}, column {e.colno}",
+                "repair the file at that line (a .json file holding one array cannot skip a row; a .jsonl file with "
+                "one object per line can, with skip_bad_rows=True)",
+            )
+        return None
+    try:
+        for _ in read_jsonl(path):
+            pass
+    except BadRowError as e:
+        return e
+    return None
+
+
+def _first_line_is_an_object(path: Path) -> bool:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    return isinstance(json.loads(line), dict)
+                except json.JSONDecodeError:
+                    return False
+    return False
+
+
+def _load_skipping_malformed_lines(path: Path):
+    """(dataset, unreadable): datasets reads a copy of the file without its malformed lines; they are warned about."""
+    import tempfile
+
+    import datasets
+
+    unreadable: list[BadRowError] = []
+    with tempfile.TemporaryDirectory(prefix="jsft-rows-") as tmp:
+        clean = Path(tmp) / "rows.jsonl"
+        with open(clean, "w", encoding="utf-8") as f:
+            for row in read_jsonl(path, skipped=unreadable):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        dataset = datasets.load_dataset("json", data_files=str(clean), split="train", keep_in_memory=True,
+                                        cache_dir=str(Path(tmp) / "cache"))
+    lines = [re.search(r"line (\d+)", e.problem).group(1) for e in unreadable]
+    warnings.warn(
+        f"{path}: skipped {len(unreadable)} malformed JSON line(s) (data.skip_bad_rows=True): line(s) "
+        f"{', '.join(lines[:20])}{' ...' if len(lines) > 20 else ''}; they are counted as bad rows",
+        UserWarning, stacklevel=4,
+    )
+    return dataset, unreadable
 
 
 def _source_fingerprint(data: DataConfig, split: str, dataset) -> dict:
@@ -287,16 +390,33 @@ def _load_examples(path: Path) -> Examples:
 
 
 def cached_examples(config: SFTConfig, tokenizer, split: str = "train") -> tuple[Examples, str]:
-    """Examples of a split, from the cache when its key matches; returns (examples, "hit" | "miss")."""
-    dataset = load_rows(config.data, split)
+    """Examples of a split, from the cache when its key matches; returns (examples, "hit" | "miss").
+
+    The loss settings are checked against the dataset's columns (config.check_data_compatibility) as soon as the rows
+    are loaded, before the cache or any tokenization: an impossible combination is a ConfigError naming the field.
+    """
+    dataset, unreadable = read_split(config.data, split)
+    check_data_compatibility(config, dataset.column_names, dataset[0] if len(dataset) else None)
     key = cache_key(config.data, split, dataset, tokenizer)
     cache_dir = Path(config.data.cache_dir or Path(config.logging.output_dir) / "cache")
     path = cache_dir / f"examples-{split}-{key}.npz"
     if path.exists():
         return _load_examples(path), "hit"
-    examples = tokenize_rows(dataset, tokenizer, config.data)
+    examples = _count_unreadable(tokenize_rows(dataset, tokenizer, config.data), unreadable)
     _save_examples(path, examples)
     return examples, "miss"
+
+
+def _count_unreadable(examples: Examples, unreadable: list[BadRowError]) -> Examples:
+    """Add the rows skipped while reading (malformed JSON lines) to the bad-row count and to rows_read, and number
+    source_rows as rows of the file (the dataset read has no row for a skipped line)."""
+    if not unreadable:
+        return examples
+    rows_read = examples.rows_read + len(unreadable)
+    file_rows = np.delete(np.arange(rows_read, dtype=np.int64), [e.row_index for e in unreadable])
+    bad = Counter(examples.bad_rows) + Counter(bad_row_reason(e) for e in unreadable)
+    return dataclasses.replace(examples, source_rows=file_rows[examples.source_rows], rows_read=rows_read,
+                               bad_rows=dict(sorted(bad.items())))
 
 
 # ----------------------------------------------------------------------------------------------- rows
