@@ -301,7 +301,9 @@ def check_data_compatibility(config: SFTConfig, columns, first_row: dict | None 
     assistant_only_loss needs conversational data: a `messages` or `conversations` column, a conversational
     prompt/completion (lists of {"role", "content"} messages; pass `first_row` to detect it), or pre-tokenized
     `assistant_masks`. completion_only_loss=True needs a `completion` column or a pre-tokenized `completion_mask`.
+    Pre-tokenized `labels` satisfy both: they are the trained mask, used as is (jsft.data.formats).
     Example: check_data_compatibility(cfg, ["text"]) with data.assistant_only_loss=True raises ConfigError.
+    jsft.data.pipeline calls it as soon as a split's rows are loaded, before tokenizing.
     """
     columns = set(columns)
     d = config.data
@@ -314,14 +316,14 @@ def check_data_compatibility(config: SFTConfig, columns, first_row: dict | None 
         return False
 
     if d.assistant_only_loss:
-        ok = bool(columns & {"messages", "conversations", "assistant_masks"}) or conversational(first_row)
+        ok = bool(columns & {"messages", "conversations", "assistant_masks", "labels"}) or conversational(first_row)
         if not ok:
             raise ConfigError(
                 f"data.assistant_only_loss=True, but the dataset (columns {sorted(columns)}) is not conversational: "
                 "it needs a messages / conversations column or a conversational prompt/completion. Set "
                 "data.assistant_only_loss=False (or completion_only_loss for prompt/completion data)."
             )
-    if d.completion_only_loss is True and not columns & {"completion", "completion_mask"}:
+    if d.completion_only_loss is True and not columns & {"completion", "completion_mask", "labels"}:
         raise ConfigError(
             f"data.completion_only_loss=True, but the dataset (columns {sorted(columns)}) has no completion: it "
             "needs prompt + completion columns (or a pre-tokenized completion_mask). Set "
