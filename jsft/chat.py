@@ -1,7 +1,8 @@
 """`python -m jsft.chat --model <export dir>`: talk to an exported model in the terminal.
 
-Each turn renders the whole conversation with the tokenizer's chat template and decodes the reply (jsft.generate:
-greedy by default, `--temperature 0.8 --top-k 40` to sample). Commands: /reset clears the conversation, /quit exits.
+Each turn renders the whole conversation with the tokenizer's chat template and decodes the reply (jsft.generate,
+with a KV cache: greedy by default, `--temperature 0.8 --top-k 40 --top-p 0.95` to sample). Commands: /reset
+clears the conversation, /quit exits.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args(argv)
 
@@ -48,7 +50,7 @@ def main(argv=None):
         messages.append({"role": "user", "content": text})
         seed += 1
         reply = chat_replies(model, tokenizer, [messages], max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, seed=seed)[0]
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed)[0]
         print(f"assistant> {reply}")
         messages.append({"role": "assistant", "content": reply})
 
