@@ -265,7 +265,8 @@ class Attention(nnx.Module):
         """Attention of T new tokens over a KV cache (see Llama.decode); returns (output, k_cache, v_cache).
 
         The new keys/values are written at cache slots [index, index + T); mask [B, 1, T, S] says which slots each
-        new token sees. XLA attention (GQA native): one query per row at decode time, nothing for flash to win.
+        new token sees. XLA attention (GQA native) over all S slots: [B, Hq, T, S] scores, small for one token per
+        step; a prefill of long prompts would want a flash kernel instead (not done).
         """
         B, T, _ = x.shape
         q, k, v = self.qkv(x, rope)
