@@ -96,9 +96,9 @@ def _decode(graphdef, state, prompts, mask, max_new_tokens, stops, pad_id, key, 
         return i + 1, cache, out, done, count, key
 
     key, sub = jax.random.split(key)
-    logits, cache = model.decode(prompts, positions, mask, model.init_cache(B, P + new_slots))
+    logits, cache = model.decode(prompts, positions, mask, model.init_cache(B, P + new_slots), last_only=True)
     out = jnp.full((B, new_slots), pad_id, jnp.int32)
-    out, done, count = emit(0, choose(logits[:, -1], sub), out, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
+    out, done, count = emit(0, choose(logits[:, 0], sub), out, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
     carry = (jnp.asarray(1, jnp.int32), cache, out, done, count, key)
     _, _, out, _, count, _ = jax.lax.while_loop(cond, body, carry)
     return out, count
@@ -144,10 +144,10 @@ def decode_batch(model, prompts: list[list[int]], *, max_new_tokens: int, stop_i
     stops = np.full(_round_up(len(stop_ids), 8), -1, np.int32)  # -1 never matches; a fixed shape per 8 ids
     stops[: len(stop_ids)] = stop_ids
     graphdef, state = _eval_split(model)
-    out, count = _decode(graphdef, state, tokens, mask, jnp.int32(max_new_tokens),
-                         stops, jnp.int32(pad_id),
-                         jax.random.key(0) if key is None else key, jnp.float32(temperature), jnp.int32(top_k or 0),
-                         jnp.float32(1.0 if top_p is None else top_p), new_slots=_round_up(max_new_tokens))
+    key = jax.random.key(0) if key is None else key
+    settings = jnp.float32(temperature), jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p)
+    out, count = _decode(graphdef, state, tokens, mask, jnp.int32(max_new_tokens), stops, jnp.int32(pad_id), key,
+                         *settings, new_slots=_round_up(max_new_tokens))
     return np.asarray(out)[: len(prompts), :max_new_tokens], np.asarray(count)[: len(prompts)]
 
 

@@ -1,6 +1,8 @@
 """Decoding with a KV cache: the cache gives the full model's logits at every step, greedy ids equal transformers'
 generate, sampling is seeded and honours top-k / top-p, rows stop at their stop token, one compile per bucket."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,9 +49,9 @@ def forward(model, ids, positions, segment_ids):
     return model(ids, positions, segment_ids)
 
 
-@nnx.jit
-def cached_step(model, ids, positions, mask, cache):
-    return model.decode(ids, positions, mask, cache)
+@partial(nnx.jit, static_argnames="last_only")
+def cached_step(model, ids, positions, mask, cache, last_only=False):
+    return model.decode(ids, positions, mask, cache, last_only=last_only)
 
 
 def with_lora(model):
@@ -93,6 +95,8 @@ def test_cached_logits_equal_full_recompute_at_every_step(name):
     logits, cache = cached_step(model, ids, pos, mask, model.init_cache(B, P + steps + 4))
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(np.asarray(logits)[b, last[b]], full[b, n - 1], atol=1e-4, rtol=0)
+    last_only, _ = cached_step(model, ids, pos, mask, model.init_cache(B, P + steps + 4), last_only=True)
+    np.testing.assert_allclose(np.asarray(last_only)[:, 0], np.asarray(logits)[:, -1], atol=1e-5, rtol=0)
     for k in range(steps):
         token = np.array([[s[n + k]] for s, n in zip(seqs, lengths)], np.int32)
         position = np.array([[n + k] for n in lengths], np.int32)

@@ -402,7 +402,7 @@ class Llama(nnx.Module):
         empty = tuple(jnp.zeros(shape, self.compute_dtype) for _ in self.layers)
         return KVCache(k=empty, v=empty, valid=jnp.zeros((batch, max_len), bool), index=jnp.asarray(0, jnp.int32))
 
-    def decode(self, input_ids, positions, mask, cache: KVCache):
+    def decode(self, input_ids, positions, mask, cache: KVCache, *, last_only: bool = False):
         """Run T new tokens per row against the cache -> (logits [B, T, V] float32, updated cache).
 
         input_ids, positions [B, T] int32 (RoPE reads positions, so each row counts its own); mask [B, T] bool,
@@ -413,6 +413,8 @@ class Llama(nnx.Module):
             prefill   input_ids [[0, a, b], [c, d, e]]  positions [[0, 0, 1], [0, 1, 2]]  mask [[F, T, T], [T, T, T]]
             step      input_ids [[x], [y]]              positions [[2], [3]]              mask [[T], [T]]
             -> x (slot 3) sees slots 1..3 of row 0; y sees slots 0..3 of row 1; nothing ever sees slot 0 of row 0.
+
+        last_only: logits of the last column only, [B, 1, V] (all a left-padded prefill needs: no [B, T, V]).
         """
         T, S = input_ids.shape[1], cache.valid.shape[1]
         valid = jax.lax.dynamic_update_slice(cache.valid, mask.astype(bool), (0, cache.index))
@@ -425,6 +427,7 @@ class Llama(nnx.Module):
             x, k, v = layer.cached(x, rope, k, v, cache.index, attend)
             ks.append(k)
             vs.append(v)
+        x = x[:, -1:] if last_only else x
         return self.logits(self.norm(x)), KVCache(tuple(ks), tuple(vs), valid, cache.index + T)
 
     def resize_vocab(self, new_size: int, rngs: nnx.Rngs | None = None):
