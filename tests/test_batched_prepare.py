@@ -1,11 +1,20 @@
 """jsft.data.batched.prepare_examples gives exactly prepare_example's examples and errors, row by row."""
 
+import warnings
+
 import numpy as np
 import pytest
 
 from jsft import fixtures
-from jsft.config import DataConfig
+from jsft.config import ConfigError, DataConfig
 from jsft.data import batched, formats
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(bos_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bos_tokenizer_dir)
 
 
 def one_by_one(rows, tokenizer, config):
@@ -29,14 +38,32 @@ def assert_same(got, want):
             np.testing.assert_array_equal(g["loss_mask"], w["loss_mask"], err_msg=f"row {i} mask")
 
 
-CASES = [(kind, False) for kind in fixtures.FORMATS] + [("messages", True), ("conversational_prompt_completion", True)]
+LOSS = {  # name -> (completion_only_loss, assistant_only_loss)
+    "default": (None, False), "plain": (False, False), "completion_only": (True, False), "assistant_only": (None, True),
+    "assistant_and_completion_only": (True, True),
+}
+CASES = [
+    (kind, loss) for kind in fixtures.FORMATS for loss in LOSS
+    if not LOSS[loss][1] or kind in ("messages", "conversational_prompt_completion")  # else a ConfigError (below)
+]
 
 
-@pytest.mark.parametrize("kind,assistant_only", CASES)
-def test_batched_equals_one_by_one_on_every_fixture_format(tokenizer, kind, assistant_only):
+@pytest.mark.parametrize("tokenizer_kind", ["plain", "bos"])
+@pytest.mark.parametrize("kind,loss", CASES)
+def test_batched_equals_one_by_one_on_every_fixture_format(tokenizer, bos_tokenizer, kind, loss, tokenizer_kind,
+                                                           monkeypatch):
+    tok = tokenizer if tokenizer_kind == "plain" else bos_tokenizer
     rows = fixtures.make_rows(kind, 300, 7)
-    config = DataConfig(assistant_only_loss=assistant_only, max_length=None)
-    assert_same(batched.prepare_examples(rows, tokenizer, config), one_by_one(rows, tokenizer, config))
+    completion_only, assistant_only = LOSS[loss]
+    config = DataConfig(completion_only_loss=completion_only, assistant_only_loss=assistant_only, max_length=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a prompt that is not a token prefix warns once, on either side
+        want = one_by_one(rows, tok, config)
+        one_row = formats.prepare_example
+        alone = []
+        monkeypatch.setattr(formats, "prepare_example", lambda row, *a, **k: alone.append(row) or one_row(row, *a, **k))
+        assert_same(batched.prepare_examples(rows, tok, config), want)
+    assert len(alone) == sum(isinstance(w, Exception) for w in want)  # only the bad rows went one by one
 
 
 def test_mixed_and_bad_rows_keep_their_place_and_their_errors(tokenizer):
@@ -47,9 +74,58 @@ def test_mixed_and_bad_rows_keep_their_place_and_their_errors(tokenizer):
         {"messages": [{"role": "user", "content": "a question, no answer"}]},  # no assistant token
         dict(good[1], tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
         {"conversations": [{"from": "human", "value": "spell: 1"}, {"from": "gpt", "value": "one"}]},
+        fixtures.make_rows("conversational_prompt_completion", 1, 0)[0],
+        {"prompt": fixtures.make_rows("messages", 1, 0)[0]["messages"][:1], "completion": []},
         good[2],
     ]
     config = DataConfig(assistant_only_loss=True, max_length=None)
     got = batched.prepare_examples(rows, tokenizer, config, first_index=0)
     assert_same(got, one_by_one(rows, tokenizer, config))
     assert isinstance(got[1], formats.BadRowError) and isinstance(got[2], formats.BadRowError)
+    assert isinstance(got[6], formats.BadRowError)
+
+
+@pytest.mark.parametrize("tokenizer_kind", ["plain", "bos"])
+def test_bad_and_edge_text_and_prompt_completion_rows(tokenizer, bos_tokenizer, tokenizer_kind):
+    """Errors in their place; BOS never doubled; a prompt that merges with its completion (not a token prefix)."""
+    tok = tokenizer if tokenizer_kind == "plain" else bos_tokenizer
+    rows = [
+        {"text": "spell: 1 => one"},
+        {"text": ""},  # only EOS: nothing trained after the first token
+        {"text": ["not", "a", "string"]},
+        {"text": fixtures.BOS + "spell: 2 => two"},
+        {"text": "spell: 3 => three" + tok.eos_token},  # EOS already there: not added twice
+        {"prompt": "spell: 4 =>", "completion": " four"},
+        {"prompt": "spell: 4 =>", "completion": ""},
+        {"prompt": "spell: 4 =>", "completion": 4},
+        {"prompt": fixtures.BOS + "spell: 5 =>", "completion": " five"},
+        {"prompt": "spell: 4 =", "completion": "> four"},  # '=>' merges across the boundary
+        {"prompt": "spell: 6 =>"},
+        {"question": "?"},
+    ]
+    for completion_only in (None, False, True):
+        config = DataConfig(completion_only_loss=completion_only, max_length=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert_same(batched.prepare_examples(rows, tok, config, first_index=0), one_by_one(rows, tok, config))
+
+
+def test_the_prompt_not_a_prefix_warning_still_shows(tokenizer, monkeypatch):
+    monkeypatch.setattr(formats, "_warned_prompt_not_prefix", False)
+    rows = [{"prompt": "spell: 4 =", "completion": "> four"}] * 3
+    with pytest.warns(UserWarning, match="not a prefix") as caught:
+        batched.prepare_examples(rows, tokenizer, DataConfig(max_length=None))
+    assert len([w for w in caught if "not a prefix" in str(w.message)]) == 1
+
+
+def test_config_errors_still_raise(tokenizer):
+    with pytest.raises(ConfigError, match="assistant_only_loss=True needs conversational rows"):
+        batched.prepare_examples([{"text": "a"}], tokenizer, DataConfig(assistant_only_loss=True, max_length=None))
+
+
+def test_truncating_config_goes_row_by_row(tokenizer):
+    """max_length without packing truncates inside prepare_example: the batched path stays out of it."""
+    rows = fixtures.make_rows("prompt_completion", 40, 1) + fixtures.make_rows("messages", 40, 1)
+    config = DataConfig(max_length=12, truncation_mode="keep_end")
+    assert not batched.batchable(tokenizer, config)
+    assert_same(batched.prepare_examples(rows, tokenizer, config), one_by_one(rows, tokenizer, config))
