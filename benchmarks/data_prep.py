@@ -1,13 +1,17 @@
 """Data preparation speed: jsft (tokenize + pack) against TRL's SFTTrainer preparation, same rows, same settings.
 
-    python benchmarks/data_prep.py [--rows 2000] [--repeats 3]
+    python benchmarks/data_prep.py [--rows 2000] [--repeats 3] [--format messages|prompt_completion] [--tag NAME]
 
-Both sides read the fixture's `messages` rows from a .jsonl file with `datasets`, render them with the fixture's
-chat template, build assistant-only masks, and pack with BFD at max_length 512, in one process (--num-proc N: N
-worker processes on both sides: Grain workers for jsft, datasets' num_proc for TRL). jsft starts from an
-empty cache (its warm-cache time is reported separately); TRL runs `SFTTrainer._prepare_dataset` with datasets'
-caching off; the two alternate `--repeats` times. Reported: examples/s and tokens/s (tokens = all tokens of all rows
-before truncation) from the best of the repeats. Writes benchmarks/results/data_prep-cpu-<date>.json.
+Both sides read the fixture's rows from a .jsonl file with `datasets` and pack with BFD at max_length 512, in one
+process (--num-proc N: N worker processes on both sides: Grain workers for jsft, datasets' num_proc for TRL).
+`messages` (default): rendered with the fixture's chat template, assistant-only masks. `prompt_completion`: strings,
+completion-only masks (both sides' default for that format). jsft starts from an empty cache (its warm-cache time is
+reported separately); TRL runs `SFTTrainer._prepare_dataset` with datasets' caching off; the two alternate
+`--repeats` times. Reported: examples/s and tokens/s (tokens = all tokens of all rows before truncation) from the
+best of the repeats, and the load average before and after (the machine may be shared: compare runs with that in
+mind). TOKENIZERS_PARALLELISM defaults to false here (set it to compare with the tokenizer's own threads; TRL's
+one-row calls gain nothing from them). Writes benchmarks/results/data_prep-cpu-<date>[-<format>][-proc<N>][-<tag>].json
+(never over an existing file: a -2, -3 ... suffix is added).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 MAX_LENGTH = 512
 
 
-def jsft_run(data_file: Path, tokenizer_dir: Path, cache_dir: Path, num_proc: int | None):
+def jsft_run(data_file: Path, tokenizer_dir: Path, cache_dir: Path, num_proc: int | None, fmt: str = "messages"):
     from jsft.config import SFTConfig
     from jsft.data import load_tokenizer
     from jsft.data.pipeline import prepare_dataset
@@ -39,7 +43,7 @@ def jsft_run(data_file: Path, tokenizer_dir: Path, cache_dir: Path, num_proc: in
     config = SFTConfig()
     config.data.dataset_name = str(data_file)
     config.data.max_length, config.data.packing, config.data.packing_strategy = MAX_LENGTH, True, "bfd"
-    config.data.assistant_only_loss, config.data.dataset_num_proc = True, num_proc
+    config.data.assistant_only_loss, config.data.dataset_num_proc = fmt == "messages", num_proc
     config.data.cache_dir = str(cache_dir)
     start = time.perf_counter()
     tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
@@ -47,7 +51,8 @@ def jsft_run(data_file: Path, tokenizer_dir: Path, cache_dir: Path, num_proc: in
     return time.perf_counter() - start, prepared
 
 
-def trl_trainer(tokenizer_dir: Path, checkpoint_dir: Path, out_dir: Path, num_proc: int | None):
+def trl_trainer(tokenizer_dir: Path, checkpoint_dir: Path, out_dir: Path, num_proc: int | None,
+                fmt: str = "messages"):
     import datasets
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -55,9 +60,10 @@ def trl_trainer(tokenizer_dir: Path, checkpoint_dir: Path, out_dir: Path, num_pr
     from jsft import fixtures
 
     args = SFTConfig(output_dir=str(out_dir), max_length=MAX_LENGTH, packing=True, packing_strategy="bfd",
-                     assistant_only_loss=True, report_to=[], use_cpu=True, bf16=False, dataset_num_proc=num_proc)
+                     assistant_only_loss=fmt == "messages", report_to=[], use_cpu=True, bf16=False,
+                     dataset_num_proc=num_proc)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    small = datasets.Dataset.from_list(fixtures.make_rows("messages", 4, 1))
+    small = datasets.Dataset.from_list(fixtures.make_rows(fmt, 4, 1))  # SFTTrainer decides completion-only from it
     trainer = SFTTrainer(model=str(checkpoint_dir), args=args, train_dataset=small, processing_class=tokenizer)
     return trainer, tokenizer
 
@@ -71,11 +77,23 @@ def trl_run(trainer, tokenizer, data_file: Path):
     return time.perf_counter() - start, prepared
 
 
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-proc", type=int, default=None, help="worker processes on both sides (default: none)")
+    parser.add_argument("--format", default="messages", choices=["messages", "prompt_completion"])
+    parser.add_argument("--tag", default="", help="appended to the result file name")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
 
@@ -83,22 +101,23 @@ def main(argv=None):
 
     from jsft import fixtures
 
+    load_before = os.getloadavg()[0]
     datasets.disable_caching()
     datasets.disable_progress_bars()
     work = Path(tempfile.mkdtemp(prefix="jsft-data-prep-"))
     try:
         tokenizer_dir = fixtures.build_tokenizer(work / "tokenizer")
-        data_file = fixtures.write_jsonl(fixtures.make_rows("messages", args.rows, 0), work / "messages.jsonl")
+        data_file = fixtures.write_jsonl(fixtures.make_rows(args.format, args.rows, 0), work / f"{args.format}.jsonl")
         checkpoint_dir = fixtures.build_hf_checkpoint(work / "checkpoint")
 
-        trainer, tokenizer = trl_trainer(tokenizer_dir, checkpoint_dir, work / "trl", args.num_proc)
+        trainer, tokenizer = trl_trainer(tokenizer_dir, checkpoint_dir, work / "trl", args.num_proc, args.format)
         jsft_times, trl_times = [], []
         for k in range(args.repeats):  # alternate, so a busy machine slows both sides alike
-            seconds, prepared = jsft_run(data_file, tokenizer_dir, work / f"cache{k}", args.num_proc)
+            seconds, prepared = jsft_run(data_file, tokenizer_dir, work / f"cache{k}", args.num_proc, args.format)
             jsft_times.append(seconds)
             seconds, trl_prepared = trl_run(trainer, tokenizer, data_file)
             trl_times.append(seconds)
-        warm, _ = jsft_run(data_file, tokenizer_dir, work / "cache0", None)
+        warm, _ = jsft_run(data_file, tokenizer_dir, work / "cache0", None, args.format)
         assert prepared.stats["cache"] == "miss"
         stats = prepared.stats
         trl_tokens = sum(len(ids) for ids in trl_prepared["input_ids"])
@@ -112,10 +131,13 @@ def main(argv=None):
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_1m_at_end": os.getloadavg()[0],
+                    "load_average_1m_at_start": load_before, "load_average_1m_at_end": os.getloadavg()[0],
                     "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM")},
-        "setup": {"rows": args.rows, "format": "messages", "assistant_only_loss": True, "max_length": MAX_LENGTH,
-                  "packing_strategy": "bfd", "processes": args.num_proc or 1, "repeats": args.repeats, "timing": "best of repeats"},
+        "git_commit": _git_commit(),
+        "setup": {"rows": args.rows, "format": args.format, "assistant_only_loss": args.format == "messages",
+                  "completion_only_loss": "default (on for prompt_completion)", "max_length": MAX_LENGTH,
+                  "packing_strategy": "bfd", "processes": args.num_proc or 1, "repeats": args.repeats,
+                  "timing": "best of repeats"},
         "jsft": {
             "seconds": jsft_times, "seconds_cache_hit": warm,
             "examples_per_s": args.rows / best_jsft, "tokens_per_s": tokens / best_jsft,
@@ -131,8 +153,13 @@ def main(argv=None):
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"-proc{args.num_proc}" if args.num_proc else ""
+    tag = (f"-{args.format}" if args.format != "messages" else "") + (f"-proc{args.num_proc}" if args.num_proc else "")
+    tag += f"-{args.tag}" if args.tag else ""
     path = out / f"data_prep-cpu-{datetime.date.today().isoformat()}{tag}.json"
+    suffix = 2
+    while path.exists():
+        path = path.with_name(f"data_prep-cpu-{datetime.date.today().isoformat()}{tag}-{suffix}.json")
+        suffix += 1
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"jsft: {result['jsft']['examples_per_s']:,.0f} examples/s, {result['jsft']['tokens_per_s']:,.0f} tokens/s "
           f"({best_jsft:.2f} s; cache hit {warm:.2f} s), {stats['rows']} rows, fill {stats['fill_rate']:.3f}")
