@@ -255,3 +255,28 @@ def test_resize_vocab_grows_rows_like_transformers(checkpoint_dir):
     assert np.isfinite(np.asarray(forward(model, batch["input_ids"], batch["positions"], batch["segment_ids"]))).all()
     with pytest.raises(ValueError, match="drop rows"):
         model.resize_vocab(100)
+
+
+def test_max_segments_from_the_data_reaches_every_attention_call(monkeypatch):
+    """Llama.set_max_segments hands the data's documents-per-row bound to packed attention (cuDNN's static bound,
+    and what lets attention_impl="auto" pick cuDNN on a GPU); results are unchanged on the XLA path."""
+    from jsft.model import llama as llama_module
+
+    cfg = LlamaConfig.from_hf(dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    batch, _ = packed_batch([[3, 4, 5]], 16, 32)
+    ids, positions, segments = batch["input_ids"], batch["positions"], batch["segment_ids"]
+    before = np.asarray(model(ids, positions, segments))
+    seen = []
+    real = llama_module.packed_attention
+
+    def spy(*args, max_segments=None, **kwargs):
+        seen.append(max_segments)
+        return real(*args, max_segments=max_segments, **kwargs)
+
+    monkeypatch.setattr(llama_module, "packed_attention", spy)
+    model.set_max_segments(3)
+    after = np.asarray(model(ids, positions, segments))
+    assert seen == [3, 3]  # both layers
+    np.testing.assert_array_equal(before, after)

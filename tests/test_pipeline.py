@@ -463,3 +463,12 @@ def test_the_data_check_accepts_every_format(tmp_path, tokenizer_dir):
         config = make_config(tmp_path / path.stem, path, **data)
         prepared = prepare_dataset(config, tokenizer)
         assert prepared.stats["examples"] == len(rows), name
+
+
+def test_stats_count_the_most_documents_any_row_holds(chat):
+    """The static bound cuDNN's packed attention needs (Llama.set_max_segments) is the true maximum."""
+    _, _, prepared = chat
+    rows = pipeline.assemble_rows(prepared, np.arange(prepared.rows.num_rows))
+    most = int(rows["segment_ids"].max(axis=1).max())
+    assert most > 1 and prepared.stats["max_documents_per_row"] == most
+    assert f"at most {most} documents a row" in format_stats(prepared.stats)

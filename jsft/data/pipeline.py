@@ -488,6 +488,7 @@ def build_rows(examples: Examples, data: DataConfig, seed: int) -> tuple[packing
         "row_length": row_length,
         "packing": strategy or "none",
         "fill_rate": rows.tokens / max(1, rows.num_rows * row_length),
+        "max_documents_per_row": int(np.diff(rows.row_ptr).max()) if rows.num_rows else 0,
     }
     return rows, row_length, stats
 
@@ -517,7 +518,8 @@ def format_stats(stats: dict) -> str:
         f"{s['dropped_tokens']:,} tokens",
         f"  rows ({'packed ' + s['packing'] if s['packing'] != 'none' else 'one example each'}): {s['rows']:,} of "
         f"{s['row_length']} slots, {s['row_tokens']:,} tokens, "
-        f"{s['trained_tokens']:,} trained, fill {s['fill_rate']:.1%}",
+        f"{s['trained_tokens']:,} trained, fill {s['fill_rate']:.1%}, at most {s['max_documents_per_row']} "
+        "documents a row",
     ]
     return "\n".join(lines)
 

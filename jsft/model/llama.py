@@ -244,6 +244,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(D, ("head_dim",), eps=cfg.rms_norm_eps, **dt)
             self.k_norm = RMSNorm(D, ("head_dim",), eps=cfg.rms_norm_eps, **dt)
         self.qk_norm, self.head_dim, self.impl = cfg.qk_norm, D, attention_impl
+        self.max_segments = None  # documents per row at most (set from the data: Llama.set_max_segments)
 
     def qkv(self, x, rope):
         """x [B, L, H] -> q [B, L, Hq, D], k and v [B, L, Hkv, D]: projected, q/k normed (Qwen3), q/k rotated."""
@@ -258,7 +259,7 @@ class Attention(nnx.Module):
     def __call__(self, x, rope, segment_ids):
         B, L, _ = x.shape
         q, k, v = self.qkv(x, rope)
-        out = packed_attention(q, k, v, segment_ids, impl=self.impl)
+        out = packed_attention(q, k, v, segment_ids, impl=self.impl, max_segments=self.max_segments)
         return self.o_proj(out.reshape(B, L, -1))
 
     def cached(self, x, rope, k_cache, v_cache, index, mask):
@@ -355,6 +356,13 @@ class Llama(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, ("norm",), eps=cfg.rms_norm_eps, **dt)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, rngs=rngs, **dt)
+
+    def set_max_segments(self, max_segments: int | None) -> None:
+        """The most documents any packed row holds (the data side counts them). cuDNN's packed attention needs this
+        static bound, and attention_impl="auto" picks cuDNN on a GPU only when it is known (a guessed bound too
+        small would turn rows into NaN). Call before the first step; changing it recompiles."""
+        for layer in self.layers:
+            layer.self_attn.max_segments = None if max_segments is None else int(max_segments)
 
     def _check_window(self, length: int):
         if self.cfg.sliding_window is not None and length > self.cfg.sliding_window:
