@@ -124,6 +124,33 @@ def test_xla_gqa_equals_mha_with_repeated_kv():
     np.testing.assert_allclose(gqa, mha, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("block", [5, 8])
+def test_xla_causal_query_blocks_equal_one_block_forward_and_gradients(block):
+    """The xla path cuts rows into query blocks that attend to the keys before their end only: the same outputs and
+    gradients as one block, with documents and padding across block edges (5: a shorter last block)."""
+    q, k, v = qkv(3, L, seed=6)
+    seg = segments_from_lengths(LAYOUT, L)
+    w = jnp.asarray(np.random.default_rng(10).standard_normal(q.shape, np.float32))
+
+    def loss(q, k, v, block_size):
+        return (packed_attention(q, k, v, seg, impl="xla", block_size=block_size) * w).sum()
+
+    out = attend(q, k, v, seg, impl="xla", block_size=block)
+    np.testing.assert_allclose(out, attend(q, k, v, seg, impl="xla", block_size=L), atol=1e-6, rtol=1e-6)
+    np.testing.assert_array_equal(out[0, 21:], 0.0)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    for g, g_one in zip(grad(q, k, v, block), grad(q, k, v, L)):
+        np.testing.assert_allclose(g, g_one, atol=1e-6, rtol=1e-6)
+        np.testing.assert_array_equal(g[0, 21:], 0.0)
+
+
+def test_xla_query_block_default():
+    assert attention.xla_query_block(24) == 128  # L <= 128: one block, the plain masked attention
+    assert attention.xla_query_block(512) == 128  # 4 blocks
+    assert attention.xla_query_block(8192) == 2048
+    assert attention.xla_query_block(200) == 128  # 128 + 72
+
+
 def test_padding_rows_are_zero_and_gradients_finite_even_for_an_all_padding_row():
     q, k, v = qkv(2, 16, seed=3)
     seg = jnp.asarray([[1] * 6 + [2] * 5 + [0] * 5, [0] * 16], jnp.int32)

@@ -3,7 +3,9 @@
 One public function, `packed_attention(q, k, v, segment_ids, impl=...)`, with three implementations:
 
     xla     jax.nn.dot_product_attention with a block-diagonal causal [B, 1, L, L] mask. Runs everywhere (CPU
-            tests); O(L^2) memory, so it is the reference, not the fast path.
+            tests); O(L^2) memory, so it is the reference, not the fast path. Rows are cut into up to 4 query
+            blocks (`xla_query_block`), each attending to the keys before its end only: the all-masked upper
+            triangle (37.5% of the L x L work with 4 blocks) is never computed.
     cudnn   cuDNN flash attention in packed ("ragged") layout: segment starts and lengths instead of a mask,
             through the private jax._src.cudnn.fused_attention_stablehlo.dot_product_attention. Needs an NVIDIA
             Hopper (sm90+) GPU, cuDNN >= 9.6 and bf16/fp16 inputs. GQA native (k/v not repeated) only where jax
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 CUDNN_MIN_VERSION = 90600  # packed (ragged) layout in cuDNN flash attention
 PALLAS_BLOCK = 128  # default Pallas block along the sequence (forward); backward blocks are 32
+XLA_QUERY_BLOCKS, XLA_MIN_QUERY_BLOCK = 4, 128  # xla path: up to 4 causal query blocks of >= 128 rows
 
 
 class AttentionUnavailable(RuntimeError):
@@ -68,7 +71,8 @@ def packed_attention(
         documents in one row; None means `default_max_segments(L)` = max(2, L // 16) for impl="cudnn". A row
         with more documents than M gives NaN outputs for that row (loud, never silently wrong).
     interpret (pallas only): run the Pallas kernel in interpret mode (CPU tests).
-    block_size (pallas only): sequence block of the kernel, default min(128, L); L must be a multiple of it.
+    block_size (pallas, xla): pallas: sequence block of the kernel, default min(128, L); L must be a multiple of it.
+        xla: query block, default `xla_query_block(L)`.
 
     Example (fp32, CPU):
         >>> q = k = v = jnp.ones((1, 4, 2, 8))
@@ -84,7 +88,7 @@ def packed_attention(
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     segment_ids = segment_ids.astype(jnp.int32)
     if impl == "xla":
-        return _xla_attention(q, k, v, segment_ids, scale)
+        return _xla_attention(q, k, v, segment_ids, scale, block_size or xla_query_block(q.shape[1]))
     if impl == "cudnn":
         return _cudnn_attention(q, k, v, segment_ids, scale, max_segments)
     return _pallas_attention(q, k, v, segment_ids, scale, interpret=interpret, block_size=block_size)
@@ -116,10 +120,28 @@ def segment_mask(segment_ids):
     return (same & causal)[:, None]
 
 
-def _xla_attention(q, k, v, segment_ids, scale):
-    out = jax.nn.dot_product_attention(
-        q, k, v, mask=segment_mask(segment_ids), scale=scale, implementation="xla"
-    )  # GQA native (grouped einsum, no repeat); logits and softmax in float32
+def xla_query_block(length: int) -> int:
+    """Query rows per block of the xla path: L / 4 rounded up, at least 128 (so L <= 128 is one block).
+
+    4 blocks skip 37.5% of the L x L work; more would skip more but compile slower. Measured on a 2-core CPU (L=512,
+    4-layer 3.3M-param Llama, float32, [8, 512] rows): train step 2.37 -> 2.07 CPU s, compile 2.5 -> 4.4 s.
+    """
+    return max(XLA_MIN_QUERY_BLOCK, -(-length // XLA_QUERY_BLOCKS))
+
+
+def _xla_attention(q, k, v, segment_ids, scale, block: int):
+    """Causal, so the queries of rows [start, stop) only see keys [0, stop): one dot_product_attention per query
+    block over that prefix. Every query sees at least itself (padding sees earlier padding), so no row is empty."""
+    mask = segment_mask(segment_ids)
+    length = q.shape[1]
+    blocks = []
+    for start in range(0, length, block):
+        stop = min(start + block, length)
+        blocks.append(jax.nn.dot_product_attention(
+            q[:, start:stop], k[:, :stop], v[:, :stop], mask=mask[:, :, start:stop, :stop], scale=scale,
+            implementation="xla",
+        ))  # GQA native (grouped einsum, no repeat); logits and softmax in float32
+    out = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
     return _zero_padding(out, segment_ids).astype(q.dtype)
 
 
