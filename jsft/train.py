@@ -130,6 +130,15 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
           f"on {jax.device_count()} x {jax.devices()[0].device_kind}")
     print(f"plan: {A} micro-batch(es) x {B * count} rows x {L} tokens = {A * B * count * L:,} token slots per step; "
           f"steps {start_step} -> {total_steps}")
+    attention = model.layers[0].self_attn
+    impl = attention.impl
+    if impl == "auto":
+        from jsft.model.attention import choose_impl
+
+        impl = choose_impl(model.compute_dtype, L, attention.head_dim, max_segments=attention.max_segments)
+    plan["attention_impl"] = impl
+    print(f"plan: attention {impl} (model.attention_impl={attention.impl!r}), at most {attention.max_segments} "
+          "documents a row")
     try:
         with jax.set_mesh(mesh):
             compiled = step.train_step.lower(model, optimizer, _abstract_batch(batch, mesh),
@@ -278,6 +287,7 @@ def run(config: SFTConfig) -> dict:
     from jsft.optim import make_optimizer, trainable_filter
 
     model, grew_vocab = build_model(config, tokenizer, mesh)
+    model.set_max_segments(max(d.stats["max_documents_per_row"] for d in (train_data, eval_data) if d is not None))
     wrt_embeddings = bool(added_tokens) or grew_vocab  # the whole embedding and head train too (LoRA)
     wrt = trainable_filter(config.lora.use_peft, new_token_rows=wrt_embeddings)
     tx, schedule = make_optimizer(tc, total_steps)

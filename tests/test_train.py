@@ -54,6 +54,9 @@ def test_run_learns_a_repeated_batch_logs_saves_and_exports(tokenizer_dir, small
     assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()
     assert json.loads((export / "config.json").read_text())["hidden_size"] == 32
     assert summary["plan"]["params"] > 0 and summary["plan"]["trainable_params"] == summary["plan"]["params"]
+    assert summary["plan"]["attention_impl"] == "xla"  # auto on CPU
+    # packing=False: one document a row, so the attention bound handed to the model is 1
+    assert summary["model"].layers[0].self_attn.max_segments == 1
 
 
 def test_lora_run_keeps_frozen_base_weights_bit_for_bit(tokenizer_dir, small_data, tmp_path):
