@@ -148,11 +148,13 @@ def run_one(spec: dict) -> dict:
     try:
         cfg, model, trainable_filter = build(spec["model"], spec["mode"], spec["remat"], spec["attention"],
                                              spec["lora_rank"])
+        batch_np = packed_batch(spec["micro_batch"], spec["L"], cfg.vocab_size, spec["mean_doc"])
+        max_segments = int(batch_np["segment_ids"].max())  # as jsft.train does: the data's documents-per-row bound
+        model.set_max_segments(max_segments)
         graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
         del model
         tx = optax.adamw(spec["learning_rate"], weight_decay=0.0)
         opt_state = tx.init(trainable)
-        batch_np = packed_batch(spec["micro_batch"], spec["L"], cfg.vocab_size, spec["mean_doc"])
         batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
         step = make_step(graphdef, trainable_filter, tx, spec["chunk_size"])
 
@@ -178,7 +180,7 @@ def run_one(spec: dict) -> dict:
     flops = jsft_loss.flops_per_token(MODELS[spec["model"]], seq_len)
     peak = jsft_loss.peak_tflops(override=spec["peak_tflops"])
     used = attention.choose_impl(jnp.bfloat16 if spec["model"] != "smoke" else jnp.float32, spec["L"],
-                                 cfg.head_dim) if spec["attention"] == "auto" else spec["attention"]
+                                 cfg.head_dim, max_segments) if spec["attention"] == "auto" else spec["attention"]
     return dict(
         record,
         status="ok",
