@@ -22,6 +22,7 @@ refused with a ChatTemplateError that says which of the two it is.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 
@@ -82,12 +83,8 @@ def spans_to_token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, i
 
 
 def _divergence(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    """Length of the common prefix of two strings."""
+    return len(os.path.commonprefix([a, b]))
 
 
 def infer_assistant_spans(

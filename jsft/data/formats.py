@@ -34,6 +34,7 @@ ChatTemplateError / ConfigError are never per-row: they are not BadRowError and 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -241,12 +242,7 @@ def _encode_text(tokenizer, text: str) -> list[int]:
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return len(os.path.commonprefix([list(a), list(b)]))
 
 
 _warned_prompt_not_prefix = False
