@@ -119,7 +119,8 @@ def eval_step(model, batch: dict, *, loss_type: str = "nll", chunk_size: int = 1
     graphdef, state = nnx.split(model)
 
     def one(acc, micro):
-        sums = _micro_sums(nnx.merge(graphdef, state), micro, loss_type, chunk_size)
+        # copy=True: fresh Variables in this trace (nnx.remat inside the model may not touch the outer ones)
+        sums = _micro_sums(nnx.merge(graphdef, state, copy=True), micro, loss_type, chunk_size)
         return {k: acc[k] + sums[k] for k in SUM_KEYS}, None
 
     sums, _ = jax.lax.scan(one, _zero_sums(), batch)

@@ -160,3 +160,17 @@ def test_lora_dropout_trains_through_the_step_with_fresh_masks_each_step():
     # the RNG advanced across steps (the step returns the stream's new state): a fourth step's masks differ
     counts = [int(c) for c in jax.tree.leaves(nnx.state(model, nnx.RngCount))]
     assert counts and all(c > 0 for c in counts)
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_eval_step_runs_with_remat(remat):
+    """TRL's gradient_checkpointing=True (remat) with an eval split: eval_step gives the no-remat sums."""
+    from jsft.model.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig.from_hf(dict(model_type="llama", vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
+    batch = pack_rows(np.random.default_rng(5), 2)
+    sums = [step_lib.eval_step(Llama(cfg, rngs=nnx.Rngs(0), remat_policy=r), batch, chunk_size=16)
+            for r in ("none", remat)]
+    for k in sums[0]:
+        np.testing.assert_allclose(float(sums[1][k]), float(sums[0][k]), rtol=1e-6, err_msg=k)
