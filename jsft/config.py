@@ -139,13 +139,14 @@ def _check_type(value, annotation, where: str):
     hints = annotation
     origin = typing.get_origin(hints)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        errors = []
         for option in typing.get_args(hints):
             try:
                 return _check_type(value, option, where)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[-1]
+            except ConfigError:
+                pass
+        names = " or ".join("None" if o is type(None) else o.__name__ if isinstance(o, type) else str(o)
+                            for o in typing.get_args(hints))
+        raise ConfigError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
     if hints is type(None):
         if value is None:
             return None

@@ -66,6 +66,10 @@ def test_wrong_type_names_the_field(tmp_path):
         C.load(_py_file(tmp_path, training="per_device_train_batch_size='8'"))
     with pytest.raises(ConfigError, match=r"data\.packing: expected bool"):
         C.validate(_valid(data={"packing": 1}))
+    with pytest.raises(ConfigError, match=r"data\.max_length: expected int or None, got float 12\.5"):
+        C.load(_py_file(tmp_path), ["data.max_length=12.5"])
+    with pytest.raises(ConfigError, match=r"logging\.eval_steps: expected int or None, got str 'often'"):
+        C.load(_py_file(tmp_path), ["logging.eval_steps=often"])
 
 
 @pytest.mark.parametrize("text, expected", [
