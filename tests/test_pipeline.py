@@ -230,6 +230,21 @@ def test_bad_rows_raise_or_are_counted_per_reason(tmp_path, tokenizer_dir):
     assert "skipped bad rows: 2" in report and "messages" in report
 
 
+def test_a_bad_row_names_its_split_and_file(tmp_path, tokenizer_dir):
+    """Train and eval rows are both counted from 0: the error says which split (and file) row 1 is in."""
+    from jsft.data import load_tokenizer
+
+    good = {"messages": [{"role": "user", "content": "spell: 1"}, {"role": "assistant", "content": "one"}]}
+    bad = {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "one"}]}
+    (tmp_path / "train.jsonl").write_text(json.dumps(good) + "\n")
+    (tmp_path / "test.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    config = make_config(tmp_path, tmp_path / "train.jsonl", dataset_test_split=str(tmp_path / "test.jsonl"))
+    tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
+    prepare_dataset(config, tokenizer, "train")
+    with pytest.raises(formats.BadRowError, match=r"eval split \(.*test\.jsonl\): row 1, field 'messages\[0\]\.role'"):
+        prepare_dataset(config, tokenizer, "eval")
+
+
 def test_stats_report_names_every_count(chat):
     report = format_stats(chat[2].stats)
     print("\n" + report)

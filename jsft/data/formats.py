@@ -52,13 +52,14 @@ FORMATS = ("tokenized", "prompt_completion", "conversational_prompt_completion",
 class BadRowError(ValueError):
     """A row that cannot become an example. `row_index` and `field` say where; the message says the fix."""
 
-    def __init__(self, row_index: int | None, field: str, problem: str, fix: str):
-        self.row_index, self.field, self.problem, self.fix = row_index, field, problem, fix
+    def __init__(self, row_index: int | None, field: str, problem: str, fix: str, source: str | None = None):
+        self.row_index, self.field, self.problem, self.fix, self.source = row_index, field, problem, fix, source
         where = f"row {row_index}" if row_index is not None else "row (index unknown)"
+        where = f"{source}: {where}" if source else where
         super().__init__(f"{where}, field {field!r}: {problem}" + (f". Fix: {fix}" if fix else ""))
 
     def __reduce__(self):  # picklable, so it crosses worker processes whole
-        return (type(self), (self.row_index, self.field, self.problem, self.fix))
+        return (type(self), (self.row_index, self.field, self.problem, self.fix, self.source))
 
 
 # ----------------------------------------------------------------------------------------------- reading rows

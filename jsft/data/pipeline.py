@@ -132,6 +132,14 @@ def load_rows(data: DataConfig, split: str = "train"):
     return read_split(data, split)[0]
 
 
+def split_source(data: DataConfig, split: str) -> str:
+    """Where a split's rows come from, for messages: "eval split (/data/test.jsonl)", "train split ('train' of org/ds)"."""
+    name = data.dataset_train_split if split == "train" else data.dataset_test_split
+    where = name if Path(name).is_file() else data.dataset_name if Path(data.dataset_name).is_file() else (
+        f"{name!r} of {data.dataset_name}")
+    return f"{split} split ({where})"
+
+
 def read_split(data: DataConfig, split: str = "train"):
     """(dataset, unreadable): the rows of a split, and the BadRowErrors of JSON lines skipped (data.skip_bad_rows).
 
@@ -403,7 +411,10 @@ def cached_examples(config: SFTConfig, tokenizer, split: str = "train") -> tuple
     path = cache_dir / f"examples-{split}-{key}.npz"
     if path.exists():
         return _load_examples(path), "hit"
-    examples = _count_unreadable(tokenize_rows(dataset, tokenizer, config.data), unreadable)
+    try:
+        examples = _count_unreadable(tokenize_rows(dataset, tokenizer, config.data), unreadable)
+    except BadRowError as e:  # say which split's rows the index counts (train and eval both start at row 0)
+        raise BadRowError(e.row_index, e.field, e.problem, e.fix, split_source(config.data, split)) from e
     _save_examples(path, examples)
     return examples, "miss"
 
