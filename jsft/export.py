@@ -13,6 +13,7 @@ The train loop calls `export(model, tokenizer, config)` at the end. From a check
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 from jsft.config import ConfigError, SFTConfig, load
@@ -55,8 +56,21 @@ def export(model, tokenizer, config: SFTConfig, formats=None, out_dir=None, trai
             written[fmt] = hf.save_peft_adapter(model, out / "adapter", base, lc.lora_r, lc.lora_alpha,
                                                 lc.lora_dropout, lc.lora_target_modules,
                                                 save_embeddings=trained_embeddings)
-            tokenizer.save_pretrained(written[fmt])
+            padded = _with_dummy_tokens(tokenizer, model.cfg.vocab_size) if trained_embeddings else tokenizer
+            padded.save_pretrained(written[fmt])
     return written
+
+
+def _with_dummy_tokens(tokenizer, vocab_size: int):
+    """A copy of the tokenizer padded with TRL's dummy tokens <extra_id_N> to the model's grown vocabulary, as TRL's
+    clone_chat_template leaves it: PEFT's recipe `base.resize_token_embeddings(len(tokenizer))` then gives the base
+    the shape of the adapter's embedding and head."""
+    tokenizer = copy.deepcopy(tokenizer)
+    index = 0
+    while len(tokenizer) < vocab_size:
+        tokenizer.add_tokens(f"<extra_id_{index}>")
+        index += 1
+    return tokenizer
 
 
 def export_checkpoint(config: SFTConfig, step: int | None = None, formats=None, out_dir=None) -> dict[str, Path]:

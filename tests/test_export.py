@@ -108,7 +108,9 @@ def test_lora_adapter_carries_the_embeddings_a_cloned_template_trained(tokenizer
     _perturb(model, trainable_filter(lora=True, new_token_rows=True), 2)  # LoRA params and the whole embedding / head "trained"
     written = export.export(model, tokenizer, config, formats=["adapter"], trained_embeddings=True)
 
+    saved = AutoTokenizer.from_pretrained(written["adapter"])  # padded with dummy tokens to the grown vocabulary
+    assert len(saved) == model.cfg.vocab_size > len(tokenizer) and saved.eos_token == tokenizer.eos_token
     base = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32)
-    base.resize_token_embeddings(model.cfg.vocab_size)
+    base.resize_token_embeddings(len(saved))  # PEFT's recipe, as for TRL's adapters
     peft_model = PeftModel.from_pretrained(base, written["adapter"])
     np.testing.assert_allclose(torch_logits(peft_model), jsft_logits(model), atol=1e-4)
