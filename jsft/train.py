@@ -247,6 +247,15 @@ class _Interrupt:
         signal.signal(signal.SIGINT, self.previous)
 
 
+def resume_hint(lc) -> str:
+    """How to resume a stopped run: the same command resumes unless logging.resume_from_checkpoint=False (a TRL
+    config's default), which would start fresh and remove the checkpoints."""
+    if lc.resume_from_checkpoint is False:
+        return ("Resume with the same command plus --resume (without it, logging.resume_from_checkpoint=False starts "
+                "fresh and removes these checkpoints).")
+    return "Resume with the same command (or --resume)."
+
+
 def run(config: SFTConfig) -> dict:
     """Train as the config says; returns a summary: steps, last logged metrics, the plan, export paths, demo
     results, and "model" (the trained model object, for callers in the same process)."""
@@ -380,7 +389,7 @@ def run(config: SFTConfig) -> dict:
     summary = {"steps": step_no, "total_steps": total_steps, "interrupted": interrupt.requested, "plan": plan,
                "last_metrics": last_metrics, "output_dir": str(out), "exports": {}, "model": model}
     if interrupt.requested:
-        print(f"stopped at step {step_no}; checkpoint saved. Resume with the same command (or --resume).")
+        print(f"stopped at step {step_no}; checkpoint saved. {resume_hint(lc)}")
         writer.close()
         return summary
     if eval_data is not None and not (lc.eval_steps and step_no % lc.eval_steps == 0):

@@ -94,3 +94,13 @@ def test_config_error_fails_before_any_compute(tokenizer_dir, small_data, tmp_pa
         train.run(config)
     assert time.perf_counter() - started < 5
     assert not (tmp_path / "bad").exists()
+
+
+def test_stop_message_says_how_to_resume():
+    """After Ctrl-C: with resume_from_checkpoint=False (TRL's default in a TRL config) the same command would start
+    fresh and delete the checkpoints, so the hint must ask for --resume."""
+    from jsft.config import LoggingConfig
+
+    assert "same command (or --resume)" in train.resume_hint(LoggingConfig(resume_from_checkpoint=None))
+    hint = train.resume_hint(LoggingConfig(resume_from_checkpoint=False))
+    assert "plus --resume" in hint and "starts fresh" in hint
