@@ -105,4 +105,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from jsft import cli
+
+    cli.run(main)

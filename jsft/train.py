@@ -474,4 +474,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from jsft import cli
+
+    cli.run(main)

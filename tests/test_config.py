@@ -309,3 +309,16 @@ def test_unknown_and_wrongly_typed_trl_fields_are_errors(tmp_path):
     path.write_text(json.dumps({"model_name_or_path": "ckpt", "learning_rate": "fast"}))
     with pytest.raises(ConfigError, match=r"learning_rate.*expected float"):
         C.load(path)
+
+
+def test_cli_prints_a_config_error_without_traceback_and_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "trl.json"
+    path.write_text('{"output_dir": "out", "max_seq_len": 512}')
+    done = subprocess.run([sys.executable, "-m", "jsft.train", "--config", str(path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "error (ConfigError)" in done.stderr and "max_seq_len" in done.stderr
+    assert "Traceback" not in done.stderr
