@@ -16,6 +16,7 @@ import difflib
 import json
 import re
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -269,6 +270,9 @@ def _validate_ranges(config: SFTConfig) -> None:
             "weights. Set model.dtype='bfloat16' (bf16 params + fp32 master copy), or master_weights_fp32=False."
         )
     need(d.packing_buffer_size >= 1, "data.packing_buffer_size", d.packing_buffer_size, "must be >= 1")
+    if d.packing and d.truncation_mode == "keep_end":
+        warnings.warn("data.truncation_mode='keep_end' has no effect with packing=True: bfd / bfd_stream cut an "
+                      "overlong example keep_start, as TRL does (bfd_split keeps every token, in fragments)")
     need(d.dataset_num_proc is None or d.dataset_num_proc >= 1, "data.dataset_num_proc", d.dataset_num_proc,
          "must be >= 1 or None (in-process)")
     if lo.use_peft:

@@ -131,6 +131,11 @@ def test_valid_configs_pass():
     C.validate(_valid(data={"packing": True, "padding_free": True, "packing_strategy": "bfd_split"}))
 
 
+def test_keep_end_with_packing_is_a_warning_not_silence():
+    with pytest.warns(UserWarning, match="truncation_mode='keep_end' has no effect with packing"):
+        C.validate(_valid(data={"packing": True, "truncation_mode": "keep_end"}))
+
+
 def test_assistant_only_loss_needs_conversational_data():
     cfg = _valid(data={"assistant_only_loss": True})
     for columns in (["text"], ["prompt", "completion"]):

@@ -487,3 +487,15 @@ def test_stats_count_the_most_documents_any_row_holds(chat):
     most = int(rows["segment_ids"].max(axis=1).max())
     assert most > 1 and prepared.stats["max_documents_per_row"] == most
     assert f"at most {most} documents a row" in format_stats(prepared.stats)
+
+
+def test_no_rows_left_is_a_config_error_with_the_fix(tmp_path, tokenizer_dir, data_dir):
+    """Every completion truncated away (max_length 2, prompts longer): refused with the report and what to change."""
+    from jsft.config import ConfigError
+    from jsft.data import load_tokenizer
+
+    config = make_config(tmp_path, data_dir / "prompt_completion.jsonl", max_length=2, skip_bad_rows=True)
+    tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
+    with pytest.raises(ConfigError, match="raise data.max_length") as err:
+        prepare_dataset(config, tokenizer)
+    assert "dropped (no trained token after truncation)" in str(err.value)

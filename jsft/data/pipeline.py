@@ -512,7 +512,9 @@ def prepare_dataset(config: SFTConfig, tokenizer, split: str = "train") -> Prepa
     rows, row_length, stats = build_rows(examples, config.data, config.training.seed)
     stats = {"split": split, "cache": cache, **stats}
     if rows.num_rows == 0:
-        raise ValueError(f"no {split} rows left after preparation:\n{format_stats(stats)}")
+        raise ConfigError(f"no {split} rows left after preparation:\n{format_stats(stats)}\nEvery example lost its "
+                          "trained tokens or was skipped: raise data.max_length if examples are truncated, check the "
+                          "loss settings (completion_only_loss / assistant_only_loss) and the skipped rows above")
     return PreparedDataset(examples, rows, row_length, int(tokenizer.pad_token_id), stats)
 
 
