@@ -351,7 +351,6 @@ def from_dict(values: dict) -> SFTConfig:
     for section_name, fields in values.items():
         if section_name not in SECTIONS:
             raise ConfigError(f"unknown config section {section_name!r}: use one of {', '.join(SECTIONS)}")
-        section = getattr(config, section_name)
         for name, value in fields.items():
             set_field(config, f"{section_name}.{name}", value)
     return config

@@ -15,7 +15,7 @@ MAX_PROMPT_TOKENS = 40
 
 
 def _first_questions(config, tokenizer, limit: int = 200):
-    from jsft.data.pipeline import load_rows
+    from jsft.data.sources import load_rows
 
     prompts, answers = [], []
     for row in load_rows(config.data, "eval"):

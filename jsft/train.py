@@ -200,7 +200,7 @@ def _padded_rows(prepared, row_ids, num_rows: int) -> dict:
 
 def eval_generations(config, model, tokenizer, n: int) -> list[dict]:
     """Greedy replies to the first n eval conversations (chat data only), cut before their last assistant turn."""
-    from jsft.data.pipeline import load_rows
+    from jsft.data.sources import load_rows
     from jsft.generate import chat_prompt_ids, chat_replies
 
     if n <= 0 or config.data.dataset_test_split is None:

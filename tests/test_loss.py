@@ -234,7 +234,7 @@ def test_loss_entropy_accuracy_and_gradients_equal_trl(loss_type):
 
 
 def test_matmul_params_counts_the_projection_weights_of_an_hf_llama():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(

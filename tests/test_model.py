@@ -8,7 +8,7 @@ import torch
 import transformers
 from flax import nnx
 
-from jsft.hf import load_model, read_config
+from jsft.hf import load_model
 from jsft.model.llama import Llama, LlamaConfig, ModelConfigError
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

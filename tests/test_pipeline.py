@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jsft.config import SFTConfig
-from jsft.data import batched, formats, packing, pipeline
+from jsft.data import batched, formats, packing, pipeline, sources
 from jsft.data.pipeline import (Examples, PreparedDataset, batch_iterator, build_rows, format_stats, prepare_dataset,
                                 steps_per_epoch)
 
@@ -264,7 +264,7 @@ def test_grain_worker_processes_give_the_same_examples_in_order(tmp_path, tokeni
     path.write_text("".join(lines))
     config = make_config(tmp_path, path, assistant_only_loss=True, skip_bad_rows=True)
     tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
-    dataset = pipeline.load_rows(config.data)
+    dataset = sources.load_rows(config.data)
     alone = pipeline.tokenize_rows(dataset, tokenizer, config.data)
     config.data.dataset_num_proc = 2
     workers = pipeline.tokenize_rows(dataset, tokenizer, config.data)
@@ -337,14 +337,14 @@ def test_rows_load_from_a_directory_split_or_a_parquet_file(tmp_path, data_dir):
     (folder / "train.jsonl").write_text("".join(lines[:30]))
     (folder / "test.jsonl").write_text("".join(lines[30:40]))
     config = make_config(tmp_path, folder, dataset_test_split="test")
-    assert len(pipeline.load_rows(config.data, "train")) == 30
-    assert len(pipeline.load_rows(config.data, "eval")) == 10
+    assert len(sources.load_rows(config.data, "train")) == 30
+    assert len(sources.load_rows(config.data, "eval")) == 10
     parquet = tmp_path / "rows.parquet"
     datasets.Dataset.from_list([json.loads(line) for line in lines[:7]]).to_parquet(str(parquet))
     config = make_config(tmp_path, parquet)
-    assert pipeline.load_rows(config.data)["text"] == [json.loads(line)["text"] for line in lines[:7]]
+    assert sources.load_rows(config.data)["text"] == [json.loads(line)["text"] for line in lines[:7]]
     with pytest.raises(pipeline.ConfigError, match="one file"):
-        pipeline.load_rows(make_config(tmp_path, parquet, dataset_test_split="test").data, "eval")
+        sources.load_rows(make_config(tmp_path, parquet, dataset_test_split="test").data, "eval")
 
 
 def test_cache_misses_when_the_data_file_changes(tmp_path, tokenizer_dir, data_dir):
@@ -411,10 +411,10 @@ def test_json_document_with_a_syntax_error_names_its_line(tmp_path):
     path.write_text('[\n  {"text": "a"},\n  {"text": "b"\n  {"text": "c"}\n]\n')
     config = make_config(tmp_path, path, skip_bad_rows=True)  # no row boundary to skip to: still an error
     with pytest.raises(formats.BadRowError, match=r"rows.json is not valid JSON: .* on line 4, column 3"):
-        pipeline.load_rows(config.data)
+        sources.load_rows(config.data)
     path.write_text('{"text": "a"}\n{"text": "b"\n')  # a .json file written as JSON lines: read line by line
     with pytest.raises(formats.BadRowError, match="line 2 of"):
-        pipeline.load_rows(make_config(tmp_path, path).data)
+        sources.load_rows(make_config(tmp_path, path).data)
 
 
 def test_malformed_json_line_in_a_dataset_directory_names_the_file(tmp_path):
@@ -422,7 +422,7 @@ def test_malformed_json_line_in_a_dataset_directory_names_the_file(tmp_path):
     folder.mkdir()
     (folder / "train.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": \n')
     with pytest.raises(formats.BadRowError, match=r"line 3 of .*train.jsonl"):
-        pipeline.load_rows(make_config(tmp_path, folder).data)
+        sources.load_rows(make_config(tmp_path, folder).data)
 
 
 @pytest.mark.parametrize("kind,data,field", [

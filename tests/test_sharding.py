@@ -152,7 +152,7 @@ def test_lora_equals_single_device(base_model, reference, shape):
     apply_lora(init_model, r=8, alpha=16, dropout=0.0, rngs=nnx.Rngs(1))
     init = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(init_model, nnx.LoRAParam))}
     assert_same_run(run, ref, init)
-    model, optimizer = run[3], run[4]
+    model = run[3]
     lora_b = model.layers[0].mlp.down_proj.lora_b[...]  # [r, embed]: ("lora_rank", "embed")
     assert lora_b.sharding.is_equivalent_to(jax.NamedSharding(mesh_of(shape), P(None, "fsdp")), 2)
 

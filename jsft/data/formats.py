@@ -149,7 +149,7 @@ def detect_format(row: dict, config: DataConfig, row_index: int | None = None) -
         f"unknown dataset format: the row has columns {sorted(row)}; expected one of "
         f"{config.dataset_text_field!r} (text), 'prompt'+'completion', 'messages', 'conversations' (ShareGPT), "
         "or 'input_ids' (pre-tokenized)",
-        f"rename the columns, or set dataset_text_field to the text column",
+        "rename the columns, or set dataset_text_field to the text column",
     )
 
 

@@ -9,8 +9,9 @@
     steps_per_epoch(prepared, rows_per_micro_batch * process_count, accum_steps)
 
 Preparation (`prepare_dataset`):
-1. Rows come from `datasets.load_dataset`: a local .jsonl/.json/.parquet/.arrow/.csv file, a directory, or a hub name.
-   A malformed JSON line is a BadRowError naming the file and line (with skip_bad_rows, a counted skip: `read_split`).
+1. Rows come from `jsft.data.sources` (datasets.load_dataset): a local .jsonl/.json/.parquet/.arrow/.csv file, a
+   directory, or a hub name. A malformed JSON line is a BadRowError naming the file and line (with skip_bad_rows, a
+   counted skip).
    The loss settings are then checked against the columns (jsft.config.check_data_compatibility), before any work.
 2. Every row goes through `jsft.data.prepare_example` WITHOUT truncation, in chunks of 256 rows batched by
    `jsft.data.batched` (Grain worker processes when data.dataset_num_proc > 1, row order kept; each worker is a
@@ -58,7 +59,6 @@ import inspect
 import json
 import os
 import re
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -68,11 +68,11 @@ import numpy as np
 
 from jsft.config import ConfigError, DataConfig, SFTConfig, check_data_compatibility
 from jsft.data import packing
-from jsft.data.formats import BadRowError, read_jsonl
+from jsft.data.formats import BadRowError
+from jsft.data.sources import read_split, source_fingerprint, split_source
 
 CACHE_VERSION = 1
 PREPARE_CHUNK_ROWS = 256
-DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 # DataConfig fields applied after the cached tokenization (changing them reuses the cache).
 NOT_IN_CACHE_KEY = (
     "max_length", "packing", "packing_strategy", "packing_buffer_size", "padding_free", "truncation_mode",
@@ -119,165 +119,6 @@ class PreparedDataset:
         return assemble_rows(self, np.asarray(row_ids, dtype=np.int64))
 
 
-# ----------------------------------------------------------------------------------------------- loading rows
-
-
-def load_rows(data: DataConfig, split: str = "train"):
-    """A datasets.Dataset for "train" (data.dataset_train_split) or "eval" (data.dataset_test_split).
-
-    A split may be a split name of data.dataset_name (a directory or hub dataset), or a path to its own file.
-    A malformed JSON line raises BadRowError naming the file and line (see `read_split`); lines skipped under
-    data.skip_bad_rows are warned about here (prepare_dataset counts them in its report).
-    """
-    return read_split(data, split)[0]
-
-
-def split_source(data: DataConfig, split: str) -> str:
-    """Where a split's rows come from, for messages: "eval split (/data/test.jsonl)", "train split ('train' of org/ds)"."""
-    name = data.dataset_train_split if split == "train" else data.dataset_test_split
-    where = name if Path(name).is_file() else data.dataset_name if Path(data.dataset_name).is_file() else (
-        f"{name!r} of {data.dataset_name}")
-    return f"{split} split ({where})"
-
-
-def read_split(data: DataConfig, split: str = "train"):
-    """(dataset, unreadable): the rows of a split, and the BadRowErrors of JSON lines skipped (data.skip_bad_rows).
-
-    Malformed JSON. datasets reports a broken line of a local JSON file as "An error occurred while generating the
-    dataset". jsft then reads the file again with `jsft.data.read_jsonl` and raises BadRowError naming the file, the
-    line (1-based), the row index and the JSON problem, with the fix. With data.skip_bad_rows a malformed line of a
-    JSON-lines file (.jsonl, or a .json file written one object per line) is a counted skip like any other bad row:
-    each line is a row of its own, so the other lines are read whole, the skip is warned about (with line numbers),
-    counted in the preparation report, and the rows after it keep their row index (Examples.source_rows). A .json file
-    holding ONE document (an array of rows) with a syntax error, and a malformed line inside a dataset directory,
-    stay errors even with skip_bad_rows: past the error there is no row boundary to resume at (a document), or the
-    split's files are datasets' to read (a directory); fix the file.
-    """
-    import datasets
-
-    if split not in ("train", "eval"):
-        raise ValueError(f"split={split!r}: use 'train' or 'eval'")
-    name = data.dataset_train_split if split == "train" else data.dataset_test_split
-    if name is None:
-        raise ConfigError("data.dataset_test_split is None: set a split name or a file path to evaluate")
-    if Path(name).is_file():
-        return _load_file(Path(name), data.skip_bad_rows)
-    path = Path(data.dataset_name)
-    if path.is_file():
-        if split == "eval":
-            raise ConfigError(
-                f"data.dataset_name={data.dataset_name!r} is one file (one split); set data.dataset_test_split to "
-                f"the path of an eval file, not the split name {name!r}"
-            )
-        return _load_file(path, data.skip_bad_rows)
-    if path.is_dir():
-        try:
-            return datasets.load_dataset(str(path), data.dataset_config, split=name), []
-        except Exception as e:  # noqa: BLE001 (re-raised unless a malformed JSON line explains it)
-            error = e
-        files = sorted(p for p in path.rglob("*") if p.is_file() and DATA_FILE_TYPES.get(p.suffix) == "json")
-        for file in files:
-            bad = _malformed_json(file)
-            if bad is not None:
-                fix = "repair or remove that line (skip_bad_rows skips malformed lines of a single data file only)"
-                raise BadRowError(bad.row_index, bad.field, bad.problem, fix) from bad.__cause__
-        raise error
-    if data.dataset_name.startswith((".", "/")) or not data.dataset_name:
-        raise ConfigError(f"data.dataset_name={data.dataset_name!r}: no such file or directory")
-    return datasets.load_dataset(data.dataset_name, data.dataset_config, split=name), []
-
-
-def _load_file(path: Path, skip_bad_rows: bool = False):
-    """(dataset, unreadable) of one data file; see read_split for malformed JSON."""
-    import datasets
-
-    kind = DATA_FILE_TYPES.get(path.suffix)
-    if kind is None:
-        raise ConfigError(f"{path}: unknown data file type; use one of {', '.join(DATA_FILE_TYPES)}")
-    try:
-        return datasets.load_dataset(kind, data_files=str(path), split="train"), []
-    except Exception as e:  # noqa: BLE001 (re-raised unless a malformed JSON line explains it)
-        if kind != "json":
-            raise
-        error = e
-    bad = _malformed_json(path)
-    if bad is None:
-        raise error
-    if not skip_bad_rows or bad.row_index is None:
-        raise bad  # (its cause: the JSONDecodeError; datasets' own error says no more)
-    return _load_skipping_malformed_lines(path)
-
-
-def _malformed_json(path: Path) -> BadRowError | None:
-    """The BadRowError of the first malformed row of a JSON file, or None when it parses.
-
-    JSON lines (any .jsonl; a .json whose first non-blank line is an object on its own) go through read_jsonl, which
-    names the line. Otherwise a .json is one document, and the error names its line and column (row index unknown).
-    """
-    if path.suffix == ".json" and not _first_line_is_an_object(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                json.load(f)
-        except json.JSONDecodeError as e:
-            return BadRowError(
-                None, "json", f"{path} is not valid JSON: {e.msg} on line {e.lineno}, column {e.colno}",
-                "repair the file at that line (a .json file holding one array cannot skip a row; a .jsonl file with "
-                "one object per line can, with skip_bad_rows=True)",
-            )
-        return None
-    try:
-        for _ in read_jsonl(path):
-            pass
-    except BadRowError as e:
-        return e
-    return None
-
-
-def _first_line_is_an_object(path: Path) -> bool:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    return isinstance(json.loads(line), dict)
-                except json.JSONDecodeError:
-                    return False
-    return False
-
-
-def _load_skipping_malformed_lines(path: Path):
-    """(dataset, unreadable): datasets reads a copy of the file without its malformed lines; they are warned about."""
-    import tempfile
-
-    import datasets
-
-    unreadable: list[BadRowError] = []
-    with tempfile.TemporaryDirectory(prefix="jsft-rows-") as tmp:
-        clean = Path(tmp) / "rows.jsonl"
-        with open(clean, "w", encoding="utf-8") as f:
-            for row in read_jsonl(path, skipped=unreadable):
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        dataset = datasets.load_dataset("json", data_files=str(clean), split="train", keep_in_memory=True,
-                                        cache_dir=str(Path(tmp) / "cache"))
-    lines = [re.search(r"line (\d+)", e.problem).group(1) for e in unreadable]
-    warnings.warn(
-        f"{path}: skipped {len(unreadable)} malformed JSON line(s) (data.skip_bad_rows=True): line(s) "
-        f"{', '.join(lines[:20])}{' ...' if len(lines) > 20 else ''}; they are counted as bad rows",
-        UserWarning, stacklevel=4,
-    )
-    return dataset, unreadable
-
-
-def _source_fingerprint(data: DataConfig, split: str, dataset) -> dict:
-    """Identity of the rows: every local file's path, size and mtime, else the hub name and datasets' fingerprint."""
-    name = data.dataset_train_split if split == "train" else data.dataset_test_split
-    paths = [Path(name)] if Path(name).is_file() else [Path(data.dataset_name)]
-    if not paths[0].exists():
-        return {"hub": data.dataset_name, "config": data.dataset_config, "split": name,
-                "fingerprint": getattr(dataset, "_fingerprint", None)}
-    files = sorted(p for p in paths[0].rglob("*") if p.is_file()) if paths[0].is_dir() else paths
-    return {"split": name, "files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
-
-
 # ----------------------------------------------------------------------------------------------- tokenization
 
 
@@ -302,7 +143,7 @@ def _code_fingerprint() -> str:
 def cache_key(data: DataConfig, split: str, dataset, tokenizer) -> str:
     fields = {k: v for k, v in dataclasses.asdict(data).items() if k not in NOT_IN_CACHE_KEY}
     blob = json.dumps(
-        [CACHE_VERSION, _source_fingerprint(data, split, dataset), _tokenizer_fingerprint(tokenizer), fields,
+        [CACHE_VERSION, source_fingerprint(data, split, dataset), _tokenizer_fingerprint(tokenizer), fields,
          _code_fingerprint()], sort_keys=True, default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
