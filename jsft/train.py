@@ -198,6 +198,18 @@ def _padded_rows(prepared, row_ids, num_rows: int) -> dict:
     return {k: v[None] for k, v in empty.items()}
 
 
+def _conversation(row: dict, index: int) -> list[dict] | None:
+    """The chat of an eval row: `messages`, ShareGPT `conversations`, or conversational prompt + completion."""
+    from jsft.data.formats import check_messages
+
+    for field in ("messages", "conversations"):
+        if isinstance(row.get(field), list):
+            return check_messages(row[field], index, field)
+    if isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
+        return check_messages(row["prompt"] + row["completion"], index, "prompt")
+    return None
+
+
 def eval_generations(config, model, tokenizer, n: int) -> list[dict]:
     """Greedy replies to the first n eval conversations (chat data only), cut before their last assistant turn."""
     from jsft.data.sources import load_rows
@@ -206,11 +218,11 @@ def eval_generations(config, model, tokenizer, n: int) -> list[dict]:
     if n <= 0 or config.data.dataset_test_split is None:
         return []
     rows = load_rows(config.data, "eval")
-    if "messages" not in rows.column_names:
-        return []
     conversations, references = [], []
-    for row in rows.select(range(min(len(rows), 4 * n))):
-        messages = row["messages"]
+    for index, row in enumerate(rows.select(range(min(len(rows), 4 * n)))):
+        messages = _conversation(row, index)
+        if messages is None:  # not chat data: eval loss only
+            return []
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None or last == 0:
             continue

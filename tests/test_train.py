@@ -104,3 +104,26 @@ def test_stop_message_says_how_to_resume():
     assert "same command (or --resume)" in train.resume_hint(LoggingConfig(resume_from_checkpoint=None))
     hint = train.resume_hint(LoggingConfig(resume_from_checkpoint=False))
     assert "plus --resume" in hint and "starts fresh" in hint
+
+
+@pytest.mark.parametrize("fmt", ["messages", "conversations", "conversational_prompt_completion", "prompt_completion"])
+def test_eval_generations_for_every_chat_format(tokenizer_dir, tmp_path, fmt):
+    """A few greedy replies at eval for chat data, whatever its format; none for plain prompt/completion."""
+    source = "messages" if fmt == "conversations" else fmt
+    rows = fixtures.make_rows(source, 6, seed=3)
+    if fmt == "conversations":  # ShareGPT
+        sharegpt = {"user": "human", "assistant": "gpt", "system": "system"}
+        rows = [{"conversations": [{"from": sharegpt[m["role"]], "value": m["content"]} for m in r["messages"]]}
+                for r in rows]
+    path = fixtures.write_jsonl(rows, tmp_path / f"{fmt}.jsonl")
+    config = tiny_config(tokenizer_dir, path, tmp_path / "run", data={"dataset_test_split": str(path), "max_length": 256})
+    tokenizer, _ = train.build_tokenizer(config)
+    model, _ = train.build_model(config, tokenizer, sharding.create_mesh(config.sharding))
+    samples = train.eval_generations(config, model, tokenizer, 2)
+    if fmt == "prompt_completion":
+        assert samples == []
+        return
+    assert len(samples) == 2
+    chats = [r.get("messages") or r.get("conversations") or r["prompt"] + r["completion"] for r in rows]
+    finals = {c[-1].get("content", c[-1].get("value")) for c in chats}
+    assert all(s["reference"] in finals and isinstance(s["reply"], str) for s in samples)
