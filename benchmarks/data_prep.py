@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import git_commit  # benchmarks/common.py (this script's folder is on sys.path)
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -77,16 +79,6 @@ def trl_run(trainer, tokenizer, data_file: Path):
     return time.perf_counter() - start, prepared
 
 
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
-    except OSError:
-        return None
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2000)
@@ -133,7 +125,7 @@ def main(argv=None):
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_average_1m_at_start": load_before, "load_average_1m_at_end": os.getloadavg()[0],
                     "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM")},
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "setup": {"rows": args.rows, "format": args.format, "assistant_only_loss": args.format == "messages",
                   "completion_only_loss": "default (on for prompt_completion)", "max_length": MAX_LENGTH,
                   "packing_strategy": "bfd", "processes": args.num_proc or 1, "repeats": args.repeats,

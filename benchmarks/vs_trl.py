@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import git_commit  # benchmarks/common.py (this script's folder is on sys.path)
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -282,7 +284,7 @@ def _report(results: dict, cases, args, n_params, model_type, argv) -> dict:
         "benchmark": "vs_trl",
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch_threads": torch.get_num_threads(),
                     "load_average_1_5_15_min_at_end": os.getloadavg()},
@@ -321,14 +323,6 @@ def _report(results: dict, cases, args, n_params, model_type, argv) -> dict:
               f"RSS {q['peak_rss']:.2f}x")
     print(f"-> {path}")
     return result
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":
