@@ -9,8 +9,9 @@ completion-only masks (both sides' default for that format). jsft starts from an
 reported separately); TRL runs `SFTTrainer._prepare_dataset` with datasets' caching off; the two alternate
 `--repeats` times. Reported: examples/s and tokens/s (tokens = all tokens of all rows before truncation) from the
 best of the repeats, and the load average before and after (the machine may be shared: compare runs with that in
-mind). TOKENIZERS_PARALLELISM defaults to false here (set it to compare with the tokenizer's own threads; TRL's
-one-row calls gain nothing from them). Writes benchmarks/results/data_prep-cpu-<date>[-<format>][-proc<N>][-<tag>].json
+mind). In one process jsft still uses every core: it prepares chunks on one thread per core. TOKENIZERS_PARALLELISM
+defaults to false here (what jsft sets while its threads run; TRL's one-row calls gain nothing from the tokenizer's
+threads). Writes benchmarks/results/data_prep-cpu-<date>[-<format>][-proc<N>][-<tag>].json
 (never over an existing file: a -2, -3 ... suffix is added).
 """
 

@@ -129,3 +129,39 @@ def test_truncating_config_goes_row_by_row(tokenizer):
     config = DataConfig(max_length=12, truncation_mode="keep_end")
     assert not batched.batchable(tokenizer, config)
     assert_same(batched.prepare_examples(rows, tokenizer, config), one_by_one(rows, tokenizer, config))
+
+
+def _deleting_tokenizer():
+    """A word-level tokenizer whose normalizer deletes every 'q': those characters belong to no token."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    words = ["[UNK]", "ab", "cd", "é", "😀", "x"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Replace("q", "")
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["byte_level_bpe", "deleting_normalizer"])
+def test_assistant_mask_from_span_ends_equals_overlap_mask_of_every_token(tokenizer, kind):
+    """_assistant_mask looks up only the tokens at each span's ends; it must mark exactly the tokens overlap_mask marks
+    from every token's offsets, on spans that start and end inside tokens and inside multi-byte characters split over
+    byte tokens, on empty spans, and where characters belong to no token."""
+    backend = tokenizer.backend_tokenizer if kind == "byte_level_bpe" else _deleting_tokenizer()
+    rng = np.random.default_rng(0)
+    pieces = ["ab", "cd", " ", "é", "😀", "x", "q", "\n", "<|im_end|>", "hello", " world"]
+    texts = ["".join(rng.choice(pieces, size=rng.integers(1, 40))) for _ in range(300)]
+    generation = []
+    for text in texts:
+        cuts = np.sort(rng.choice(len(text) + 1, size=2 * rng.integers(0, 4), replace=True))
+        generation.append([(int(a), int(b)) for a, b in cuts.reshape(-1, 2)])
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    lengths = np.array([len(e) for e in encodings], dtype=np.int64)
+    got = batched._assistant_mask(encodings, generation, lengths)
+    want = np.concatenate([batched.overlap_mask(np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2), spans)
+                           for e, spans in zip(encodings, generation)])
+    np.testing.assert_array_equal(got, want)
+    assert want.any() and not want.all()
+    if kind == "deleting_normalizer":  # the fallback ran: some span end is a deleted character
+        assert any(batched.overlapping_tokens(e, a, b) is None
+                   for e, spans in zip(encodings, generation) for a, b in spans if b > a)

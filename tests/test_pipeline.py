@@ -1,6 +1,7 @@
 """The Grain pipeline: batch contract per document, TRL's drop rule, cache, resumable and process-sliced iterators."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -274,6 +275,33 @@ def test_grain_worker_processes_give_the_same_examples_in_order(tmp_path, tokeni
     config.data.skip_bad_rows, config.data.dataset_num_proc = False, None
     with pytest.raises(formats.BadRowError, match="row 300, field 'messages'"):
         pipeline.tokenize_rows(dataset, tokenizer, config.data)
+
+
+def test_threads_give_the_same_examples_in_order_and_the_first_bad_row(tmp_path, tokenizer_dir, data_dir,
+                                                                       monkeypatch):
+    from jsft.data import load_tokenizer
+
+    lines = open(data_dir / "messages.jsonl").readlines()[:900]
+    lines[300] = json.dumps({"messages": "not a list"}) + "\n"
+    lines[800] = json.dumps({"messages": [{"role": "nobody", "content": "x"}]}) + "\n"
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(lines))
+    config = make_config(tmp_path, path, assistant_only_loss=True, skip_bad_rows=True)
+    tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
+    dataset = sources.load_rows(config.data)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    monkeypatch.setattr(pipeline, "prepare_threads", lambda: 1)
+    alone = pipeline.tokenize_rows(dataset, tokenizer, config.data)
+    monkeypatch.setattr(pipeline, "prepare_threads", lambda: 3)
+    threaded = pipeline.tokenize_rows(dataset, tokenizer, config.data)
+    for name in ("tokens", "loss_mask", "offsets", "source_rows"):
+        np.testing.assert_array_equal(getattr(threaded, name), getattr(alone, name))
+    assert threaded.bad_rows == alone.bad_rows and sum(alone.bad_rows.values()) == 2
+    assert "TOKENIZERS_PARALLELISM" not in os.environ  # set only while the threads ran
+    config.data.skip_bad_rows = False
+    for _ in range(3):  # whichever chunk finishes first, the error is the first bad row's
+        with pytest.raises(formats.BadRowError, match="row 300, field 'messages'"):
+            pipeline.tokenize_rows(dataset, tokenizer, config.data)
 
 
 def test_eval_keeps_the_last_partial_step_with_empty_rows(chat):

@@ -94,24 +94,19 @@ def _render(tokenizer, conversations: list[list[dict]], spans: bool, add_generat
     return texts, (generation if spans else None)
 
 
-def _encode(tokenizer, texts: list[str], add_special_tokens: bool, offsets: bool = False):
-    """Token ids (flat int32), lengths, and (if asked) flat [n, 2] character offsets of texts, in one tokenizer call.
+def _encode(tokenizer, texts: list[str], add_special_tokens: bool, encodings: bool = False):
+    """Token ids (flat int32), lengths, and (if asked) the tokenizers Encoding objects of texts, in one tokenizer call.
 
     This is `tokenizer(texts, add_special_tokens=...)` without transformers building a BatchEncoding per row.
     """
     backend = tokenizer.backend_tokenizer
-    if offsets or not hasattr(backend, "encode_batch_fast"):
-        encodings = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
-    else:
-        encodings = backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
-    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-    total = int(lengths.sum())
-    ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=total)
-    if not offsets:
-        return ids, lengths, None
-    flat = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)), dtype=np.int64,
-                       count=2 * total)
-    return ids, lengths, flat.reshape(-1, 2)
+    if encodings or not hasattr(backend, "encode_batch_fast"):
+        encoded = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+    else:  # no character offsets computed
+        encoded = backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+    lengths = np.fromiter((len(e.ids) for e in encoded), dtype=np.int64, count=len(encoded))
+    ids = np.fromiter(chain.from_iterable(e.ids for e in encoded), dtype=np.int32, count=int(lengths.sum()))
+    return ids, lengths, (encoded if encodings else None)
 
 
 def overlap_mask(offsets: np.ndarray, spans) -> np.ndarray:
@@ -130,18 +125,39 @@ def overlap_mask(offsets: np.ndarray, spans) -> np.ndarray:
     return mask
 
 
-def _assistant_mask(texts: list[str], generation: list, lengths: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """overlap_mask of every conversation at once: texts laid end to end, offsets and spans moved by each text's start.
+def overlapping_tokens(encoding, start: int, end: int) -> tuple[int, int] | None:
+    """[first, stop): the tokens of a tokenizers Encoding overlapping characters [start, end), found from the tokens at
+    the span's two ends (token offsets are in text order); None for an empty span or an end character that no token
+    covers (a normalizer removed it): then overlap_mask over every token's offsets decides."""
+    if end <= start:
+        return None
+    first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)  # the first token holding the char
+    if first is None or last is None:
+        return None
+    stop, n = last + 1, len(encoding)
+    while stop < n and encoding.token_to_chars(stop)[0] < end:  # bytes of one character split over tokens
+        stop += 1
+    return first, stop
 
-    A token never overlaps a span of another text (it ends at or before the next text's start), so this is each
-    text's own mask, concatenated.
+
+def _assistant_mask(encodings: list, generation: list, lengths: np.ndarray) -> np.ndarray:
+    """overlap_mask of every conversation (tokens overlapping its generation spans), laid end to end.
+
+    Only the tokens at each span's ends are looked up (overlapping_tokens), not every token's offsets: building a
+    Python tuple per token cost as much as rendering the templates.
     """
-    text_start = np.concatenate([[0], np.cumsum([len(t) for t in texts], dtype=np.int64)[:-1]])
-    shifted = offsets + np.repeat(text_start, lengths)[:, None]
-    counts = [len(g) for g in generation]
-    spans = np.asarray(list(chain.from_iterable(generation)), dtype=np.int64).reshape(-1, 2)
-    spans = spans + np.repeat(text_start, counts)[:, None]
-    return overlap_mask(shifted, spans)
+    row_start = np.cumsum(lengths) - lengths
+    change = np.zeros(int(lengths.sum()) + 1, dtype=np.int64)  # +1 where a masked run starts, -1 where it stops
+    for k, (encoding, spans) in enumerate(zip(encodings, generation)):
+        runs = [overlapping_tokens(encoding, start, end) for start, end in spans]
+        if None in runs:
+            offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+            inside = np.flatnonzero(overlap_mask(offsets, spans))
+            runs = [(int(t), int(t) + 1) for t in inside]
+        for first, stop in runs:
+            change[row_start[k] + first] += 1
+            change[row_start[k] + stop] -= 1
+    return np.cumsum(change[:-1]) > 0
 
 
 def _prefix_lengths(prompt_ids, prompt_lengths, ids, lengths) -> np.ndarray:
@@ -205,7 +221,7 @@ def _prepare(fmt: str, inputs: list, tokenizer, config: DataConfig) -> tuple[np.
         else:
             conversations = inputs
         texts, generation = _render(tokenizer, conversations, spans=assistant_only)
-        ids, lengths, offsets = _encode(tokenizer, texts, add_special_tokens=False, offsets=assistant_only)
+        ids, lengths, encodings = _encode(tokenizer, texts, add_special_tokens=False, encodings=assistant_only)
     mask = np.ones(len(ids), dtype=np.bool_)
     if prompt_lengths is not None:
         starts = _prefix_lengths(prompt_ids, prompt_lengths, ids, lengths)
@@ -218,7 +234,7 @@ def _prepare(fmt: str, inputs: list, tokenizer, config: DataConfig) -> tuple[np.
         position = np.arange(len(ids)) - np.repeat(row_start, lengths)
         mask &= position >= np.repeat(starts, lengths)
     if fmt in (MESSAGES, CONVERSATIONAL_PC) and assistant_only:
-        mask &= _assistant_mask(texts, generation, lengths, offsets)
+        mask &= _assistant_mask(encodings, generation, lengths)
     return ids, mask, lengths
 
 
