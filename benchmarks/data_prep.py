@@ -1,6 +1,7 @@
 """Data preparation speed: jsft (tokenize + pack) against TRL's SFTTrainer preparation, same rows, same settings.
 
-    python benchmarks/data_prep.py [--rows 2000] [--repeats 3] [--format messages|prompt_completion] [--tag NAME]
+    python benchmarks/data_prep.py [--rows 2000] [--repeats 3] [--format messages|prompt_completion] [--unmarked]
+                                   [--tag NAME]
 
 Both sides read the fixture's rows from a .jsonl file with `datasets` and pack with BFD at max_length 512, in one
 process (--num-proc N: N worker processes on both sides: Grain workers for jsft, datasets' num_proc for TRL).
@@ -38,7 +39,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 MAX_LENGTH = 512
 
 
-def jsft_run(data_file: Path, tokenizer_dir: Path, cache_dir: Path, num_proc: int | None, fmt: str = "messages"):
+def jsft_run(data_file: Path, tokenizer_dir: Path, cache_dir: Path, num_proc: int | None, fmt: str = "messages",
+             template: Path | None = None):
     from jsft.config import SFTConfig
     from jsft.data import load_tokenizer
     from jsft.data.pipeline import prepare_dataset
@@ -48,6 +50,7 @@ def jsft_run(data_file: Path, tokenizer_dir: Path, cache_dir: Path, num_proc: in
     config.data.max_length, config.data.packing, config.data.packing_strategy = MAX_LENGTH, True, "bfd"
     config.data.assistant_only_loss, config.data.dataset_num_proc = fmt == "messages", num_proc
     config.data.cache_dir = str(cache_dir)
+    config.data.chat_template_path = str(template) if template else None
     start = time.perf_counter()
     tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
     prepared = prepare_dataset(config, tokenizer)
@@ -86,6 +89,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-proc", type=int, default=None, help="worker processes on both sides (default: none)")
     parser.add_argument("--format", default="messages", choices=["messages", "prompt_completion"])
+    parser.add_argument("--unmarked", action="store_true",
+                        help="jsft renders with the fixture template minus its {% generation %} markers, so it infers "
+                             "the assistant masks (the same masks: tests/test_batched_prepare.py); TRL keeps the "
+                             "markers (it cannot infer them)")
     parser.add_argument("--tag", default="", help="appended to the result file name")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
@@ -102,15 +109,21 @@ def main(argv=None):
         tokenizer_dir = fixtures.build_tokenizer(work / "tokenizer")
         data_file = fixtures.write_jsonl(fixtures.make_rows(args.format, args.rows, 0), work / f"{args.format}.jsonl")
         checkpoint_dir = fixtures.build_hf_checkpoint(work / "checkpoint")
+        template = None
+        if args.unmarked:
+            template = work / "unmarked.jinja"
+            unmarked = fixtures.CHATML_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+            template.write_text(unmarked)
 
         trainer, tokenizer = trl_trainer(tokenizer_dir, checkpoint_dir, work / "trl", args.num_proc, args.format)
         jsft_times, trl_times = [], []
         for k in range(args.repeats):  # alternate, so a busy machine slows both sides alike
-            seconds, prepared = jsft_run(data_file, tokenizer_dir, work / f"cache{k}", args.num_proc, args.format)
+            seconds, prepared = jsft_run(data_file, tokenizer_dir, work / f"cache{k}", args.num_proc, args.format,
+                                         template)
             jsft_times.append(seconds)
             seconds, trl_prepared = trl_run(trainer, tokenizer, data_file)
             trl_times.append(seconds)
-        warm, _ = jsft_run(data_file, tokenizer_dir, work / "cache0", None, args.format)
+        warm, _ = jsft_run(data_file, tokenizer_dir, work / "cache0", None, args.format, template)
         assert prepared.stats["cache"] == "miss"
         stats = prepared.stats
         trl_tokens = sum(len(ids) for ids in trl_prepared["input_ids"])
@@ -128,6 +141,8 @@ def main(argv=None):
                     "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM")},
         "git_commit": git_commit(),
         "setup": {"rows": args.rows, "format": args.format, "assistant_only_loss": args.format == "messages",
+                  "jsft_template": "fixture ChatML without {% generation %} (masks inferred)" if args.unmarked
+                  else "fixture ChatML with {% generation %}",
                   "completion_only_loss": "default (on for prompt_completion)", "max_length": MAX_LENGTH,
                   "packing_strategy": "bfd", "processes": args.num_proc or 1, "repeats": args.repeats,
                   "timing": "best of repeats"},
@@ -147,6 +162,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = (f"-{args.format}" if args.format != "messages" else "") + (f"-proc{args.num_proc}" if args.num_proc else "")
+    tag += "-unmarked" if args.unmarked else ""
     tag += f"-{args.tag}" if args.tag else ""
     path = out / f"data_prep-cpu-{datetime.date.today().isoformat()}{tag}.json"
     suffix = 2

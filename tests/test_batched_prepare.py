@@ -165,3 +165,41 @@ def test_assistant_mask_from_span_ends_equals_overlap_mask_of_every_token(tokeni
     if kind == "deleting_normalizer":  # the fallback ran: some span end is a deleted character
         assert any(batched.overlapping_tokens(e, a, b) is None
                    for e, spans in zip(encodings, generation) for a, b in spans if b > a)
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3", "mistral"])
+def test_templates_without_markers_infer_the_same_masks_batched(bos_tokenizer_dir, style, monkeypatch):
+    """assistant_only_loss with a template without {% generation %}: the batched path renders every prefix of every
+    conversation at once and gives prepare_example's examples (which infers them one conversation at a time)."""
+    from test_templates import LLAMA3_TOKENS, TEMPLATES, without_markers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bos_tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": [fixtures.IM_START, fixtures.IM_END, *LLAMA3_TOKENS]})
+    tok.chat_template = without_markers(TEMPLATES[style])
+    rows = fixtures.make_rows("messages", 150, 3) + fixtures.make_rows("conversational_prompt_completion", 50, 3)
+    rows.append({"messages": [{"role": "user", "content": "no answer"}]})  # no assistant token: the row's error
+    config = DataConfig(assistant_only_loss=True, max_length=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = one_by_one(rows, tok, config)
+        one_row = formats.prepare_example
+        alone = []
+        monkeypatch.setattr(formats, "prepare_example", lambda row, *a, **k: alone.append(row) or one_row(row, *a, **k))
+        got = batched.prepare_examples(rows, tok, config)
+    assert_same(got, want)
+    assert len(alone) == 1 and isinstance(want[-1], formats.BadRowError)
+    assert sum(int(w["loss_mask"].sum()) for w in want[:-1]) > 0
+
+
+def test_a_template_inference_refuses_names_its_first_row_batched(bos_tokenizer_dir):
+    from test_templates import DROPS_EARLIER_REASONING, THINKING
+    from transformers import AutoTokenizer
+
+    from jsft.data.chat import ChatTemplateError
+
+    tok = AutoTokenizer.from_pretrained(bos_tokenizer_dir)
+    tok.chat_template = DROPS_EARLIER_REASONING
+    rows = [{"messages": THINKING[:2]}] * 3 + [{"messages": THINKING}] * 2  # one assistant turn: nothing to rewrite
+    with pytest.raises(ChatTemplateError, match="row 13: .*changes earlier turns"):
+        batched.prepare_examples(rows, tok, DataConfig(assistant_only_loss=True, max_length=None), first_index=10)

@@ -7,7 +7,8 @@ prepared in a few calls:
 1. sort: each row is checked (formats.detect_format / check_messages) and becomes a "job" of its format, or goes to
    prepare_example;
 2. render: conversations through the chat template, all in one transformers `render_jinja_template` call (it compiles
-   the template once and returns the {% generation %} character spans);
+   the template once and returns the {% generation %} character spans). A template without markers: every prefix of
+   every conversation too (two more calls), and chat.spans_from_prefixes infers the spans (chat's module doc);
 3. encode: every text of the chunk in ONE call of the fast tokenizer (`encode_batch_fast` in Rust; `encode_batch`
    where the assistant mask needs the token offsets);
 4. masks with numpy over the whole chunk: assistant tokens are the tokens overlapping a generation span (the rule
@@ -18,7 +19,7 @@ What takes the batched path (the rest, and any row whose result prepare_example 
     text              a string; not with assistant_only_loss (that is prepare_example's ConfigError)
     prompt_completion strings, a non-empty completion; not with assistant_only_loss
     messages / conversational prompt+completion: valid messages, no `tools`, no `chat_template_kwargs`, a chat
-                      template, with {% generation %} markers when assistant_only_loss
+                      template
     always: a fast tokenizer with no truncation or padding set, and no truncation inside (the pipeline truncates after).
 
 tests/test_batched_prepare.py holds it to prepare_example, row by row, on every fixture format, both fixture
@@ -92,6 +93,24 @@ def _render(tokenizer, conversations: list[list[dict]], spans: bool, add_generat
         add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map,
     )
     return texts, (generation if spans else None)
+
+
+def _render_inferring_spans(tokenizer, conversations: list[list[dict]]):
+    """(texts, assistant spans) for a template without {% generation %} markers: chat.infer_assistant_spans, with every
+    prefix of every conversation rendered in two _render calls (one with the generation prompt)."""
+    turns = [chat.assistant_turns(conversation) for conversation in conversations]
+    before, _ = _render(tokenizer, [c[:i] for c, ts in zip(conversations, turns) for i in ts], spans=False,
+                        add_generation_prompt=True)
+    texts, _ = _render(tokenizer, conversations, spans=False)
+    # through turn i: the whole conversation when i is its last message (most rows end with the assistant)
+    upto_needed = [c[: i + 1] for c, ts in zip(conversations, turns) for i in ts if i + 1 < len(c)]
+    upto_rendered = iter(_render(tokenizer, upto_needed, spans=False)[0])
+    generation, j = [], 0
+    for conversation, ts, text in zip(conversations, turns, texts):
+        upto = [text if i + 1 == len(conversation) else next(upto_rendered) for i in ts]
+        generation.append(chat.spans_from_prefixes(ts, before[j:j + len(ts)], upto, text))
+        j += len(ts)
+    return texts, generation
 
 
 def _encode(tokenizer, texts: list[str], add_special_tokens: bool, encodings: bool = False):
@@ -220,7 +239,10 @@ def _prepare(fmt: str, inputs: list, tokenizer, config: DataConfig) -> tuple[np.
                 prompt_ids, prompt_lengths, _ = _encode(tokenizer, prompt_texts, add_special_tokens=False)
         else:
             conversations = inputs
-        texts, generation = _render(tokenizer, conversations, spans=assistant_only)
+        if assistant_only and not chat.has_generation_markers(tokenizer.get_chat_template()):
+            texts, generation = _render_inferring_spans(tokenizer, conversations)
+        else:
+            texts, generation = _render(tokenizer, conversations, spans=assistant_only)
         ids, lengths, encodings = _encode(tokenizer, texts, add_special_tokens=False, encodings=assistant_only)
     mask = np.ones(len(ids), dtype=np.bool_)
     if prompt_lengths is not None:
@@ -243,10 +265,7 @@ def prepare_examples(rows: list[dict], tokenizer, config: DataConfig, first_inde
     raises BadRowError gives the error object in its place (other errors propagate)."""
     results: list = [None] * len(rows)
     if batchable(tokenizer, config):
-        template = tokenizer.chat_template and tokenizer.get_chat_template()
-        conversations_ok = bool(template) and (
-            not config.assistant_only_loss or chat.has_generation_markers(template)
-        )
+        conversations_ok = bool(tokenizer.chat_template)
         eos = tokenizer.eos_token or None
         jobs: dict[str, tuple[list, list]] = {}  # format -> (row positions, inputs)
         for k, row in enumerate(rows):

@@ -87,38 +87,48 @@ def _divergence(a: str, b: str) -> int:
     return len(os.path.commonprefix([a, b]))
 
 
+def assistant_turns(messages: list[dict]) -> list[int]:
+    """Indices of the assistant messages: the turns whose spans inference looks for."""
+    return [i for i, message in enumerate(messages) if message.get("role") == "assistant"]
+
+
+def spans_from_prefixes(turns: list[int], before: list[str], upto: list[str], full_text: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in `full_text`, from the renderings of each turn's prefixes (module doc):
+    before[j] renders messages[:turns[j]] with the generation prompt, upto[j] renders messages[:turns[j] + 1]."""
+    spans = []
+    for i, before_i, upto_i in zip(turns, before, upto):
+        if not upto_i.startswith(before_i):
+            at = _divergence(before_i, upto_i)
+            raise ChatTemplateError(
+                f"cannot find assistant turn {i} by rendering prefixes: the template's generation prompt is not how "
+                f"it opens an assistant turn in the conversation (the generation prompt has {before_i[at:at + 60]!r} "
+                f"where the conversation has {upto_i[at:at + 60]!r}; e.g. an empty thinking block only in the "
+                "generation prompt). Fix: add {% generation %}...{% endgeneration %} markers around the assistant "
+                "text in the template, or use a template whose generation prompt matches the rendered turn."
+            )
+        if not full_text.startswith(upto_i):
+            at = _divergence(upto_i, full_text)
+            raise ChatTemplateError(
+                f"cannot find assistant turn {i} by rendering prefixes: the template changes earlier turns when a "
+                "later turn is added (e.g. it drops reasoning/thinking from earlier assistant turns): rendered alone "
+                f"the conversation up to turn {i} has {upto_i[at:at + 60]!r} where the full conversation has "
+                f"{full_text[at:at + 60]!r}. Fix: add {{% generation %}}...{{% endgeneration %}} markers around the "
+                "assistant text in the template, or use a template that renders earlier turns unchanged."
+            )
+        end = max(len(before_i), len(upto_i.rstrip()))
+        if end > len(before_i):
+            spans.append((len(before_i), end))
+    return spans
+
+
 def infer_assistant_spans(
     tokenizer, messages: list[dict], full_text: str, tools=None, template_kwargs: dict | None = None
 ) -> list[tuple[int, int]]:
     """Character spans of each assistant turn in `full_text` (the rendering of all `messages`); see module doc."""
-    spans = []
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        before = render(tokenizer, messages[:i], tools, template_kwargs, add_generation_prompt=True)
-        upto = render(tokenizer, messages[: i + 1], tools, template_kwargs)
-        if not upto.startswith(before):
-            at = _divergence(before, upto)
-            raise ChatTemplateError(
-                f"cannot find assistant turn {i} by rendering prefixes: the template's generation prompt is not how "
-                f"it opens an assistant turn in the conversation (the generation prompt has {before[at:at + 60]!r} "
-                f"where the conversation has {upto[at:at + 60]!r}; e.g. an empty thinking block only in the "
-                "generation prompt). Fix: add {% generation %}...{% endgeneration %} markers around the assistant "
-                "text in the template, or use a template whose generation prompt matches the rendered turn."
-            )
-        if not full_text.startswith(upto):
-            at = _divergence(upto, full_text)
-            raise ChatTemplateError(
-                f"cannot find assistant turn {i} by rendering prefixes: the template changes earlier turns when a "
-                "later turn is added (e.g. it drops reasoning/thinking from earlier assistant turns): rendered alone "
-                f"the conversation up to turn {i} has {upto[at:at + 60]!r} where the full conversation has "
-                f"{full_text[at:at + 60]!r}. Fix: add {{% generation %}}...{{% endgeneration %}} markers around the "
-                "assistant text in the template, or use a template that renders earlier turns unchanged."
-            )
-        end = max(len(before), len(upto.rstrip()))
-        if end > len(before):
-            spans.append((len(before), end))
-    return spans
+    turns = assistant_turns(messages)
+    before = [render(tokenizer, messages[:i], tools, template_kwargs, add_generation_prompt=True) for i in turns]
+    upto = [render(tokenizer, messages[: i + 1], tools, template_kwargs) for i in turns]
+    return spans_from_prefixes(turns, before, upto, full_text)
 
 
 def tokenize_conversation(
