@@ -203,3 +203,48 @@ def test_a_template_inference_refuses_names_its_first_row_batched(bos_tokenizer_
     rows = [{"messages": THINKING[:2]}] * 3 + [{"messages": THINKING}] * 2  # one assistant turn: nothing to rewrite
     with pytest.raises(ChatTemplateError, match="row 13: .*changes earlier turns"):
         batched.prepare_examples(rows, tok, DataConfig(assistant_only_loss=True, max_length=None), first_index=10)
+
+
+@pytest.mark.parametrize("markers", [True, False])
+def test_rows_with_tools_and_template_kwargs_are_batched_by_equal_values(tokenizer_dir, markers, monkeypatch):
+    """A `tools` column (a list, or a JSON string of one) and a `chat_template_kwargs` column: each row renders with its
+    own values, rows with equal values in one call; bad values stay their row's error."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    template = "{%- if greeting %}{{ greeting + '\\n' }}{%- endif %}" + fixtures.CHATML_TEMPLATE
+    tok.chat_template = template if markers else template.replace("{% generation %}", "").replace(
+        "{% endgeneration %}", "")
+
+    def tool(name):
+        return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
+
+    rows = []
+    for i, row in enumerate(fixtures.make_rows("messages", 60, 5) + fixtures.make_rows(
+            "conversational_prompt_completion", 30, 5)):
+        extra = {}
+        if i % 3 == 0:
+            extra["tools"] = [tool(f"tool_{i % 4}")]
+        elif i % 3 == 1:
+            extra["tools"] = json.dumps([tool("spell")])
+        if i % 2 == 0:
+            extra["chat_template_kwargs"] = {"greeting": f"hello {i % 5}"}
+        rows.append({**row, **extra})
+    rows[7] = {**rows[7], "tools": "[{"}  # malformed JSON
+    rows[8] = {**rows[8], "chat_template_kwargs": "not a dict"}
+    for assistant_only in (False, True):
+        config = DataConfig(assistant_only_loss=assistant_only, max_length=None)
+        want = one_by_one(rows, tok, config)
+        one_row = formats.prepare_example
+        alone = []
+        monkeypatch.setattr(formats, "prepare_example", lambda row, *a, **k: alone.append(row) or one_row(row, *a, **k))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = batched.prepare_examples(rows, tok, config)
+        monkeypatch.undo()
+        assert_same(got, want)
+        assert len(alone) == 2 and isinstance(want[7], formats.BadRowError) and isinstance(want[8], formats.BadRowError)
+        text = tok.decode(got[0]["input_ids"].tolist())
+        assert "tool_0" in text and "hello 0" in text

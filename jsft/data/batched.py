@@ -18,8 +18,8 @@ What takes the batched path (the rest, and any row whose result prepare_example 
 
     text              a string; not with assistant_only_loss (that is prepare_example's ConfigError)
     prompt_completion strings, a non-empty completion; not with assistant_only_loss
-    messages / conversational prompt+completion: valid messages, no `tools`, no `chat_template_kwargs`, a chat
-                      template
+    messages / conversational prompt+completion: valid messages (a `tools` or `chat_template_kwargs` column: rows
+                      with equal values render together), a chat template
     always: a fast tokenizer with no truncation or padding set, and no truncation inside (the pipeline truncates after).
 
 tests/test_batched_prepare.py holds it to prepare_example, row by row, on every fixture format, both fixture
@@ -28,6 +28,7 @@ tokenizers (with and without BOS) and every loss setting.
 
 from __future__ import annotations
 
+import json
 from itertools import chain
 
 import numpy as np
@@ -66,22 +67,35 @@ def _sort(row, tokenizer, config: DataConfig, row_index: int, conversations_ok: 
             return fmt, (prompt, prompt + formats._add_eos(completion, eos))
         if fmt not in (MESSAGES, CONVERSATIONAL_PC) or not conversations_ok:
             return None
-        if row.get("tools") is not None or row.get("chat_template_kwargs"):
-            return None
+        options = formats._template_inputs(row, row_index)  # (tools, template kwargs) of the row
         if fmt == MESSAGES:
             field = "messages" if "messages" in row else "conversations"
-            return fmt, formats.check_messages(row[field], row_index, field)
+            return fmt, (formats.check_messages(row[field], row_index, field), options)
         prompt = formats.check_messages(row["prompt"], row_index, "prompt")
-        return fmt, (prompt, prompt + formats.check_messages(row["completion"], row_index, "completion"))
+        full = prompt + formats.check_messages(row["completion"], row_index, "completion")
+        return fmt, ((prompt, full), options)
     except formats.BadRowError:
         return None
 
 
-def _render(tokenizer, conversations: list[list[dict]], spans: bool, add_generation_prompt: bool = False):
-    """apply_chat_template(..., tokenize=False) of many conversations in one call: (texts, generation spans or None).
+def _groups(options: list[tuple]) -> list[tuple]:
+    """[(tools, template kwargs, positions)]: the conversations sharing a row's tools and chat_template_kwargs."""
+    if all(tools is None and not kwargs for tools, kwargs in options):
+        return [(None, {}, list(range(len(options))))]
+    groups: dict[str, tuple] = {}
+    for k, (tools, kwargs) in enumerate(options):
+        key = json.dumps([tools, kwargs], sort_keys=True, default=str)
+        groups.setdefault(key, (tools, kwargs, []))[2].append(k)
+    return list(groups.values())
+
+
+def _render_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dict, spans: bool,
+                  add_generation_prompt: bool = False) -> tuple[list[str], list | None]:
+    """apply_chat_template(..., tokenize=False) of conversations sharing tools and template kwargs, in one call:
+    (texts, {% generation %} character spans or None).
 
     As apply_chat_template does: keys whose value is None are dropped first (datasets fills a missing key with None),
-    the tokenizer's special tokens are template variables.
+    the tokenizer's special tokens are template variables (the row's kwargs win), tools choose the template.
     """
     from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -89,28 +103,50 @@ def _render(tokenizer, conversations: list[list[dict]], spans: bool, add_generat
         return [], []
     conversations = [[{k: v for k, v in m.items() if v is not None} for m in c] for c in conversations]
     texts, generation = render_jinja_template(
-        conversations=conversations, chat_template=tokenizer.get_chat_template(), return_assistant_tokens_mask=spans,
-        add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map,
+        conversations=conversations, tools=tools, chat_template=tokenizer.get_chat_template(None, tools),
+        return_assistant_tokens_mask=spans, add_generation_prompt=add_generation_prompt,
+        **{**tokenizer.special_tokens_map, **kwargs},
     )
     return texts, (generation if spans else None)
 
 
-def _render_inferring_spans(tokenizer, conversations: list[list[dict]]):
-    """(texts, assistant spans) for a template without {% generation %} markers: chat.infer_assistant_spans, with every
-    prefix of every conversation rendered in two _render calls (one with the generation prompt)."""
+def _infer_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dict) -> tuple[list[str], list]:
+    """(texts, assistant spans) with a template without {% generation %} markers: chat.infer_assistant_spans, with every
+    prefix of every conversation rendered in two more calls (one with the generation prompt)."""
     turns = [chat.assistant_turns(conversation) for conversation in conversations]
-    before, _ = _render(tokenizer, [c[:i] for c, ts in zip(conversations, turns) for i in ts], spans=False,
-                        add_generation_prompt=True)
-    texts, _ = _render(tokenizer, conversations, spans=False)
+    before, _ = _render_group(tokenizer, [c[:i] for c, ts in zip(conversations, turns) for i in ts], tools, kwargs,
+                              spans=False, add_generation_prompt=True)
+    texts, _ = _render_group(tokenizer, conversations, tools, kwargs, spans=False)
     # through turn i: the whole conversation when i is its last message (most rows end with the assistant)
     upto_needed = [c[: i + 1] for c, ts in zip(conversations, turns) for i in ts if i + 1 < len(c)]
-    upto_rendered = iter(_render(tokenizer, upto_needed, spans=False)[0])
+    upto_rendered = iter(_render_group(tokenizer, upto_needed, tools, kwargs, spans=False)[0])
     generation, j = [], 0
     for conversation, ts, text in zip(conversations, turns, texts):
         upto = [text if i + 1 == len(conversation) else next(upto_rendered) for i in ts]
         generation.append(chat.spans_from_prefixes(ts, before[j:j + len(ts)], upto, text))
         j += len(ts)
     return texts, generation
+
+
+def _render(tokenizer, conversations: list[list[dict]], options: list[tuple], assistant_spans: bool = False,
+            add_generation_prompt: bool = False) -> tuple[list[str], list | None]:
+    """Texts of conversations (each with its row's (tools, template kwargs)), one render call per group of equal options;
+    with assistant_spans, also each one's assistant character spans: the template's {% generation %} markers, or
+    inferred where it has none."""
+    texts: list = [None] * len(conversations)
+    spans: list | None = [None] * len(conversations) if assistant_spans else None
+    for tools, kwargs, where in _groups(options):
+        group = [conversations[k] for k in where]
+        if assistant_spans and not chat.has_generation_markers(tokenizer.get_chat_template(None, tools)):
+            group_texts, group_spans = _infer_group(tokenizer, group, tools, kwargs)
+        else:
+            group_texts, group_spans = _render_group(tokenizer, group, tools, kwargs, assistant_spans,
+                                                     add_generation_prompt)
+        for j, k in enumerate(where):
+            texts[k] = group_texts[j]
+            if spans is not None:
+                spans[k] = group_spans[j]
+    return texts, spans
 
 
 def _encode(tokenizer, texts: list[str], add_special_tokens: bool, encodings: bool = False):
@@ -232,17 +268,15 @@ def _prepare(fmt: str, inputs: list, tokenizer, config: DataConfig) -> tuple[np.
         ids, lengths, _ = _encode(tokenizer, fulls, add_special_tokens=True)
         ids, lengths = _drop_doubled_bos(tokenizer, fulls, ids, lengths)
     else:
+        options = [o for _, o in inputs]
         if fmt == CONVERSATIONAL_PC:
-            prompts, conversations = [p for p, _ in inputs], [c for _, c in inputs]
-            prompt_texts, _ = _render(tokenizer, prompts, spans=False, add_generation_prompt=True)
+            prompts, conversations = [p for (p, _), _ in inputs], [c for (_, c), _ in inputs]
             if completion_only:
+                prompt_texts, _ = _render(tokenizer, prompts, options, add_generation_prompt=True)
                 prompt_ids, prompt_lengths, _ = _encode(tokenizer, prompt_texts, add_special_tokens=False)
         else:
-            conversations = inputs
-        if assistant_only and not chat.has_generation_markers(tokenizer.get_chat_template()):
-            texts, generation = _render_inferring_spans(tokenizer, conversations)
-        else:
-            texts, generation = _render(tokenizer, conversations, spans=assistant_only)
+            conversations = [c for c, _ in inputs]
+        texts, generation = _render(tokenizer, conversations, options, assistant_spans=assistant_only)
         ids, lengths, encodings = _encode(tokenizer, texts, add_special_tokens=False, encodings=assistant_only)
     mask = np.ones(len(ids), dtype=np.bool_)
     if prompt_lengths is not None:
