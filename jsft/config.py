@@ -48,6 +48,7 @@ class DataConfig:
     packing_strategy: str = "bfd"  # bfd | bfd_split | wrapped | bfd_stream
     packing_buffer_size: int = 10_000  # examples held by the streaming best-fit (bfd_stream)
     padding_free: bool = False  # true: rows filled by packing, only tail padding
+    pad_to_multiple_of: int | None = None  # no packing: pad a step to its longest row, rounded up (None: max_length)
     completion_only_loss: bool | None = None  # None: on for prompt/completion data
     assistant_only_loss: bool = False
     truncation_mode: str = "keep_start"  # keep_start | keep_end (without packing)
@@ -217,6 +218,13 @@ def validate(config: SFTConfig) -> SFTConfig:
         )
     if d.packing and d.max_length is None:
         raise ConfigError("data.packing=True needs data.max_length (the row length packing fills).")
+    if d.pad_to_multiple_of is not None:
+        if d.pad_to_multiple_of < 1:
+            raise ConfigError(f"data.pad_to_multiple_of={d.pad_to_multiple_of}: must be >= 1, or None (rows padded "
+                              "to max_length)")
+        if d.packing:
+            raise ConfigError(f"data.pad_to_multiple_of={d.pad_to_multiple_of} has no effect with packing=True "
+                              "(packed rows fill max_length): unset it, or set data.packing=False")
     if d.max_length is not None and d.max_length < 2:
         raise ConfigError(f"data.max_length={d.max_length}: must be >= 2 (one input and one target).")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):

@@ -111,17 +111,20 @@ def total_steps_for(config: SFTConfig, steps_per_epoch: int) -> int:
     return max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
 
 
-def _abstract_batch(batch, mesh):
+def _abstract_batch(batch, mesh, length: int):
+    """The global step's shapes, with rows of `length` tokens."""
     spec = lambda x: jax.sharding.NamedSharding(mesh, sharding.batch_spec(x.ndim))  # noqa: E731
     _, count = sharding.data_process_split(mesh)
-    return {k: jax.ShapeDtypeStruct((v.shape[0], v.shape[1] * count, *v.shape[2:]), v.dtype, sharding=spec(v))
+    return {k: jax.ShapeDtypeStruct((v.shape[0], v.shape[1] * count, length, *v.shape[3:]), v.dtype, sharding=spec(v))
             for k, v in batch.items()}
 
 
-def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_step, schedule) -> dict:
-    """What the run will do, before the first step: sizes, tokens per step, the compiled memory per device."""
+def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_step, schedule, train_data) -> dict:
+    """What the run will do, before the first step: sizes, tokens per step, the compiled memory per device (for the
+    longest rows a step can have)."""
     total, trainable = count_params(model, wrt)
-    A, B, L = batch["input_ids"].shape
+    A, B, _ = batch["input_ids"].shape
+    L = train_data.max_length
     _, count = sharding.data_process_split(mesh)
     plan = {"params": total, "trainable_params": trainable, "micro_batches": A, "rows_per_micro_batch": B * count,
             "max_length": L, "tokens_per_step": A * B * count * L, "total_steps": total_steps,
@@ -130,6 +133,16 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
           f"on {jax.device_count()} x {jax.devices()[0].device_kind}")
     print(f"plan: {A} micro-batch(es) x {B * count} rows x {L} tokens = {A * B * count * L:,} token slots per step; "
           f"steps {start_step} -> {total_steps}")
+    lengths = train_data.lengths()
+    if len(lengths) > 1:
+        plan["step_lengths"] = lengths
+        print(f"plan: each step's rows are padded to its longest row rounded up to a multiple of "
+              f"{train_data.pad_to_multiple_of} (data.pad_to_multiple_of): {len(lengths)} possible lengths "
+              f"{lengths[0]}..{lengths[-1]}, each compiled on first use; the memory below is for {L}")
+    elif train_data.stats["packing"] == "none" and train_data.stats["fill_rate"] < 0.5:
+        print(f"plan: unpacked rows are {train_data.stats['fill_rate']:.0%} tokens, the rest padding to {L}: set "
+              "data.packing=True (documents stay apart), or data.pad_to_multiple_of=64 to pad each step only to its "
+              "longest row (one compile per length)")
     attention = model.layers[0].self_attn
     impl = attention.impl
     if impl == "auto":
@@ -141,7 +154,7 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
           "documents a row")
     try:
         with jax.set_mesh(mesh):
-            compiled = step.train_step.lower(model, optimizer, _abstract_batch(batch, mesh),
+            compiled = step.train_step.lower(model, optimizer, _abstract_batch(batch, mesh, L),
                                              loss_type=config.training.loss_type,
                                              chunk_size=config.training.loss_chunk_size, schedule=schedule).compile()
         mem = compiled.memory_analysis()
@@ -176,7 +189,8 @@ def evaluate(config, model, eval_data, mesh, rows_per_micro_batch: int) -> dict:
     with jax.set_mesh(mesh):
         for start in range(0, eval_data.num_rows, global_rows):
             mine = np.arange(start + index * rows_per_micro_batch, start + (index + 1) * rows_per_micro_batch)
-            batch = _padded_rows(eval_data, mine[mine < eval_data.num_rows], rows_per_micro_batch)
+            length = eval_data.step_length(np.arange(start, min(start + global_rows, eval_data.num_rows)))
+            batch = _padded_rows(eval_data, mine[mine < eval_data.num_rows], rows_per_micro_batch, length)
             sums = step.eval_step(model, sharding.shard_batch(batch, mesh), loss_type=config.training.loss_type,
                                   chunk_size=config.training.loss_chunk_size)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -184,10 +198,11 @@ def evaluate(config, model, eval_data, mesh, rows_per_micro_batch: int) -> dict:
     return {f"eval_{k}": float(v) for k, v in means.items()}
 
 
-def _padded_rows(prepared, row_ids, num_rows: int) -> dict:
-    """prepared.batch(row_ids) plus empty rows (padding, segment 0, nothing trained) up to num_rows: [1, R, L]."""
-    batch = prepared.batch(row_ids) if len(row_ids) else None
-    L = prepared.max_length
+def _padded_rows(prepared, row_ids, num_rows: int, length: int) -> dict:
+    """prepared.batch(row_ids, length) plus empty rows (padding, segment 0, nothing trained) up to num_rows:
+    [1, num_rows, length]."""
+    batch = prepared.batch(row_ids, length) if len(row_ids) else None
+    L = length
     empty = {"input_ids": np.full((num_rows, L), prepared.pad_id, np.int32),
              "segment_ids": np.zeros((num_rows, L), np.int32),
              "positions": np.zeros((num_rows, L), np.int32), "targets": np.full((num_rows, L), prepared.pad_id, np.int32),
@@ -342,7 +357,7 @@ def run(config: SFTConfig) -> dict:
 
     # ---- the plan
     first = next(data_it)
-    plan = print_plan(config, model, optimizer, wrt, first, mesh, total_steps, start_step, schedule)
+    plan = print_plan(config, model, optimizer, wrt, first, mesh, total_steps, start_step, schedule, train_data)
     peak = peak_tflops(override=tc.peak_tflops)
     hf_cfg = model.cfg.hf_config
 

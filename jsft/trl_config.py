@@ -152,6 +152,14 @@ def _one_of(accepted, why):
     return convert
 
 
+def _pad_to_multiple_of(value, values):
+    """TRL pads each batch to its longest row rounded up to this ("auto"/None: no rounding). jsft: the same with a
+    value; "auto"/None keep rows at max_length (every distinct length would compile the step once)."""
+    if value in ("auto", None) or (isinstance(value, str) and value.lower() in ("none", "null")):
+        return {"data.pad_to_multiple_of": None}
+    return {"data.pad_to_multiple_of": int(value)}
+
+
 def _with(field_name):
     """Read together with another field (its conversion handles this one)."""
 
@@ -207,8 +215,7 @@ TRL_FIELDS: dict[str, tuple] = {
     "packing": (False, "data.packing", ""),
     "packing_strategy": ("bfd", _renamed("data.packing_strategy", {"bfd-requeue": "bfd_split"}), ""),
     "padding_free": (False, "data.padding_free", ""),
-    "pad_to_multiple_of": ("auto", _one_of(("auto", None), "TRL pad_to_multiple_of: jsft rows are always "
-                                           "max_length long (one static shape); leave it unset"), ""),
+    "pad_to_multiple_of": ("auto", _pad_to_multiple_of, ""),
     "eval_packing": (None, NO_KNOB, "eval rows are prepared like training rows (data.packing)"),
     "completion_only_loss": (None, "data.completion_only_loss", ""),
     "assistant_only_loss": (False, "data.assistant_only_loss", ""),

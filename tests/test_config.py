@@ -327,3 +327,10 @@ def test_cli_prints_a_config_error_without_traceback_and_exits_2(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "error (ConfigError)" in done.stderr and "max_seq_len" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("value, want", [("auto", None), (None, None), ("none", None), (64, 64), ("128", 128)])
+def test_trl_pad_to_multiple_of_maps_to_step_length_buckets(tmp_path, value, want):
+    path = tmp_path / "trl.json"
+    path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "pad_to_multiple_of": value}))
+    assert C.load(path).data.pad_to_multiple_of == want

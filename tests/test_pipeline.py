@@ -1,12 +1,13 @@
 """The Grain pipeline: batch contract per document, TRL's drop rule, cache, resumable and process-sliced iterators."""
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
 
-from jsft.config import SFTConfig
+from jsft.config import ConfigError, SFTConfig, validate
 from jsft.data import batched, formats, packing, pipeline, sources
 from jsft.data.pipeline import (Examples, PreparedDataset, batch_iterator, build_rows, format_stats, prepare_dataset,
                                 steps_per_epoch)
@@ -527,3 +528,36 @@ def test_no_rows_left_is_a_config_error_with_the_fix(tmp_path, tokenizer_dir, da
     with pytest.raises(ConfigError, match="raise data.max_length") as err:
         prepare_dataset(config, tokenizer)
     assert "dropped (no trained token after truncation)" in str(err.value)
+
+
+def test_pad_to_multiple_of_pads_each_step_to_its_longest_row(tmp_path, tokenizer_dir, data_dir):
+    """Without packing, data.pad_to_multiple_of=m: a step's rows are padded to the longest of them rounded up to m
+    (every process the same length); the tokens are those of the max_length batch, minus trailing padding."""
+    from jsft.data import load_tokenizer
+
+    config = make_config(tmp_path, data_dir / "messages.jsonl", packing=False, max_length=256,
+                         pad_to_multiple_of=32, assistant_only_loss=True)
+    tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
+    prepared = prepare_dataset(config, tokenizer)
+    assert prepared.pad_to_multiple_of == 32 and prepared.lengths() == [32, 64, 96, 128, 160, 192, 224, 256]
+    static = dataclasses.replace(prepared, pad_to_multiple_of=None)
+    seen = set()
+    its = [batch_iterator(prepared, 2, 2, seed=1, process_index=p, process_count=2, prefetch=0) for p in range(2)]
+    whole = batch_iterator(static, 4, 2, seed=1, prefetch=0)
+    for _ in range(40):
+        parts, full = [next(it) for it in its], next(whole)
+        L = parts[0]["input_ids"].shape[-1]
+        assert all(p["input_ids"].shape == (2, 2, L) for p in parts) and L % 32 == 0
+        seen.add(L)
+        merged = {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}  # [accum, 4 rows, L]
+        assert (full["segment_ids"][..., L:] == 0).all()  # nothing cut
+        assert (full["segment_ids"][..., L - 32:] > 0).any()  # the longest row needed this length
+        for k in merged:
+            np.testing.assert_array_equal(merged[k], full[k][..., :L], err_msg=k)
+    assert len(seen) > 2 and seen <= set(prepared.lengths())
+
+
+def test_pad_to_multiple_of_is_refused_with_packing():
+    config = make_config_from_fields(packing=True, max_length=64, pad_to_multiple_of=16)
+    with pytest.raises(ConfigError, match="pad_to_multiple_of=16 has no effect with packing=True"):
+        validate(config)

@@ -127,3 +127,26 @@ def test_eval_generations_for_every_chat_format(tokenizer_dir, tmp_path, fmt):
     chats = [r.get("messages") or r.get("conversations") or r["prompt"] + r["completion"] for r in rows]
     finals = {c[-1].get("content", c[-1].get("value")) for c in chats}
     assert all(s["reference"] in finals and isinstance(s["reply"], str) for s in samples)
+
+
+def test_pad_to_multiple_of_trains_the_same_as_rows_of_max_length(tokenizer_dir, tmp_path):
+    """Without packing, padding each step only to its longest row (rounded up to 16) changes the shapes, not the run:
+    the same losses and eval loss as rows padded to max_length, one compile per length used."""
+    rows = fixtures.make_rows("prompt_completion", 24, seed=2)
+    rows = [dict(r, completion=r["completion"] + " end" * (i // 8) * 8) for i, r in enumerate(rows)]  # longer each step
+    data = fixtures.write_jsonl(rows, tmp_path / "pc.jsonl")
+    runs = {}
+    for name, pad_to in (("static", None), ("buckets", 16)):
+        config = tiny_config(tokenizer_dir, data, tmp_path / name, training={"max_steps": 3},
+                             data={"packing": False, "padding_free": False, "shuffle_dataset": False,
+                                   "dataset_test_split": str(data), "pad_to_multiple_of": pad_to})
+        step.train_step.jitted_fn.clear_cache()
+        summary = train.run(config)
+        runs[name] = (progress.read_metrics(tmp_path / name), step.train_step.jitted_fn._cache_size(), summary)
+    (static, static_compiles, _), (buckets, bucket_compiles, summary) = runs["static"], runs["buckets"]
+    assert static_compiles == 1 and 1 < bucket_compiles <= len(summary["plan"]["step_lengths"])
+    assert summary["plan"]["step_lengths"] == [16, 32, 48, 64]
+    for a, b in zip(static, buckets):
+        for key in ("loss", "eval_loss", "grad_norm", "num_tokens"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)

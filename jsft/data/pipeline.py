@@ -55,6 +55,7 @@ Example of one packed row (L = 8) holding documents [a b c] (mask 0 1 1) and [d 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -79,8 +80,8 @@ CACHE_VERSION = 1
 PREPARE_CHUNK_ROWS = 128
 # DataConfig fields applied after the cached tokenization (changing them reuses the cache).
 NOT_IN_CACHE_KEY = (
-    "max_length", "packing", "packing_strategy", "packing_buffer_size", "padding_free", "truncation_mode",
-    "shuffle_dataset", "dataset_num_proc", "cache_dir", "dataset_test_split", "dataset_train_split",
+    "max_length", "packing", "packing_strategy", "packing_buffer_size", "padding_free", "pad_to_multiple_of",
+    "truncation_mode", "shuffle_dataset", "dataset_num_proc", "cache_dir", "dataset_test_split", "dataset_train_split",
 )
 BATCH_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
 
@@ -113,14 +114,40 @@ class PreparedDataset:
     max_length: int
     pad_id: int
     stats: dict
+    pad_to_multiple_of: int | None = None  # data.pad_to_multiple_of (unpacked rows only): see step_length
 
     @property
     def num_rows(self) -> int:
         return self.rows.num_rows
 
-    def batch(self, row_ids) -> dict[str, np.ndarray]:
-        """The batch contract for these rows: {key: [len(row_ids), max_length]}."""
-        return assemble_rows(self, np.asarray(row_ids, dtype=np.int64))
+    @functools.cached_property
+    def row_lengths(self) -> np.ndarray:
+        """Tokens in each row (the rest of its max_length slots is padding)."""
+        sizes = self.rows.stop - self.rows.start
+        return np.add.reduceat(sizes, self.rows.row_ptr[:-1]) if self.num_rows else np.zeros(0, np.int64)
+
+    def step_length(self, row_ids) -> int:
+        """The length L of a step holding these rows (-1: an empty row): max_length, or with pad_to_multiple_of m the
+        longest row rounded up to a multiple of m (at most max_length), so a step compiles once per distinct L.
+        E.g. rows of 3, 70 and 20 tokens, max_length 512, m = 64: L = 128.
+        """
+        row_ids = np.asarray(row_ids, dtype=np.int64)
+        real = row_ids[row_ids >= 0]
+        if self.pad_to_multiple_of is None or len(real) == 0:
+            return self.max_length
+        m = self.pad_to_multiple_of
+        return int(min(-(-int(self.row_lengths[real].max()) // m) * m, self.max_length))
+
+    def lengths(self) -> list[int]:
+        """Every L a step can have (the shapes a run compiles for)."""
+        if self.pad_to_multiple_of is None:
+            return [self.max_length]
+        m, L = self.pad_to_multiple_of, self.max_length
+        return sorted({min(k * m, L) for k in range(1, -(-L // m) + 1)})
+
+    def batch(self, row_ids, length: int | None = None) -> dict[str, np.ndarray]:
+        """The batch contract for these rows: {key: [len(row_ids), length or max_length]}."""
+        return assemble_rows(self, np.asarray(row_ids, dtype=np.int64), length)
 
 
 # ----------------------------------------------------------------------------------------------- tokenization
@@ -397,7 +424,8 @@ def prepare_dataset(config: SFTConfig, tokenizer, split: str = "train") -> Prepa
         raise ConfigError(f"no {split} rows left after preparation:\n{format_stats(stats)}\nEvery example lost its "
                           "trained tokens or was skipped: raise data.max_length if examples are truncated, check the "
                           "loss settings (completion_only_loss / assistant_only_loss) and the skipped rows above")
-    return PreparedDataset(examples, rows, row_length, int(tokenizer.pad_token_id), stats)
+    pad_to = None if config.data.packing else config.data.pad_to_multiple_of
+    return PreparedDataset(examples, rows, row_length, int(tokenizer.pad_token_id), stats, pad_to)
 
 
 def format_stats(stats: dict) -> str:
@@ -422,11 +450,12 @@ def format_stats(stats: dict) -> str:
 # ----------------------------------------------------------------------------------------------- batches
 
 
-def assemble_rows(prepared: PreparedDataset, row_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows -> {input_ids, segment_ids, positions, targets, loss_mask}, each [len(row_ids), L] (module doc example).
-    A row id of -1 gives an empty row: all padding, nothing trained."""
+def assemble_rows(prepared: PreparedDataset, row_ids: np.ndarray, length: int | None = None) -> dict[str, np.ndarray]:
+    """Rows -> {input_ids, segment_ids, positions, targets, loss_mask}, each [len(row_ids), L] (module doc example),
+    L = length (at least the longest of these rows) or max_length. A row id of -1 gives an empty row: all padding,
+    nothing trained."""
     rows, ex = prepared.rows, prepared.examples
-    B, L = len(row_ids), prepared.max_length
+    B, L = len(row_ids), length or prepared.max_length
     real = row_ids >= 0  # -1: an empty row (all padding), which fills a last partial step
     safe = np.where(real, row_ids, 0)
     first = rows.row_ptr[safe]
@@ -478,8 +507,9 @@ def _process_step(row_ids: np.ndarray, prepared: PreparedDataset, rows_per_micro
     step_rows = accum_steps * process_count * rows_per_micro_batch
     row_ids = np.concatenate([row_ids, np.full(step_rows - len(row_ids), -1, dtype=np.int64)])  # a short last step
     mine = row_ids.reshape(accum_steps, process_count, rows_per_micro_batch)[:, process_index].reshape(-1)
-    batch = assemble_rows(prepared, mine)
-    return {k: v.reshape(accum_steps, rows_per_micro_batch, prepared.max_length) for k, v in batch.items()}
+    length = prepared.step_length(row_ids)  # from the whole step's rows: every process gets the same shape
+    batch = assemble_rows(prepared, mine, length)
+    return {k: v.reshape(accum_steps, rows_per_micro_batch, length) for k, v in batch.items()}
 
 
 def batch_dataset(prepared: PreparedDataset, rows_per_micro_batch: int, accum_steps: int, seed: int,
