@@ -1,5 +1,6 @@
 """Formats, EOS/BOS, truncation and bad rows of prepare_example (TRL parity itself: test_trl_parity_data.py)."""
 
+import copy
 import json
 
 import numpy as np
@@ -231,6 +232,9 @@ BAD_ROWS = {
     "tools malformed JSON": ({"messages": USER_ASSISTANT, "tools": "[{"}, "tools"),
     "tools not a list": ({"messages": USER_ASSISTANT, "tools": {"name": "x"}}, "tools"),
     "kwargs not a dict": ({"messages": USER_ASSISTANT, "chat_template_kwargs": "x"}, "chat_template_kwargs"),
+    "tools not schemas": ({"messages": USER_ASSISTANT, "tools": ["get_weather"]}, "tools"),
+    "kwargs an apply_chat_template argument": (
+        {"messages": USER_ASSISTANT, "chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
     "labels not a copy": ({"input_ids": [5, 6, 7], "labels": [-100, 9, 7]}, "labels"),
     "labels wrong length": ({"input_ids": [5, 6, 7], "labels": [-100, 6]}, "labels"),
     "input ids out of vocab": ({"input_ids": [5, 6, 100_000]}, "input_ids"),
@@ -325,3 +329,18 @@ def test_bad_row_error_pickles_whole():
 def test_row_index_unknown_still_names_the_field(tokenizer):
     with pytest.raises(BadRowError, match=r"row \(index unknown\), field 'completion'"):
         prepare_example({"prompt": "a", "completion": ""}, tokenizer, DataConfig())
+
+
+def test_a_template_that_fails_on_a_rows_data_is_that_rows_error(tokenizer):
+    """Not only raise_exception: a Python error inside the template (here len() of an int tool-call id) is a
+    BadRowError naming the row, which skip_bad_rows can skip."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m.tool_calls %}{{ m.tool_calls[0]['id'] | length }}{% endif %}"
+                         "{{ m['content'] }}{% endfor %}")
+    row = {"messages": [{"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "", "tool_calls": [{"id": 123, "type": "function"}]}]}
+    for assistant_only in (False, True):
+        with pytest.raises(BadRowError) as excinfo:
+            prepare_example(row, tok, DataConfig(assistant_only_loss=assistant_only), row_index=9)
+        assert_bad_row(excinfo, 9, "messages")
+        assert "TypeError" in str(excinfo.value)

@@ -280,3 +280,15 @@ def test_explicit_eos_wins_over_the_cloned_one(tokenizer_dir, llama3_source_dir)
     config = DataConfig(chat_template_path=str(llama3_source_dir), eos_token=fixtures.IM_END)
     tok, _ = load_tokenizer(tokenizer_dir, config)
     assert tok.eos_token == fixtures.IM_END
+
+
+def test_the_stop_token_probe_never_breaks_valid_rows(chat_tokenizer):
+    """A template that wants a system message first refuses the user/assistant/user probe: the check probes with a
+    system message instead, and valid rows prepare."""
+    tok = with_template(chat_tokenizer, "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}"
+                                        "{% endif %}" + CHATML)
+    row = {"messages": [{"role": "system", "content": "s"}, *USER_ASSISTANT_PAIR]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the end-of-turn token is trained: no warning either
+        example = prepare_example(row, tok, DataConfig(assistant_only_loss=True, max_length=None), row_index=0)
+    assert tok.decode(example["input_ids"][example["loss_mask"]].tolist()) == "four<|im_end|>"

@@ -181,7 +181,11 @@ def stop_token_trained(tokenizer) -> bool:
         {"role": "assistant", "content": "dummy"},
         {"role": "user", "content": "dummy"},
     ]
-    ids, mask = tokenize_conversation(tokenizer, probe, assistant_mask=True)
+    try:
+        ids, mask = tokenize_conversation(tokenizer, probe, assistant_mask=True)
+    except Exception:  # e.g. a template that wants a system message first
+        ids, mask = tokenize_conversation(tokenizer, [{"role": "system", "content": "dummy"}, *probe],
+                                          assistant_mask=True)
     added = set(tokenizer.get_added_vocab().values())
     for token_id in reversed([t for t, m in zip(ids, mask) if m]):
         if tokenizer.decode([token_id]).strip() == "":
@@ -197,8 +201,8 @@ def warn_once_if_stop_token_untrained(tokenizer) -> None:
         return
     try:
         trained = stop_token_trained(tokenizer)
-    except ChatTemplateError:
-        trained = True  # the real rows will raise the template's problem; do not warn about a probe
+    except Exception:  # the template refuses both probes: the real rows will show its problem, not a probe
+        trained = True
     _CHECKED_TEMPLATES[template] = trained
     if not trained:
         warnings.warn(

@@ -209,6 +209,14 @@ def _string(row: dict, field: str, row_index: int | None) -> str:
     return value
 
 
+# apply_chat_template's own arguments: a chat_template_kwargs key with one of these names would not reach the template.
+APPLY_CHAT_TEMPLATE_ARGUMENTS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens",
+})
+
+
 def _template_inputs(row: dict, row_index: int | None) -> tuple[list | None, dict]:
     tools = row.get("tools")
     if isinstance(tools, str):
@@ -216,9 +224,11 @@ def _template_inputs(row: dict, row_index: int | None) -> tuple[list | None, dic
             tools = json.loads(tools)
         except json.JSONDecodeError as e:
             raise BadRowError(row_index, "tools", f"malformed JSON: {e.msg}", "write tools as a JSON list") from e
-    if tools is not None and not isinstance(tools, list):
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        got = type(tools).__name__ if not isinstance(tools, list) else \
+            f"a list holding {type(next(t for t in tools if not isinstance(t, dict))).__name__}"
         raise BadRowError(
-            row_index, "tools", f"expected a list of tool schemas, got {type(tools).__name__}",
+            row_index, "tools", f"expected a list of tool schemas (dicts), got {got}",
             "write tools as a list of JSON schemas (or a JSON string of one)",
         )
     kwargs = row.get("chat_template_kwargs") or {}
@@ -226,6 +236,13 @@ def _template_inputs(row: dict, row_index: int | None) -> tuple[list | None, dic
         raise BadRowError(
             row_index, "chat_template_kwargs", f"expected a dict, got {type(kwargs).__name__}",
             'write the template variables as a dict, e.g. {"enable_thinking": false}',
+        )
+    reserved = sorted(set(kwargs) & APPLY_CHAT_TEMPLATE_ARGUMENTS)
+    if reserved:
+        raise BadRowError(
+            row_index, "chat_template_kwargs", f"{', '.join(map(repr, reserved))} is an argument of "
+            "apply_chat_template, not a template variable",
+            "remove it (jsft sets the conversation, tools, generation prompt and tokenization itself)",
         )
     return tools, kwargs
 
@@ -404,6 +421,12 @@ def _render(tokenizer, messages, tools, kwargs, assistant_mask, row_index, field
         raise BadRowError(
             row_index, field, f"the chat template refused this conversation: {e}",
             "fix the conversation (e.g. roles must alternate for this template), or drop the row",
+        ) from e
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # the template failed on this row's data
+        raise BadRowError(
+            row_index, field, f"the chat template failed on this conversation: {type(e).__name__}: {e}",
+            "check the row's messages (roles, content, tool_calls) and tools against what the template expects, "
+            "or drop the row",
         ) from e
 
 
