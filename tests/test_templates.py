@@ -292,3 +292,29 @@ def test_the_stop_token_probe_never_breaks_valid_rows(chat_tokenizer):
         warnings.simplefilter("error")  # the end-of-turn token is trained: no warning either
         example = prepare_example(row, tok, DataConfig(assistant_only_loss=True, max_length=None), row_index=0)
     assert tok.decode(example["input_ids"][example["loss_mask"]].tolist()) == "four<|im_end|>"
+
+
+PHI3 = (  # closes a conversation with EOS, which it does not write between turns
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def test_a_template_that_closes_the_conversation_with_a_token_is_inferred(chat_tokenizer):
+    """Phi-3 style: rendered alone, a prefix ends with EOS where the full conversation goes on; that closing special
+    token is not the turn's, so each turn still ends on <|end|> (the last one also trains the closing EOS)."""
+    import copy
+
+    from jsft.data import batched
+
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    tok.chat_template = PHI3
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    config = DataConfig(assistant_only_loss=True, max_length=None)
+    example = prepare_example({"messages": messages}, tok, config)
+    trained = tok.decode(example["input_ids"][example["loss_mask"]].tolist())
+    assert trained == "b<|end|>d<|end|>\n" + tok.eos_token
+    (batched_example,) = batched.prepare_examples([{"messages": messages}], tok, config)
+    np.testing.assert_array_equal(batched_example["loss_mask"], example["loss_mask"])

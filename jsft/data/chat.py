@@ -15,7 +15,9 @@ Worked example (ChatML, no markers):
     messages[:2]                      "<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\nhello<|im_end|>\\n"
     assistant span                                                                         "hello<|im_end|>"
 
-The inference needs a template that renders earlier turns the same whatever follows them. A template that drops the
+A template may close a conversation with a special token it does not write between turns (Phi-3 ends with EOS):
+a prefix is compared without such closing tokens. The inference needs a template that renders earlier turns the
+same whatever follows them. A template that drops the
 reasoning of earlier assistant turns, or that opens the assistant turn differently in the generation prompt, is
 refused with a ChatTemplateError that says which of the two it is.
 """
@@ -92,25 +94,43 @@ def assistant_turns(messages: list[dict]) -> list[int]:
     return [i for i, message in enumerate(messages) if message.get("role") == "assistant"]
 
 
-def spans_from_prefixes(turns: list[int], before: list[str], upto: list[str], full_text: str) -> list[tuple[int, int]]:
+def _without_closing_tokens(upto: str, full_text: str, special_tokens) -> str:
+    """`upto` less the fewest special tokens (and whitespace) at its end that make it a prefix of `full_text`: some
+    templates close a conversation with a token they do not write between turns (Phi-3 ends with EOS). `upto` itself
+    when that does not help (the caller names the problem)."""
+    text = upto
+    while not full_text.startswith(text):
+        stripped = text.rstrip()
+        closing = next((t for t in special_tokens if t and stripped.endswith(t)), None)
+        if closing is None:
+            return upto
+        text = stripped[: -len(closing)]
+    return text
+
+
+def spans_from_prefixes(turns: list[int], before: list[str], upto: list[str], full_text: str,
+                        special_tokens=()) -> list[tuple[int, int]]:
     """Character spans of the assistant turns in `full_text`, from the renderings of each turn's prefixes (module doc):
-    before[j] renders messages[:turns[j]] with the generation prompt, upto[j] renders messages[:turns[j] + 1]."""
+    before[j] renders messages[:turns[j]] with the generation prompt, upto[j] renders messages[:turns[j] + 1].
+    special_tokens: the tokens a template may close a conversation with (see _without_closing_tokens)."""
     spans = []
     for i, before_i, upto_i in zip(turns, before, upto):
+        upto_i = _without_closing_tokens(upto_i, full_text, special_tokens)
         if not upto_i.startswith(before_i):
             at = _divergence(before_i, upto_i)
             raise ChatTemplateError(
                 f"cannot find assistant turn {i} by rendering prefixes: the template's generation prompt is not how "
                 f"it opens an assistant turn in the conversation (the generation prompt has {before_i[at:at + 60]!r} "
                 f"where the conversation has {upto_i[at:at + 60]!r}; e.g. an empty thinking block only in the "
-                "generation prompt). Fix: add {% generation %}...{% endgeneration %} markers around the assistant "
+                "generation prompt, or a system prompt placed by the number of turns). Fix: add {% generation %}...{% endgeneration %} markers around the assistant "
                 "text in the template, or use a template whose generation prompt matches the rendered turn."
             )
         if not full_text.startswith(upto_i):
             at = _divergence(upto_i, full_text)
             raise ChatTemplateError(
                 f"cannot find assistant turn {i} by rendering prefixes: the template changes earlier turns when a "
-                "later turn is added (e.g. it drops reasoning/thinking from earlier assistant turns): rendered alone "
+                "later turn is added (e.g. it drops reasoning/thinking from earlier assistant turns, or moves the "
+                "system prompt to the last user turn): rendered alone "
                 f"the conversation up to turn {i} has {upto_i[at:at + 60]!r} where the full conversation has "
                 f"{full_text[at:at + 60]!r}. Fix: add {{% generation %}}...{{% endgeneration %}} markers around the "
                 "assistant text in the template, or use a template that renders earlier turns unchanged."
@@ -128,7 +148,7 @@ def infer_assistant_spans(
     turns = assistant_turns(messages)
     before = [render(tokenizer, messages[:i], tools, template_kwargs, add_generation_prompt=True) for i in turns]
     upto = [render(tokenizer, messages[: i + 1], tools, template_kwargs) for i in turns]
-    return spans_from_prefixes(turns, before, upto, full_text)
+    return spans_from_prefixes(turns, before, upto, full_text, tokenizer.all_special_tokens)
 
 
 def tokenize_conversation(
