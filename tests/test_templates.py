@@ -203,10 +203,16 @@ def test_own_template_is_kept(tokenizer_dir):
 
 
 def test_jinja_file_template_is_used_as_is(bos_tokenizer_dir, tmp_path):
-    path = tmp_path / "llama3.jinja"
+    path = tmp_path / "llama3.JINJA"
     path.write_text(without_markers(LLAMA3))
-    tok, added = load_tokenizer(bos_tokenizer_dir, DataConfig(chat_template_path=str(path)))
+    with pytest.warns(UserWarning, match=r"writes <\|end_header_id\|>, <\|eot_id\|>, <\|start_header_id\|>, which"):
+        tok, added = load_tokenizer(bos_tokenizer_dir, DataConfig(chat_template_path=str(path)))
     assert tok.chat_template == without_markers(LLAMA3) and added == []
+    path = tmp_path / "chatml.j2"  # its <|im_start|> / <|im_end|> are tokens of the fixture: no warning
+    path.write_text(CHATML)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_tokenizer(bos_tokenizer_dir, DataConfig(chat_template_path=str(path)))
     text = tok.apply_chat_template(THINKING[:2], tokenize=False)
     assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")  # BOS printed by the template
 

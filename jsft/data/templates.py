@@ -14,9 +14,15 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 from jsft.config import ConfigError, DataConfig
+
+
+TEMPLATE_SUFFIXES = (".jinja", ".j2")
+CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_.\-]+\|>")  # <|eot_id|>, <|im_end|>, <|start_header_id|> ...
 
 
 def read_template_file(path: str | Path) -> str:
@@ -24,6 +30,21 @@ def read_template_file(path: str | Path) -> str:
     if not path.is_file():
         raise ConfigError(f"data.chat_template_path={str(path)!r}: the template file does not exist")
     return path.read_text(encoding="utf-8")
+
+
+def warn_if_control_tokens_missing(tokenizer, template: str, source: str) -> None:
+    """A template written for another model writes its control tokens (<|eot_id|> ...) as text; where this vocabulary
+    lacks them they become several ordinary tokens, and the model never sees the real turn markers."""
+    vocab = tokenizer.get_vocab()
+    missing = sorted({t for t in CONTROL_TOKEN.findall(template) if t not in vocab})
+    if missing:
+        warnings.warn(
+            f"the chat template from {source} writes {', '.join(missing)}, which this tokenizer does not have as "
+            "tokens: they are tokenized as plain text. Fix: clone the template from the tokenizer of the model it "
+            "was written for (data.chat_template_path=<that tokenizer directory>, which adds its tokens), or use a "
+            "template written with this tokenizer's own tokens.",
+            UserWarning, stacklevel=3,
+        )
 
 
 def clone_chat_template(tokenizer, source_path: str | Path) -> list[int]:
@@ -66,8 +87,9 @@ def load_tokenizer(path: str | Path, config: DataConfig):
     added: list[int] = []
     template_path = config.chat_template_path
     if template_path is not None:
-        if str(template_path).endswith((".jinja", ".j2")):
+        if str(template_path).lower().endswith(TEMPLATE_SUFFIXES):
             tokenizer.chat_template = read_template_file(template_path)
+            warn_if_control_tokens_missing(tokenizer, tokenizer.chat_template, str(template_path))
         else:
             added = clone_chat_template(tokenizer, template_path)
     if config.eos_token is not None:
