@@ -324,3 +324,41 @@ def test_a_template_that_closes_the_conversation_with_a_token_is_inferred(chat_t
     assert trained == "b<|end|>d<|end|>\n" + tok.eos_token
     (batched_example,) = batched.prepare_examples([{"messages": messages}], tok, config)
     np.testing.assert_array_equal(batched_example["loss_mask"], example["loss_mask"])
+
+
+ZEPHYR = (  # writes the generation prompt inside the message loop: an empty conversation renders nothing
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}{% endfor %}"
+)
+# fails on an empty conversation (as Llama 3.1's does)
+READS_FIRST = "{%- if messages[0]['content'] | trim %}{% endif %}" + without_markers(CHATML)
+
+
+@pytest.mark.parametrize("template, trained, problem", [
+    (without_markers(CHATML), "hello<|im_end|>a<|im_end|>", None),
+    (PHI3, "hello<|end|>a<|end|>\n<|endoftext|>", None),
+    (ZEPHYR, None, "renders no generation prompt for an empty conversation"),
+    (READS_FIRST, None, "fails on an empty conversation"),
+])
+def test_a_conversation_opening_with_the_assistant(chat_tokenizer, template, trained, problem):
+    """Inference renders the empty conversation before the first turn: where that shows the turn's start it trains
+    the turn; where the template cannot show it, the row's error (skippable), from both paths."""
+    import copy
+
+    from jsft.data import BadRowError, batched
+
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    tok.chat_template = template
+    row = {"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "a"}]}
+    config = DataConfig(assistant_only_loss=True, max_length=None)
+    (batched_result,) = batched.prepare_examples([row], tok, config, first_index=3)
+    if problem is None:
+        example = prepare_example(row, tok, config)
+        assert tok.decode(example["input_ids"][example["loss_mask"]].tolist()) == trained
+        np.testing.assert_array_equal(batched_result["loss_mask"], example["loss_mask"])
+        return
+    with pytest.raises(BadRowError, match=rf"row 3, field 'messages\[0\]': .*{problem}"):
+        prepare_example(row, tok, config, row_index=3)
+    assert isinstance(batched_result, BadRowError) and problem in str(batched_result)

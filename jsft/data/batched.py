@@ -121,9 +121,10 @@ def _infer_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dict
     upto_needed = [c[: i + 1] for c, ts in zip(conversations, turns) for i in ts if i + 1 < len(c)]
     upto_rendered = iter(_render_group(tokenizer, upto_needed, tools, kwargs, spans=False)[0])
     generation, j, special = [], 0, tokenizer.all_special_tokens
+    opening = chat.generation_prompt(tokenizer, tools, kwargs) if any(ts[:1] == [0] for ts in turns) else None
     for conversation, ts, text in zip(conversations, turns, texts):
         upto = [text if i + 1 == len(conversation) else next(upto_rendered) for i in ts]
-        generation.append(chat.spans_from_prefixes(ts, before[j:j + len(ts)], upto, text, special))
+        generation.append(chat.spans_from_prefixes(ts, before[j:j + len(ts)], upto, text, special, opening))
         j += len(ts)
     return texts, generation
 

@@ -37,6 +37,30 @@ class ChatTemplateError(ValueError):
     """The chat template cannot give assistant masks; the message names the template's problem and the fix."""
 
 
+class AssistantFirstError(ChatTemplateError):
+    """One conversation opens with the assistant and the template cannot show where that turn starts (the row's
+    problem, not the template's: jsft.data.formats makes it the row's BadRowError)."""
+
+
+ASSISTANT_FIRST = (
+    "the conversation opens with an assistant message, and the template {how}, so assistant_only_loss cannot find "
+    "where that turn starts by rendering prefixes"
+)
+
+
+def generation_prompt(tokenizer, tools=None, template_kwargs: dict | None = None) -> str | None:
+    """What add_generation_prompt adds after a one-message user conversation ('<|im_start|>assistant\n'); None when
+    that probe does not render as a prefix plus the prompt."""
+    probe = [{"role": "user", "content": "x"}]
+    try:
+        plain = render(tokenizer, probe, tools, template_kwargs)
+        prompted = render(tokenizer, probe, tools, template_kwargs, add_generation_prompt=True)
+    except Exception:
+        return None
+    plain = _without_closing_tokens(plain, prompted, tokenizer.all_special_tokens)  # Phi-3 closes with EOS
+    return prompted[len(plain):] if prompted.startswith(plain) and len(prompted) > len(plain) else None
+
+
 def has_generation_markers(chat_template: str | dict | None) -> bool:
     """True when the template contains `{% generation %}` (any whitespace-trim variant)."""
     if isinstance(chat_template, dict):
@@ -109,12 +133,18 @@ def _without_closing_tokens(upto: str, full_text: str, special_tokens) -> str:
 
 
 def spans_from_prefixes(turns: list[int], before: list[str], upto: list[str], full_text: str,
-                        special_tokens=()) -> list[tuple[int, int]]:
+                        special_tokens=(), opening: str | None = None) -> list[tuple[int, int]]:
     """Character spans of the assistant turns in `full_text`, from the renderings of each turn's prefixes (module doc):
     before[j] renders messages[:turns[j]] with the generation prompt, upto[j] renders messages[:turns[j] + 1].
-    special_tokens: the tokens a template may close a conversation with (see _without_closing_tokens)."""
+    special_tokens: the tokens a template may close a conversation with (see _without_closing_tokens).
+    opening: generation_prompt(), needed when the conversation opens with the assistant (turns[0] == 0): the empty
+    conversation's rendering must end with it (a template that writes its generation prompt inside the message loop
+    renders nothing there, and the turn would seem to start before its header)."""
     spans = []
     for i, before_i, upto_i in zip(turns, before, upto):
+        if i == 0 and not (opening and before_i.endswith(opening)):
+            raise AssistantFirstError(ASSISTANT_FIRST.format(how="renders no generation prompt for an empty "
+                                                                 f"conversation (it renders {before_i[-60:]!r})"))
         upto_i = _without_closing_tokens(upto_i, full_text, special_tokens)
         if not upto_i.startswith(before_i):
             at = _divergence(before_i, upto_i)
@@ -146,9 +176,16 @@ def infer_assistant_spans(
 ) -> list[tuple[int, int]]:
     """Character spans of each assistant turn in `full_text` (the rendering of all `messages`); see module doc."""
     turns = assistant_turns(messages)
+    opening = None
+    if turns and turns[0] == 0:
+        opening = generation_prompt(tokenizer, tools, template_kwargs)
+        try:
+            render(tokenizer, [], tools, template_kwargs, add_generation_prompt=True)
+        except Exception as e:
+            raise AssistantFirstError(ASSISTANT_FIRST.format(how=f"fails on an empty conversation ({e})")) from e
     before = [render(tokenizer, messages[:i], tools, template_kwargs, add_generation_prompt=True) for i in turns]
     upto = [render(tokenizer, messages[: i + 1], tools, template_kwargs) for i in turns]
-    return spans_from_prefixes(turns, before, upto, full_text, tokenizer.all_special_tokens)
+    return spans_from_prefixes(turns, before, upto, full_text, tokenizer.all_special_tokens, opening)
 
 
 def tokenize_conversation(

@@ -415,6 +415,12 @@ def _render(tokenizer, messages, tools, kwargs, assistant_mask, row_index, field
         return chat.tokenize_conversation(
             tokenizer, messages, tools, kwargs, assistant_mask=assistant_mask, add_generation_prompt=add_generation_prompt
         )
+    except chat.AssistantFirstError as e:
+        raise BadRowError(
+            row_index, f"{field}[0]", str(e),
+            "start the conversation with a user (or system) message, add {% generation %} markers to the template, "
+            "or drop the row",
+        ) from e
     except chat.ChatTemplateError as e:
         raise chat.ChatTemplateError(f"row {row_index}: {e}") from e
     except TemplateError as e:  # the template itself refused this conversation (raise_exception in the template)
