@@ -56,7 +56,8 @@ class DataConfig:
     eos_token: str | None = None
     pad_token: str | None = None
     skip_bad_rows: bool = False  # true: count and report bad rows instead of raising
-    shuffle_dataset: bool = True
+    shuffle_dataset: bool = True  # shuffle the examples before packing (TRL's knob)
+    train_sampling_strategy: str = "random"  # random: rows reshuffled every epoch | sequential: in row order
     dataset_num_proc: int | None = None  # Grain worker processes for tokenization (None: in-process)
     cache_dir: str | None = None  # tokenized-dataset cache (default: <output_dir>/cache)
 
@@ -191,6 +192,7 @@ CHOICES = {
     ("model", "remat_policy"): ("none", "full", "save_dots", "offload"),
     ("data", "packing_strategy"): ("bfd", "bfd_split", "wrapped", "bfd_stream"),
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
+    ("data", "train_sampling_strategy"): ("random", "sequential"),
     ("training", "lr_scheduler_type"): ("linear", "cosine", "constant", "constant_with_warmup"),
     ("training", "loss_type"): ("nll", "dft"),
     ("training", "optimizer_state_dtype"): ("float32", "bfloat16"),

@@ -315,7 +315,9 @@ def run(config: SFTConfig) -> dict:
         print(format_stats(eval_data.stats))
     batch_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
     rows_per_micro = tc.per_device_train_batch_size * batch_shards // data_count  # this process's rows
-    epoch_steps = steps_per_epoch(train_data, rows_per_micro * data_count, tc.gradient_accumulation_steps)
+    # every row each epoch, as TRL (dataloader_drop_last=False): the last step's free slots are empty rows
+    epoch_steps = steps_per_epoch(train_data, rows_per_micro * data_count, tc.gradient_accumulation_steps,
+                                  drop_remainder=False)
     total_steps = total_steps_for(config, epoch_steps)
     num_epochs = None if tc.max_steps > 0 else math.ceil(tc.num_train_epochs)
 
@@ -339,7 +341,8 @@ def run(config: SFTConfig) -> dict:
     # ---- resume
     manager = checkpoint.make_manager(out, lc.save_total_limit)
     data_it = batch_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, tc.seed, num_epochs,
-                             config.data.shuffle_dataset, data_index, data_count)
+                             config.data.train_sampling_strategy == "random", data_index, data_count,
+                             drop_remainder=False)
     start_step, tokens_seen = 0, 0.0
     existing = manager.latest_step()
     if existing is not None and lc.resume_from_checkpoint is False:
@@ -496,11 +499,17 @@ def main(argv=None) -> dict:
     config = load(args.config, overrides)
     started = time.perf_counter()
     summary = run(config)
+    if summary["interrupted"]:
+        return summary  # the stop message has been printed
     print(f"done: {summary['steps']} steps in {time.perf_counter() - started:.0f} s; output in {summary['output_dir']}")
     return summary
+
+
+INTERRUPTED_EXIT = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT), so job scripts can tell
 
 
 if __name__ == "__main__":
     from jsft import cli
 
-    cli.run(main)
+    if cli.run(main)["interrupted"]:
+        raise SystemExit(INTERRUPTED_EXIT)

@@ -18,6 +18,7 @@ TRL), unknown fields are errors, and a non-default value of a NO_KNOB field is r
 from __future__ import annotations
 
 import difflib
+import re
 import json
 from pathlib import Path
 
@@ -29,6 +30,7 @@ NO_EFFECT = "no_effect"
 # PEFT's default target_modules for the Llama family (peft TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
 # what TRL's ModelConfig(lora_target_modules=None) trains.
 PEFT_DEFAULT_TARGETS = ["q_proj", "v_proj"]
+YAML_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 # Old TRL / transformers spellings of a field -> the current name.
 RENAMED = {"max_seq_length": "max_length", "evaluation_strategy": "eval_strategy", "torch_dtype": "dtype"}
 
@@ -157,7 +159,9 @@ def _pad_to_multiple_of(value, values):
     value; "auto"/None keep rows at max_length (every distinct length would compile the step once)."""
     if value in ("auto", None) or (isinstance(value, str) and value.lower() in ("none", "null")):
         return {"data.pad_to_multiple_of": None}
-    return {"data.pad_to_multiple_of": int(value)}
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    return {"data.pad_to_multiple_of": value}  # anything else: set_field names the expected type
 
 
 def _with(field_name):
@@ -225,7 +229,7 @@ TRL_FIELDS: dict[str, tuple] = {
     "remove_unused_columns": (True, NO_EFFECT, "jsft reads only the columns of the detected format"),
     "label_names": (None, NO_KNOB, "labels come from the dataset format and the loss masks"),
     "length_column_name": ("length", NO_EFFECT, "unused without group-by-length sampling"),
-    "train_sampling_strategy": ("random", NO_KNOB, "jsft shuffles rows every epoch (random sampling)"),
+    "train_sampling_strategy": ("random", "data.train_sampling_strategy", ""),
     "data_seed": (None, NO_KNOB, "jsft seeds data order with seed"),
     # --- optimization ---
     "learning_rate": (2e-5, "training.learning_rate", ""),
@@ -335,8 +339,8 @@ TRL_FIELDS: dict[str, tuple] = {
     "ddp_backend": (None, NO_EFFECT, "a torch DDP setting"),
     "ddp_timeout": (1800, NO_EFFECT, "a torch DDP setting"),
     "local_rank": (-1, NO_EFFECT, "set by torch launchers"),
-    "dataloader_drop_last": (False, NO_EFFECT, "jsft drops each epoch's incomplete last step (fixed shapes); "
-                                               "its rows are shuffled into the next epoch"),
+    "dataloader_drop_last": (False, _one_of((False,), "TRL dataloader_drop_last=True: jsft trains every row each "
+                                                      "epoch (the last step's free slots are empty rows)"), ""),
     "dataloader_num_workers": (0, NO_EFFECT, "set data.dataset_num_proc for tokenization workers"),
     "dataloader_pin_memory": (True, NO_EFFECT, "a torch data-loader setting"),
     "dataloader_persistent_workers": (False, NO_EFFECT, "a torch data-loader setting"),
@@ -394,8 +398,8 @@ def from_trl_dict(values: dict) -> SFTConfig:
         for path, new in updates.items():
             try:
                 set_field(config, path, new)
-            except ConfigError as e:
-                raise ConfigError(f"TRL {name}={value!r} -> {path}: {e}") from None
+            except ConfigError as e:  # its message starts with the jsft field
+                raise ConfigError(f"TRL {name}={value!r} -> {e}") from None
     return config
 
 
@@ -411,7 +415,8 @@ def read_trl_file(path: str | Path) -> dict:
         values = yaml.safe_load(text) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a TRL config file must hold one mapping of field: value")
-    return values
+    # YAML 1.1 reads 2e-5 (no dot) as a string; TRL's argument parser reads it as the float it is
+    return {k: float(v) if isinstance(v, str) and YAML_EXPONENT_FLOAT.match(v) else v for k, v in values.items()}
 
 
 def from_trl_file(path: str | Path) -> SFTConfig:

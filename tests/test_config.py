@@ -334,3 +334,31 @@ def test_trl_pad_to_multiple_of_maps_to_step_length_buckets(tmp_path, value, wan
     path = tmp_path / "trl.json"
     path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "pad_to_multiple_of": value}))
     assert C.load(path).data.pad_to_multiple_of == want
+
+
+def test_trl_yaml_exponent_floats_without_a_dot_are_floats(tmp_path):
+    """YAML 1.1 reads 2e-5 as a string; TRL's parser reads it as a float, and so does jsft."""
+    path = tmp_path / "trl.yaml"
+    path.write_text("model_name_or_path: ckpt\ndataset_name: d.jsonl\nlearning_rate: 2e-5\nadam_epsilon: 1e-8\n"
+                    "output_dir: 1e5x\n")
+    config = C.load(path)
+    assert config.training.learning_rate == 2e-5 and config.training.adam_epsilon == 1e-8
+    assert config.logging.output_dir == "1e5x"
+    path.write_text("model_name_or_path: ckpt\npad_to_multiple_of: abc\n")
+    with pytest.raises(ConfigError, match=r"pad_to_multiple_of='abc' -> data.pad_to_multiple_of: expected int"):
+        C.load(path)
+
+
+def test_trl_train_sampling_strategy_and_drop_last(tmp_path):
+    path = tmp_path / "trl.json"
+    base = {"model_name_or_path": "ckpt", "dataset_name": "d.jsonl"}
+    path.write_text(json.dumps({**base, "train_sampling_strategy": "sequential"}))
+    assert C.load(path).data.train_sampling_strategy == "sequential"
+    path.write_text(json.dumps(base))
+    assert C.load(path).data.train_sampling_strategy == "random" and C.load(path).data.shuffle_dataset is False
+    path.write_text(json.dumps({**base, "train_sampling_strategy": "group_by_length"}))
+    with pytest.raises(ConfigError, match="train_sampling_strategy='group_by_length'.*random, sequential"):
+        C.load(path)
+    path.write_text(json.dumps({**base, "dataloader_drop_last": True}))
+    with pytest.raises(ConfigError, match="dataloader_drop_last"):
+        C.load(path)

@@ -139,7 +139,8 @@ def test_pad_to_multiple_of_trains_the_same_as_rows_of_max_length(tokenizer_dir,
     for name, pad_to in (("static", None), ("buckets", 16)):
         config = tiny_config(tokenizer_dir, data, tmp_path / name, training={"max_steps": 3},
                              data={"packing": False, "padding_free": False, "shuffle_dataset": False,
-                                   "dataset_test_split": str(data), "pad_to_multiple_of": pad_to})
+                                   "train_sampling_strategy": "sequential", "dataset_test_split": str(data),
+                                   "pad_to_multiple_of": pad_to})
         step.train_step.jitted_fn.clear_cache()
         summary = train.run(config)
         runs[name] = (progress.read_metrics(tmp_path / name), step.train_step.jitted_fn._cache_size(), summary)
@@ -150,3 +151,29 @@ def test_pad_to_multiple_of_trains_the_same_as_rows_of_max_length(tokenizer_dir,
         for key in ("loss", "eval_loss", "grad_norm", "num_tokens"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+def test_every_row_trains_each_epoch_in_a_new_order(tokenizer_dir, tmp_path):
+    """As TRL: the last partial step of an epoch is kept (its free slots are empty rows), so 20 rows at 8 a step are
+    3 steps an epoch and every token counts once an epoch; rows are reshuffled every epoch even with
+    shuffle_dataset=False (TRL's default, which only orders the examples before packing)."""
+    from jsft.data.pipeline import prepare_dataset
+
+    data = fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 20, seed=4), tmp_path / "pc.jsonl")
+    config = tiny_config(tokenizer_dir, data, tmp_path / "run", training={"max_steps": -1, "num_train_epochs": 2.0},
+                         data={"packing": False, "padding_free": False, "shuffle_dataset": False})
+    summary = train.run(config)
+    tokenizer, _ = train.build_tokenizer(config)
+    row_tokens = prepare_dataset(config, tokenizer).stats["row_tokens"]
+    records = [r for r in progress.read_metrics(tmp_path / "run") if "loss" in r]
+    assert summary["steps"] == len(records) == 6
+    cumulative = [0] + [r["num_tokens"] for r in records]
+    per_step = np.diff(cumulative)
+    assert sum(per_step[:3]) == sum(per_step[3:]) == row_tokens  # every row, once an epoch
+    assert list(per_step[:3]) != list(per_step[3:])  # a new order in epoch 2
+    config.data.train_sampling_strategy = "sequential"
+    config.logging.output_dir = str(tmp_path / "sequential")
+    train.run(config)
+    records = [r for r in progress.read_metrics(tmp_path / "sequential") if "loss" in r]
+    per_step = np.diff([0] + [r["num_tokens"] for r in records])
+    assert list(per_step[:3]) == list(per_step[3:])

@@ -36,9 +36,9 @@ Preparation (`prepare_dataset`):
 
 Batches (`batch_iterator`): a Grain MapDataset over row indices: shuffle (Grain's index shuffle, reseeded each epoch)
 -> batch into optimizer steps of accum_steps * rows_per_micro_batch * process_count rows -> repeat num_epochs (None:
-forever) -> assemble this process's rows. Each epoch drops its last partial step (fixed shapes), so an epoch is
-`steps_per_epoch` steps and `dropped_rows_per_epoch` rows wait for the next epoch's shuffle. With
-drop_remainder=False (for eval) that step is kept and completed with empty rows (padding, nothing trained).
+forever) -> assemble this process's rows. With drop_remainder=False (training and eval, as TRL's
+dataloader_drop_last=False) each epoch's last partial step is kept and completed with empty rows (padding, nothing
+trained), so every row counts once an epoch; with drop_remainder=True that step is dropped (`dropped_rows_per_epoch`).
 Processes: each micro-batch of the global step holds rows_per_micro_batch rows of each process, process p taking
 [p * rows_per_micro_batch, (p + 1) * rows_per_micro_batch); the processes' rows are disjoint and together are the
 single-process batch.
@@ -439,8 +439,8 @@ def format_stats(stats: dict) -> str:
         f"  truncated to {s['row_length']}: {s['truncated_examples']:,} examples, {s['truncated_tokens']:,} tokens",
         f"  dropped (no trained token after truncation): {s['dropped_no_trained_token']:,} {s['dropped_unit']}, "
         f"{s['dropped_tokens']:,} tokens",
-        f"  rows ({'packed ' + s['packing'] if s['packing'] != 'none' else 'one example each'}): {s['rows']:,} of "
-        f"{s['row_length']} slots, {s['row_tokens']:,} tokens, "
+        f"  rows ({'packed ' + s['packing'] if s['packing'] != 'none' else 'one example each'}): {s['rows']:,} rows "
+        f"of {s['row_length']} slots, {s['row_tokens']:,} tokens, "
         f"{s['trained_tokens']:,} trained, fill {s['fill_rate']:.1%}, at most {s['max_documents_per_row']} "
         "documents a row",
     ]
