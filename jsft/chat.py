@@ -23,14 +23,13 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
+    from jsft.data.templates import from_pretrained
     from jsft.hf import load_model
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = from_pretrained(args.model, field="--model")
     if tokenizer.chat_template is None:
         raise SystemExit(f"{args.model}: the tokenizer has no chat template; export a model trained on chat data")
-    model, _ = load_model(args.model, dtype=args.dtype)
+    model, _ = load_model(args.model, dtype=args.dtype, field="--model")
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     print("chat: type a message (/reset, /quit)")

@@ -21,7 +21,16 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
+
+from jsft.hf import CheckpointError
+
+# The settings whose change gives other parameter shapes or names (the model, its vocabulary, LoRA); compared with
+# the checkpoint's when a restore finds other shapes. Settings of these sections that never change a shape are left out.
+SHAPE_SECTIONS = ("model", "lora", "data.chat_template_path")
+NO_SHAPE = ("model.dtype", "model.compute_dtype", "model.attention_impl", "model.remat_policy", "lora.lora_alpha",
+            "lora.lora_dropout")
 
 
 def checkpoint_dir(output_dir) -> Path:
@@ -40,6 +49,27 @@ def latest_step(output_dir) -> int | None:
         return None
     with ocp.CheckpointManager(checkpoint_dir(output_dir)) as manager:
         return manager.latest_step()
+
+
+def steps(output_dir) -> list[int]:
+    """The steps of the complete checkpoints under output_dir, oldest first ([] when there are none)."""
+    if not checkpoint_dir(output_dir).exists():
+        return []
+    with ocp.CheckpointManager(checkpoint_dir(output_dir)) as manager:
+        return sorted(manager.all_steps())
+
+
+def check_step(directory, step: int | None, available: list[int]) -> int:
+    """`step` (None: the latest) when the checkpoint exists; else a CheckpointError naming the steps there are."""
+    if not available:
+        raise CheckpointError(f"no checkpoint under {directory}: train first (a run saves every logging.save_steps), "
+                              "or set logging.output_dir to the output directory of the run that saved them")
+    if step is None:
+        return max(available)
+    if step not in available:
+        raise CheckpointError(f"{directory} has no checkpoint for step {step}; its steps are "
+                              f"{', '.join(map(str, available))}: choose one of them (or none, for the latest)")
+    return step
 
 
 def remove_all(output_dir) -> None:
@@ -90,13 +120,14 @@ def _restore_args(live, partial: bool = False):
                                   partial_restore=partial)
 
 
-def restore(manager: ocp.CheckpointManager, model, optimizer, step: int | None = None) -> dict:
+def restore(manager: ocp.CheckpointManager, model, optimizer, step: int | None = None, config=None) -> dict:
     """Load checkpoint `step` (default: the latest) into model and optimizer in place; returns its JSON item with
-    "data_iterator" ready for the iterator's set_state()."""
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {manager.directory}")
+    "data_iterator" ready for the iterator's set_state(). config (an SFTConfig or its to_dict(); default: the
+    config.json that jsft.train writes to output_dir before resuming) names the changed settings when the checkpoint
+    holds other parameter shapes than this model (see check_shapes)."""
+    step = check_step(manager.directory, step, sorted(manager.all_steps()))
     live = _train_state(model, optimizer)
+    check_shapes(manager.directory, step, live, config)
     restored = manager.restore(step, args=ocp.args.Composite(state=_restore_args(live), data=ocp.args.JsonRestore()))
     state = restored["state"]
     for target, key in ((model, "params"), (model, "rngs"), (optimizer, "optimizer")):
@@ -111,17 +142,97 @@ def restore(manager: ocp.CheckpointManager, model, optimizer, step: int | None =
 
 def read_meta(output_dir, step: int) -> dict:
     """The JSON item of a checkpoint without touching the arrays (e.g. its config, for jsft.export)."""
-    return json.loads((checkpoint_dir(output_dir) / str(step) / "data" / "metadata").read_text())
+    return _read_meta_in(checkpoint_dir(output_dir), step)
 
 
-def restore_params(manager: ocp.CheckpointManager, model, wrt, step: int | None = None) -> int:
-    """Only the trained params of a checkpoint into `model` (no optimizer needed: for export). Returns the step."""
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {manager.directory}")
+def _read_meta_in(directory, step: int) -> dict:
+    return json.loads((Path(directory) / str(step) / "data" / "metadata").read_text())
+
+
+def restore_params(manager: ocp.CheckpointManager, model, wrt, step: int | None = None, config=None) -> int:
+    """Only the trained params of a checkpoint into `model` (no optimizer needed: for export). Returns the step.
+    config: as for `restore`."""
+    step = check_step(manager.directory, step, sorted(manager.all_steps()))
     live = {"params": nnx.state(model, wrt).to_pure_dict()}
+    check_shapes(manager.directory, step, live, config, partial=True)
     restored = manager.restore(step, args=ocp.args.Composite(state=_restore_args(live, partial=True)))
     current = nnx.state(model, wrt)
     nnx.replace_by_pure_dict(current, restored["state"]["params"])
     nnx.update(model, current)
     return step
+
+
+# ----------------------------------------------------------------------------------------------- shape check
+
+
+def check_shapes(directory, step: int, live: dict, config=None, partial: bool = False) -> None:
+    """CheckpointError when checkpoint `step` holds other arrays or shapes than the live tree (e.g. lora.lora_r 4 ->
+    8, or lora.use_peft switched): it names the settings that differ from the run that wrote the checkpoint, then
+    the first differing array with both shapes. partial: the live tree is a part of the checkpoint (export)."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        stored = _flat_shapes(handler.metadata(epath.Path(directory) / str(step) / "state").tree)
+    finally:
+        handler.close()
+    difference = _first_difference(stored, _flat_shapes(live), partial)
+    if difference is None:
+        return
+    settings = _setting_differences(directory, step, config)
+    where = f"the checkpoint at {directory} step {step}"
+    if settings:
+        before = ", ".join(f"{key}={old!r}" for key, old, _ in settings)
+        now = ", ".join(f"{key}={new!r}" for key, _, new in settings)
+        raise CheckpointError(f"{where} was written with {before}; this run has {now}: use the same settings to "
+                              f"resume or export it, or start a fresh logging.output_dir ({difference})")
+    raise CheckpointError(f"{where} does not fit this run's model: {difference}. Fix: use the settings of the run "
+                          "that wrote it (model, lora, data.chat_template_path, training.optim), or start a fresh "
+                          "logging.output_dir")
+
+
+def _key_name(key) -> str:
+    for attribute in ("key", "idx", "name"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+    """{'params.layers.0.mlp.up_proj.lora_a': (64, 4), ...} of a tree of arrays or of Orbax's array metadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", None) or ()) for path, leaf in leaves}
+
+
+def _first_difference(stored: dict, wanted: dict, partial: bool) -> str | None:
+    """The first array (params first) missing on one side or of another shape, in words; None when all fit."""
+    order = lambda key: (not key.startswith("params."), key)
+    for key in sorted(wanted, key=order):
+        if key not in stored:
+            return f"this run has {key} {list(wanted[key])}, the checkpoint has no such array"
+        if stored[key] != wanted[key]:
+            return f"{key} has shape {list(stored[key])} in the checkpoint, {list(wanted[key])} in this run"
+    if not partial:
+        for key in sorted(stored, key=order):
+            if key not in wanted:
+                return f"the checkpoint has {key} {list(stored[key])}, this run has no such array"
+    return None
+
+
+def _setting_differences(directory, step: int, config) -> list[tuple[str, object, object]]:
+    """(setting, checkpoint's value, this run's value) of the SHAPE_SECTIONS settings that differ."""
+    if config is None:
+        run_config = Path(directory).parent / "config.json"  # jsft.train writes it before it resumes
+        config = json.loads(run_config.read_text()) if run_config.exists() else None
+    written = _read_meta_in(directory, step).get("config")
+    if config is None or not written:
+        return []
+    current = json.loads(json.dumps(config if isinstance(config, dict) else config.to_dict()))  # tuples -> lists
+    differences = []
+    for section in SHAPE_SECTIONS:
+        name, _, field = section.partition(".")
+        old, new = written.get(name, {}), current.get(name, {})
+        keys = [field] if field else sorted(set(old) | set(new))
+        for key in keys:
+            setting = f"{name}.{key}"
+            if setting not in NO_SHAPE and old.get(key) != new.get(key):
+                differences.append((setting, old.get(key), new.get(key)))
+    return differences

@@ -78,14 +78,15 @@ def export_checkpoint(config: SFTConfig, step: int | None = None, formats=None, 
     from jsft import checkpoint, sharding, train
     from jsft.optim import trainable_filter
 
+    output_dir = config.logging.output_dir
+    step = checkpoint.check_step(checkpoint.checkpoint_dir(output_dir), step, checkpoint.steps(output_dir))
     mesh = sharding.create_mesh(config.sharding)
     tokenizer, added = train.build_tokenizer(config)
     model, grew = train.build_model(config, tokenizer, mesh)
     trained_embeddings = bool(added) or grew
     wrt = trainable_filter(config.lora.use_peft, new_token_rows=trained_embeddings)
-    manager = checkpoint.make_manager(config.logging.output_dir, config.logging.save_total_limit, async_save=False)
-    step = checkpoint.restore_params(manager, model, wrt, step)
-    manager.close()
+    with checkpoint.make_manager(output_dir, config.logging.save_total_limit, async_save=False) as manager:
+        step = checkpoint.restore_params(manager, model, wrt, step, config)
     print(f"export: checkpoint {step} of {config.logging.output_dir}")
     return export(model, tokenizer, config, formats, out_dir, trained_embeddings)
 

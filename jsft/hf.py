@@ -25,6 +25,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jsft.config import ConfigError
 from jsft.model.llama import ARCHITECTURES, Llama, LlamaConfig
 
 # (HF tensor name, jsft parameter path, transpose). {i}: layer index; {proj}/{norm}: the module name.
@@ -88,6 +89,51 @@ def base_params(model: nnx.Module) -> dict[str, nnx.Variable]:
 
 # ----------------------------------------------------------------------------------------------- loading
 
+# A hub repo id: "name" or "org/name" (letters, digits, '-', '_', '.'); anything else can only be a local path.
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def check_local_or_hub(path, field: str) -> bool:
+    """True when `path` (the value of config field `field`) is a local directory, False when it can only be a hub
+    name; ConfigError when it is neither (a missing path, or a file)."""
+    local = Path(path)
+    if local.is_dir():
+        return True
+    if local.exists():
+        raise ConfigError(f"{field}={str(path)!r} is a file: point it at the directory that holds the model's files")
+    if not HUB_NAME.fullmatch(str(path)):
+        raise ConfigError(f"{field}={str(path)!r}: no such directory. Fix: point {field} at an existing directory "
+                          "(an HF checkpoint or tokenizer), or a hub name such as 'org/name'")
+    return False
+
+
+def one_line(error: Exception, limit: int = 300) -> str:
+    """An exception's message on one line, without its final period, cut at `limit` characters (for messages)."""
+    text = " ".join(str(error).split()).rstrip(".")
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def hub_unreachable(path, field: str, error: Exception) -> ConfigError:
+    """The ConfigError for a value that is no local directory and could not be loaded as a hub name."""
+    return ConfigError(
+        f"{field}={str(path)!r} is not a local directory, and this machine could not load it as a hub name "
+        f"(offline, HF_HUB_OFFLINE=1, or a private/gated repo without a token?): {one_line(error)}. Fix: point "
+        f"{field.split()[0]} at a local directory with the files, or download them first where there is network "
+        "(`hf download <name>`)"
+    )
+
+
+def resolve_model_dir(path, field: str = "model.model_name_or_path") -> Path:
+    """The local directory of a checkpoint: `path` itself, or a hub name's config and safetensors downloaded."""
+    if check_local_or_hub(path, field):
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"]))
+    except (OSError, ValueError) as e:  # huggingface_hub's offline, not-found and connection errors
+        raise hub_unreachable(path, field, e) from e
+
 
 def read_config(path: str | Path) -> dict:
     config_file = Path(path) / "config.json"
@@ -111,14 +157,15 @@ def _tensor_files(path: Path) -> dict[str, Path]:
 
 
 def load_model(path, dtype=jnp.bfloat16, compute_dtype=None, attention_impl="auto", remat_policy="none",
-               shardings=None) -> tuple[Llama, LlamaConfig]:
-    """Read an HF checkpoint directory into a jsft Llama; returns (model, cfg).
+               shardings=None, field: str = "model.model_name_or_path") -> tuple[Llama, LlamaConfig]:
+    """Read an HF checkpoint directory (or hub name, downloaded) into a jsft Llama; returns (model, cfg).
 
     dtype: parameter dtype (a jnp dtype or "bfloat16"/"float32"); compute_dtype defaults to dtype.
     shardings: None (plain device arrays), or a function (path str, abstract nnx.Variable) -> jax.sharding.Sharding,
     or a dict {path str: Sharding}; with one, each device reads only its slice of each tensor.
+    field: what set `path`, for the error when it names no directory (e.g. "--model").
     """
-    path = Path(path)
+    path = resolve_model_dir(path, field)
     dtype = DTYPES.get(dtype, dtype)
     compute_dtype = DTYPES.get(compute_dtype, compute_dtype) or dtype
     cfg = LlamaConfig.from_hf(read_config(path))

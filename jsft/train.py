@@ -352,7 +352,7 @@ def run(config: SFTConfig) -> dict:
         checkpoint.remove_all(out)
         manager, existing = checkpoint.make_manager(out, lc.save_total_limit), None
     if existing is not None:
-        meta = checkpoint.restore(manager, model, optimizer, existing)
+        meta = checkpoint.restore(manager, model, optimizer, existing, config)
         data_it.set_state(meta["data_iterator"])
         start_step, tokens_seen = int(meta["step"]), float(meta.get("num_tokens", 0.0))
         print(f"resume: checkpoint {start_step} from {checkpoint.checkpoint_dir(out)}")

@@ -131,9 +131,9 @@ def _infer_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dict
 
 def _render(tokenizer, conversations: list[list[dict]], options: list[tuple], assistant_spans: bool = False,
             add_generation_prompt: bool = False) -> tuple[list[str], list | None]:
-    """Texts of conversations (each with its row's (tools, template kwargs)), one render call per group of equal options;
-    with assistant_spans, also each one's assistant character spans: the template's {% generation %} markers, or
-    inferred where it has none."""
+    """Texts of conversations (each with its row's (tools, template kwargs)), one render call per group of equal
+    options; with assistant_spans, also each one's assistant character spans: the template's {% generation %}
+    markers, or inferred where it has none."""
     texts: list = [None] * len(conversations)
     spans: list | None = [None] * len(conversations) if assistant_spans else None
     for tools, kwargs, where in _groups(options):

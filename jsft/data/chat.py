@@ -152,8 +152,9 @@ def spans_from_prefixes(turns: list[int], before: list[str], upto: list[str], fu
                 f"cannot find assistant turn {i} by rendering prefixes: the template's generation prompt is not how "
                 f"it opens an assistant turn in the conversation (the generation prompt has {before_i[at:at + 60]!r} "
                 f"where the conversation has {upto_i[at:at + 60]!r}; e.g. an empty thinking block only in the "
-                "generation prompt, or a system prompt placed by the number of turns). Fix: add {% generation %}...{% endgeneration %} markers around the assistant "
-                "text in the template, or use a template whose generation prompt matches the rendered turn."
+                "generation prompt, or a system prompt placed by the number of turns). Fix: add "
+                "{% generation %}...{% endgeneration %} markers around the assistant text in the template, or use a "
+                "template whose generation prompt matches the rendered turn."
             )
         if not full_text.startswith(upto_i):
             at = _divergence(upto_i, full_text)

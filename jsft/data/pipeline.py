@@ -19,10 +19,10 @@ Preparation (`prepare_dataset`):
    order kept either way; each worker is a spawned process importing grain, jax and transformers, seconds each, so
    they pay off on large datasets only). 2,000 fixture chat rows take ~0.25 s on 2 cores, 2,000 prompt/completion
    rows ~0.05 s. A bar shows progress when it takes over 2 s. Rows that raise BadRowError stop the run, or with
-   data.skip_bad_rows are counted per reason and skipped. The examples (one flat token array, one flat mask, offsets) are cached in
-   `<cache_dir>/examples-<split>-<key>.npz`, keyed by the data files (path, size, mtime), the tokenizer (vocabulary,
-   special tokens, chat template), the DataConfig fields that change tokens, and the source of the code that
-   tokenizes. Changing max_length, packing or truncation_mode reuses the cache: those steps run after it.
+   data.skip_bad_rows are counted per reason and skipped. The examples (one flat token array, one flat mask, offsets)
+   are cached in `<cache_dir>/examples-<split>-<key>.npz`, keyed by the data files (path, size, mtime), the
+   tokenizer (vocabulary, special tokens, chat template), the DataConfig fields that change tokens, and the source of
+   the code that tokenizes. Changing max_length, packing or truncation_mode reuses the cache: those steps run after it.
 3. Truncation. Without packing: data.truncation_mode (keep_start / keep_end) to max_length. `bfd` / `bfd_stream`: the
    first max_length tokens. `bfd_split`: overlong examples become fragments of max_length. `wrapped`: none.
    Truncated examples and tokens are counted.

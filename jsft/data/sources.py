@@ -56,23 +56,24 @@ def read_split(data: DataConfig, split: str = "train"):
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}: use 'train' or 'eval'")
     name = data.dataset_train_split if split == "train" else data.dataset_test_split
+    field = "data.dataset_train_split" if split == "train" else "data.dataset_test_split"
     if name is None:
         raise ConfigError("data.dataset_test_split is None: set a split name or a file path to evaluate")
     if Path(name).is_file():
-        return _load_file(Path(name), data.skip_bad_rows)
+        return _load_file(Path(name), data.skip_bad_rows, field)
+    if _looks_like_a_file(name):
+        raise ConfigError(f"{field}={name!r}: no such file. Fix: correct the path of the {split} file, or set {field} "
+                          "to a split name of data.dataset_name")
     path = Path(data.dataset_name)
     if path.is_file():
-        if split == "eval":
-            raise ConfigError(
-                f"data.dataset_name={data.dataset_name!r} is one file (one split); set data.dataset_test_split to "
-                f"the path of an eval file, not the split name {name!r}"
-            )
-        return _load_file(path, data.skip_bad_rows)
+        _check_single_file_split(data, split, name, field)
+        return _load_file(path, data.skip_bad_rows, "data.dataset_name")
     if path.is_dir():
         try:
             return datasets.load_dataset(str(path), data.dataset_config, split=name), []
-        except Exception as e:  # noqa: BLE001 (re-raised unless a malformed JSON line explains it)
+        except Exception as e:  # noqa: BLE001 (re-raised unless an unknown split or a malformed JSON line explains it)
             error = e
+        _raise_if_unknown_split(error, data, name, field)
         files = sorted(p for p in path.rglob("*") if p.is_file() and DATA_FILE_TYPES.get(p.suffix) == "json")
         for file in files:
             bad = _malformed_json(file)
@@ -82,19 +83,77 @@ def read_split(data: DataConfig, split: str = "train"):
         raise error
     if data.dataset_name.startswith((".", "/")) or not data.dataset_name:
         raise ConfigError(f"data.dataset_name={data.dataset_name!r}: no such file or directory")
-    return datasets.load_dataset(data.dataset_name, data.dataset_config, split=name), []
+    return _load_hub_split(data, name, field), []
 
 
-def _load_file(path: Path, skip_bad_rows: bool = False):
-    """(dataset, unreadable) of one data file; see read_split for malformed JSON."""
+def _looks_like_a_file(name: str) -> bool:
+    """A split value that can only mean a file path: a data-file suffix or a path separator (split names have
+    neither)."""
+    return Path(name).suffix in DATA_FILE_TYPES or "/" in name or "\\" in name
+
+
+def _check_single_file_split(data: DataConfig, split: str, name: str, field: str) -> None:
+    """data.dataset_name is one file: its rows are the 'train' split; eval needs a file of its own."""
+    if split == "eval":
+        raise ConfigError(
+            f"data.dataset_name={data.dataset_name!r} is one file (one split); set data.dataset_test_split to "
+            f"the path of an eval file, not the split name {name!r}"
+        )
+    if name != "train":
+        raise ConfigError(
+            f"{field}={name!r}, but data.dataset_name={data.dataset_name!r} is one file, which has only a 'train' "
+            f"split. Fix: leave {field} at 'train', or point data.dataset_name at a directory or hub dataset "
+            f"with a {name!r} split"
+        )
+
+
+def _raise_if_unknown_split(error: Exception, data: DataConfig, name: str, field: str) -> None:
+    """datasets' `Unknown split "validation"` as a ConfigError naming the field and the splits that exist."""
+    import datasets
+
+    if not (isinstance(error, ValueError) and str(error).startswith("Unknown split")):
+        return
+    splits = datasets.get_dataset_split_names(data.dataset_name, data.dataset_config)
+    raise ConfigError(
+        f"{field}={name!r}: data.dataset_name={data.dataset_name!r} has no split {name!r}; its splits are "
+        f"{', '.join(map(repr, splits))}. Fix: set {field} to one of them (or, for eval, to the path of an eval file)"
+    ) from error
+
+
+def _load_hub_split(data: DataConfig, name: str, field: str):
+    """A split of a hub dataset; an unknown split or an unreachable dataset is a ConfigError."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(data.dataset_name, data.dataset_config, split=name)
+    except ValueError as e:
+        _raise_if_unknown_split(e, data, name, field)
+        raise
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise ConfigError(
+            f"data.dataset_name={data.dataset_name!r} is no local file or directory, and this machine could not "
+            f"load it as a hub dataset (offline, HF_HUB_OFFLINE=1, or a private/gated dataset without a token?): "
+            f"{' '.join(str(e).split()).rstrip('.')}. Fix: point data.dataset_name at a local file or directory, or "
+            "download the dataset first"
+        ) from e
+
+
+def _load_file(path: Path, skip_bad_rows: bool = False, field: str = "data.dataset_name"):
+    """(dataset, unreadable) of one data file (the value of config `field`); see read_split for malformed JSON."""
     import datasets
 
     kind = DATA_FILE_TYPES.get(path.suffix)
     if kind is None:
         raise ConfigError(f"{path}: unknown data file type; use one of {', '.join(DATA_FILE_TYPES)}")
+    if _is_blank(path, kind):
+        raise ConfigError(f"{field}={str(path)!r}: the file is empty (no rows, only blank lines or 0 bytes). Fix: "
+                          f"point {field} at a file with rows (was it written completely?)")
     try:
         return datasets.load_dataset(kind, data_files=str(path), split="train"), []
-    except Exception as e:  # noqa: BLE001 (re-raised unless a malformed JSON line explains it)
+    except Exception as e:  # noqa: BLE001 (re-raised unless no rows or a malformed JSON line explains it)
+        if "corresponds to no data" in str(e):
+            raise ConfigError(f"{field}={str(path)!r}: the file has no rows. Fix: point {field} at a file with "
+                              "rows") from e
         if kind != "json":
             raise
         error = e
@@ -104,6 +163,16 @@ def _load_file(path: Path, skip_bad_rows: bool = False):
     if not skip_bad_rows or bad.row_index is None:
         raise bad  # (its cause: the JSONDecodeError; datasets' own error says no more)
     return _load_skipping_malformed_lines(path)
+
+
+def _is_blank(path: Path, kind: str) -> bool:
+    """0 bytes, or (a text file) nothing but blank lines; reads up to the first non-blank line."""
+    if path.stat().st_size == 0:
+        return True
+    if kind not in ("json", "csv"):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return all(not line.strip() for line in f)
 
 
 def _malformed_json(path: Path) -> BadRowError | None:

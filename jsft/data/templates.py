@@ -79,11 +79,36 @@ def _set_special(tokenizer, name: str, token: str) -> None:
     setattr(tokenizer, name, token)
 
 
-def load_tokenizer(path: str | Path, config: DataConfig):
-    """(tokenizer, added_token_ids) for a run: template and special tokens set as the module doc says."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FIELD = "model.tokenizer_name_or_path (model.model_name_or_path when unset)"
+
+
+def from_pretrained(path: str | Path, field: str = TOKENIZER_FIELD):
+    """AutoTokenizer.from_pretrained(path), with a ConfigError naming `field` when `path` is no tokenizer: a missing
+    directory, a directory without tokenizer files (e.g. a checkpoint saved without them), an unreachable hub name."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    from jsft.hf import check_local_or_hub, hub_unreachable, one_line
+
+    local = check_local_or_hub(path, field)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        if not local:
+            raise hub_unreachable(path, field, e) from e
+        has = [name for name in TOKENIZER_FILES if (Path(path) / name).exists()]
+        problem = "has no tokenizer files" if not has else f"has {', '.join(has)} but no tokenizer loads from it"
+        raise ConfigError(
+            f"{field}={str(path)!r} {problem} ({type(e).__name__}: {one_line(e, 120)}). Fix: point "
+            f"{field.split()[0]} at a "
+            f"directory with tokenizer files ({', '.join(TOKENIZER_FILES[:2])}), e.g. the base model's directory"
+        ) from e
+
+
+def load_tokenizer(path: str | Path, config: DataConfig, field: str = TOKENIZER_FIELD):
+    """(tokenizer, added_token_ids) for a run: template and special tokens set as the module doc says.
+    field: the setting `path` came from, for the error when it is no tokenizer."""
+    tokenizer = from_pretrained(path, field)
     added: list[int] = []
     template_path = config.chat_template_path
     if template_path is not None:

@@ -1,0 +1,154 @@
+"""A user's mistake ends in one of jsft's own errors (printed by jsft.cli without a traceback, exit status 2) whose
+message names the field or path: missing model/tokenizer paths, unreachable hub names, empty data files, unknown
+splits, checkpoints written with other settings, checkpoint steps that do not exist."""
+
+import optax
+import pytest
+from flax import nnx
+from train_configs import tiny_config
+
+from jsft import chat, checkpoint, cli, export, fixtures
+from jsft.config import ConfigError, DataConfig, LoraConfig, SFTConfig
+from jsft.data import sources
+from jsft.data.templates import load_tokenizer
+from jsft.hf import CheckpointError, load_model
+
+
+def user_error(cls, match):
+    """pytest.raises for a jsft user error: one jsft.cli prints as a message (exit status 2)."""
+    assert issubclass(cls, cli.user_errors())
+    return pytest.raises(cls, match=match)
+
+
+# ----------------------------------------------------------------------------------------------- model, tokenizer
+
+
+def test_a_missing_model_or_tokenizer_directory_is_a_config_error(tmp_path):
+    missing = str(tmp_path / "no_such_model")
+    with user_error(ConfigError, r"model\.model_name_or_path='.*no_such_model': no such directory"):
+        load_model(missing)
+    with user_error(ConfigError, r"model\.tokenizer_name_or_path.*no_such_model': no such directory"):
+        load_tokenizer(missing, DataConfig())
+
+
+def test_a_hub_name_that_cannot_be_reached_offline_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with user_error(ConfigError, r"model\.model_name_or_path='no-such-org/no-such-model'.*could not load it as a hub"):
+        load_model("no-such-org/no-such-model")
+    with user_error(ConfigError, r"model\.tokenizer_name_or_path.*could not load it as a hub name"):
+        load_tokenizer("no-such-org/no-such-model", DataConfig())
+
+
+def test_a_checkpoint_without_tokenizer_files_is_a_config_error(checkpoint_dir):
+    with user_error(ConfigError, r"has no tokenizer files.*point model\.tokenizer_name_or_path at a directory with "
+                                 r"tokenizer files"):
+        load_tokenizer(checkpoint_dir, DataConfig())
+
+
+def test_chat_with_a_missing_model_names_the_flag(tmp_path, checkpoint_dir):
+    with user_error(ConfigError, r"--model='.*nope': no such directory"):
+        chat.main(["--model", str(tmp_path / "nope")])
+    with user_error(ConfigError, r"--model=.*has no tokenizer files.*point --model at"):
+        chat.main(["--model", str(checkpoint_dir)])
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@pytest.fixture
+def rows(tmp_path):
+    return fixtures.write_jsonl(fixtures.make_rows("text", 4, seed=0), tmp_path / "rows.jsonl")
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\n"], ids=["zero_bytes", "blank_lines"])
+def test_an_empty_data_file_is_a_config_error(tmp_path, rows, content):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(content)
+    with user_error(ConfigError, r"data\.dataset_name='.*empty\.jsonl': the file is empty"):
+        sources.load_rows(DataConfig(dataset_name=str(empty)))
+    with user_error(ConfigError, r"data\.dataset_test_split='.*empty\.jsonl': the file is empty"):
+        sources.read_split(DataConfig(dataset_name=str(rows), dataset_test_split=str(empty)), "eval")
+
+
+def test_a_data_file_without_rows_is_a_config_error(tmp_path):
+    (tmp_path / "none.json").write_text("[]\n")
+    with user_error(ConfigError, r"data\.dataset_name='.*none\.json': the file has no rows"):
+        sources.load_rows(DataConfig(dataset_name=str(tmp_path / "none.json")))
+
+
+def test_a_split_the_dataset_directory_lacks_lists_the_splits_there(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    fixtures.write_jsonl(fixtures.make_rows("text", 4, seed=0), folder / "train.jsonl")
+    fixtures.write_jsonl(fixtures.make_rows("text", 4, seed=1), folder / "test.jsonl")
+    data = DataConfig(dataset_name=str(folder), dataset_test_split="validation")
+    with user_error(ConfigError, r"data\.dataset_test_split='validation': .* has no split 'validation'; its splits "
+                                 r"are ('train', 'test'|'test', 'train')"):
+        sources.read_split(data, "eval")
+    data = DataConfig(dataset_name=str(folder), dataset_train_split="validation")
+    with user_error(ConfigError, r"data\.dataset_train_split='validation': .* its splits are"):
+        sources.load_rows(data, "train")
+
+
+def test_an_eval_file_that_does_not_exist_is_named_missing(tmp_path, rows):
+    data = DataConfig(dataset_name=str(rows), dataset_test_split=str(tmp_path / "missing" / "eval.jsonl"))
+    with user_error(ConfigError, r"data\.dataset_test_split='.*eval\.jsonl': no such file"):
+        sources.read_split(data, "eval")
+
+
+def test_a_single_file_has_only_a_train_split(rows):
+    data = DataConfig(dataset_name=str(rows), dataset_train_split="validation")
+    with user_error(ConfigError, r"data\.dataset_train_split='validation'.*one file, which has only a 'train' split"):
+        sources.load_rows(data, "train")
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def _lora_run(r, use_peft=True):
+    """A tiny Llama (+ LoRA of rank r) with its optimizer, and the config that says so."""
+    from jsft.model.llama import Llama, LlamaConfig
+    from jsft.model.lora import apply_lora
+    from jsft.optim import trainable_filter
+
+    config = SFTConfig(lora=LoraConfig(use_peft=use_peft, lora_r=r, lora_alpha=8))
+    model = Llama(LlamaConfig.from_hf(dict(fixtures.TINY_LLAMA, vocab_size=64, model_type="llama")), rngs=nnx.Rngs(0))
+    if use_peft:
+        apply_lora(model, r, 8, 0.0, "all-linear", rngs=nnx.Rngs(1))
+    wrt = trainable_filter(use_peft)
+    return config, model, nnx.Optimizer(model, optax.adam(1e-3), wrt=wrt), wrt
+
+
+@pytest.fixture
+def lora4_run(tmp_path):
+    """output_dir with checkpoint 3 of a LoRA run with lora.lora_r=4."""
+    config, model, optimizer, _ = _lora_run(4)
+    with checkpoint.make_manager(tmp_path, async_save=False) as manager:
+        checkpoint.save(manager, 3, model, optimizer, {"next_index": 0}, {"config": config.to_dict()})
+    return tmp_path
+
+
+def test_resuming_with_another_lora_rank_names_the_setting(lora4_run):
+    config, model, optimizer, _ = _lora_run(8)
+    with checkpoint.make_manager(lora4_run, async_save=False) as manager:
+        with user_error(CheckpointError, r"step 3 was written with lora\.lora_r=4; this run has lora\.lora_r=8.*"
+                                         r"params\..*lora_a has shape \[\d+, 4\] in the checkpoint, \[\d+, 8\]"):
+            checkpoint.restore(manager, model, optimizer, config=config)
+        # without the run's config (no config.json in output_dir): the first differing array
+        with user_error(CheckpointError, r"does not fit this run's model: params\..*lora_a has shape"):
+            checkpoint.restore(manager, model, optimizer)
+
+
+def test_exporting_a_lora_checkpoint_as_a_full_run_names_the_setting(lora4_run):
+    config, model, _, wrt = _lora_run(4, use_peft=False)
+    expected = r"written with lora\.use_peft=True.*this run has lora\.use_peft=False"
+    with checkpoint.make_manager(lora4_run, async_save=False) as manager, user_error(CheckpointError, expected):
+        checkpoint.restore_params(manager, model, wrt, config=config)
+
+
+def test_export_of_a_step_that_does_not_exist_lists_the_steps(lora4_run, tokenizer_dir, rows, tmp_path):
+    config = tiny_config(tokenizer_dir, rows, lora4_run)
+    with user_error(CheckpointError, r"checkpoints has no checkpoint for step 999; its steps are 3"):
+        export.export_checkpoint(config, step=999)
+    with user_error(CheckpointError, r"no checkpoint under .*fresh.*checkpoints: train first"):
+        export.export_checkpoint(tiny_config(tokenizer_dir, rows, tmp_path / "fresh"))
