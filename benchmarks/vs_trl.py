@@ -8,6 +8,8 @@ fixture's 2,000 `messages` chat rows with assistant-only loss, float32 everywher
 AdamW at a constant learning rate, gradient clipping 1.0, one micro-batch of `--batch` rows per step. Cases:
 
     nopack   packing=False (TRL pads each batch to its longest row; jsft pads to max_length)
+    nopack64 packing=False, pad_to_multiple_of=64 on both sides (each batch padded to its longest row rounded up to
+             64; jsft compiles once per length: steps that compiled are left out of the rates and counted)
     bfd      packing=True, bfd, padding_free=True (TRL: one flattened row per batch; jsft: [B, L] rows)
     wrapped  packing=True, wrapped
     lora     bfd + padding-free, LoRA r=16, alpha=32, dropout 0.05 (TRL's ModelConfig default), all-linear
@@ -49,6 +51,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 CASES = {
     "nopack": dict(packing=False, packing_strategy="bfd", padding_free=False, lora=False),
+    "nopack64": dict(packing=False, packing_strategy="bfd", padding_free=False, lora=False, pad_to_multiple_of=64),
     "bfd": dict(packing=True, packing_strategy="bfd", padding_free=True, lora=False),
     "wrapped": dict(packing=True, packing_strategy="wrapped", padding_free=False, lora=False),
     "lora": dict(packing=True, packing_strategy="bfd", padding_free=True, lora=True),
@@ -73,6 +76,7 @@ def run_jsft(case: dict, args, work: Path) -> dict:
         data=DataConfig(dataset_name=str(work / "messages.jsonl"), max_length=args.max_length,
                         packing=case["packing"], packing_strategy=case["packing_strategy"],
                         padding_free=case["padding_free"], assistant_only_loss=True, shuffle_dataset=True,
+                        pad_to_multiple_of=case.get("pad_to_multiple_of"),
                         cache_dir=str(work / f"jsft-cache-{args.case}")),
         training=TrainingConfig(learning_rate=args.lr, per_device_train_batch_size=args.batch, max_steps=args.steps,
                                 lr_scheduler_type="constant", max_grad_norm=1.0, seed=0),
@@ -87,13 +91,14 @@ def run_jsft(case: dict, args, work: Path) -> dict:
     original = step.train_step
 
     def timed(model, optimizer, batch, **kwargs):
+        compiled_before = original.jitted_fn._cache_size()
         start, cpu = time.perf_counter(), time.process_time()
         metrics = jax.block_until_ready(original(model, optimizer, batch, **kwargs))
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
         positions = int(batch["input_ids"].size)
         records.append(dict(seconds=seconds, cpu_seconds=cpu_seconds, loss=float(metrics["loss"]),
                             trained=float(metrics["num_trained"]), real=float(metrics["num_tokens"]),
-                            positions=positions))
+                            positions=positions, compiled=original.jitted_fn._cache_size() > compiled_before))
         return metrics
 
     timed.lower = original.lower  # train.py asks the compiled step for its memory estimate
@@ -139,6 +144,7 @@ def run_trl(case: dict, args, work: Path) -> dict:
         max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=1.0, seed=0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
         gradient_checkpointing=False, disable_tqdm=True, dataloader_num_workers=0,
+        pad_to_multiple_of=case.get("pad_to_multiple_of"),
     )
     peft_config = None
     if case["lora"]:
@@ -163,12 +169,13 @@ def run_trl(case: dict, args, work: Path) -> dict:
 
 def summarize(result: dict, warmup: int) -> dict:
     steps = result["steps"]
-    timed = steps[warmup:] or steps
+    timed = [s for s in steps[warmup:] if not s.get("compiled")] or steps
     seconds = sum(s["seconds"] for s in timed)
     last = [s["loss"] for s in steps[-3:] if "loss" in s]
     return {
         "steps": len(steps),
         "timed_steps": len(timed),
+        "compiling_steps": sum(bool(s.get("compiled")) for s in steps),
         "step_time_s": seconds / len(timed),
         "step_time_min_s": min(s["seconds"] for s in timed),
         "step_times_s": [round(s["seconds"], 3) for s in steps],
