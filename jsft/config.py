@@ -72,7 +72,8 @@ class TrainingConfig:
     max_steps: int = -1
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
-    lr_scheduler_type: str = "linear"  # linear | cosine | constant | constant_with_warmup
+    lr_scheduler_type: str = "linear"  # linear | cosine | cosine_with_min_lr | constant | constant_with_warmup
+    lr_scheduler_kwargs: dict = field(default_factory=dict)  # cosine: num_cycles; cosine_with_min_lr: + min_lr(_rate)
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -193,7 +194,7 @@ CHOICES = {
     ("data", "packing_strategy"): ("bfd", "bfd_split", "wrapped", "bfd_stream"),
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
     ("data", "train_sampling_strategy"): ("random", "sequential"),
-    ("training", "lr_scheduler_type"): ("linear", "cosine", "constant", "constant_with_warmup"),
+    ("training", "lr_scheduler_type"): ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"),
     ("training", "loss_type"): ("nll", "dft"),
     ("training", "optimizer_state_dtype"): ("float32", "bfloat16"),
 }
@@ -274,6 +275,15 @@ def _validate_ranges(config: SFTConfig) -> None:
         need(0.0 <= getattr(t, name) < 1.0, f"training.{name}", getattr(t, name), "must be in [0, 1)")
     need(t.adam_epsilon >= 0, "training.adam_epsilon", t.adam_epsilon, "must be >= 0")
     need(t.peak_tflops is None or t.peak_tflops > 0, "training.peak_tflops", t.peak_tflops, "must be > 0 or None")
+    options = t.lr_scheduler_kwargs
+    unknown = sorted(set(options) - set(SCHEDULE_KWARGS.get(t.lr_scheduler_type, ())))
+    need(not unknown, "training.lr_scheduler_kwargs", options, f"{', '.join(unknown)} is not an option of "
+         f"lr_scheduler_type={t.lr_scheduler_type!r} (its options: "
+         f"{', '.join(SCHEDULE_KWARGS.get(t.lr_scheduler_type, ())) or 'none'})")
+    if t.lr_scheduler_type == "cosine_with_min_lr":
+        need(("min_lr" in options) != ("min_lr_rate" in options), "training.lr_scheduler_kwargs", options,
+             "cosine_with_min_lr needs exactly one of min_lr (the final learning rate) or min_lr_rate (its ratio to "
+             "learning_rate)")
     if t.master_weights_fp32 and config.model.dtype == "float32":
         raise ConfigError(
             "training.master_weights_fp32=True with model.dtype='float32': the params already are float32 master "
@@ -306,6 +316,8 @@ def _validate_ranges(config: SFTConfig) -> None:
     need(not bad, "logging.export_formats", lg.export_formats, "choose from auto, full, merged, adapter")
 
 
+# lr_scheduler_kwargs each schedule takes (transformers' names); jsft.optim.schedule_options reads them.
+SCHEDULE_KWARGS = {"cosine": ("num_cycles",), "cosine_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate")}
 # The projections LoRA can target (jsft.model.lora.LINEAR_NAMES, kept here so config checks need no JAX).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

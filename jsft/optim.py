@@ -41,7 +41,7 @@ from flax import nnx
 
 from jsft.config import ConfigError, TrainingConfig
 
-SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+SCHEDULES = ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup")
 
 # transformers.Trainer.get_decay_parameter_names: no weight decay on biases and norm weights.
 NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
@@ -61,7 +61,18 @@ def num_warmup_steps(training: TrainingConfig, total_steps: int) -> int:
     return math.ceil(total_steps * training.warmup_ratio)
 
 
-def lr_lambda(name: str, step, warmup: int, total: int):
+def schedule_options(training: TrainingConfig) -> dict:
+    """lr_lambda's options from lr_scheduler_kwargs (checked by jsft.config.validate), transformers' defaults filled
+    in: num_cycles 0.5; min_lr_rate, or min_lr turned into min_lr / learning_rate."""
+    kwargs = training.lr_scheduler_kwargs or {}
+    options = {"num_cycles": float(kwargs.get("num_cycles", 0.5))}
+    if training.lr_scheduler_type == "cosine_with_min_lr":
+        rate = kwargs["min_lr"] / training.learning_rate if "min_lr" in kwargs else kwargs["min_lr_rate"]
+        options["min_lr_rate"] = float(rate)
+    return options
+
+
+def lr_lambda(name: str, step, warmup: int, total: int, num_cycles: float = 0.5, min_lr_rate: float = 0.0):
     """transformers' lr_lambda for `name` at optimizer step `step` (a multiplier of learning_rate), in jnp."""
     step = jnp.asarray(step, jnp.float32)
     warm = step / max(1.0, warmup)
@@ -71,9 +82,10 @@ def lr_lambda(name: str, step, warmup: int, total: int):
         after = jnp.ones_like(step)
     elif name == "linear":
         after = jnp.maximum(0.0, (total - step) / max(1, total - warmup))
-    elif name == "cosine":  # num_cycles = 0.5: one half cosine from 1 to 0
+    elif name in ("cosine", "cosine_with_min_lr"):  # num_cycles = 0.5: one half cosine from 1 to min_lr_rate
         progress = (step - warmup) / max(1, total - warmup)
-        after = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * 0.5 * 2.0 * progress)))
+        cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * num_cycles * 2.0 * progress))
+        after = jnp.maximum(0.0, cosine * (1.0 - min_lr_rate) + min_lr_rate)
     else:
         raise ConfigError(f"training.lr_scheduler_type={name!r}: choose one of {', '.join(SCHEDULES)}")
     return jnp.where(step < warmup, warm, after)
@@ -84,9 +96,10 @@ def make_schedule(training: TrainingConfig, total_steps: int):
     warmup = num_warmup_steps(training, total_steps)
     name, lr = training.lr_scheduler_type, training.learning_rate
     lr_lambda(name, 0, warmup, total_steps)  # unknown names fail here, not inside jit
+    options = schedule_options(training)
 
     def schedule(step):
-        return (lr * lr_lambda(name, step, warmup, total_steps)).astype(jnp.float32)
+        return (lr * lr_lambda(name, step, warmup, total_steps, **options)).astype(jnp.float32)
 
     return schedule
 

@@ -164,6 +164,16 @@ def _pad_to_multiple_of(value, values):
     return {"data.pad_to_multiple_of": value}  # anything else: set_field names the expected type
 
 
+def _scheduler_kwargs(value, values):
+    """A dict, or the JSON string of one (as on TRL's command line); None: no options."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"TRL lr_scheduler_kwargs={value!r}: not a JSON dict ({e.msg})") from e
+    return {"training.lr_scheduler_kwargs": value or {}}
+
+
 def _with(field_name):
     """Read together with another field (its conversion handles this one)."""
 
@@ -234,8 +244,7 @@ TRL_FIELDS: dict[str, tuple] = {
     # --- optimization ---
     "learning_rate": (2e-5, "training.learning_rate", ""),
     "lr_scheduler_type": ("linear", "training.lr_scheduler_type", ""),
-    "lr_scheduler_kwargs": (None, _one_of((None, {}), "TRL lr_scheduler_kwargs: scheduler options (num_cycles, "
-                                          "min_lr_rate, ...) are not supported; leave it unset"), ""),
+    "lr_scheduler_kwargs": (None, _scheduler_kwargs, ""),
     "warmup_steps": (0, _warmup, ""),
     "warmup_ratio": (0.0, _with("warmup_steps"), ""),  # transformers < 5
     "optim": ("adamw_torch_fused", _one_of(("adamw_torch_fused", "adamw_torch"), "TRL optim: jsft's optimizer "

@@ -40,6 +40,42 @@ def test_schedule_equals_transformers_get_scheduler(name, warmup):
     assert float(jax.jit(schedule)(jnp.asarray(3))) == pytest.approx(float(schedule(3)))
 
 
+@pytest.mark.parametrize("name, kwargs", [
+    ("cosine_with_min_lr", {"min_lr_rate": 0.1}),
+    ("cosine_with_min_lr", {"min_lr": 3e-5, "num_cycles": 0.75}),
+    ("cosine", {"num_cycles": 1.5}),
+])
+def test_scheduler_kwargs_equal_transformers(name, kwargs):
+    from transformers import get_scheduler
+
+    total, warmup = 30, 3
+    training = TrainingConfig(learning_rate=3e-4, lr_scheduler_type=name, lr_scheduler_kwargs=kwargs,
+                              warmup_steps=warmup)
+    _, schedule = optim.make_optimizer(training, total)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=training.learning_rate)
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=kwargs)
+    for step in range(total + 2):
+        np.testing.assert_allclose(float(schedule(step)), opt.param_groups[0]["lr"], rtol=1e-5, atol=1e-12)
+        opt.step()
+        sched.step()
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("cosine_with_min_lr", {}, "exactly one of min_lr"),
+    ("cosine_with_min_lr", {"min_lr": 1e-6, "min_lr_rate": 0.1}, "exactly one of min_lr"),
+    ("linear", {"num_cycles": 2}, "num_cycles is not an option of lr_scheduler_type='linear'"),
+])
+def test_scheduler_kwargs_are_checked_before_any_compute(name, kwargs, message):
+    from jsft.config import SFTConfig, validate
+
+    config = SFTConfig()
+    config.model.model_name_or_path, config.data.dataset_name = "ckpt", "d.jsonl"
+    config.training.lr_scheduler_type, config.training.lr_scheduler_kwargs = name, kwargs
+    with pytest.raises(ConfigError, match=message):
+        validate(config)
+
+
 def test_unknown_schedule_and_no_steps_are_errors():
     with pytest.raises(ConfigError, match="lr_scheduler_type"):
         optim.make_optimizer(TrainingConfig(lr_scheduler_type="polynomial"), 10)
