@@ -54,7 +54,8 @@ def test_scheduler_kwargs_equal_transformers(name, kwargs):
     _, schedule = optim.make_optimizer(training, total)
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=training.learning_rate)
-    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=kwargs)
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total,
+                          scheduler_specific_kwargs=kwargs)
     for step in range(total + 2):
         np.testing.assert_allclose(float(schedule(step)), opt.param_groups[0]["lr"], rtol=1e-5, atol=1e-12)
         opt.step()
