@@ -263,8 +263,8 @@ def save_model(model: Llama, out_dir, tokenizer=None, max_shard_bytes: int = 5 *
     _write_safetensors(out, tensors, max_shard_bytes, dtype)
     hf = dict(model.cfg.hf_config, vocab_size=model.cfg.vocab_size, dtype=_dtype_name(dtype))
     hf.pop("torch_dtype", None)
-    hf.setdefault("model_type", model.cfg.model_type)  # a config written by hand (init_from_scratch) may lack them
-    hf.setdefault("architectures", [a for a, t in ARCHITECTURES.items() if t == model.cfg.model_type])
+    hf["model_type"] = hf.get("model_type") or model.cfg.model_type  # a config written by hand may lack them
+    hf["architectures"] = hf.get("architectures") or [a for a, t in ARCHITECTURES.items() if t == model.cfg.model_type]
     hf.setdefault("tie_word_embeddings", model.cfg.tie_word_embeddings)
     if jax.process_index() != 0:  # every process joined the gathers above; one writes the small files
         return out

@@ -214,3 +214,42 @@ def test_a_randomly_initialized_model_exports_to_transformers(tmp_path):
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
     ids = ids_batch(vocab=96)
     np.testing.assert_allclose(hf_logits(out, ids), np.asarray(forward(model, ids)), atol=1e-4, rtol=0)
+
+
+def test_config_json_is_read_the_way_transformers_reads_it(checkpoint_dir, make_checkpoint, tmp_path):
+    """A legacy rope_scaling next to transformers 5's rope_parameters wins, as in transformers (context extension
+    recipes add it); keys a config.json lacks take the transformers class default (Mistral's sliding_window 4096),
+    so jsft and transformers run the same model."""
+    path = broken_copy(checkpoint_dir, tmp_path / "rope", edit_config=lambda c: c.update(
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rope_scaling={"rope_type": "linear", "factor": 4.0}))
+    model, cfg = load_model(path, dtype="float32")
+    assert dict(cfg.rope)["rope_type"] == "linear"
+    ids = ids_batch()
+    np.testing.assert_allclose(np.asarray(forward(model, ids)), hf_logits(path, ids), atol=1e-4, rtol=0)
+    exported = save_model(model, tmp_path / "rope_export")
+    np.testing.assert_allclose(hf_logits(exported, ids), hf_logits(path, ids), atol=1e-4, rtol=0)
+
+    mistral = broken_copy(make_checkpoint("mistral", "mistral"), tmp_path / "mistral",
+                          edit_config=lambda c: c.pop("sliding_window", None))
+    _, cfg = load_model(mistral, dtype="float32")
+    assert cfg.sliding_window == transformers.AutoConfig.from_pretrained(mistral).sliding_window == 4096
+
+
+def test_models_differing_only_in_config_metadata_keep_their_own_config(checkpoint_dir, tmp_path):
+    """A jitted function traced for model A and called with model B (same shapes, other eos id / lengths) must not
+    hand B A's config, or B's export writes A's config.json."""
+    from jsft import step
+
+    b_path = broken_copy(checkpoint_dir, tmp_path / "b", edit_config=lambda c: c.update(
+        eos_token_id=5, max_position_embeddings=4096))
+    a, _ = load_model(checkpoint_dir, dtype="float32")
+    b, _ = load_model(b_path, dtype="float32")
+    z = jnp.zeros((1, 8), jnp.int32)
+    batch = dict(input_ids=z, positions=jnp.arange(8, dtype=jnp.int32)[None], segment_ids=z + 1, targets=z,
+                 loss_mask=jnp.ones((1, 8), bool))
+    step.eval_step(a, batch)
+    step.eval_step(b, batch)
+    assert b.cfg.hf_config["eos_token_id"] == 5 and b.cfg.hf_config["max_position_embeddings"] == 4096
+    config = json.loads((save_model(b, tmp_path / "b_export") / "config.json").read_text())
+    assert config["eos_token_id"] == 5 and config["max_position_embeddings"] == 4096

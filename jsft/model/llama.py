@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -83,12 +84,16 @@ class LlamaConfig:
     qk_norm: bool
     rope: tuple  # sorted (key, value) items: rope_type, rope_theta and the scaling fields
     sliding_window: int | None = None
-    hf_config: dict = field(default_factory=dict, compare=False, repr=False)  # the original config.json
-    generation_config: dict | None = field(default=None, compare=False, repr=False)  # generation_config.json
+    # config.json as transformers reads it, and generation_config.json: compared (two models whose ids or lengths
+    # differ must not share a jit cache entry, which would hand one the other's config) but not hashed (dicts)
+    hf_config: dict = field(default_factory=dict, hash=False, repr=False)
+    generation_config: dict | None = field(default=None, hash=False, repr=False)
 
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
         """Read an HF config.json dict; unknown architectures and missing fields raise ModelConfigError."""
+        missing = [name for name in REQUIRED_FIELDS if hf.get(name) is None]  # no class default stands in for these
+        hf = as_transformers_reads_it(hf)
         model_type = hf.get("model_type")
         for arch in hf.get("architectures") or []:
             if arch not in ARCHITECTURES:
@@ -102,11 +107,14 @@ class LlamaConfig:
                 f"config.json model_type={model_type!r} is not supported; use one of "
                 f"{', '.join(sorted(set(ARCHITECTURES.values())))}"
             )
-        for name in REQUIRED_FIELDS:
-            if hf.get(name) is None:
-                raise ModelConfigError(f"config.json is missing the required field {name!r}")
-        if hf.get("hidden_act", "silu") != "silu":
+        if missing:
+            raise ModelConfigError(f"config.json is missing the required field {missing[0]!r}")
+        if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # the same function in transformers
             raise ModelConfigError(f"config.json hidden_act={hf['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
+        if hf.get("attention_dropout"):
+            warnings.warn(f"config.json attention_dropout={hf['attention_dropout']}: jsft has no attention dropout, so "
+                          "training differs from transformers' (inference does not); set it to 0.0 to silence this",
+                          UserWarning, stacklevel=2)
         if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
             raise ModelConfigError(f"config.json use_sliding_window=true ({model_type}): sliding-window attention "
                                    "is not implemented; set it to false")
@@ -159,6 +167,23 @@ class LlamaConfig:
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def as_transformers_reads_it(hf: dict) -> dict:
+    """config.json as transformers reads it: its config class fills the keys the file lacks with that class's
+    defaults (Mistral's sliding_window 4096, Qwen3's head_dim 128, ...) and normalizes RoPE into rope_parameters (a
+    legacy rope_scaling wins over rope_parameters, as in transformers). A family jsft does not support: as is."""
+    model_type = hf.get("model_type") or next((ARCHITECTURES.get(a) for a in hf.get("architectures") or []), None)
+    if model_type not in ARCHITECTURES.values():
+        return dict(hf)  # from_hf refuses it in the file's own words
+    from transformers import CONFIG_MAPPING
+
+    try:
+        read = CONFIG_MAPPING[model_type].from_dict(dict(hf)).to_dict()
+    except (TypeError, ValueError, KeyError) as e:
+        raise ModelConfigError(f"config.json: transformers cannot read it as a {model_type} config ({e})") from e
+    read.update(model_type=model_type)
+    return read
 
 
 def _rope_settings(hf: dict) -> tuple:
