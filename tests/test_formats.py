@@ -216,7 +216,8 @@ BAD_ROWS = {
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 4}]},
         "messages[1].content",
     ),
-    "list content": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, "messages[0].content"),
+    "image content part": ({"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}]},
+                           "messages[0].content"),
     "message not a dict": ({"messages": ["hi"]}, "messages[0]"),
     "messages not a list": ({"messages": "hi"}, "messages"),
     "empty messages": ({"messages": []}, "messages"),
@@ -344,3 +345,42 @@ def test_a_template_that_fails_on_a_rows_data_is_that_rows_error(tokenizer):
             prepare_example(row, tok, DataConfig(assistant_only_loss=assistant_only), row_index=9)
         assert_bad_row(excinfo, 9, "messages")
         assert "TypeError" in str(excinfo.value)
+
+
+PARTS_TEMPLATE = (  # ChatML that also renders content given as a list of text parts
+    "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{%- if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}"
+    "{% endif %}{{ '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_content_as_text_parts_renders_like_the_same_string(tokenizer):
+    """OpenAI-style content [{"type": "text", "text": ...}, ...] goes to the template as TRL passes it; with a template
+    that joins the parts, the example equals the one with the joined string (both paths, assistant masks inferred)."""
+    from jsft.data import batched
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = PARTS_TEMPLATE
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "spell: "}, {"type": "text", "text": "4"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "four"}]}]}
+    joined = {"messages": [{"role": "user", "content": "spell: 4"}, {"role": "assistant", "content": "four"}]}
+    config = DataConfig(assistant_only_loss=True, max_length=None)
+    want = prepare_example(joined, tok, config)
+    for got in (prepare_example(parts, tok, config), batched.prepare_examples([parts], tok, config)[0]):
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+        np.testing.assert_array_equal(got["loss_mask"], want["loss_mask"])
+    assert tok.decode(want["input_ids"][want["loss_mask"]].tolist()) == "four<|im_end|>"
+
+
+def test_a_file_mixing_formats_takes_each_row_by_its_own_columns(tokenizer):
+    """datasets gives every row every column (None where a row lacks it): a text row is not a bad prompt/completion."""
+    config = DataConfig(max_length=None)
+    text_row = {"text": "spell: 1 => one", "prompt": None, "completion": None}
+    pc_row = {"text": None, "prompt": "spell: 1 =>", "completion": " one"}
+    assert detect_format(text_row, config) == "text" and detect_format(pc_row, config) == "prompt_completion"
+    assert prepare_example(text_row, tok := tokenizer, config)["loss_mask"].all()
+    assert not prepare_example(pc_row, tok, config)["loss_mask"].all()
+    with pytest.raises(BadRowError) as excinfo:  # a row whose only format column is None: its own error
+        prepare_example({"text": None, "other": 1}, tokenizer, config, row_index=4)
+    assert_bad_row(excinfo, 4, "text")

@@ -102,6 +102,49 @@ def test_a_single_file_has_only_a_train_split(rows):
         sources.load_rows(data, "train")
 
 
+def test_a_non_utf8_file_an_empty_directory_and_a_directory_as_eval_split_are_named(tmp_path, rows):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with user_error(ConfigError, r"data\.dataset_name='.*latin\.jsonl' is not UTF-8 text.*re-encode"):
+        sources.load_rows(DataConfig(dataset_name=str(latin)))
+    (tmp_path / "empty_dir").mkdir()
+    with user_error(ConfigError, r"data\.dataset_name='.*empty_dir' is an empty directory"):
+        sources.load_rows(DataConfig(dataset_name=str(tmp_path / "empty_dir")))
+    with user_error(ConfigError, r"data\.dataset_test_split='.*empty_dir' is a directory: set it to a data file"):
+        sources.read_split(DataConfig(dataset_name=str(rows), dataset_test_split=str(tmp_path / "empty_dir")), "eval")
+
+
+def test_save_to_disk_directories_are_sources(tmp_path):
+    """Dataset.save_to_disk is one split ('train'); DatasetDict.save_to_disk keeps its split names."""
+    import datasets
+
+    one = datasets.Dataset.from_list(fixtures.make_rows("text", 5, seed=0))
+    one.save_to_disk(str(tmp_path / "one"))
+    assert sources.load_rows(DataConfig(dataset_name=str(tmp_path / "one"))).num_rows == 5
+    with user_error(ConfigError, r"one file, which has only a 'train' split"):
+        sources.load_rows(DataConfig(dataset_name=str(tmp_path / "one"), dataset_train_split="validation"))
+    both = datasets.DatasetDict(train=one, test=one.select(range(2)))
+    both.save_to_disk(str(tmp_path / "both"))
+    data = DataConfig(dataset_name=str(tmp_path / "both"), dataset_test_split="test")
+    assert sources.read_split(data, "eval")[0].num_rows == 2
+    data.dataset_test_split = "validation"
+    with user_error(ConfigError, r"has no split 'validation'; its splits are 'train', 'test'"):
+        sources.read_split(data, "eval")
+
+
+def test_a_token_cache_kept_inside_the_data_directory_still_hits(tmp_path, tokenizer_dir):
+    from jsft.data import load_tokenizer as load
+    from jsft.data.pipeline import prepare_dataset
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    fixtures.write_jsonl(fixtures.make_rows("text", 6, seed=0), folder / "train.jsonl")
+    config = SFTConfig()
+    config.data.dataset_name, config.data.cache_dir, config.data.max_length = str(folder), str(folder / "cache"), 64
+    tokenizer, _ = load(tokenizer_dir, config.data)
+    assert [prepare_dataset(config, tokenizer).stats["cache"] for _ in range(3)] == ["miss", "hit", "hit"]
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 

@@ -113,9 +113,25 @@ def _is_message_list(value) -> bool:
 
 
 def detect_format(row: dict, config: DataConfig, row_index: int | None = None) -> str:
-    """One of FORMATS, from the row's columns; BadRowError naming the columns found and expected otherwise."""
+    """One of FORMATS, from the row's columns; BadRowError naming the columns found and expected otherwise.
+
+    Columns whose value is None count as absent first: datasets gives every row every column of the file, so in a
+    file mixing formats a text row has prompt=None. Only when that finds no format are they counted (so a text
+    column that is None is the row's error about its text, not an unknown format).
+    """
     if not isinstance(row, dict):
-        raise BadRowError(row_index, "row", f"expected a dict of columns, got {type(row).__name__}", "pass one dict per row")
+        raise BadRowError(row_index, "row", f"expected a dict of columns, got {type(row).__name__}",
+                          "pass one dict per row")
+    filled = {k: v for k, v in row.items() if v is not None}
+    if len(filled) < len(row):
+        try:
+            return _detect(filled, config, row_index)
+        except BadRowError:
+            pass
+    return _detect(row, config, row_index)
+
+
+def _detect(row: dict, config: DataConfig, row_index: int | None) -> str:
     if "input_ids" in row:
         return "tokenized"
     if "prompt" in row and "completion" in row:
@@ -190,6 +206,16 @@ def check_messages(messages, row_index: int | None, field: str) -> list[dict]:
         content = message.get("content")
         if content is None and role == "assistant" and message.get("tool_calls"):
             pass  # an assistant turn that only calls tools
+        elif isinstance(content, list) and content and all(isinstance(p, dict) for p in content):
+            kinds = sorted({str(p.get("type")) for p in content} - {"text"})
+            if kinds or not all(isinstance(p.get("text"), str) for p in content):
+                got = ", ".join(kinds) if kinds else "a text part whose text is not a string"
+                raise BadRowError(
+                    row_index, f"{where}.content",
+                    f"content parts must be text parts {{'type': 'text', 'text': str}}; got {got}",
+                    "keep only text parts (jsft trains text models), or write the message text as a string",
+                )
+            # text parts go to the template as they are (TRL's behaviour); the template must handle them
         elif not isinstance(content, str):
             raise BadRowError(
                 row_index, f"{where}.content",

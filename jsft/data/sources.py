@@ -17,6 +17,9 @@ from pathlib import Path
 from jsft.config import ConfigError, DataConfig
 from jsft.data.formats import BadRowError, read_jsonl
 
+# jsft's own token cache files (jsft.data.pipeline), left out of a directory's identity: a cache kept inside the
+# data directory must not change the key it is stored under.
+CACHE_FILE = re.compile(r"\.?examples-(train|eval)-\w+\.npz(\.\d+\.tmp\.npz)?")
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 
 
@@ -61,6 +64,9 @@ def read_split(data: DataConfig, split: str = "train"):
         raise ConfigError("data.dataset_test_split is None: set a split name or a file path to evaluate")
     if Path(name).is_file():
         return _load_file(Path(name), data.skip_bad_rows, field)
+    if Path(name).is_dir():
+        raise ConfigError(f"{field}={name!r} is a directory: set it to a data file, or set data.dataset_name to the "
+                          f"directory and {field} to one of its split names")
     if _looks_like_a_file(name):
         raise ConfigError(f"{field}={name!r}: no such file. Fix: correct the path of the {split} file, or set {field} "
                           "to a split name of data.dataset_name")
@@ -68,7 +74,10 @@ def read_split(data: DataConfig, split: str = "train"):
     if path.is_file():
         _check_single_file_split(data, split, name, field)
         return _load_file(path, data.skip_bad_rows, "data.dataset_name")
+    if path.is_dir() and _saved_to_disk(path):
+        return _load_from_disk(path, data, split, name, field), []
     if path.is_dir():
+        _check_has_data_files(path)
         try:
             return datasets.load_dataset(str(path), data.dataset_config, split=name), []
         except Exception as e:  # noqa: BLE001 (re-raised unless an unknown split or a malformed JSON line explains it)
@@ -84,6 +93,31 @@ def read_split(data: DataConfig, split: str = "train"):
     if data.dataset_name.startswith((".", "/")) or not data.dataset_name:
         raise ConfigError(f"data.dataset_name={data.dataset_name!r}: no such file or directory")
     return _load_hub_split(data, name, field), []
+
+
+def _saved_to_disk(path: Path) -> bool:
+    """A directory written by Dataset.save_to_disk (state.json) or DatasetDict.save_to_disk (dataset_dict.json)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _load_from_disk(path: Path, data: DataConfig, split: str, name: str, field: str):
+    """datasets.load_from_disk: a Dataset is one split ('train'), a DatasetDict has its own split names."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.Dataset):
+        _check_single_file_split(data, split, name, field)
+        return loaded
+    if name not in loaded:
+        raise ConfigError(f"{field}={name!r}: data.dataset_name={data.dataset_name!r} has no split {name!r}; its "
+                          f"splits are {', '.join(map(repr, loaded))}. Fix: set {field} to one of them")
+    return loaded[name]
+
+
+def _check_has_data_files(path: Path) -> None:
+    if not any(p.is_file() and not p.name.startswith(".") for p in path.rglob("*")):
+        raise ConfigError(f"data.dataset_name={str(path)!r} is an empty directory (no data files). Fix: point it at "
+                          f"a directory holding {', '.join(DATA_FILE_TYPES)} files, or at one file")
 
 
 def _looks_like_a_file(name: str) -> bool:
@@ -144,10 +178,13 @@ def _load_file(path: Path, skip_bad_rows: bool = False, field: str = "data.datas
 
     kind = DATA_FILE_TYPES.get(path.suffix)
     if kind is None:
-        raise ConfigError(f"{path}: unknown data file type; use one of {', '.join(DATA_FILE_TYPES)}")
+        raise ConfigError(f"{field}={str(path)!r}: unknown data file type; use one of {', '.join(DATA_FILE_TYPES)} "
+                          "(decompress a .gz file first)")
     if _is_blank(path, kind):
         raise ConfigError(f"{field}={str(path)!r}: the file is empty (no rows, only blank lines or 0 bytes). Fix: "
                           f"point {field} at a file with rows (was it written completely?)")
+    if kind in ("json", "csv"):
+        _check_utf8(path, field)
     try:
         return datasets.load_dataset(kind, data_files=str(path), split="train"), []
     except Exception as e:  # noqa: BLE001 (re-raised unless no rows or a malformed JSON line explains it)
@@ -163,6 +200,25 @@ def _load_file(path: Path, skip_bad_rows: bool = False, field: str = "data.datas
     if not skip_bad_rows or bad.row_index is None:
         raise bad  # (its cause: the JSONDecodeError; datasets' own error says no more)
     return _load_skipping_malformed_lines(path)
+
+
+def _check_utf8(path: Path, field: str) -> None:
+    """ConfigError when a text data file is not UTF-8: datasets would read it, and its rows would fail later with a
+    bare UnicodeDecodeError naming nothing. One pass over the bytes (much faster than tokenizing them)."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                decoder.decode(block)
+                offset += len(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{field}={str(path)!r} is not UTF-8 text (near byte {offset + e.start}: {e.reason}). Fix: re-encode it "
+            f"as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8{path.suffix}`"
+        ) from e
 
 
 def _is_blank(path: Path, kind: str) -> bool:
@@ -241,5 +297,6 @@ def source_fingerprint(data: DataConfig, split: str, dataset) -> dict:
     if not paths[0].exists():
         return {"hub": data.dataset_name, "config": data.dataset_config, "split": name,
                 "fingerprint": getattr(dataset, "_fingerprint", None)}
-    files = sorted(p for p in paths[0].rglob("*") if p.is_file()) if paths[0].is_dir() else paths
+    files = sorted(p for p in paths[0].rglob("*") if p.is_file() and not CACHE_FILE.fullmatch(p.name)) \
+        if paths[0].is_dir() else paths
     return {"split": name, "files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
