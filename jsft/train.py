@@ -42,7 +42,8 @@ def build_tokenizer(config: SFTConfig):
     """(tokenizer, added token ids) with the run's chat template and special tokens."""
     from jsft.data.templates import load_tokenizer
 
-    return load_tokenizer(tokenizer_path(config), config.data)
+    field = "model.tokenizer_name_or_path" if config.model.tokenizer_name_or_path else "model.model_name_or_path"
+    return load_tokenizer(tokenizer_path(config), config.data, field)
 
 
 def _round_up(n: int, multiple: int = 64) -> int:
