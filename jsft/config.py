@@ -110,6 +110,7 @@ class LoggingConfig:
     logging_steps: int = 10
     eval_steps: int | None = None
     save_steps: int = 500
+    save_strategy: str = "steps"  # steps: every save_steps and at the end | epoch: every epoch | no: only on Ctrl-C
     save_total_limit: int | None = 3
     report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
     resume_from_checkpoint: bool | None = None  # None: resume when output_dir holds a checkpoint
@@ -194,6 +195,7 @@ CHOICES = {
     ("data", "packing_strategy"): ("bfd", "bfd_split", "wrapped", "bfd_stream"),
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
     ("data", "train_sampling_strategy"): ("random", "sequential"),
+    ("logging", "save_strategy"): ("steps", "epoch", "no"),
     ("training", "lr_scheduler_type"): ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"),
     ("training", "loss_type"): ("nll", "dft"),
     ("training", "optimizer_state_dtype"): ("float32", "bfloat16"),

@@ -38,6 +38,14 @@ def tokenizer_path(config: SFTConfig) -> str:
     return path
 
 
+def should_save(logging, step: int, epoch_steps: int) -> bool:
+    """A checkpoint after this optimizer step? logging.save_strategy: every save_steps, at each epoch's end, or never
+    (a stop by Ctrl-C still saves; 'steps' and 'epoch' also save at the end of the run)."""
+    if logging.save_strategy == "steps":
+        return step % logging.save_steps == 0
+    return logging.save_strategy == "epoch" and step % epoch_steps == 0
+
+
 def build_tokenizer(config: SFTConfig):
     """(tokenizer, added token ids) with the run's chat template and special tokens."""
     from jsft.data.templates import load_tokenizer
@@ -400,7 +408,7 @@ def run(config: SFTConfig) -> dict:
                 if eval_data is not None and lc.eval_steps and step_no % lc.eval_steps == 0:
                     _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
                     throughput = progress.Throughput()  # tokens/s counts training time only
-                if step_no % lc.save_steps == 0 or interrupt.requested:
+                if should_save(lc, step_no, epoch_steps) or interrupt.requested:
                     pending = sum(float(m["num_tokens"]) for m in jax.device_get(window))  # not yet logged
                     checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
                                     {"num_tokens": tokens_seen + pending, "config": config.to_dict()})
@@ -410,7 +418,7 @@ def run(config: SFTConfig) -> dict:
     finally:
         interrupt.restore()
         bar.close()
-    if saved_step != step_no:
+    if saved_step != step_no and lc.save_strategy != "no":  # the end of the run
         checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
                         {"num_tokens": tokens_seen, "config": config.to_dict()},
                         force=True)

@@ -315,7 +315,7 @@ TRL_FIELDS: dict[str, tuple] = {
     "eval_accumulation_steps": (None, NO_EFFECT, "an eval-loop detail"),
     "include_for_metrics": ([], NO_KNOB, "compute_metrics inputs are not supported"),
     "batch_eval_metrics": (False, NO_KNOB, "compute_metrics is not supported"),
-    "save_strategy": ("steps", NO_KNOB, "jsft saves every save_steps steps"),
+    "save_strategy": ("steps", "logging.save_strategy", ""),
     "save_steps": (500, _steps("logging.save_steps"), ""),
     "save_total_limit": (None, "logging.save_total_limit", ""),
     "save_only_model": (False, NO_KNOB, "checkpoints always hold the optimizer and data state (exact resume)"),

@@ -362,3 +362,19 @@ def test_trl_train_sampling_strategy_and_drop_last(tmp_path):
     path.write_text(json.dumps({**base, "dataloader_drop_last": True}))
     with pytest.raises(ConfigError, match="dataloader_drop_last"):
         C.load(path)
+
+
+def test_save_strategy(tmp_path):
+    from jsft.config import LoggingConfig
+    from jsft.train import should_save
+
+    every_3 = LoggingConfig(save_steps=3)
+    assert [s for s in range(1, 10) if should_save(every_3, s, epoch_steps=4)] == [3, 6, 9]
+    assert [s for s in range(1, 10) if should_save(LoggingConfig(save_strategy="epoch"), s, 4)] == [4, 8]
+    assert not any(should_save(LoggingConfig(save_strategy="no"), s, 4) for s in range(1, 10))
+    path = tmp_path / "trl.json"
+    path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "save_strategy": "no"}))
+    assert C.load(path).logging.save_strategy == "no"
+    path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "save_strategy": "best"}))
+    with pytest.raises(ConfigError, match="save_strategy='best'.*steps, epoch, no"):
+        C.load(path)

@@ -177,3 +177,13 @@ def test_every_row_trains_each_epoch_in_a_new_order(tokenizer_dir, tmp_path):
     records = [r for r in progress.read_metrics(tmp_path / "sequential") if "loss" in r]
     per_step = np.diff([0] + [r["num_tokens"] for r in records])
     assert list(per_step[:3]) == list(per_step[3:])
+
+
+def test_save_strategy_no_writes_no_checkpoint_but_exports(tokenizer_dir, small_data, tmp_path):
+    config = tiny_config(tokenizer_dir, small_data, tmp_path / "run", training={"max_steps": 3},
+                         logging={"save_strategy": "no", "save_steps": 1},
+                         data={"packing": False, "padding_free": False})
+    summary = train.run(config)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert not checkpoints.exists() or not any(p.name.isdigit() for p in checkpoints.iterdir())
+    assert summary["steps"] == 3 and (tmp_path / "run" / "export" / "model.safetensors").exists()

@@ -26,10 +26,14 @@ Preparation (`prepare_dataset`):
 3. Truncation. Without packing: data.truncation_mode (keep_start / keep_end) to max_length. `bfd` / `bfd_stream`: the
    first max_length tokens. `bfd_split`: overlong examples become fragments of max_length. `wrapped`: none.
    Truncated examples and tokens are counted.
-4. TRL's rule, in every path: an example (a fragment, for bfd_split) with no trained target left after truncation is
-   dropped and counted. ("Trained target": a trained token after the document's first token, which is never a target;
-   TRL also keeps a document whose only trained label is its first token, which trains nothing.) `wrapped` cuts after
-   this rule, so a piece of a cut document may train nothing; it is kept (the row's other pieces need its place).
+4. An example (a fragment, for bfd_split) with no trained target left after truncation is dropped and counted.
+   That is TRL's rule without packing. TRL 1.16 does not apply it when packing: such examples keep their place in
+   the bins, and a step may then train no token at all (loss 0, while Adam's momentum still moves the weights);
+   jsft drops them in every path, so with packing and truncation its rows hold other examples than TRL's (the
+   report counts them). ("Trained target": a trained token after the document's first token, which is never a
+   target; TRL also keeps a document whose only trained label is its first token, which trains nothing.) `wrapped`
+   cuts after this rule, so a piece of a cut document may train nothing; it is kept (the row's other pieces need
+   its place).
 5. Rows. Packing: `jsft.data.packing` over the example lengths, in an order shuffled by training.seed when
    data.shuffle_dataset (as TRL shuffles before packing). Without packing each example is its own row, padded to
    max_length; if max_length is None, to the longest example rounded up to a multiple of 64 (one static shape).
