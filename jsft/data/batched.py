@@ -160,7 +160,7 @@ def _encode(tokenizer, texts: list[str], add_special_tokens: bool, encodings: bo
         encoded = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
     else:  # no character offsets computed
         encoded = backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
-    lengths = np.fromiter((len(e.ids) for e in encoded), dtype=np.int64, count=len(encoded))
+    lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
     ids = np.fromiter(chain.from_iterable(e.ids for e in encoded), dtype=np.int32, count=int(lengths.sum()))
     return ids, lengths, (encoded if encodings else None)
 
