@@ -199,7 +199,15 @@ def _key_name(key) -> str:
 def _flat_shapes(tree) -> dict[str, tuple]:
     """{'params.layers.0.mlp.up_proj.lora_a': (64, 4), ...} of a tree of arrays or of Orbax's array metadata."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", None) or ()) for path, leaf in leaves}
+    return {".".join(_key_name(k) for k in path): _stored_shape(leaf) for path, leaf in leaves}
+
+
+def _stored_shape(leaf) -> tuple:
+    """The shape Orbax stores for a leaf: a typed PRNG key (e.g. LoRA dropout's) as its raw key data."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return tuple(jax.random.key_data(leaf).shape)
+    return tuple(getattr(leaf, "shape", None) or ())
 
 
 def _first_difference(stored: dict, wanted: dict, partial: bool) -> str | None:

@@ -138,3 +138,38 @@ def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path):
         assert len(value[...].sharding.device_set) <= 2
     kernel = other.layers[0].mlp.up_proj.kernel[...]
     assert kernel.sharding.mesh.shape["fsdp"] == 2 and not kernel.sharding.is_fully_replicated
+
+
+def test_a_lora_model_with_dropout_restores(tmp_path):
+    """LoRA dropout's RNG key is a typed key in the model and raw key data in the checkpoint: the shape check before
+    a restore must see them as the same array (it refused every LoRA-with-dropout resume once)."""
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from jsft import checkpoint
+    from jsft.model.llama import Llama, LlamaConfig
+    from jsft.model.lora import apply_lora
+
+    cfg = LlamaConfig.from_hf(dict(fixtures.TINY_LLAMA, vocab_size=64, model_type="llama"))
+
+    def build(seed):
+        model = Llama(cfg, rngs=nnx.Rngs(seed))
+        apply_lora(model, 4, 8.0, 0.1, "all-linear", rngs=nnx.Rngs(seed + 1))
+        return model, nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.LoRAParam)
+
+    model, optimizer = build(0)
+    model.layers[0].mlp.down_proj.dropout.rngs()  # advance one stream: its count must come back
+    manager = checkpoint.make_manager(tmp_path, async_save=False)
+    checkpoint.save(manager, 3, model, optimizer, {"next_index": 8})
+    manager.close()
+    other, other_optimizer = build(1)
+    with checkpoint.make_manager(tmp_path) as manager:
+        assert checkpoint.restore(manager, other, other_optimizer)["step"] == 3
+    for (path, saved), (_, restored) in zip(nnx.to_flat_state(nnx.state(model, nnx.RngState)),
+                                            nnx.to_flat_state(nnx.state(other, nnx.RngState))):
+        a, b = saved[...], restored[...]
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
