@@ -109,9 +109,15 @@ def _load_from_disk(path: Path, data: DataConfig, split: str, name: str, field: 
         _check_single_file_split(data, split, name, field)
         return loaded
     if name not in loaded:
-        raise ConfigError(f"{field}={name!r}: data.dataset_name={data.dataset_name!r} has no split {name!r}; its "
-                          f"splits are {', '.join(map(repr, loaded))}. Fix: set {field} to one of them")
+        raise _unknown_split(data, name, field, list(loaded))
     return loaded[name]
+
+
+def _unknown_split(data: DataConfig, name: str, field: str, splits: list[str]) -> ConfigError:
+    return ConfigError(
+        f"{field}={name!r}: data.dataset_name={data.dataset_name!r} has no split {name!r}; its splits are "
+        f"{', '.join(map(repr, splits))}. Fix: set {field} to one of them (or, for eval, to the path of an eval file)"
+    )
 
 
 def _check_has_data_files(path: Path) -> None:
@@ -148,10 +154,7 @@ def _raise_if_unknown_split(error: Exception, data: DataConfig, name: str, field
     if not (isinstance(error, ValueError) and str(error).startswith("Unknown split")):
         return
     splits = datasets.get_dataset_split_names(data.dataset_name, data.dataset_config)
-    raise ConfigError(
-        f"{field}={name!r}: data.dataset_name={data.dataset_name!r} has no split {name!r}; its splits are "
-        f"{', '.join(map(repr, splits))}. Fix: set {field} to one of them (or, for eval, to the path of an eval file)"
-    ) from error
+    raise _unknown_split(data, name, field, splits) from error
 
 
 def _load_hub_split(data: DataConfig, name: str, field: str):
