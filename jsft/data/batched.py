@@ -10,7 +10,8 @@ prepared in a few calls:
    the template once and returns the {% generation %} character spans). A template without markers: every prefix of
    every conversation too (two more calls), and chat.spans_from_prefixes infers the spans (chat's module doc);
 3. encode: every text of the chunk in ONE call of the fast tokenizer (`encode_batch_fast` in Rust; `encode_batch`
-   where the assistant mask needs the token offsets);
+   where the assistant mask needs the tokenizer's offsets: not for a byte-level BPE, whose offsets follow from the
+   ids, jsft.data.token_bytes);
 4. masks with numpy over the whole chunk: assistant tokens are the tokens overlapping a generation span (the rule
    apply_chat_template applies), completion-only masks start where prompt and prompt+completion tokens diverge.
 
@@ -34,7 +35,7 @@ from itertools import chain
 import numpy as np
 
 from jsft.config import DataConfig
-from jsft.data import chat, formats
+from jsft.data import chat, formats, token_bytes
 
 TEXT, PROMPT_COMPLETION, MESSAGES, CONVERSATIONAL_PC = "text", "prompt_completion", "messages", \
     "conversational_prompt_completion"  # formats.FORMATS
@@ -278,7 +279,9 @@ def _prepare(fmt: str, inputs: list, tokenizer, config: DataConfig) -> tuple[np.
         else:
             conversations = [c for c, _ in inputs]
         texts, generation = _render(tokenizer, conversations, options, assistant_spans=assistant_only)
-        ids, lengths, encodings = _encode(tokenizer, texts, add_special_tokens=False, encodings=assistant_only)
+        fast_offsets = assistant_only and token_bytes.byte_lengths(tokenizer) is not None
+        ids, lengths, encodings = _encode(tokenizer, texts, add_special_tokens=False,
+                                          encodings=assistant_only and not fast_offsets)
     mask = np.ones(len(ids), dtype=np.bool_)
     if prompt_lengths is not None:
         starts = _prefix_lengths(prompt_ids, prompt_lengths, ids, lengths)
@@ -291,7 +294,13 @@ def _prepare(fmt: str, inputs: list, tokenizer, config: DataConfig) -> tuple[np.
         position = np.arange(len(ids)) - np.repeat(row_start, lengths)
         mask &= position >= np.repeat(starts, lengths)
     if fmt in (MESSAGES, CONVERSATIONAL_PC) and assistant_only:
-        mask &= _assistant_mask(encodings, generation, lengths)
+        on_one_axis = token_bytes.token_offsets(tokenizer, ids, lengths, texts, generation) if fast_offsets else None
+        if on_one_axis is not None:
+            mask &= overlap_mask(*on_one_axis)
+        else:
+            if encodings is None:  # a row's tokens did not add up to its text: ask the tokenizer for the offsets
+                _, _, encodings = _encode(tokenizer, texts, add_special_tokens=False, encodings=True)
+            mask &= _assistant_mask(encodings, generation, lengths)
     return ids, mask, lengths
 
 

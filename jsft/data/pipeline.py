@@ -169,9 +169,9 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 def _code_fingerprint() -> str:
     """The source of the code that turns rows into tokens: editing it invalidates caches."""
-    from jsft.data import batched, chat, formats, templates
+    from jsft.data import batched, chat, formats, templates, token_bytes
 
-    modules = (batched, chat, formats, templates)
+    modules = (batched, chat, formats, templates, token_bytes)
     return hashlib.sha256("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()
 
 
