@@ -248,3 +248,36 @@ def test_rows_with_tools_and_template_kwargs_are_batched_by_equal_values(tokeniz
         assert len(alone) == 2 and isinstance(want[7], formats.BadRowError) and isinstance(want[8], formats.BadRowError)
         text = tok.decode(got[0]["input_ids"].tolist())
         assert "tool_0" in text and "hello 0" in text
+
+
+@pytest.mark.parametrize("markers", [True, False])
+def test_messages_with_reasoning_or_non_string_fields_render_as_apply_chat_template_renders_them(tokenizer_dir,
+                                                                                                markers):
+    """Messages of plain strings skip transformers' sanitizing copy (batched._render_group); messages with a reasoning
+    field (transformers aliases reasoning_content to `thinking`) or a non-string value must still render exactly as
+    apply_chat_template renders them, mixed in one chunk with plain rows."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    template = fixtures.CHATML_TEMPLATE.replace(
+        "{% generation %}{{ message['content']",
+        "{% generation %}{{ ('<think>' + message.thinking + '</think>' if message.thinking else '') + "
+        "(message.score | string if message.score is defined else '') + message['content']",
+    )
+    assert template != fixtures.CHATML_TEMPLATE
+    tok.chat_template = template if markers else template.replace("{% generation %}", "").replace(
+        "{% endgeneration %}", "")
+    rows = fixtures.make_rows("messages", 30, 7)
+    for i, row in enumerate(rows):
+        answer = row["messages"][-1]
+        if i % 3 == 0:
+            row["messages"][-1] = {**answer, "reasoning_content": f"think {i}"}
+        elif i % 3 == 1:
+            row["messages"][-1] = {**answer, "score": i}
+    config = DataConfig(assistant_only_loss=True, max_length=None)
+    got, want = batched.prepare_examples(rows, tok, config), one_by_one(rows, tok, config)
+    assert_same(got, want)
+    assert "<think>think 0</think>" in tok.decode(got[0]["input_ids"].tolist())
+    assert tok.decode(got[1]["input_ids"][got[1]["loss_mask"]].tolist()).startswith("1")
+    strings_only = rows[::3] + rows[2::3]  # reasoning rows among plain ones, every value a string
+    assert_same(batched.prepare_examples(strings_only, tok, config), one_by_one(strings_only, tok, config))
