@@ -2,6 +2,9 @@
 message names the field or path: missing model/tokenizer paths, unreachable hub names, empty data files, unknown
 splits, checkpoints written with other settings, checkpoint steps that do not exist."""
 
+import re
+from pathlib import Path
+
 import optax
 import pytest
 from flax import nnx
@@ -143,6 +146,83 @@ def test_a_token_cache_kept_inside_the_data_directory_still_hits(tmp_path, token
     config.data.dataset_name, config.data.cache_dir, config.data.max_length = str(folder), str(folder / "cache"), 64
     tokenizer, _ = load(tokenizer_dir, config.data)
     assert [prepare_dataset(config, tokenizer).stats["cache"] for _ in range(3)] == ["miss", "hit", "hit"]
+
+
+def _bad_row_message(config, tokenizer_dir) -> str:
+    from jsft.data import BadRowError
+    from jsft.data import load_tokenizer as load
+    from jsft.data.pipeline import prepare_dataset
+
+    config.data.cache_dir, config.data.max_length = str(Path(config.data.dataset_name).parent / "cache"), 64
+    tokenizer, _ = load(tokenizer_dir, config.data)
+    with pytest.raises(BadRowError) as excinfo:
+        prepare_dataset(config, tokenizer)
+    return str(excinfo.value)
+
+
+def test_a_bad_row_in_a_data_directory_names_its_file_and_line(tmp_path, tokenizer_dir):
+    """Row 7 of the split is the third row of the second shard, on its line 4 (a blank line before it): the message
+    names the row of the split, the shard and the line, so the user opens the right file at the right line."""
+    import json
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shards = [fixtures.make_rows("messages", 5, seed=k) for k in range(3)]
+    shards[1][2] = {"messages": [{"role": "robot", "content": "hi"}]}
+    for k, shard in enumerate(shards):
+        lines = [json.dumps(row) for row in shard]
+        lines.insert(2, "")  # blank lines are no rows
+        (folder / f"train-{k:05d}-of-00003.jsonl").write_text("\n".join(lines) + "\n")
+    config = SFTConfig()
+    config.data.dataset_name = str(folder)
+    message = _bad_row_message(config, tokenizer_dir)
+    assert re.search(r"train split \('train' of .*data, file .*train-00001-of-00003\.jsonl, line 4\): row 7, "
+                     r"field 'messages\[0\]\.role': unknown role 'robot'", message), message
+
+
+def test_a_bad_row_of_a_parquet_shard_and_of_a_single_file_are_located(tmp_path, tokenizer_dir):
+    import datasets
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = fixtures.make_rows("text", 6, seed=0)
+    datasets.Dataset.from_list(rows[:3]).to_parquet(str(folder / "train-0.parquet"))
+    datasets.Dataset.from_list(rows[3:5] + [{"text": None}]).to_parquet(str(folder / "train-1.parquet"))
+    config = SFTConfig()
+    config.data.dataset_name = str(folder)
+    assert re.search(r"file .*train-1\.parquet, its row 2\): row 5, field 'text'", _bad_row_message(config,
+                                                                                               tokenizer_dir))
+    single = tmp_path / "single" / "rows.jsonl"
+    single.parent.mkdir()
+    single.write_text('{"prompt": "a", "completion": "b"}\n\n\n{"prompt": "a", "completion": ""}\n')
+    config = SFTConfig()
+    config.data.dataset_name = str(single)
+    assert re.search(r"train split \(.*rows\.jsonl, line 4\): row 1, field 'completion'", _bad_row_message(config,
+                                                                                              tokenizer_dir))
+
+
+def test_json_lines_with_blank_lines_and_a_column_of_mixed_types_are_read(tmp_path):
+    """datasets alone fails on this file ("Expected object or value"): content is a string in one row and a list of
+    text parts in another, and a blank line follows. jsft reads it (a copy without blank lines); in a directory,
+    which datasets reads itself, the error names the files and the fix."""
+    import json
+
+    import datasets
+
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                          {"role": "assistant", "content": "yo"}]}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n\n")
+    with pytest.raises(ValueError, match="Expected object or value"):
+        datasets.load_dataset("json", data_files=str(path), split="train")
+    dataset = sources.load_rows(DataConfig(dataset_name=str(path)))
+    assert len(dataset) == 2 and dataset[1]["messages"][0]["content"][0]["text"] == "hi"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(path.read_text())
+    with user_error(ConfigError, r"its reader fails on blank lines .*folder/train\.jsonl\. Fix: remove the blank"):
+        sources.load_rows(DataConfig(dataset_name=str(folder)))
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

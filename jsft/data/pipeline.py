@@ -78,7 +78,7 @@ from tqdm.auto import tqdm
 from jsft.config import ConfigError, DataConfig, SFTConfig, check_data_compatibility
 from jsft.data import packing
 from jsft.data.formats import BadRowError
-from jsft.data.sources import read_split, source_fingerprint, split_source
+from jsft.data.sources import read_split, row_location, source_fingerprint, split_source
 
 CACHE_VERSION = 1
 PREPARE_CHUNK_ROWS = 128
@@ -326,8 +326,10 @@ def cached_examples(config: SFTConfig, tokenizer, split: str = "train") -> tuple
         return _load_examples(path), "hit"
     try:
         examples = _count_unreadable(tokenize_rows(dataset, tokenizer, config.data, f"tokenize {split}"), unreadable)
-    except BadRowError as e:  # say which split's rows the index counts (train and eval both start at row 0)
-        raise BadRowError(e.row_index, e.field, e.problem, e.fix, split_source(config.data, split)) from e
+    except BadRowError as e:  # which split's rows the index counts (train and eval both start at row 0), which line
+        # (raised only without skip_bad_rows, so no malformed line was skipped: the index is the file's row)
+        source = split_source(config.data, split, row_location(config.data, split, e.row_index))
+        raise BadRowError(e.row_index, e.field, e.problem, e.fix, source) from e
     _save_examples(path, examples)
     return examples, "miss"
 

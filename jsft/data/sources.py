@@ -33,12 +33,56 @@ def load_rows(data: DataConfig, split: str = "train"):
     return read_split(data, split)[0]
 
 
-def split_source(data: DataConfig, split: str) -> str:
-    """Where a split's rows come from, for messages: "eval split (/data/test.jsonl)", "train split ('train' of org/ds)"."""
+def split_source(data: DataConfig, split: str, location: str | None = None) -> str:
+    """Where a split's rows come from, for messages: "eval split (/data/test.jsonl)", "train split ('train' of org/ds)";
+    with a row's location (row_location) inside the parentheses: "eval split (/data/test.jsonl, line 7)"."""
     name = data.dataset_train_split if split == "train" else data.dataset_test_split
     where = name if Path(name).is_file() else data.dataset_name if Path(data.dataset_name).is_file() else (
         f"{name!r} of {data.dataset_name}")
-    return f"{split} split ({where})"
+    return f"{split} split ({where}{', ' + location if location else ''})"
+
+
+def row_location(data: DataConfig, split: str, row_index: int | None) -> str | None:
+    """Where row `row_index` of a split is, for error messages: "line 7" of a JSON-lines file, or "file
+    /d/part-1.jsonl, line 3" in a data directory (datasets concatenates a split's files in the order of its builder's
+    data_files). None for hub and save_to_disk datasets, and where rows are not lines and the file is already named."""
+    import datasets
+
+    name = data.dataset_train_split if split == "train" else data.dataset_test_split
+    single = next((Path(p) for p in (name, data.dataset_name) if Path(p).is_file()), None)
+    path = Path(data.dataset_name)
+    if row_index is None or (single is None and (not path.is_dir() or _saved_to_disk(path))):
+        return None
+    if single is not None:
+        rows = _row_lines(single)
+        return f"line {rows[row_index]}" if rows and row_index < len(rows) and rows[row_index] else None
+    try:
+        files = datasets.load_dataset_builder(str(path), data.dataset_config).config.data_files[name]
+    except Exception:  # noqa: BLE001 (the message goes out without the file rather than not at all)
+        return None
+    first = 0
+    for file in map(Path, files):
+        rows = _row_lines(file)
+        if rows is None:
+            return None
+        if row_index < first + len(rows):
+            line = rows[row_index - first]
+            return f"file {file}, " + (f"line {line}" if line else f"its row {row_index - first}")
+        first += len(rows)
+    return None
+
+
+def _row_lines(file: Path) -> list[int | None] | None:
+    """Per row of a data file, its 1-based line (None where rows are not lines); None for an unknown layout."""
+    kind = DATA_FILE_TYPES.get(file.suffix)
+    if kind == "json" and _is_json_lines(file):
+        with open(file, encoding="utf-8") as f:
+            return [number for number, line in enumerate(f, start=1) if line.strip()]
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return [None] * pq.ParquetFile(file).metadata.num_rows
+    return None
 
 
 def read_split(data: DataConfig, split: str = "train"):
@@ -89,6 +133,14 @@ def read_split(data: DataConfig, split: str = "train"):
             if bad is not None:
                 fix = "repair or remove that line (skip_bad_rows skips malformed lines of a single data file only)"
                 raise BadRowError(bad.row_index, bad.field, bad.problem, fix) from bad.__cause__
+        blank = [str(f) for f in files if _is_json_lines(f) and _has_blank_lines(f)]
+        if blank and "Expected object or value" in str(error):
+            raise ConfigError(
+                f"datasets cannot read data.dataset_name={data.dataset_name!r}: its reader fails on blank lines in "
+                f"JSON-lines files where a column's type varies between rows (e.g. content a string in one row, a "
+                f"list of parts in another). Files with blank lines: {', '.join(blank[:5])}"
+                f"{' ...' if len(blank) > 5 else ''}. Fix: remove the blank lines (e.g. `sed -i '/^\\s*$/d' FILE`)"
+            ) from error
         raise error
     if data.dataset_name.startswith((".", "/")) or not data.dataset_name:
         raise ConfigError(f"data.dataset_name={data.dataset_name!r}: no such file or directory")
@@ -198,11 +250,18 @@ def _load_file(path: Path, skip_bad_rows: bool = False, field: str = "data.datas
             raise
         error = e
     bad = _malformed_json(path)
+    if bad is None and _is_json_lines(path):
+        # every line parses, yet datasets failed: its reader for a column whose type varies between rows (content as
+        # a string in one row, a list of parts in another) fails on blank lines ("Expected object or value")
+        try:
+            return _load_clean_copy(path)
+        except Exception:  # noqa: BLE001 (something else: datasets' own error)
+            raise error from None
     if bad is None:
         raise error
     if not skip_bad_rows or bad.row_index is None:
         raise bad  # (its cause: the JSONDecodeError; datasets' own error says no more)
-    return _load_skipping_malformed_lines(path)
+    return _load_clean_copy(path)
 
 
 def _check_utf8(path: Path, field: str) -> None:
@@ -240,7 +299,7 @@ def _malformed_json(path: Path) -> BadRowError | None:
     JSON lines (any .jsonl; a .json whose first non-blank line is an object on its own) go through read_jsonl, which
     names the line. Otherwise a .json is one document, and the error names its line and column (row index unknown).
     """
-    if path.suffix == ".json" and not _first_line_is_an_object(path):
+    if not _is_json_lines(path):
         try:
             with open(path, encoding="utf-8") as f:
                 json.load(f)
@@ -259,6 +318,16 @@ def _malformed_json(path: Path) -> BadRowError | None:
     return None
 
 
+def _has_blank_lines(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return any(not line.strip() for line in f)
+
+
+def _is_json_lines(path: Path) -> bool:
+    """A .jsonl file, or a .json file written one object per line (its first non-blank line is an object)."""
+    return path.suffix == ".jsonl" or (path.suffix == ".json" and _first_line_is_an_object(path))
+
+
 def _first_line_is_an_object(path: Path) -> bool:
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -270,8 +339,9 @@ def _first_line_is_an_object(path: Path) -> bool:
     return False
 
 
-def _load_skipping_malformed_lines(path: Path):
-    """(dataset, unreadable): datasets reads a copy of the file without its malformed lines; they are warned about."""
+def _load_clean_copy(path: Path):
+    """(dataset, unreadable): datasets reads a copy of a JSON-lines file without its blank and malformed lines; the
+    malformed ones are warned about (the caller allows skipping them)."""
     import tempfile
 
     import datasets
@@ -284,6 +354,8 @@ def _load_skipping_malformed_lines(path: Path):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         dataset = datasets.load_dataset("json", data_files=str(clean), split="train", keep_in_memory=True,
                                         cache_dir=str(Path(tmp) / "cache"))
+    if not unreadable:
+        return dataset, unreadable
     lines = [re.search(r"line (\d+)", e.problem).group(1) for e in unreadable]
     warnings.warn(
         f"{path}: skipped {len(unreadable)} malformed JSON line(s) (data.skip_bad_rows=True): line(s) "
