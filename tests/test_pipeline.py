@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from jsft import fixtures
 from jsft.config import ConfigError, SFTConfig, validate
 from jsft.data import batched, formats, packing, pipeline, sources
 from jsft.data.pipeline import (Examples, PreparedDataset, batch_iterator, build_rows, format_stats, prepare_dataset,
@@ -276,6 +277,31 @@ def test_grain_worker_processes_give_the_same_examples_in_order(tmp_path, tokeni
     config.data.skip_bad_rows, config.data.dataset_num_proc = False, None
     with pytest.raises(formats.BadRowError, match="row 300, field 'messages'"):
         pipeline.tokenize_rows(dataset, tokenizer, config.data)
+
+
+@pytest.mark.slow
+def test_worker_processes_started_from_a_script_without_a_main_guard_get_the_fix(tmp_path, tokenizer_dir):
+    """Grain's workers import the user's script again; without `if __name__ == "__main__":` they die at start and
+    Grain says only "Worker process was terminated unexpectedly". jsft's error says the fix."""
+    import subprocess
+    import sys
+
+    rows = fixtures.write_jsonl(fixtures.make_rows("text", 300, 0), tmp_path / "rows.jsonl")
+    script = tmp_path / "prepare.py"
+    script.write_text(
+        "from jsft.config import SFTConfig\n"
+        "from jsft.data import load_tokenizer\n"
+        "from jsft.data.pipeline import prepare_dataset\n"
+        "config = SFTConfig()\n"
+        f"config.data.dataset_name, config.data.cache_dir = {str(rows)!r}, {str(tmp_path / 'cache')!r}\n"
+        "config.data.max_length, config.data.dataset_num_proc = 128, 2\n"
+        f"tokenizer, _ = load_tokenizer({str(tokenizer_dir)!r}, config.data)\n"
+        "prepare_dataset(config, tokenizer)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "ConfigError: a data worker process died (data.dataset_num_proc=2)" in done.stderr
+    assert 'put its code under `if __name__ == "__main__":`' in done.stderr
 
 
 def test_threads_give_the_same_examples_in_order_and_the_first_bad_row(tmp_path, tokenizer_dir, data_dir,

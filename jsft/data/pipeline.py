@@ -280,6 +280,15 @@ def tokenize_rows(dataset, tokenizer, data: DataConfig, desc: str = "tokenize") 
                     bad[bad_row_reason(error)] += 1
                 parts.append(part)
                 bar.update(part["size"])
+    except RuntimeError as e:
+        if pool is not None or "terminated unexpectedly" not in str(e):
+            raise
+        raise ConfigError(
+            f"a data worker process died (data.dataset_num_proc={data.dataset_num_proc}): {str(e).splitlines()[0]} "
+            "Fix: if you call jsft from your own script, put its code under `if __name__ == \"__main__\":` (worker "
+            "processes import the script again); if the machine ran out of memory, lower data.dataset_num_proc; "
+            "or set data.dataset_num_proc=None (threads in this process)"
+        ) from e
     finally:
         bar.close()
         if pool is not None:
