@@ -281,3 +281,22 @@ def test_messages_with_reasoning_or_non_string_fields_render_as_apply_chat_templ
     assert tok.decode(got[1]["input_ids"][got[1]["loss_mask"]].tolist()).startswith("1")
     strings_only = rows[::3] + rows[2::3]  # reasoning rows among plain ones, every value a string
     assert_same(batched.prepare_examples(strings_only, tok, config), one_by_one(strings_only, tok, config))
+
+
+def test_rows_whose_tools_differ_only_in_key_order_render_their_own_tools(tokenizer_dir):
+    """`tojson` writes keys in their order, so two rows whose tools hold the same schema with keys in another order
+    render differently and must not share one render call."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    rows = [{"messages": messages, "tools": '[{"type": "function", "function": {"name": "f", "description": "d"}}]'},
+            {"messages": messages, "tools": '[{"function": {"description": "d", "name": "f"}, "type": "function"}]'},
+            {"messages": messages, "tools": [{"type": "function", "function": {"name": "f"}}],
+             "chat_template_kwargs": {"a": "1", "b": "2"}},
+            {"messages": messages, "tools": [{"type": "function", "function": {"name": "f"}}],
+             "chat_template_kwargs": {"b": "2", "a": "1"}}]
+    config = DataConfig(max_length=None)
+    got = batched.prepare_examples(rows, tok, config)
+    assert_same(got, one_by_one(rows, tok, config))
+    assert not np.array_equal(got[0]["input_ids"], got[1]["input_ids"])

@@ -37,7 +37,7 @@ def hf_tokenizer(backend, specials=("<|im_end|>",)):
     return PreTrainedTokenizerFast(tokenizer_object=backend, additional_special_tokens=list(specials))
 
 
-def byte_level_bpe(pre_tokenizer=None, normalizer=None, unk=None, lstrip=False):
+def byte_level_bpe(pre_tokenizer=None, normalizer=None, unk=None, lstrip=False, post_processor=None):
     """A small byte-level BPE trained here; Llama-3-like pre-tokenizer by default (regex Split, then ByteLevel)."""
     from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers
 
@@ -48,9 +48,12 @@ def byte_level_bpe(pre_tokenizer=None, normalizer=None, unk=None, lstrip=False):
     ])
     if normalizer is not None:
         tok.normalizer = normalizer
+    if post_processor is not None:
+        tok.post_processor = post_processor
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[unk] if unk else [],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["hello world ab cd é 😀 12345 x q"] * 50, trainer=trainer)
+    tok.train_from_iterator(["hello world ab cd é 😀 12345 x q", "assistant\n    return x\n        return y"] * 50,
+                            trainer=trainer)
     tok.add_special_tokens([AddedToken("<|im_end|>", lstrip=lstrip, special=True)])
     return hf_tokenizer(tok)
 
@@ -71,7 +74,7 @@ def test_llama3_like_pre_tokenizer_takes_the_fast_path_with_the_same_masks():
 
 
 def _refused_tokenizers():
-    from tokenizers import Regex, normalizers, pre_tokenizers
+    from tokenizers import Regex, normalizers, pre_tokenizers, processors
 
     return {
         "prefix_space": lambda: byte_level_bpe(pre_tokenizers.ByteLevel(add_prefix_space=True)),
@@ -81,6 +84,9 @@ def _refused_tokenizers():
         "unknown_token": lambda: byte_level_bpe(unk="<unk>"),
         "lstrip_added_token": lambda: byte_level_bpe(lstrip=True),
         "metaspace": lambda: byte_level_bpe(pre_tokenizers.Metaspace()),
+        "trimmed_offsets": lambda: byte_level_bpe(post_processor=processors.ByteLevel(trim_offsets=True)),
+        "trimmed_in_a_sequence": lambda: byte_level_bpe(post_processor=processors.Sequence([
+            processors.ByteLevel(trim_offsets=True)])),
     }
 
 
@@ -159,3 +165,27 @@ def test_a_chunk_whose_rows_do_not_add_up_gets_its_masks_from_the_tokenizers_off
         np.testing.assert_array_equal(got[k]["input_ids"], want["input_ids"])
         np.testing.assert_array_equal(got[k]["loss_mask"], want["loss_mask"])
         assert want["loss_mask"].any()
+
+
+def test_a_post_processor_that_trims_offsets_keeps_the_tokenizers_masks():
+    """GPT-2 style ByteLevel with trim_offsets=True: the tokenizer's offsets leave out a token's spaces, so the token
+    '\\n   ' that opens indented code is not in the assistant mask apply_chat_template gives (nor TRL's); the batched path must
+    give the same mask."""
+    from tokenizers import pre_tokenizers, processors
+
+    from jsft import fixtures
+    from jsft.config import DataConfig
+    from jsft.data import formats
+
+    tokenizer = byte_level_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False),
+                               post_processor=processors.ByteLevel(trim_offsets=True))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+                                  "eos_token": "<|im_end|>"})
+    tokenizer.chat_template = fixtures.CHATML_TEMPLATE
+    rows = [{"messages": [{"role": "user", "content": "code"},
+                          {"role": "assistant", "content": f"    return x + {k}"}]} for k in range(4)]
+    config = DataConfig(assistant_only_loss=True, max_length=None)
+    got = batched.prepare_examples(rows, tokenizer, config)
+    for k, row in enumerate(rows):
+        want = formats.prepare_example(row, tokenizer, config, row_index=k)
+        np.testing.assert_array_equal(got[k]["loss_mask"], want["loss_mask"])

@@ -86,7 +86,7 @@ def _groups(options: list[tuple]) -> list[tuple]:
         return [(None, {}, list(range(len(options))))]
     groups: dict[str, tuple] = {}
     for k, (tools, kwargs) in enumerate(options):
-        key = json.dumps([tools, kwargs], sort_keys=True, default=str)
+        key = json.dumps([tools, kwargs], default=str)  # key order kept: `tojson` writes the keys in their order
         groups.setdefault(key, (tools, kwargs, []))[2].append(k)
     return list(groups.values())
 

@@ -8,7 +8,8 @@ byte offsets are the running sum of its table length (`byte_lengths`).
 
 That holds only where nothing adds or removes bytes between the text and the tokens: no normalizer (or NFC on text
 that is already NFC), pre-tokenizers that keep every byte (ByteLevel without a prefix space, Split that keeps its
-delimiters, Digits), no unknown token, no added token that swallows the whitespace around it. Every other tokenizer
+delimiters, Digits), no unknown token, no added token that swallows the whitespace around it, no post-processor that
+trims whitespace off the offsets (transformers' masks follow the trimmed offsets). Every other tokenizer
 gets None and the caller asks the tokenizer for the offsets. As a check, each row's token byte lengths must add up
 to its text's UTF-8 length, else `token_offsets` gives None too.
 """
@@ -36,6 +37,14 @@ def _keeps_every_byte(pre_tokenizer: dict | None) -> bool:
     return kind == "Digits"
 
 
+def _trims_offsets(state) -> bool:
+    """A post-processor that trims whitespace off token offsets (ByteLevel / RoBERTa `trim_offsets`): the tokenizer's
+    offsets, which assistant masks follow, are then not the tokens' bytes."""
+    if isinstance(state, dict):
+        return bool(state.get("trim_offsets")) or any(_trims_offsets(v) for v in state.values())
+    return isinstance(state, list) and any(_trims_offsets(v) for v in state)
+
+
 def _state(component) -> dict | None:
     return None if component is None else json.loads(component.__getstate__())
 
@@ -43,6 +52,7 @@ def _state(component) -> dict | None:
 def _table(tokenizer) -> np.ndarray | None:
     backend = tokenizer.backend_tokenizer
     normalizer, pre_tokenizer, model = _state(backend.normalizer), _state(backend.pre_tokenizer), _state(backend.model)
+    post_processor = _state(backend.post_processor)
     byte_level = '"ByteLevel"' in json.dumps(pre_tokenizer)
     added = backend.get_added_tokens_decoder()
     if not (
@@ -50,6 +60,7 @@ def _table(tokenizer) -> np.ndarray | None:
         and (normalizer is None or normalizer.get("type") == "NFC")
         and model.get("type") == "BPE" and model.get("unk_token") is None
         and not any(token.lstrip or token.rstrip for token in added.values())
+        and not _trims_offsets(post_processor)
     ):
         return None
     vocab = backend.get_vocab(with_added_tokens=False)
