@@ -97,20 +97,20 @@ def _only_strings(message: dict) -> bool:
 
 
 def _render_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dict, spans: bool,
-                  add_generation_prompt: bool = False) -> tuple[list[str], list | None]:
+                  add_generation_prompt: bool = False, only_strings: bool = False) -> tuple[list[str], list | None]:
     """apply_chat_template(..., tokenize=False) of conversations sharing tools and template kwargs, in one call:
     (texts, {% generation %} character spans or None).
 
-    As apply_chat_template does: keys whose value is None are dropped first (datasets fills a missing key with None),
-    the tokenizer's special tokens are template variables (the row's kwargs win), tools choose the template.
+    As apply_chat_template does: keys whose value is None are dropped first (by the caller, _render: datasets fills a
+    missing key with None), the tokenizer's special tokens are template variables (the row's kwargs win), tools choose
+    the template. only_strings: every message passes _only_strings.
     """
     from transformers.utils import chat_template_utils as rendering
 
     if not conversations:
         return [], []
-    conversations = [[{k: v for k, v in m.items() if v is not None} for m in c] for c in conversations]
     template, variables = tokenizer.get_chat_template(None, tools), {**tokenizer.special_tokens_map, **kwargs}
-    if not all(_only_strings(m) for c in conversations for m in c):
+    if not only_strings:
         texts, generation = rendering.render_jinja_template(
             conversations=conversations, tools=tools, chat_template=template, return_assistant_tokens_mask=spans,
             add_generation_prompt=add_generation_prompt, **variables,
@@ -127,16 +127,18 @@ def _render_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dic
     return [text for text, _ in rendered], [generation for _, generation in rendered]
 
 
-def _infer_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dict) -> tuple[list[str], list]:
+def _infer_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dict,
+                 only_strings: bool) -> tuple[list[str], list]:
     """(texts, assistant spans) with a template without {% generation %} markers: chat.infer_assistant_spans, with every
     prefix of every conversation rendered in two more calls (one with the generation prompt)."""
     turns = [chat.assistant_turns(conversation) for conversation in conversations]
     before, _ = _render_group(tokenizer, [c[:i] for c, ts in zip(conversations, turns) for i in ts], tools, kwargs,
-                              spans=False, add_generation_prompt=True)
-    texts, _ = _render_group(tokenizer, conversations, tools, kwargs, spans=False)
+                              spans=False, add_generation_prompt=True, only_strings=only_strings)
+    texts, _ = _render_group(tokenizer, conversations, tools, kwargs, spans=False, only_strings=only_strings)
     # through turn i: the whole conversation when i is its last message (most rows end with the assistant)
     upto_needed = [c[: i + 1] for c, ts in zip(conversations, turns) for i in ts if i + 1 < len(c)]
-    upto_rendered = iter(_render_group(tokenizer, upto_needed, tools, kwargs, spans=False)[0])
+    upto_rendered = iter(_render_group(tokenizer, upto_needed, tools, kwargs, spans=False,
+                                       only_strings=only_strings)[0])
     generation, j, special = [], 0, tokenizer.all_special_tokens
     opening = chat.generation_prompt(tokenizer, tools, kwargs) if any(ts[:1] == [0] for ts in turns) else None
     for conversation, ts, text in zip(conversations, turns, texts):
@@ -154,12 +156,13 @@ def _render(tokenizer, conversations: list[list[dict]], options: list[tuple], as
     texts: list = [None] * len(conversations)
     spans: list | None = [None] * len(conversations) if assistant_spans else None
     for tools, kwargs, where in _groups(options):
-        group = [conversations[k] for k in where]
+        group = [[{k: v for k, v in m.items() if v is not None} for m in conversations[j]] for j in where]
+        only_strings = all(_only_strings(m) for c in group for m in c)
         if assistant_spans and not chat.has_generation_markers(tokenizer.get_chat_template(None, tools)):
-            group_texts, group_spans = _infer_group(tokenizer, group, tools, kwargs)
+            group_texts, group_spans = _infer_group(tokenizer, group, tools, kwargs, only_strings)
         else:
             group_texts, group_spans = _render_group(tokenizer, group, tools, kwargs, assistant_spans,
-                                                     add_generation_prompt)
+                                                     add_generation_prompt, only_strings)
         for j, k in enumerate(where):
             texts[k] = group_texts[j]
             if spans is not None:
