@@ -72,12 +72,18 @@ def check_step(directory, step: int | None, available: list[int]) -> int:
     return step
 
 
-def remove_all(output_dir) -> None:
-    """Delete every checkpoint of output_dir (a fresh start with logging.resume_from_checkpoint=False)."""
+def set_aside(output_dir) -> Path:
+    """Move a run's checkpoints to checkpoints.previous (replacing an older set there), for a fresh start with
+    logging.resume_from_checkpoint=False (a TRL config's default): the last run's checkpoints are not deleted up
+    front, so a rerun that crashes at once, or was started by mistake, still leaves them."""
     import shutil
 
+    current = checkpoint_dir(output_dir)
+    previous = current.with_name("checkpoints.previous")
     if jax.process_index() == 0:
-        shutil.rmtree(checkpoint_dir(output_dir), ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
+        current.rename(previous)
+    return previous
 
 
 def _train_state(model, optimizer) -> dict:

@@ -310,6 +310,9 @@ def _validate_ranges(config: SFTConfig) -> None:
     need(lg.logging_steps >= 1, "logging.logging_steps", lg.logging_steps, "must be >= 1")
     need(lg.save_steps >= 1, "logging.save_steps", lg.save_steps, "must be >= 1")
     need(lg.eval_steps is None or lg.eval_steps >= 1, "logging.eval_steps", lg.eval_steps, "must be >= 1 or None")
+    need(lg.eval_steps is None or d.dataset_test_split is not None, "logging.eval_steps", lg.eval_steps,
+         "evaluates data.dataset_test_split, which is None: set it to a split name or an eval file (or eval_steps "
+         "to None)")
     need(lg.save_total_limit is None or lg.save_total_limit >= 1, "logging.save_total_limit", lg.save_total_limit,
          "must be >= 1 or None (keep all)")
     bad = [r for r in lg.report_to if r not in ("jsonl", "tensorboard")]

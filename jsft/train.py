@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -69,6 +70,39 @@ def scratch_hf_config(config: SFTConfig, tokenizer) -> dict:
     return hf
 
 
+def _token_ids(value) -> list[int]:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
+def with_eos_of(cfg, tokenizer):
+    """The model config with the tokenizer's EOS, TRL's rule when a run changes it (data.eos_token, a cloned
+    template): config.json's eos_token_id becomes the tokenizer's and generation_config.json lists it first, so an
+    exported model's generate() stops where the model learned to stop. Unchanged when the ids already hold it."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return cfg
+    hf = dict(cfg.hf_config)
+    generation = None if cfg.generation_config is None else dict(cfg.generation_config)
+    if eos not in _token_ids(hf.get("eos_token_id")):
+        hf["eos_token_id"] = eos
+    if generation is not None and eos not in _token_ids(generation.get("eos_token_id")):
+        generation["eos_token_id"] = [eos, *_token_ids(generation.get("eos_token_id"))]
+    return dataclasses.replace(cfg, hf_config=hf, generation_config=generation)
+
+
+def check_sliding_window(cfg, datasets) -> None:
+    """jsft computes full causal attention: the same as a sliding-window model's (Mistral's config.json
+    sliding_window) only while every row fits in the window."""
+    longest = max(d.max_length for d in datasets)
+    if cfg.sliding_window is not None and longest > cfg.sliding_window:
+        raise ConfigError(
+            f"rows of {longest} tokens (data.max_length={datasets[0].max_length}) exceed the model's sliding_window="
+            f"{cfg.sliding_window} (config.json); jsft does not implement sliding-window attention, and full "
+            f"attention over a longer row would train another model than the one you load. Fix: set "
+            f"data.max_length <= {cfg.sliding_window}"
+        )
+
+
 def build_model(config: SFTConfig, tokenizer, mesh):
     """The model, placed on the mesh: loaded from model.model_name_or_path (each device reads only its shards) or
     random-initialized from model.init_from_scratch; the vocabulary grown when the tokenizer has more tokens;
@@ -88,6 +122,7 @@ def build_model(config: SFTConfig, tokenizer, mesh):
     grew = len(tokenizer) > model.cfg.vocab_size
     if grew:
         model.resize_vocab(_round_up(len(tokenizer)), nnx.Rngs(config.training.seed))
+    model.cfg = with_eos_of(model.cfg, tokenizer)
     if config.lora.use_peft:
         from jsft.model.lora import apply_lora
 
@@ -285,10 +320,10 @@ class _Interrupt:
 
 def resume_hint(lc) -> str:
     """How to resume a stopped run: the same command resumes unless logging.resume_from_checkpoint=False (a TRL
-    config's default), which would start fresh and remove the checkpoints."""
+    config's default), which would start fresh and set the checkpoints aside."""
     if lc.resume_from_checkpoint is False:
         return ("Resume with the same command plus --resume (without it, logging.resume_from_checkpoint=False starts "
-                "fresh and removes these checkpoints).")
+                "fresh and moves these checkpoints to checkpoints.previous).")
     return "Resume with the same command (or --resume)."
 
 
@@ -334,6 +369,7 @@ def run(config: SFTConfig) -> dict:
     from jsft.optim import make_optimizer, trainable_filter
 
     model, grew_vocab = build_model(config, tokenizer, mesh)
+    check_sliding_window(model.cfg, [d for d in (train_data, eval_data) if d is not None])
     model.set_max_segments(max(d.stats["max_documents_per_row"] for d in (train_data, eval_data) if d is not None))
     wrt_embeddings = bool(added_tokens) or grew_vocab  # the whole embedding and head train too (LoRA)
     wrt = trainable_filter(config.lora.use_peft, new_token_rows=wrt_embeddings)
@@ -355,10 +391,9 @@ def run(config: SFTConfig) -> dict:
     start_step, tokens_seen = 0, 0.0
     existing = manager.latest_step()
     if existing is not None and lc.resume_from_checkpoint is False:
-        print(f"logging.resume_from_checkpoint=False: starting fresh, removing the old checkpoints in "
-              f"{checkpoint.checkpoint_dir(out)}")
         manager.close()
-        checkpoint.remove_all(out)
+        print(f"logging.resume_from_checkpoint=False: starting fresh; the old checkpoints are now in "
+              f"{checkpoint.set_aside(out)} (the set there before is gone)")
         manager, existing = checkpoint.make_manager(out, lc.save_total_limit), None
     if existing is not None:
         meta = checkpoint.restore(manager, model, optimizer, existing, config)

@@ -72,12 +72,26 @@ def test_sigkill_then_resume_logs_the_same_losses(tokenizer_dir, data_32, tmp_pa
         assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-7), f"step {s}"
 
 
-def test_resume_false_starts_fresh_and_true_needs_a_checkpoint(tokenizer_dir, data_32, tmp_path):
+def test_resume_false_starts_fresh_and_true_needs_a_checkpoint(tokenizer_dir, data_32, tmp_path, capsys):
+    """resume_from_checkpoint=False (a TRL config's default) over a run's checkpoints: a fresh run from step 1; the
+    old checkpoints are moved to checkpoints.previous, not deleted (one set is kept there)."""
     from jsft.config import ConfigError
 
     config = tiny_config(tokenizer_dir, data_32, tmp_path / "none", logging={"resume_from_checkpoint": True})
     with pytest.raises(ConfigError, match="resume_from_checkpoint=True but .* has no checkpoint"):
         train.run(config)
+    out = tmp_path / "fresh"
+    config = tiny_config(tokenizer_dir, data_32, out, training={"max_steps": 3})
+    train.run(config)
+    first = progress.read_metrics(out)
+    config = tiny_config(tokenizer_dir, data_32, out, training={"max_steps": 6},
+                         logging={"resume_from_checkpoint": False})
+    for rerun in range(2):
+        train.run(config)
+        assert "starting fresh; the old checkpoints are now in" in capsys.readouterr().out
+        assert sorted(p.name for p in (out / "checkpoints.previous").iterdir()) == (["3"] if rerun == 0 else ["3", "6"])
+        losses = {r["step"]: r["loss"] for r in progress.read_metrics(out) if "loss" in r}
+        assert sorted(losses) == list(range(1, 7)) and losses[1] == first[0]["loss"]
 
 
 @pytest.mark.slow

@@ -117,6 +117,7 @@ def test_set_without_equals_is_an_error(tmp_path):
     ({"lora": {"use_peft": True, "lora_dropout": 1.0}}, "lora.lora_dropout"),
     ({"logging": {"report_to": ["wandb"]}}, "logging.report_to"),
     ({"logging": {"eval_steps": 0}}, "logging.eval_steps"),
+    ({"logging": {"eval_steps": 10}}, "evaluates data.dataset_test_split, which is None"),
     ({"sharding": {"mesh_shape": {"pipeline": 2}}}, "sharding.mesh_shape"),
 ])
 def test_impossible_combinations_are_refused(sections, needle):

@@ -114,3 +114,30 @@ def test_lora_adapter_carries_the_embeddings_a_cloned_template_trained(tokenizer
     base.resize_token_embeddings(len(saved))  # PEFT's recipe, as for TRL's adapters
     peft_model = PeftModel.from_pretrained(base, written["adapter"])
     np.testing.assert_allclose(torch_logits(peft_model), jsft_logits(model), atol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["cloned_template", "eos_token"])
+def test_an_export_stops_generating_at_the_eos_the_run_trained(tokenizer_dir, checkpoint_dir, data_dir, tmp_path,
+                                                               how):
+    """A run that changes the tokenizer's EOS (a cloned template with its own EOS, or data.eos_token) exports a
+    config.json and generation_config.json with that EOS, TRL's rule: transformers' generate() stops there."""
+    import json
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    data = {"eos_token": "<|im_end|>"}
+    if how == "cloned_template":
+        source = AutoTokenizer.from_pretrained(tokenizer_dir)
+        source.add_special_tokens({"eos_token": "<|eot_id|>"})
+        source.save_pretrained(tmp_path / "source")
+        data = {"chat_template_path": str(tmp_path / "source")}
+    config = tiny_config(tokenizer_dir, data_dir / "messages.jsonl", tmp_path / "run", data=data)
+    config.model.init_from_scratch, config.model.model_name_or_path = None, str(checkpoint_dir)
+    base_eos = json.loads((checkpoint_dir / "config.json").read_text())["eos_token_id"]
+    model, tokenizer = _model(config)
+    assert tokenizer.eos_token_id != base_eos
+    written = export.export(model, tokenizer, config, formats=["full"])["full"]
+    assert json.loads((written / "config.json").read_text())["eos_token_id"] == tokenizer.eos_token_id
+    generation = GenerationConfig.from_pretrained(written).eos_token_id
+    assert generation[0] == tokenizer.eos_token_id and base_eos in generation
+    assert AutoTokenizer.from_pretrained(written).eos_token_id == tokenizer.eos_token_id

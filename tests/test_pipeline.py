@@ -244,7 +244,8 @@ def test_a_bad_row_names_its_split_and_file(tmp_path, tokenizer_dir):
     config = make_config(tmp_path, tmp_path / "train.jsonl", dataset_test_split=str(tmp_path / "test.jsonl"))
     tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
     prepare_dataset(config, tokenizer, "train")
-    with pytest.raises(formats.BadRowError, match=r"eval split \(.*test\.jsonl, line 2\): row 1, field 'messages\[0\]\.role'"):
+    with pytest.raises(formats.BadRowError,
+                       match=r"eval split \(.*test\.jsonl, line 2\): row 1, field 'messages\[0\]\.role'"):
         prepare_dataset(config, tokenizer, "eval")
 
 

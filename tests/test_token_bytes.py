@@ -169,8 +169,8 @@ def test_a_chunk_whose_rows_do_not_add_up_gets_its_masks_from_the_tokenizers_off
 
 def test_a_post_processor_that_trims_offsets_keeps_the_tokenizers_masks():
     """GPT-2 style ByteLevel with trim_offsets=True: the tokenizer's offsets leave out a token's spaces, so the token
-    '\\n   ' that opens indented code is not in the assistant mask apply_chat_template gives (nor TRL's); the batched path must
-    give the same mask."""
+    '\\n   ' that opens indented code is not in the assistant mask apply_chat_template gives (nor TRL's); the batched
+    path must give the same mask."""
     from tokenizers import pre_tokenizers, processors
 
     from jsft import fixtures

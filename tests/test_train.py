@@ -96,9 +96,22 @@ def test_config_error_fails_before_any_compute(tokenizer_dir, small_data, tmp_pa
     assert not (tmp_path / "bad").exists()
 
 
+def test_rows_longer_than_a_sliding_window_are_a_config_error(tokenizer_dir, small_data, tmp_path):
+    """A Mistral config.json whose sliding_window is shorter than the rows: jsft's full attention would train another
+    model, so the run stops before compiling anything, naming data.max_length and the window."""
+    mistral = dict(tiny_config(tokenizer_dir, small_data, tmp_path).model.init_from_scratch, model_type="mistral",
+                   architectures=["MistralForCausalLM"], sliding_window=32)
+    config = tiny_config(tokenizer_dir, small_data, tmp_path / "run", model={"init_from_scratch": mistral})
+    with pytest.raises(ConfigError, match=r"rows of 64 tokens \(data.max_length=64\) exceed the model's "
+                                          r"sliding_window=32 .* Fix: set data.max_length <= 32"):
+        train.run(config)
+    config.data.max_length = 32
+    assert train.run(config)["steps"] == 6
+
+
 def test_stop_message_says_how_to_resume():
     """After Ctrl-C: with resume_from_checkpoint=False (TRL's default in a TRL config) the same command would start
-    fresh and delete the checkpoints, so the hint must ask for --resume."""
+    fresh and set the checkpoints aside, so the hint must ask for --resume."""
     from jsft.config import LoggingConfig
 
     assert "same command (or --resume)" in train.resume_hint(LoggingConfig(resume_from_checkpoint=None))

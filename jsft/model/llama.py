@@ -391,8 +391,9 @@ class Llama(nnx.Module):
 
     def _check_window(self, length: int):
         if self.cfg.sliding_window is not None and length > self.cfg.sliding_window:
-            raise ValueError(f"sequence length {length} exceeds the model's sliding_window={self.cfg.sliding_window}; "
-                             "sliding-window attention is not implemented, use max_length <= sliding_window")
+            raise ModelConfigError(f"sequence length {length} exceeds the model's sliding_window="
+                                   f"{self.cfg.sliding_window}; sliding-window attention is not implemented, use "
+                                   "max_length <= sliding_window")
 
     def embed(self, input_ids):
         """[B, L] int32 -> [B, L, H] token embeddings in the compute dtype."""
