@@ -17,6 +17,7 @@ model and optimizer, so a checkpoint saved on one mesh restores onto another.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import jax
@@ -31,6 +32,11 @@ from jsft.hf import CheckpointError
 SHAPE_SECTIONS = ("model", "lora", "data.chat_template_path")
 NO_SHAPE = ("model.dtype", "model.compute_dtype", "model.attention_impl", "model.remat_policy", "lora.lora_alpha",
             "lora.lora_dropout")
+# The settings that decide which rows each step reads: a resume with others continues from a saved data position that
+# counts steps of another plan (a warning names them).
+DATA_PLAN_SECTIONS = ("data", "training.per_device_train_batch_size", "training.gradient_accumulation_steps",
+                      "training.seed")
+NOT_DATA_PLAN = ("data.dataset_num_proc", "data.cache_dir")
 
 
 def checkpoint_dir(output_dir) -> Path:
@@ -143,6 +149,14 @@ def restore(manager: ocp.CheckpointManager, model, optimizer, step: int | None =
         nnx.update(target, current)
     meta = dict(restored["data"])
     meta["data_iterator"] = _iterator_state_from_json(meta.get("data_iterator"))
+    changed = _setting_differences(manager.directory, step, config, DATA_PLAN_SECTIONS, NOT_DATA_PLAN)
+    if changed:
+        warnings.warn(
+            f"resuming checkpoint {step} with other data settings than the run that wrote it: "
+            + ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in changed)
+            + ". The saved data position counts steps of the old plan, so from here this run trains other rows than "
+            "the interrupted run would have (start fresh in another output_dir to train the new plan from step 0)",
+            UserWarning, stacklevel=2)
     return meta
 
 
@@ -231,8 +245,9 @@ def _first_difference(stored: dict, wanted: dict, partial: bool) -> str | None:
     return None
 
 
-def _setting_differences(directory, step: int, config) -> list[tuple[str, object, object]]:
-    """(setting, checkpoint's value, this run's value) of the SHAPE_SECTIONS settings that differ."""
+def _setting_differences(directory, step: int, config, sections=SHAPE_SECTIONS,
+                         ignored=NO_SHAPE) -> list[tuple[str, object, object]]:
+    """(setting, checkpoint's value, this run's value) of the settings in `sections` that differ."""
     if config is None:
         run_config = Path(directory).parent / "config.json"  # jsft.train writes it before it resumes
         config = json.loads(run_config.read_text()) if run_config.exists() else None
@@ -241,12 +256,12 @@ def _setting_differences(directory, step: int, config) -> list[tuple[str, object
         return []
     current = json.loads(json.dumps(config if isinstance(config, dict) else config.to_dict()))  # tuples -> lists
     differences = []
-    for section in SHAPE_SECTIONS:
+    for section in sections:
         name, _, field = section.partition(".")
         old, new = written.get(name, {}), current.get(name, {})
         keys = [field] if field else sorted(set(old) | set(new))
         for key in keys:
             setting = f"{name}.{key}"
-            if setting not in NO_SHAPE and old.get(key) != new.get(key):
+            if setting not in ignored and old.get(key) != new.get(key):
                 differences.append((setting, old.get(key), new.get(key)))
     return differences

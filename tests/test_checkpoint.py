@@ -94,6 +94,27 @@ def test_resume_false_starts_fresh_and_true_needs_a_checkpoint(tokenizer_dir, da
         assert sorted(losses) == list(range(1, 7)) and losses[1] == first[0]["loss"]
 
 
+def test_a_resume_with_other_data_settings_is_warned_about(tokenizer_dir, data_32, tmp_path):
+    """The saved data position counts steps of the run that wrote it: resuming with another max_length or batch
+    size trains other rows from there, so jsft names the changed settings; the same settings resume silently."""
+    import warnings
+
+    out = tmp_path / "run"
+    train.run(tiny_config(tokenizer_dir, data_32, out, training={"max_steps": 3}))
+    def changed(max_steps):
+        return tiny_config(tokenizer_dir, data_32, out, training={"max_steps": max_steps,
+                                                                  "per_device_train_batch_size": 2},
+                           data={"max_length": 32})
+
+    with pytest.warns(UserWarning, match=r"resuming checkpoint 3 with other data settings than the run that wrote it: "
+                                         r"data.max_length 64 -> 32, training.per_device_train_batch_size 1 -> 2\. "):
+        train.run(changed(4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train.run(changed(5))  # resumes checkpoint 4, written with these settings
+    assert not [w for w in caught if "other data settings" in str(w.message)]
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_with_a_final_checkpoint(tokenizer_dir, data_32, tmp_path):
     out = tmp_path / "interrupted"
