@@ -137,6 +137,10 @@ def resolve_model_dir(path, field: str = "model.model_name_or_path") -> Path:
 
 def read_config(path: str | Path) -> dict:
     config_file = Path(path) / "config.json"
+    if not config_file.exists() and (Path(path) / "adapter_config.json").exists():
+        raise CheckpointError(f"{path} is a PEFT adapter (adapter_config.json), not a whole model. Fix: load the "
+                              "merged export (export/ next to it; `python -m jsft.export --format merged` writes one), "
+                              "or the base model with the adapter in peft")
     if not config_file.exists():
         raise CheckpointError(f"{path}: no config.json; expected an HF checkpoint directory")
     return json.loads(config_file.read_text())

@@ -53,6 +53,11 @@ def test_chat_with_a_missing_model_names_the_flag(tmp_path, checkpoint_dir):
         chat.main(["--model", str(tmp_path / "nope")])
     with user_error(ConfigError, r"--model=.*has no tokenizer files.*point --model at"):
         chat.main(["--model", str(checkpoint_dir)])
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with user_error(CheckpointError, r"adapter is a PEFT adapter \(adapter_config.json\), not a whole model. Fix: "):
+        load_model(adapter)
 
 
 # ----------------------------------------------------------------------------------------------- data
