@@ -1,4 +1,4 @@
-"""Token offsets without the tokenizer's offset tracking, for byte-level BPE tokenizers (GPT-2, Llama 3, Qwen).
+"""Token offsets without the tokenizer's offset tracking, for byte-level BPE tokenizers (Llama 3, Qwen2.5).
 
 Assistant masks need to know which tokens overlap the assistant's characters. The tokenizer can report every token's
 character offsets, but tracking them costs about a sixth of its encoding time (`encode_batch` against
