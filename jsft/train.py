@@ -388,7 +388,7 @@ def run(config: SFTConfig) -> dict:
     data_it = batch_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, tc.seed, num_epochs,
                              config.data.train_sampling_strategy == "random", data_index, data_count,
                              drop_remainder=False)
-    start_step, tokens_seen = 0, 0.0
+    start_step, tokens_seen, window = 0, 0.0, []
     existing = manager.latest_step()
     if existing is not None and lc.resume_from_checkpoint is False:
         manager.close()
@@ -399,6 +399,8 @@ def run(config: SFTConfig) -> dict:
         meta = checkpoint.restore(manager, model, optimizer, existing, config)
         data_it.set_state(meta["data_iterator"])
         start_step, tokens_seen = int(meta["step"]), float(meta.get("num_tokens", 0.0))
+        window = meta.get("log_window", [])  # the steps since the last log: the next log covers them too
+        tokens_seen -= sum(m["num_tokens"] for m in window)
         print(f"resume: checkpoint {start_step} from {checkpoint.checkpoint_dir(out)}")
     writer = progress.MetricsWriter(out, lc.report_to, resume_step=start_step, enabled=is_main)
 
@@ -412,7 +414,7 @@ def run(config: SFTConfig) -> dict:
     interrupt = _Interrupt()
     bar = progress.progress_bar(total_steps, start_step, disable=lc.disable_tqdm or not is_main)
     throughput = progress.Throughput()
-    window, last_metrics, saved_step, batch = [], {}, existing, first
+    last_metrics, saved_step, batch = {}, existing, first
     step_no = start_step
     try:
         with jax.set_mesh(mesh):
@@ -444,9 +446,8 @@ def run(config: SFTConfig) -> dict:
                     _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
                     throughput = progress.Throughput()  # tokens/s counts training time only
                 if should_save(lc, step_no, epoch_steps) or interrupt.requested:
-                    pending = sum(float(m["num_tokens"]) for m in jax.device_get(window))  # not yet logged
                     checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
-                                    {"num_tokens": tokens_seen + pending, "config": config.to_dict()})
+                                    _progress_state(window, tokens_seen, config))
                     saved_step = step_no
                 if interrupt.requested:
                     break
@@ -455,8 +456,7 @@ def run(config: SFTConfig) -> dict:
         bar.close()
     if saved_step != step_no and lc.save_strategy != "no":  # the end of the run
         checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
-                        {"num_tokens": tokens_seen, "config": config.to_dict()},
-                        force=True)
+                        _progress_state(window, tokens_seen, config), force=True)
     manager.wait_until_finished()
     manager.close()
 
@@ -483,6 +483,14 @@ def run(config: SFTConfig) -> dict:
             summary["demo"] = demo.after_training(model, tokenizer, config, summary, demo_before)
     writer.close()
     return summary
+
+
+def _progress_state(window, tokens_seen, config) -> dict:
+    """What a checkpoint keeps besides the arrays: tokens seen (logged ones plus the window's), each step's metrics
+    since the last log (a resumed run logs the same means as an uninterrupted one), the config."""
+    window = [{key: float(value) for key, value in m.items()} for m in jax.device_get(window)]
+    return {"num_tokens": tokens_seen + sum(m["num_tokens"] for m in window), "log_window": window,
+            "config": config.to_dict()}
 
 
 def _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util) -> dict:

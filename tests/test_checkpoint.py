@@ -94,6 +94,26 @@ def test_resume_false_starts_fresh_and_true_needs_a_checkpoint(tokenizer_dir, da
         assert sorted(losses) == list(range(1, 7)) and losses[1] == first[0]["loss"]
 
 
+def test_a_resume_inside_a_logging_window_logs_what_an_uninterrupted_run_logs(tokenizer_dir, data_32, tmp_path):
+    """logging_steps=5, a checkpoint at step 7: the resumed run's log at step 10 is the mean over steps 6-10 (the
+    checkpoint carries steps 6 and 7), the same record as the uninterrupted run's, token count included."""
+    import shutil
+
+    out = tmp_path / "run"
+    config = tiny_config(tokenizer_dir, data_32, out, training={"max_steps": 12},
+                         logging={"logging_steps": 5, "save_steps": 7})
+    train.run(config)
+    want = {r["step"]: r for r in progress.read_metrics(out) if "loss" in r}
+    shutil.rmtree(out / "checkpoints" / "12")  # as if the run had been killed after its checkpoint at step 7
+    train.run(config)
+    got = {r["step"]: r for r in progress.read_metrics(out) if "loss" in r}
+    assert sorted(got) == sorted(want) == [5, 10, 12]
+    for s in (10, 12):
+        for key in ("loss", "grad_norm", "num_tokens", "num_trained", "step_losses", "learning_rate"):
+            assert got[s][key] == pytest.approx(want[s][key], rel=1e-6), (s, key)
+    assert len(got[10]["step_losses"]) == 5
+
+
 def test_a_resume_with_other_data_settings_is_warned_about(tokenizer_dir, data_32, tmp_path):
     """The saved data position counts steps of the run that wrote it: resuming with another max_length or batch
     size trains other rows from there, so jsft names the changed settings; the same settings resume silently."""
