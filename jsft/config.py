@@ -347,15 +347,17 @@ def check_data_compatibility(config: SFTConfig, columns, first_row: dict | None 
                 return True
         return False
 
+    pretokenized = {"assistant_masks", "completion_mask", "labels"} if "input_ids" in columns else set()
     if d.assistant_only_loss:
-        ok = bool(columns & {"messages", "conversations", "assistant_masks", "labels"}) or conversational(first_row)
+        ok = bool(columns & ({"messages", "conversations"} | (pretokenized - {"completion_mask"}))) or \
+            conversational(first_row)
         if not ok:
             raise ConfigError(
                 f"data.assistant_only_loss=True, but the dataset (columns {sorted(columns)}) is not conversational: "
                 "it needs a messages / conversations column or a conversational prompt/completion. Set "
                 "data.assistant_only_loss=False (or completion_only_loss for prompt/completion data)."
             )
-    if d.completion_only_loss is True and not columns & {"completion", "completion_mask", "labels"}:
+    if d.completion_only_loss is True and not columns & ({"completion"} | (pretokenized - {"assistant_masks"})):
         raise ConfigError(
             f"data.completion_only_loss=True, but the dataset (columns {sorted(columns)}) has no completion: it "
             "needs prompt + completion columns (or a pre-tokenized completion_mask). Set "

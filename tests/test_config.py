@@ -153,6 +153,13 @@ def test_completion_only_loss_and_text_field_need_their_columns():
     with pytest.raises(ConfigError, match="data.completion_only_loss"):
         C.check_data_compatibility(_valid(data={"completion_only_loss": True}), ["text"])
     C.check_data_compatibility(_valid(data={"completion_only_loss": True}), ["prompt", "completion"])
+    C.check_data_compatibility(_valid(data={"completion_only_loss": True}), ["input_ids", "completion_mask"])
+    C.check_data_compatibility(_valid(data={"completion_only_loss": True}), ["input_ids", "labels"])
+    # a `labels` column of a text dataset (a class label) is no pre-tokenized mask: still refused, for both losses
+    with pytest.raises(ConfigError, match="data.completion_only_loss"):
+        C.check_data_compatibility(_valid(data={"completion_only_loss": True}), ["text", "labels"])
+    with pytest.raises(ConfigError, match="data.assistant_only_loss"):
+        C.check_data_compatibility(_valid(data={"assistant_only_loss": True}), ["text", "labels", "assistant_masks"])
     with pytest.raises(ConfigError, match="data.dataset_text_field='text'"):
         C.check_data_compatibility(_valid(), ["content"])
     C.check_data_compatibility(_valid(data={"dataset_text_field": "content"}), ["content"])

@@ -241,6 +241,7 @@ BAD_ROWS = {
     "input ids out of vocab": ({"input_ids": [5, 6, 100_000]}, "input_ids"),
     "input ids empty": ({"input_ids": []}, "input_ids"),
     "input ids not integers": ({"input_ids": [1.5, 2.0]}, "input_ids"),
+    "input ids nested": ({"input_ids": [[5, 6], [7, 8]]}, "input_ids"),
     "nothing trained": ({"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}, "loss_mask"),
 }
 
@@ -384,3 +385,8 @@ def test_a_file_mixing_formats_takes_each_row_by_its_own_columns(tokenizer):
     with pytest.raises(BadRowError) as excinfo:  # a row whose only format column is None: its own error
         prepare_example({"text": None, "other": 1}, tokenizer, config, row_index=4)
     assert_bad_row(excinfo, 4, "text")
+
+
+def test_a_nested_input_ids_row_is_named_nested():
+    with pytest.raises(BadRowError, match=r"expected a flat list of integers, got a nested list \(2 dimensions\)"):
+        prepare_example({"input_ids": [[5, 6], [7, 8]]}, None, DataConfig(), row_index=3)

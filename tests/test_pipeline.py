@@ -231,6 +231,8 @@ def test_bad_rows_raise_or_are_counted_per_reason(tmp_path, tokenizer_dir):
     assert prepared.examples.source_rows.tolist() == [0, 2, 4]
     report = format_stats(prepared.stats)
     assert "skipped bad rows: 2" in report and "messages" in report
+    config.data.max_length, config.data.packing = None, False  # nothing truncated: the report says so
+    assert "truncated: none (no max_length)" in format_stats(prepare_dataset(config, tokenizer).stats)
 
 
 def test_a_bad_row_names_its_split_and_file(tmp_path, tokenizer_dir):

@@ -328,7 +328,8 @@ def _tokenized(row: dict, tokenizer, completion_only: bool, row_index) -> tuple[
     ids = np.asarray(ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise BadRowError(
-            row_index, "input_ids", f"expected a flat list of integers, got dtype {ids.dtype}",
+            row_index, "input_ids", "expected a flat list of integers, got " + (
+                f"a nested list ({ids.ndim} dimensions)" if ids.ndim != 1 else f"dtype {ids.dtype}"),
             "store token ids as one list of ints per row",
         )
     if ids.min() < 0 or ids.max() >= len(tokenizer):

@@ -421,6 +421,7 @@ def build_rows(examples: Examples, data: DataConfig, seed: int) -> tuple[packing
         "trained_tokens": int(_trained_targets(examples, rows.example, rows.start, rows.stop).sum()),
         "rows": rows.num_rows,
         "row_length": row_length,
+        "max_length": data.max_length,
         "packing": strategy or "none",
         "fill_rate": rows.tokens / max(1, rows.num_rows * row_length),
         "max_documents_per_row": int(np.diff(rows.row_ptr).max()) if rows.num_rows else 0,
@@ -451,7 +452,8 @@ def format_stats(stats: dict) -> str:
         f"{s['examples']:,} examples, {s['tokens']:,} tokens",
         f"  skipped bad rows: {sum(s['skipped_bad_rows'].values()):,}",
         *[f"    {count:,} x {reason}" for reason, count in s["skipped_bad_rows"].items()],
-        f"  truncated to {s['row_length']}: {s['truncated_examples']:,} examples, {s['truncated_tokens']:,} tokens",
+        f"  truncated to {s['row_length']}: {s['truncated_examples']:,} examples, {s['truncated_tokens']:,} tokens"
+        if s['truncated_examples'] or s.get('max_length') is not None else "  truncated: none (no max_length)",
         f"  dropped (no trained token after truncation): {s['dropped_no_trained_token']:,} {s['dropped_unit']}, "
         f"{s['dropped_tokens']:,} tokens",
         f"  rows ({'packed ' + s['packing'] if s['packing'] != 'none' else 'one example each'}): {s['rows']:,} rows "
