@@ -37,11 +37,15 @@ def host_token_counts(batch: dict) -> tuple[int, int]:
 
 
 def check_batch(batch: dict, step: int) -> None:
-    """Refuse a batch with no trained token (clear error, no device work). Cheap: numpy on the host."""
+    """Refuse a batch whose tokens train nothing (clear error, no device work). Cheap: numpy on the host.
+
+    A batch of padding only passes: with several processes it is one process's share of a partial last step, whose
+    real rows (and trained tokens) went to the other processes."""
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
         raise KeyError(f"step {step}: the batch lacks {missing}; the batch contract needs {BATCH_KEYS}")
-    check_trained_tokens(np.sum(np.asarray(batch["loss_mask"])), step)
+    if np.any(np.asarray(batch["segment_ids"]) > 0):
+        check_trained_tokens(np.sum(np.asarray(batch["loss_mask"])), step)
 
 
 # ----------------------------------------------------------------------------------------------- the loss

@@ -590,3 +590,23 @@ def test_pad_to_multiple_of_is_refused_with_packing():
     config = make_config_from_fields(packing=True, max_length=64, pad_to_multiple_of=16)
     with pytest.raises(ConfigError, match="pad_to_multiple_of=16 has no effect with packing=True"):
         validate(config)
+
+
+def test_a_partial_last_step_can_leave_a_process_only_padding_and_it_trains(tmp_path, tokenizer_dir):
+    """11 rows, 8 rows a step over 2 processes: the last step's 3 real rows all go to process 0, so process 1's share
+    is padding only. step.check_batch must accept that share (it refused it, and the 2-process run died there)."""
+    from jsft import step
+    from jsft.data import load_tokenizer
+
+    path = fixtures.write_jsonl(fixtures.make_rows("text", 11, seed=3), tmp_path / "rows.jsonl")
+    config = make_config(tmp_path, path, packing=False, max_length=64)
+    tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
+    prepared = prepare_dataset(config, tokenizer)
+    assert prepared.num_rows == 11
+    shares = [list(batch_iterator(prepared, 4, 1, seed=0, process_index=p, process_count=2, prefetch=0,
+                                  drop_remainder=False)) for p in range(2)]
+    assert [len(s) for s in shares] == [2, 2]
+    last = [s[-1] for s in shares]
+    assert (last[0]["segment_ids"] > 0).any() and not (last[1]["segment_ids"] > 0).any()
+    for share in last:
+        step.check_batch(share, 2)
