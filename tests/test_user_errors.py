@@ -206,6 +206,28 @@ def test_a_bad_row_of_a_parquet_shard_and_of_a_single_file_are_located(tmp_path,
                                                                                               tokenizer_dir))
 
 
+def test_strings_that_datasets_would_decode_as_json_are_a_bad_row(tmp_path):
+    """A field that is a number in one row makes datasets read it as JSON in every row, and the valid string "5" of
+    other rows comes back as the int 5 (then blamed as a bad row). jsft names the first changed row, its line and the
+    fix; strings that do not look like JSON (content parts mixed with text) read fine."""
+    import json
+
+    from jsft.data import BadRowError
+
+    def chat(answer):
+        return {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": answer}]}
+
+    path = tmp_path / "answers.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [chat("five"), chat("5"), chat("5"), chat(5)]) + "\n")
+    with pytest.raises(BadRowError, match=r"answers\.jsonl, line 2: row 1, field 'messages\[1\]\.content': the "
+                                          r"string '5' is read as 5: .* Fix: give messages\[\]\.content one type"):
+        sources.load_rows(DataConfig(dataset_name=str(path)))
+    parts = [chat("five"), {"messages": [{"role": "user", "content": [{"type": "text", "text": "2+3?"}]},
+                                         {"role": "assistant", "content": "five"}]}]
+    path.write_text("\n".join(json.dumps(r) for r in parts) + "\n")
+    assert sources.load_rows(DataConfig(dataset_name=str(path)))[1]["messages"][0]["content"][0]["text"] == "2+3?"
+
+
 def test_json_lines_with_blank_lines_and_a_column_of_mixed_types_are_read(tmp_path):
     """datasets alone fails on this file ("Expected object or value"): content is a string in one row and a list of
     text parts in another, and a blank line follows. jsft reads it (a copy without blank lines); in a directory,

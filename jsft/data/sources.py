@@ -241,7 +241,14 @@ def _load_file(path: Path, skip_bad_rows: bool = False, field: str = "data.datas
     if kind in ("json", "csv"):
         _check_utf8(path, field)
     try:
-        return datasets.load_dataset(kind, data_files=str(path), split="train"), []
+        dataset = datasets.load_dataset(kind, data_files=str(path), split="train")
+        if kind == "json" and _has_json_feature(dataset.features) and _is_json_lines(path):
+            damage = _json_decoding_damage(path, dataset)
+            if damage is not None:
+                raise damage
+        return dataset, []
+    except BadRowError:
+        raise
     except Exception as e:  # noqa: BLE001 (re-raised unless no rows or a malformed JSON line explains it)
         if "corresponds to no data" in str(e):
             raise ConfigError(f"{field}={str(path)!r}: the file has no rows. Fix: point {field} at a file with "
@@ -315,6 +322,46 @@ def _malformed_json(path: Path) -> BadRowError | None:
             pass
     except BadRowError as e:
         return e
+    return None
+
+
+def _has_json_feature(feature) -> bool:
+    """datasets types a field whose type varies between rows as Json (a string in one row, a number in another)."""
+    from datasets.features import Json
+
+    if isinstance(feature, Json):
+        return True
+    if isinstance(feature, dict):
+        return any(_has_json_feature(f) for f in feature.values())
+    inner = getattr(feature, "feature", None)
+    return inner is not None and _has_json_feature(inner)
+
+
+def _first_changed_string(raw, read, field: str) -> tuple[str, str, object] | None:
+    """(field, the file's string, what datasets gave) where a string of the file came back as another value."""
+    if isinstance(raw, str):
+        return None if raw == read else (field, raw, read)
+    if isinstance(raw, dict) and isinstance(read, dict):
+        return next(filter(None, (_first_changed_string(v, read.get(k), f"{field}.{k}" if field else k)
+                                  for k, v in raw.items())), None)
+    if isinstance(raw, list) and isinstance(read, list):
+        return next(filter(None, (_first_changed_string(v, w, f"{field}[{j}]")
+                                  for j, (v, w) in enumerate(zip(raw, read)))), None)
+    return None
+
+
+def _json_decoding_damage(path: Path, dataset) -> BadRowError | None:
+    """datasets reads a field whose type varies between rows as JSON and decodes the strings of the other rows too:
+    the string "5" comes back as the number 5, "null" as None. The first such row, as a BadRowError naming it."""
+    for index, (raw, read) in enumerate(zip(read_jsonl(path), dataset)):
+        changed = _first_changed_string(raw, read, "")
+        if changed is not None:
+            field, text, value = changed
+            line, every_row = _row_lines(path)[index], re.sub(r"\[[0-9]+\]", "[]", field)
+            return BadRowError(
+                index, field, f"the string {text!r} is read as {value!r}: the type of this field varies between rows "
+                "(e.g. a number or a list in some rows), so datasets reads it as JSON and decodes strings that look "
+                "like JSON", f"give {every_row} one type in every row (e.g. strings)", f"{path}, line {line}")
     return None
 
 
