@@ -187,15 +187,20 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
         print(f"plan: unpacked rows are {train_data.stats['fill_rate']:.0%} tokens, the rest padding to {L}: set "
               "data.packing=True (documents stay apart), or data.pad_to_multiple_of=64 to pad each step only to its "
               "longest row (one compile per length)")
-    attention = model.layers[0].self_attn
-    impl = attention.impl
-    if impl == "auto":
-        from jsft.model.attention import choose_impl
+    from jsft.model.attention import plan_report
+    from jsft.model.llama import Attention
 
-        impl = choose_impl(model.compute_dtype, L, attention.head_dim, max_segments=attention.max_segments)
-    plan["attention_impl"] = impl
-    print(f"plan: attention {impl} (model.attention_impl={attention.impl!r}), at most {attention.max_segments} "
-          "documents a row")
+    attention = next(m for _, m in nnx.iter_modules(model) if isinstance(m, Attention))  # every layer's is alike
+    tensor = mesh.shape.get("tensor", 1)
+    heads = model.cfg.num_heads // tensor if model.cfg.num_heads % tensor == 0 else model.cfg.num_heads
+    entries, lines = plan_report(  # probes the attention kernels here; an explicit impl that cannot run stops here
+        attention.impl, model.compute_dtype, L, attention.head_dim, q_heads=model.cfg.num_heads,
+        kv_heads=model.cfg.num_kv_heads, max_segments=attention.max_segments,
+        rows_per_device=max(1, B * count // math.prod(mesh.shape[a] for a in ("data", "fsdp"))),
+        heads_per_device=heads, device_bytes=(jax.local_devices()[0].memory_stats() or {}).get("bytes_limit"))
+    plan.update(entries)
+    for line in lines:
+        print(f"plan: {line}")
     try:
         with jax.set_mesh(mesh):
             compiled = step.train_step.lower(model, optimizer, _abstract_batch(batch, mesh, L),

@@ -200,3 +200,27 @@ def test_save_strategy_no_writes_no_checkpoint_but_exports(tokenizer_dir, small_
     checkpoints = tmp_path / "run" / "checkpoints"
     assert not checkpoints.exists() or not any(p.name.isdigit() for p in checkpoints.iterdir())
     assert summary["steps"] == 3 and (tmp_path / "run" / "export" / "model.safetensors").exists()
+
+
+def test_the_plan_says_which_attention_runs_and_why_the_probed_candidates_before_it_did_not(
+        tokenizer_dir, small_data, tmp_path, monkeypatch, small_probe, capsys):
+    """auto on a device where the first candidate does not build: the run falls back to the next one that passes
+    its probe, trains, and the plan says so (a CPU has no real failing kernel: stand-ins in KERNELS)."""
+    from jsft.model import attention, kernels
+
+    def broken(q, k, v, segment_ids, scale, **options):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setitem(kernels.KERNELS, "broken", broken)
+    monkeypatch.setitem(kernels.KERNELS, "working", kernels.xla_attention)
+    monkeypatch.setattr(attention, "auto_candidates", lambda dtype: ("broken", "working"))
+    config = tiny_config(tokenizer_dir, small_data, tmp_path / "run", training={"max_steps": 1},
+                         logging={"save_strategy": "no", "export_formats": []})
+    summary = train.run(config)
+    assert summary["steps"] == 1 and np.isfinite(summary["last_metrics"]["loss"])
+    assert summary["plan"]["attention_impl"] == "working"
+    plan_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: attention"))
+    assert plan_line.startswith("plan: attention working (probe passed: max rel err ")
+    assert plan_line.endswith("; not broken: its probe failed: RuntimeError: no kernel image is available for "
+                              "execution on the device); model.attention_impl='auto', at most "
+                              f"{summary['model'].layers[0].self_attn.max_segments} documents a row")
