@@ -23,7 +23,7 @@ from flax import nnx
 
 from jsft import checkpoint, progress, sharding, step
 from jsft.config import ConfigError, SFTConfig, load, validate
-from jsft.loss import effective_seq_len, flops_per_token, mfu, normalize, peak_tflops
+from jsft.loss import effective_seq_len, flops_per_token, lora_frozen_params, mfu, normalize, peak_tflops
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -414,6 +414,10 @@ def run(config: SFTConfig) -> dict:
     plan = print_plan(config, model, optimizer, wrt, first, mesh, total_steps, start_step, schedule, train_data)
     peak = peak_tflops(override=tc.peak_tflops)
     hf_cfg = model.cfg.hf_config
+    flop_counts = {}  # LoRA: MFU counts no gradient for the frozen weights (jsft.loss.flops_per_token)
+    if config.lora.use_peft:
+        flop_counts = dict(lora_params=sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))),
+                           frozen_params=lora_frozen_params(hf_cfg, head_trains=wrt_embeddings))
 
     # ---- the loop
     interrupt = _Interrupt()
@@ -442,7 +446,7 @@ def run(config: SFTConfig) -> dict:
                     window = jax.device_get(window)
                     tokens_seen += sum(float(m["num_tokens"]) for m in window)
                     rate = throughput.report()
-                    util = mfu(rate, flops_per_token(hf_cfg, seq), jax.device_count(), peak)
+                    util = mfu(rate, flops_per_token(hf_cfg, seq, **flop_counts), jax.device_count(), peak)
                     last_metrics = _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util)
                     writer.write(step_no, last_metrics)
                     bar.set_postfix(progress.bar_postfix(last_metrics, rate, util))

@@ -4,6 +4,7 @@ before any compute."""
 import json
 import time
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -62,7 +63,8 @@ def test_run_learns_a_repeated_batch_logs_saves_and_exports(tokenizer_dir, small
 def test_lora_run_keeps_frozen_base_weights_bit_for_bit(tokenizer_dir, small_data, tmp_path):
     config = tiny_config(tokenizer_dir, small_data, tmp_path / "lora", lora={"use_peft": True, "lora_r": 4,
                                                                                "lora_dropout": 0.0},
-                         training={"max_steps": 3}, data={"packing": False, "padding_free": False})
+                         training={"max_steps": 3, "peak_tflops": 0.001},
+                         data={"packing": False, "padding_free": False})
     mesh = sharding.create_mesh(config.sharding)
     tokenizer, _ = train.build_tokenizer(config)
     initial, _ = train.build_model(config, tokenizer, mesh)
@@ -78,6 +80,16 @@ def test_lora_run_keeps_frozen_base_weights_bit_for_bit(tokenizer_dir, small_dat
     assert any(not np.array_equal(lora_before[k], lora_after[k]) for k in lora_before)
     assert summary["plan"]["trainable_params"] < summary["plan"]["params"] / 2
     assert summary["exports"] == {"adapter": str(tmp_path / "lora" / "adapter")}
+    # MFU of a LoRA run counts no weight gradient for the frozen base: 4N + 6A + attention, not 6N + attention
+    from jsft import loss
+
+    last = [r for r in progress.read_metrics(tmp_path / "lora") if "mfu" in r][-1]
+    logged = last["mfu"] * jax.device_count() * 1e9 / last["tokens_per_second"]  # peak 0.001 TFLOP/s
+    hf = model.cfg.hf_config
+    adapters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    attention_per_token = loss.attention_flops_per_token(hf, 1.0)
+    seq = (logged - 4 * loss.matmul_params(hf) - 6 * adapters) / attention_per_token  # the attention length it used
+    assert 1.0 <= seq <= 64.0, seq  # counting 6N would leave 2N - 6A unexplained: a length far past max_length
 
 
 @pytest.mark.parametrize("field, value, message", [
