@@ -226,3 +226,12 @@ def test_plan_report_on_cpu_and_an_explicit_impl_that_cannot_run():
     with pytest.raises(AttentionUnavailable, match="impl='cudnn' cannot run: it needs an NVIDIA GPU"):
         attention.plan_report("cudnn", jnp.bfloat16, 64, 16, q_heads=4, kv_heads=2, max_segments=3,
                               rows_per_device=1, heads_per_device=4, device_bytes=None)
+
+
+def test_auto_on_a_cpu_is_xla_and_probes_nothing(monkeypatch, small_probe):
+    seen = []
+    monkeypatch.setattr(attention, "_probe", lambda *key: seen.append(key))
+    for dtype in (jnp.bfloat16, jnp.float32):
+        choice = attention.resolve("auto", dtype, 4096, 128, q_heads=32, kv_heads=8, max_segments=8)
+        assert choice.impl == "xla" and choice.not_used == ()
+    assert seen == []

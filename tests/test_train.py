@@ -236,3 +236,17 @@ def test_the_plan_says_which_attention_runs_and_why_the_probed_candidates_before
     assert plan_line.endswith("; not broken: its probe failed: RuntimeError: no kernel image is available for "
                               "execution on the device); model.attention_impl='auto', at most "
                               f"{summary['model'].layers[0].self_attn.max_segments} documents a row")
+
+
+def test_an_explicit_attention_that_cannot_run_here_stops_at_the_plan_with_the_reason(tokenizer_dir, small_data,
+                                                                                      tmp_path):
+    from jsft import cli
+    from jsft.model.attention import AttentionUnavailable
+
+    config = tiny_config(tokenizer_dir, small_data, tmp_path / "run", model={"attention_impl": "cudnn"})
+    step.train_step.jitted_fn.clear_cache()
+    with pytest.raises(AttentionUnavailable, match=r"^attention impl='cudnn' cannot run: it needs an NVIDIA GPU, "
+                                                   r"and the default backend is 'cpu'\. Alternatives: ") as raised:
+        train.run(config)
+    assert isinstance(raised.value, cli.user_errors())
+    assert step.train_step.jitted_fn._cache_size() == 0  # stopped before any step was traced
