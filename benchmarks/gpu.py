@@ -179,11 +179,15 @@ def run_one(spec: dict) -> dict:
     seq_len = jsft_loss.effective_seq_len(rows["segment_ids"])
     hf = MODELS[spec["model"]]
     adapters = _count(nnx.state(model, nnx.LoRAParam))
-    counts = dict(lora_params=adapters, frozen_params=jsft_loss.lora_frozen_params(hf)) if spec["mode"] == "lora" else {}
+    counts = {}  # LoRA: no gradient for the frozen weights (jsft.loss.flops_per_token)
+    if spec["mode"] == "lora":
+        counts = dict(lora_params=adapters, frozen_params=jsft_loss.lora_frozen_params(hf))
     model_flops = jsft_loss.flops_per_token(hf, seq_len, **counts)
     hardware_flops = jsft_loss.hardware_flops_per_token(hf, seq_len, remat=spec["remat"], **counts)
     peak = jsft_loss.peak_tflops(override=spec["peak_tflops"])
-    utilization = lambda flops: None if peak is None else round(jsft_loss.mfu(tokens_per_s, flops, peak=peak), 4)  # noqa: E731
+    def utilization(flops):
+        return None if peak is None else round(jsft_loss.mfu(tokens_per_s, flops, peak=peak), 4)
+
     return dict(
         record,
         status="ok",
@@ -244,7 +248,8 @@ def parse_args(argv):
                    help=f"configurations to run, in order (default {' '.join(DEFAULT_CONFIGS)})")
     p.add_argument("--smoke", action="store_true", help=f"tiny model on CPU, in-process: {' '.join(SMOKE_CONFIGS)}")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help=f"override a field of every configuration: {', '.join(['L', 'micro_batch', 'remat', 'mode'] + list(DEFAULTS))}")
+                   help="override a field of every configuration: L, micro_batch, remat, mode, "
+                        + ", ".join(DEFAULTS))
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak bf16 TFLOP/s (default: the table)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each run in its own process (default: on for GPU, off for --smoke)")

@@ -86,7 +86,8 @@ def auto_choices(smoke: bool) -> dict:
     for name, head_dim in (("8b_d128", 128), ("1b_d64", 64)):
         start = time.perf_counter()
         choice = attention.resolve("auto", dtype, 8192, head_dim, q_heads=32, kv_heads=8, max_segments=8)
-        choices[name] = dict(impl=choice.impl, describe=choice.describe(), seconds=round(time.perf_counter() - start, 2))
+        seconds = round(time.perf_counter() - start, 2)
+        choices[name] = dict(impl=choice.impl, describe=choice.describe(), seconds=seconds)
         print(f"auto {name}: {choice.describe()}", flush=True)
     return choices
 

@@ -70,7 +70,8 @@ def test_auto_uses_the_first_candidate_whose_probe_passes_and_says_why_the_other
     assert reason_1 == "its probe failed: RuntimeError: no kernel image is available for execution on the device"
     assert re.match(r"its probe failed: (out|dq|dk|dv) rel err 1\.0e-01 vs float32 \(tolerance 2e-02\) in ", reason_2)
     line = choice.describe()
-    assert line.startswith("good (probe passed: max rel err ") and "; not broken: its probe failed: RuntimeError" in line
+    assert line.startswith("good (probe passed: max rel err ")
+    assert "; not broken: its probe failed: RuntimeError" in line
     assert "; not wrong: its probe failed: " in line and " rel err 1.0e-01 " in line
 
 
@@ -120,7 +121,8 @@ def test_an_explicit_impl_whose_probe_fails_raises_the_probe_error_and_the_alter
     from jsft import cli
 
     assert isinstance(raised.value, cli.user_errors())  # one line, exit 2, no traceback
-    np.testing.assert_array_equal(packed_attention(q, k, v, seg, impl="good"), packed_attention(q, k, v, seg, impl="xla"))
+    np.testing.assert_array_equal(packed_attention(q, k, v, seg, impl="good"),
+                                  packed_attention(q, k, v, seg, impl="xla"))
 
 
 def test_each_probe_runs_once_per_process_keyed_by_dtype_head_dim_heads_and_the_cudnn_bound(stand_ins):
@@ -196,7 +198,8 @@ def test_command_buffer_flag_parsing():
     assert not kernels.command_buffers_exclude_cudnn("--xla_gpu_enable_command_buffer=FUSION,CUDNN")
     assert not kernels.command_buffers_exclude_cudnn("--xla_gpu_enable_command_buffer=custom_call")
     # the last one wins, as in XLA's flag parser
-    assert kernels.command_buffers_exclude_cudnn("--xla_gpu_enable_command_buffer=CUDNN --xla_gpu_enable_command_buffer=")
+    assert kernels.command_buffers_exclude_cudnn(
+        "--xla_gpu_enable_command_buffer=CUDNN --xla_gpu_enable_command_buffer=")
 
 
 def test_plan_report_warns_with_the_byte_count_when_cudnn_s_backward_may_take_over_a_tenth_of_the_device(

@@ -294,8 +294,8 @@ def plan_report(impl: str, dtype, length: int, head_dim: int, *, q_heads: int, k
         entries.update(cudnn_bound=bound, cudnn_backward_bytes=need)
         if device_bytes and need > CUDNN_MEMORY_SHARE * device_bytes:
             lines.append(
-                f"WARNING: cuDNN's packed backward may need {need:,} bytes ({need / 2**30:.1f} GiB, rows {rows_per_device}"
-                f" x bound {bound} x heads {heads_per_device} x L {length} x head dim {head_dim} x 4) per call, more "
+                f"WARNING: cuDNN's packed backward may need {need:,} bytes ({need / 2**30:.1f} GiB, rows "
+                f"{rows_per_device} x bound {bound} x heads {heads_per_device} x L {length} x head dim {head_dim} x 4) per call, more "
                 f"than {CUDNN_MEMORY_SHARE:.0%} of the device's {device_bytes / 2**30:.1f} GiB. To need less: fewer "
                 "documents a row (the bound is the data's most, rounded up to a power of two), shorter rows, fewer "
                 "rows per device, or model.attention_impl='tokamax' (no such buffer)")

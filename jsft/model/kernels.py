@@ -129,7 +129,8 @@ def cudnn_bound(max_segments: int, length: int) -> int:
     would not select the packed layout), at most L. There is no default: a guessed bound too small makes rows NaN,
     one too large costs memory (jax lowers the call as B*M sequences of length L; see `cudnn_backward_bytes`).
 
-        cudnn_bound(1, 8192) -> 2;  cudnn_bound(5, 8192) -> 8;  cudnn_bound(17, 8192) -> 32;  cudnn_bound(300, 256) -> 256
+        cudnn_bound(1, 8192) -> 2;  cudnn_bound(5, 8192) -> 8;  cudnn_bound(17, 8192) -> 32
+        cudnn_bound(300, 256) -> 256
     """
     if max_segments is None or int(max_segments) < 1:
         raise ValueError(f"cudnn attention needs max_segments >= 1 (the most documents one row holds), got "
