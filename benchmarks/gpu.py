@@ -1,36 +1,37 @@
-"""Training-step throughput of random-init Llama models with real shapes on packed rows: tokens/s, MFU, memory.
+"""Throughput of the trainer's own step on random-init Llama models with real shapes: tokens/s, MFU, HFU, memory.
 
-    python benchmarks/gpu.py                                   # Llama-3.2-1B and Llama-3-8B, L = 4096/8192/16384
-    python benchmarks/gpu.py --models 1b --lengths 8192 --remat full save_dots --micro-batch 1 2 --modes full lora
-    python benchmarks/gpu.py --smoke --out /tmp/bench          # tiny config on CPU (the test runs this)
+    python benchmarks/gpu.py                                  # 1b-full and 8b-lora (CONFIGS), each in its own process
+    python benchmarks/gpu.py --configs 1b-full --set attention=xla steps=3 --out /tmp/x.json
+    python benchmarks/gpu.py --smoke --peak-tflops 0.001      # smoke-full and smoke-lora on CPU (the test runs this)
 
-One run = one (model, L, micro-batch B, remat policy, mode full|lora, attention impl): a plain jitted train step
-(forward, jsft.loss.chunked_loss, backward, optax.adamw update) on synthetic packed rows (documents of random
-length, tail padding, positions restarting per document). Reported per run:
+One configuration = one entry of CONFIGS (model, mode full|lora, L, micro-batch B, remat, attention impl), with
+`--set field=value` applied to each. It runs exactly what `python -m jsft.train` runs per step: `jsft.step.train_step`
+with `jsft.optim.make_optimizer` (AdamW, fp32 moments, gradient clipping at 1.0, TrainingConfig's defaults) on a
+one-device mesh (`jax.set_mesh`), with the model and optimizer placed by jsft.sharding, on synthetic packed rows
+(documents of random length, tail padding, positions restarting per document) and the data's documents-per-row bound
+(`model.set_max_segments`). The attention is resolved (probed) first, as the train plan does. Reported per run:
 
-    compile_s        lower + compile of the step
-    step_ms          median step time over --steps timed steps (after one warm-up step)
+    probe_s          resolving the attention (the probes of auto's candidates; cached per process)
+    first_call_s     the first step: trace, compile and one run; compile_s = first_call_s - step time
+    step_ms          median step time over `steps` timed steps (after the first)
     tokens_per_s     non-padding tokens per second (padded_tokens_per_s counts every slot of [B, L])
-    mfu              tokens_per_s * flops_per_token / peak; flops_per_token = 6 * matmul params + attention
-                     (jsft.loss.flops_per_token, the trainer's own definition, with the rows' effective length)
-    peak_bytes       device.memory_stats()["peak_bytes_in_use"] (None on CPU); each run is its own process on a
-                     GPU (--isolate, the default there) so the peak is that run's alone
-    temp_bytes       the compiled step's temporary buffers (XLA memory analysis)
-    attention_impl   what impl="auto" (or --attention) resolved to
+    mfu, hfu         tokens_per_s * FLOPs per token / peak: MFU with jsft.loss.flops_per_token (model FLOPs: 6N
+                     for full fine-tuning, 4N + 6A for LoRA), HFU with hardware_flops_per_token (+ remat recompute)
+    peak_bytes       device.memory_stats()["peak_bytes_in_use"] (None on CPU); each run is its own process on a GPU
+                     (--isolate, the default there) so the peak is that run's alone
+    attention_impl   what ran, and attention_choice: why (jsft.model.attention.Choice.describe)
 
-Full fine-tuning keeps params and Adam moments in bf16 (the real models are random-init in bf16), so an 8B model
-needs 4 x 16 GB for params, grads and moments before activations; an out-of-memory run is recorded as an error.
-Peak TFLOP/s comes from jsft.loss.peak_tflops (H100/H200 989 bf16 dense, A100 312), or --peak-tflops.
-Results go to benchmarks/results/<device>-<date>.json (or --out) with the command that made them.
+The JSON (command, git commit, device, versions) is rewritten after every configuration, so a run cut short keeps
+what it measured. Results go to benchmarks/results/<device>-<date>.json (or --out). Imports no grain or datasets.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import json
 import os
+import platform
 import re
 import statistics
 import subprocess
@@ -41,16 +42,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from common import git_commit  # noqa: E402
 from jsft import loss as jsft_loss  # noqa: E402
+from jsft import sharding, step  # noqa: E402
+from jsft.config import TrainingConfig  # noqa: E402
 from jsft.model import attention  # noqa: E402
 from jsft.model.llama import Llama, LlamaConfig  # noqa: E402
+from jsft.optim import make_optimizer, trainable_filter  # noqa: E402
 
 # HF config.json fields of the real models (no download). Llama-3.2-1B ties its embeddings; Llama-3-8B does not.
 MODELS = {
@@ -72,6 +77,21 @@ MODELS = {
         rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0,
     ),
 }
+
+# The configurations worth a GPU's minutes. Full fine-tuning of the 8B model needs FSDP over several GPUs (bf16
+# params + fp32 gradients and moments are ~110 GB before activations), so one device runs it as LoRA.
+CONFIGS = {
+    "1b-full": dict(model="1b", mode="full", L=8192, micro_batch=4, remat="full"),
+    "1b-full-xla": dict(model="1b", mode="full", L=8192, micro_batch=4, remat="full", attention="xla"),
+    "1b-lora": dict(model="1b", mode="lora", L=8192, micro_batch=4, remat="full"),
+    "8b-lora": dict(model="8b", mode="lora", L=8192, micro_batch=1, remat="full"),
+    "8b-lora-16k": dict(model="8b", mode="lora", L=16384, micro_batch=1, remat="full"),
+    "smoke-full": dict(model="smoke", mode="full", L=32, micro_batch=1, remat="none", steps=2),
+    "smoke-lora": dict(model="smoke", mode="lora", L=32, micro_batch=2, remat="full", steps=2),
+}
+DEFAULT_CONFIGS, SMOKE_CONFIGS = ("1b-full", "8b-lora"), ("smoke-full", "smoke-lora")
+DEFAULTS = dict(attention="auto", steps=5, mean_doc=None, lora_rank=16, chunk_size=1024, learning_rate=1e-5,
+                peak_tflops=None)  # mean_doc None: L / 8 (about 8 documents a row)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -104,98 +124,89 @@ def packed_batch(batch: int, length: int, vocab: int, mean_doc: int, seed: int =
 # ----------------------------------------------------------------------------------------------- one run
 
 
-def build(model_name: str, mode: str, remat: str, attention_impl: str, lora_rank: int):
-    """Random-init model (eager: each param is created on the default device, never the host) and the filter of
-    the trainable params."""
-    cfg = LlamaConfig.from_hf(MODELS[model_name])
-    dtype = jnp.float32 if model_name == "smoke" else jnp.bfloat16
+def build(spec: dict, mesh):
+    """(model config, model placed on the mesh, trainable filter): random init in the real dtype, LoRA applied."""
+    cfg = LlamaConfig.from_hf(MODELS[spec["model"]])
+    dtype = jnp.float32 if spec["model"] == "smoke" else jnp.bfloat16
 
     def make():
         model = Llama(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, compute_dtype=dtype,
-                      attention_impl=attention_impl, remat_policy=remat)
-        if mode == "lora":
+                      attention_impl=spec["attention"], remat_policy=spec["remat"])
+        if spec["mode"] == "lora":
             from jsft.model.lora import apply_lora
 
-            apply_lora(model, r=lora_rank, alpha=2.0 * lora_rank, dropout=0.0, rngs=nnx.Rngs(1))
+            apply_lora(model, r=spec["lora_rank"], alpha=2.0 * spec["lora_rank"], dropout=0.0, rngs=nnx.Rngs(1))
         return model
 
-    return cfg, make(), (nnx.LoRAParam if mode == "lora" else nnx.Param)
-
-
-def make_step(graphdef, trainable_filter, tx, chunk_size: int):
-    """jit(step): (trainable, frozen, opt_state, batch) -> (trainable, opt_state, loss). nnx.value_and_grad with a
-    DiffState differentiates only the trainable params (all Params, or the LoRA params)."""
-
-    def loss_fn(model, batch):
-        hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
-        sums = jsft_loss.chunked_loss(hidden, model.lm_head_weight(), batch["targets"], batch["loss_mask"], "nll",
-                                      chunk_size)
-        return sums["loss_sum"] / jnp.maximum(sums["num_trained"], 1.0)
-
-    def step(trainable, frozen, opt_state, batch):
-        model = nnx.merge(graphdef, trainable, frozen)
-        grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable_filter))
-        loss, grads = grad_fn(model, batch)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return jax.jit(step, donate_argnums=(0, 2))
+    return cfg, sharding.create_sharded_model(make, mesh), trainable_filter(lora=spec["mode"] == "lora")
 
 
 def run_one(spec: dict) -> dict:
-    """Build, compile and time one configuration; errors (out of memory, ...) are recorded, not raised."""
+    """Build, compile and time one configuration with jsft's own step; errors (out of memory, an attention that
+    cannot run, ...) are recorded, not raised."""
     record = dict(spec)
     try:
-        cfg, model, trainable_filter = build(spec["model"], spec["mode"], spec["remat"], spec["attention"],
-                                             spec["lora_rank"])
-        batch_np = packed_batch(spec["micro_batch"], spec["L"], cfg.vocab_size, spec["mean_doc"])
-        max_segments = int(batch_np["segment_ids"].max())  # as jsft.train does: the data's documents-per-row bound
+        mesh = sharding.create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+        cfg, model, wrt = build(spec, mesh)
+        rows = packed_batch(spec["micro_batch"], spec["L"], cfg.vocab_size, spec["mean_doc"] or max(2, spec["L"] // 8))
+        max_segments = int(rows["segment_ids"].max())  # ids are 1..n per row: the data's documents-per-row bound
         model.set_max_segments(max_segments)
-        graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
-        del model
-        tx = optax.adamw(spec["learning_rate"], weight_decay=0.0)
-        opt_state = tx.init(trainable)
-        batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
-        step = make_step(graphdef, trainable_filter, tx, spec["chunk_size"])
-
         start = time.perf_counter()
-        compiled = step.lower(trainable, frozen, opt_state, batch).compile()
-        record["compile_s"] = round(time.perf_counter() - start, 3)
-        record["temp_bytes"] = _temp_bytes(compiled)
-
+        choice = attention.resolve(spec["attention"], model.compute_dtype, spec["L"], cfg.head_dim,
+                                   q_heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, max_segments=max_segments)
+        record.update(attention_impl=choice.impl, attention_choice=choice.describe(),
+                      probe_s=round(time.perf_counter() - start, 2))
+        training = TrainingConfig(learning_rate=spec["learning_rate"], lr_scheduler_type="constant")
+        tx, schedule = make_optimizer(training, total_steps=spec["steps"] + 1)
+        optimizer = sharding.create_sharded_optimizer(model, tx, wrt, mesh)
+        batch = sharding.shard_batch({k: v[None] for k, v in rows.items()}, mesh)  # one micro-batch: [1, B, L]
+        options = dict(loss_type="nll", chunk_size=min(spec["chunk_size"], spec["micro_batch"] * spec["L"]),
+                       schedule=schedule)
         losses, times = [], []
-        for i in range(spec["steps"] + 1):  # step 0 is the warm-up
-            start = time.perf_counter()
-            trainable, opt_state, loss = compiled(trainable, frozen, opt_state, batch)
-            losses.append(float(jax.block_until_ready(loss)))
-            if i:
+        with jax.set_mesh(mesh):
+            for i in range(spec["steps"] + 1):  # the first call traces and compiles
+                start = time.perf_counter()
+                metrics = step.train_step(model, optimizer, batch, **options)
+                losses.append(float(jax.block_until_ready(metrics["loss"])))
                 times.append(time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001 - an out-of-memory run is a result
         return dict(record, status="error", error=f"{type(e).__name__}: {e}"[:1500])
 
+    first_call_s, times = times[0], times[1:]
     step_s = statistics.median(times)
-    real_tokens = int((batch_np["segment_ids"] > 0).sum())
+    real_tokens = int((rows["segment_ids"] > 0).sum())
     tokens_per_s = real_tokens / step_s
-    seq_len = jsft_loss.effective_seq_len(batch_np["segment_ids"])
-    flops = jsft_loss.flops_per_token(MODELS[spec["model"]], seq_len)
+    seq_len = jsft_loss.effective_seq_len(rows["segment_ids"])
+    hf = MODELS[spec["model"]]
+    adapters = _count(nnx.state(model, nnx.LoRAParam))
+    counts = {}  # LoRA: no gradient for the frozen weights (jsft.loss.flops_per_token)
+    if spec["mode"] == "lora":
+        counts = dict(lora_params=adapters, frozen_params=jsft_loss.lora_frozen_params(hf))
+    model_flops = jsft_loss.flops_per_token(hf, seq_len, **counts)
+    hardware_flops = jsft_loss.hardware_flops_per_token(hf, seq_len, remat=spec["remat"], **counts)
     peak = jsft_loss.peak_tflops(override=spec["peak_tflops"])
-    used = attention.choose_impl(jnp.bfloat16 if spec["model"] != "smoke" else jnp.float32, spec["L"],
-                                 cfg.head_dim, max_segments) if spec["attention"] == "auto" else spec["attention"]
+    def utilization(flops):
+        return None if peak is None else round(jsft_loss.mfu(tokens_per_s, flops, peak=peak), 4)
+
     return dict(
         record,
         status="ok",
-        attention_impl=used,
-        params=_count(trainable) + _count(nnx.filter_state(frozen, nnx.Param)),
-        trainable_params=_count(trainable),
-        documents_per_row=round(float(np.mean([len(set(r[r > 0].tolist())) for r in batch_np["segment_ids"]])), 2),
+        params=_count(nnx.state(model, nnx.Param)),
+        trainable_params=_count(nnx.state(model, wrt)),
+        max_documents_per_row=max_segments,
+        documents_per_row=round(float(np.mean([len(set(r[r > 0].tolist())) for r in rows["segment_ids"]])), 2),
         effective_seq_len=round(seq_len, 1),
+        first_call_s=round(first_call_s, 2),
+        compile_s=round(first_call_s - step_s, 2),
         step_ms=round(step_s * 1e3, 3),
         step_ms_all=[round(t * 1e3, 3) for t in times],
         tokens_per_s=round(tokens_per_s, 1),
-        padded_tokens_per_s=round(batch_np["segment_ids"].size / step_s, 1),
-        flops_per_token=flops,
+        padded_tokens_per_s=round(rows["segment_ids"].size / step_s, 1),
+        flops_per_token=model_flops,
+        hardware_flops_per_token=hardware_flops,
         peak_tflops=peak,
-        mfu=None if peak is None else round(jsft_loss.mfu(tokens_per_s, flops, peak=peak), 4),
+        mfu=utilization(model_flops),
+        hfu=utilization(hardware_flops),
         peak_bytes=_peak_bytes(),
         losses=[round(x, 4) for x in losses],
     )
@@ -205,20 +216,13 @@ def _count(state) -> int:
     return int(sum(x.size for x in jax.tree.leaves(state)))
 
 
-def _temp_bytes(compiled) -> int | None:
-    try:
-        return int(compiled.memory_analysis().temp_size_in_bytes)
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def _peak_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats()
     return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
 
 
 def run_isolated(spec: dict, timeout: int) -> dict:
-    """run_one in a fresh process: its own peak memory, and an out-of-memory crash cannot take the sweep down."""
+    """run_one in a fresh process: its own peak memory, and an out-of-memory crash cannot take the others down."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=CHILD_ENV)
@@ -230,7 +234,7 @@ def run_isolated(spec: dict, timeout: int) -> dict:
     return dict(spec, status="error", error=f"exit {done.returncode}: {done.stderr[-1500:]}")
 
 
-# ----------------------------------------------------------------------------------------------- the sweep
+# ----------------------------------------------------------------------------------------------- the list
 
 
 def device_name() -> str:
@@ -240,18 +244,12 @@ def device_name() -> str:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny model on CPU, L=32, a few runs in-process")
-    p.add_argument("--models", nargs="*", default=None, choices=sorted(MODELS))
-    p.add_argument("--lengths", type=int, nargs="*", default=None)
-    p.add_argument("--micro-batch", type=int, nargs="*", default=None)
-    p.add_argument("--remat", nargs="*", default=None, choices=["none", "full", "save_dots", "offload"])
-    p.add_argument("--modes", nargs="*", default=None, choices=["full", "lora"])
-    p.add_argument("--attention", nargs="*", default=["auto"], choices=list(attention.IMPLEMENTATIONS))
-    p.add_argument("--steps", type=int, default=None, help="timed steps per run (after one warm-up)")
-    p.add_argument("--mean-doc", type=int, default=None, help="mean document length in tokens (default L/8)")
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the lm_head + loss")
-    p.add_argument("--learning-rate", type=float, default=1e-5)
+    p.add_argument("--configs", nargs="*", default=None, choices=sorted(CONFIGS),
+                   help=f"configurations to run, in order (default {' '.join(DEFAULT_CONFIGS)})")
+    p.add_argument("--smoke", action="store_true", help=f"tiny model on CPU, in-process: {' '.join(SMOKE_CONFIGS)}")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="override a field of every configuration: L, micro_batch, remat, mode, "
+                        + ", ".join(DEFAULTS))
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak bf16 TFLOP/s (default: the table)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each run in its own process (default: on for GPU, off for --smoke)")
@@ -262,25 +260,29 @@ def parse_args(argv):
 
 
 def specs(args) -> list[dict]:
-    """The sweep: every combination of the lists (the smoke sweep: two runs covering both modes and remats)."""
-    smoke = args.smoke
-    models = args.models or (["smoke"] if smoke else ["1b", "8b"])
-    lengths = args.lengths or ([32] if smoke else [4096, 8192, 16384])
-    micro = args.micro_batch or [1, 2]
-    remats = args.remat or (["none", "full"] if smoke else ["full", "save_dots"])
-    modes = args.modes or ["full", "lora"]
-    combos = list(itertools.product(models, lengths, micro, remats, modes, args.attention))
-    if smoke and not (args.micro_batch or args.remat or args.modes):
-        model, length = models[0], lengths[0]
-        combos = [(model, length, 1, "none", "full", "auto"), (model, length, 2, "full", "lora", "auto")]
-    steps = args.steps or (2 if smoke else 5)
-    return [
-        dict(model=model, L=length, micro_batch=b, remat=remat, mode=mode, attention=impl, steps=steps,
-             mean_doc=args.mean_doc or max(2, length // 8), lora_rank=args.lora_rank,
-             chunk_size=min(args.chunk_size, b * length), learning_rate=args.learning_rate,
-             peak_tflops=args.peak_tflops)
-        for model, length, b, remat, mode, impl in combos
-    ]
+    """The configurations to run: CONFIGS entries with DEFAULTS filled in, then --set and --peak-tflops applied.
+
+    specs(parse_args(["--configs", "8b-lora", "--set", "L=16384", "attention=xla"]))[0]["L"] -> 16384
+    """
+    names = args.configs or (SMOKE_CONFIGS if args.smoke else DEFAULT_CONFIGS)
+    overrides = {}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        if field not in {**DEFAULTS, **CONFIGS["1b-full"]} or not value:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{', '.join(sorted({**DEFAULTS, **CONFIGS['1b-full']}))}")
+        overrides[field] = _number(value)
+    return [{**DEFAULTS, **CONFIGS[name], **overrides, "name": name, "peak_tflops": args.peak_tflops} for name in names]
+
+
+def _number(text: str):
+    """'16384' -> 16384, '1e-4' -> 0.0001, 'xla' -> 'xla'."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 CHILD_ENV = dict(os.environ)  # isolated runs get the environment as it was (GPU memory preallocation included)
@@ -291,17 +293,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.one is not None:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
         return {}
-    # The driver only asks what the device is; without this, starting its GPU client would preallocate 75% of the
-    # device memory and leave the isolated runs a quarter of it. (No effect once a backend is already running.)
+    runs = specs(args)
+    # The driver only asks what the device is; without this, starting its GPU client would preallocate most of the
+    # device memory and leave the isolated runs the rest. (No effect once a backend is already running.)
     if not args.smoke and args.isolate is not False:
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     isolate = args.isolate if args.isolate is not None else (not args.smoke and jax.default_backend() == "gpu")
     result = dict(
         command="python benchmarks/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        git_commit=git_commit(),
         device=jax.devices()[0].device_kind,
         backend=jax.default_backend(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        jax_version=jax.__version__,
+        versions={name: _version(name) for name in ("jax", "jaxlib", "flax", "optax", "tokamax")},
+        machine=dict(platform=platform.platform(), python=platform.python_version(), cpus=os.cpu_count(),
+                     load_average_1m_at_start=os.getloadavg()[0]),
         peak_tflops=jsft_loss.peak_tflops(override=args.peak_tflops),
         isolated=isolate,
         runs=[],
@@ -311,16 +317,26 @@ def main(argv: list[str] | None = None) -> dict:
         day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
         out = out / f"{device_name()}-{day}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    for spec in specs(args):
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    for spec in runs:
         record = run_isolated(spec, args.timeout) if isolate else run_one(spec)
         result["runs"].append(record)
-        keys = ("model", "L", "micro_batch", "remat", "mode", "attention_impl", "status", "step_ms", "tokens_per_s",
-                "mfu", "peak_bytes", "compile_s", "error")
+        keys = ("name", "model", "mode", "L", "micro_batch", "remat", "attention_impl", "status", "step_ms",
+                "tokens_per_s", "mfu", "hfu", "peak_bytes", "compile_s", "error")
         print({k: record[k] for k in keys if k in record}, flush=True)
         out.write_text(json.dumps(result, indent=1) + "\n")  # after every run: a crash keeps what was measured
     print(f"wrote {out}")
     result["path"] = str(out)
     return result
+
+
+def _version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001 - not installed
+        return None
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ class ModelConfig:
     model_name_or_path: str = ""  # a local HF checkpoint directory (or a hub name where there is network)
     dtype: str = "bfloat16"  # parameter dtype: bfloat16 | float32
     compute_dtype: str = "bfloat16"  # matmul dtype; softmax, norms and the loss always run in float32
-    attention_impl: str = "auto"  # auto | xla | cudnn | pallas
+    attention_impl: str = "auto"  # auto | xla | cudnn | tokamax | pallas (jsft.model.attention)
     remat_policy: str = "full"  # none | full | save_dots | offload  (TRL: gradient_checkpointing)
     init_from_scratch: dict | None = None  # HF config.json fields: random-init a model instead of loading one
     tokenizer_name_or_path: str | None = None  # None: model_name_or_path (needed with init_from_scratch)
@@ -190,7 +190,7 @@ def _section_types(section_cls) -> dict:
 CHOICES = {
     ("model", "dtype"): ("bfloat16", "float32"),
     ("model", "compute_dtype"): ("bfloat16", "float32"),
-    ("model", "attention_impl"): ("auto", "xla", "cudnn", "pallas"),
+    ("model", "attention_impl"): ("auto", "xla", "cudnn", "tokamax", "pallas"),
     ("model", "remat_policy"): ("none", "full", "save_dots", "offload"),
     ("data", "packing_strategy"): ("bfd", "bfd_split", "wrapped", "bfd_stream"),
     ("data", "truncation_mode"): ("keep_start", "keep_end"),

@@ -11,7 +11,8 @@ Metrics, over trained tokens only (TRL's definitions):
     entropy:  H(softmax(logits)) = logsumexp(z) - sum_v p_v z_v   (no gradient: it is only logged)
     correct:  argmax(logits) == target, where argmax picks the FIRST maximum (a tie with an earlier id is wrong)
 
-Also here: `flops_per_token` / `mfu` for throughput reports, and `check_trained_tokens` for the step-level guard.
+Also here: `flops_per_token` (MFU) / `hardware_flops_per_token` (HFU) / `mfu` for throughput reports, and
+`check_trained_tokens` for the step-level guard.
 """
 
 from __future__ import annotations
@@ -260,27 +261,67 @@ def effective_seq_len(segment_ids) -> float:
     return total_sq / total if total else 0.0
 
 
-def flops_per_token(cfg, seq_len: float) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward):
+def attention_flops_per_token(cfg, seq_len: float) -> float:
+    """Attention's QK^T and AV per token, forward + backward: 12 * layers * heads * head_dim * seq_len (2 matmuls x
+    2 FLOPs x heads x head_dim x seq_len, x3). `seq_len` is the attention length per token: max_length for unpacked
+    rows, `effective_seq_len(segment_ids)` for packed ones; full squares per document, not causally halved (PaLM)."""
+    heads = _get(cfg, "num_attention_heads")
+    head_dim = _get(cfg, "head_dim") or _get(cfg, "hidden_size") // heads
+    return 12.0 * _get(cfg, "num_hidden_layers") * heads * head_dim * float(seq_len)
 
-        6 * matmul_params(cfg)  +  12 * num_hidden_layers * num_attention_heads * head_dim * seq_len
 
-    The first term is the weight matmuls (2 FLOPs per multiply-add, x3 for forward + backward). The second is
-    attention's QK^T and AV (2 matmuls * 2 FLOPs * heads * head_dim * seq_len, x3). `seq_len` is the attention
-    length per token: max_length for unpacked rows, `effective_seq_len(segment_ids)` for packed ones. Like PaLM's
-    MFU we count the full (not causally halved) attention, and no recomputation from rematerialization.
+def flops_per_token(cfg, seq_len: float, *, lora_params: int = 0, frozen_params: int = 0) -> float:
+    """MODEL FLOPs per token of a training step, MFU's numerator: what the math needs, nothing recomputed.
+
+        forward 2 (N + A)  +  input gradients 2 (N + A)  +  weight gradients 2 (N + A - F)  +  attention
+
+    N = matmul_params(cfg), A = lora_params (LoRA's adapter matrices, matmuls too), F = frozen_params (matmul weights
+    that get no gradient; `lora_frozen_params`), attention = `attention_flops_per_token`. Full fine-tuning (A = F = 0):
+    6N + attention, the usual convention. LoRA: 4N + 6A + attention (+ 2 H V when the lm_head trains): a frozen
+    weight's gradient is never computed, so counting 6N would overstate a LoRA run's MFU by about half.
     `cfg` is an HF config (object or dict) with hidden_size, num_attention_heads, num_key_value_heads, head_dim,
     intermediate_size, num_hidden_layers, vocab_size.
     """
-    heads = _get(cfg, "num_attention_heads")
-    head_dim = _get(cfg, "head_dim") or _get(cfg, "hidden_size") // heads
-    attention = 12 * _get(cfg, "num_hidden_layers") * heads * head_dim * float(seq_len)
-    return 6.0 * matmul_params(cfg) + attention
+    n = matmul_params(cfg) + int(lora_params)
+    return 4.0 * n + 2.0 * (n - int(frozen_params)) + attention_flops_per_token(cfg, seq_len)
+
+
+def lora_frozen_params(cfg, head_trains: bool = False) -> int:
+    """F for a LoRA run: every base matmul weight, less the lm_head's H x V when it trains (new token rows)."""
+    head = _get(cfg, "hidden_size") * _get(cfg, "vocab_size")
+    return matmul_params(cfg) - (head if head_trains else 0)
+
+
+def hardware_flops_per_token(cfg, seq_len: float, *, remat: str = "none", lora_params: int = 0,
+                             frozen_params: int = 0) -> float:
+    """HARDWARE FLOPs per token, HFU's numerator: `flops_per_token` plus the matmuls jsft's step computes twice.
+
+        always              2 H V: chunked_loss's backward recomputes each chunk's logits
+        remat "full"        each decoder layer's forward again in its backward, less the MLP's down projection (its
+                            output is not needed there): 2 (N_layers - layers H F + A) + attention's forward (1/3)
+        "save_dots", "offload"  matmul outputs are kept, attention's are not (its matmuls have batch dims): 1/3 of
+                            attention again
+    Matches XLA's own count of a compiled step (cost_analysis) within a few percent (elementwise ops are left out;
+    tests/test_loss.py checks it). Attention is counted as in MFU; what a kernel really computes depends on how
+    many masked blocks it skips.
+    """
+    hidden, layers = _get(cfg, "hidden_size"), _get(cfg, "num_hidden_layers")
+    extra = 2.0 * hidden * _get(cfg, "vocab_size")
+    attention_forward = attention_flops_per_token(cfg, seq_len) / 3
+    if remat == "full":
+        layer_params = matmul_params(cfg) - hidden * _get(cfg, "vocab_size")
+        down = layers * hidden * _get(cfg, "intermediate_size")
+        extra += 2.0 * (layer_params - down + int(lora_params)) + attention_forward
+    elif remat in ("save_dots", "offload"):
+        extra += attention_forward
+    elif remat != "none":
+        raise ValueError(f"remat={remat!r}: choose none, full, save_dots or offload")
+    return flops_per_token(cfg, seq_len, lora_params=lora_params, frozen_params=frozen_params) + extra
 
 
 def mfu(tokens_per_second: float, flops_per_token_: float, num_devices: int = 1, peak: float | None = None):
-    """Model FLOPs utilization in [0, 1]: achieved FLOP/s over num_devices * peak TFLOP/s. None when peak is None
-    (CPU or an unknown device without training.peak_tflops)."""
+    """FLOPs utilization in [0, 1]: achieved FLOP/s over num_devices * peak TFLOP/s; MFU with `flops_per_token`, HFU
+    with `hardware_flops_per_token`. None when peak is None (CPU or an unknown device without training.peak_tflops)."""
     if peak is None:
         return None
     return tokens_per_second * flops_per_token_ / (num_devices * peak * 1e12)

@@ -24,7 +24,7 @@ from flax import nnx
 
 from jsft import checkpoint, progress, sharding, step
 from jsft.config import ConfigError, SFTConfig, load, validate
-from jsft.loss import effective_seq_len, flops_per_token, mfu, normalize, peak_tflops
+from jsft.loss import effective_seq_len, flops_per_token, lora_frozen_params, mfu, normalize, peak_tflops
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -207,15 +207,20 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
         print(f"plan: unpacked rows are {train_data.stats['fill_rate']:.0%} tokens, the rest padding to {L}: set "
               "data.packing=True (documents stay apart), or data.pad_to_multiple_of=64 to pad each step only to its "
               "longest row (one compile per length)")
-    attention = model.layers[0].self_attn
-    impl = attention.impl
-    if impl == "auto":
-        from jsft.model.attention import choose_impl
+    from jsft.model.attention import plan_report
+    from jsft.model.llama import Attention
 
-        impl = choose_impl(model.compute_dtype, L, attention.head_dim, max_segments=attention.max_segments)
-    plan["attention_impl"] = impl
-    print(f"plan: attention {impl} (model.attention_impl={attention.impl!r}), at most {attention.max_segments} "
-          "documents a row")
+    attention = next(m for _, m in nnx.iter_modules(model) if isinstance(m, Attention))  # every layer's is alike
+    tensor = mesh.shape.get("tensor", 1)
+    heads = model.cfg.num_heads // tensor if model.cfg.num_heads % tensor == 0 else model.cfg.num_heads
+    entries, lines = plan_report(  # probes the attention kernels here; an explicit impl that cannot run stops here
+        attention.impl, model.compute_dtype, L, attention.head_dim, q_heads=model.cfg.num_heads,
+        kv_heads=model.cfg.num_kv_heads, max_segments=attention.max_segments,
+        rows_per_device=max(1, B * count // math.prod(mesh.shape[a] for a in ("data", "fsdp"))),
+        heads_per_device=heads, device_bytes=(jax.local_devices()[0].memory_stats() or {}).get("bytes_limit"))
+    plan.update(entries)
+    for line in lines:
+        print(f"plan: {line}")
     try:
         with jax.set_mesh(mesh):
             compiled = step.train_step.lower(model, optimizer, _abstract_batch(batch, mesh, L),
@@ -430,6 +435,10 @@ def run(config: SFTConfig) -> dict:
     plan = print_plan(config, model, optimizer, wrt, first, mesh, total_steps, start_step, schedule, train_data)
     peak = peak_tflops(override=tc.peak_tflops)
     hf_cfg = model.cfg.hf_config
+    flop_counts = {}  # LoRA: MFU counts no gradient for the frozen weights (jsft.loss.flops_per_token)
+    if config.lora.use_peft:
+        flop_counts = dict(lora_params=sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))),
+                           frozen_params=lora_frozen_params(hf_cfg, head_trains=wrt_embeddings))
 
     # ---- the loop
     interrupt = _Interrupt()
@@ -458,7 +467,7 @@ def run(config: SFTConfig) -> dict:
                     window = jax.device_get(window)
                     tokens_seen += sum(float(m["num_tokens"]) for m in window)
                     rate = throughput.report()
-                    util = mfu(rate, flops_per_token(hf_cfg, seq), jax.device_count(), peak)
+                    util = mfu(rate, flops_per_token(hf_cfg, seq, **flop_counts), jax.device_count(), peak)
                     last_metrics = _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util)
                     writer.write(step_no, last_metrics)
                     bar.set_postfix(progress.bar_postfix(last_metrics, rate, util))

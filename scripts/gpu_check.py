@@ -1,19 +1,22 @@
 """Check and time packed attention on this device: every implementation, packed == documents alone, vs XLA's mask.
 
     python scripts/gpu_check.py                       # on a GPU: correctness + timings at L = 4096/8192/16384
-    python scripts/gpu_check.py --smoke --out /tmp/x  # on CPU: tiny shapes, xla + pallas (interpret) only
+    python scripts/gpu_check.py --smoke --out /tmp/x  # on CPU: tiny shapes, xla + pallas/tokamax (interpret) only
 
-1. Correctness, for each implementation (xla, cudnn, pallas) and dtype (float32, bfloat16; an implementation that
-   cannot run a dtype is recorded with the reason): rows packed with several documents and tail padding give each
-   document the output and the q/k/v gradients it gets alone in its own row; padding outputs are 0; everything is
-   finite. Also the largest difference from the XLA mask path on the same packed rows.
+1. Correctness, for each implementation (xla, cudnn, tokamax, pallas), dtype (float32, bfloat16) and head shape
+   (L=2048 with 32 q / 8 kv heads of head dim 128 (Llama-3-8B) and of 64 (Llama-3.2-1B)): rows packed with several
+   documents and tail padding give each document the output and the q/k/v gradients it gets alone in its own row;
+   padding outputs are 0; everything is finite. Also the largest difference from the XLA mask path on the same
+   packed rows. An implementation that cannot run (its static checks or jsft's probe fail: AttentionUnavailable)
+   is recorded with the reason.
 2. Timing of one forward+backward (jit, median of --repeats) with a Llama-8B-like head config (32 q heads, 8 kv
    heads, head dim 128, bf16, several documents per row), at each L, with compile time, the compiled program's
-   temporary memory and the useful TFLOP/s (causal FLOPs inside documents only). cuDNN runs three times: with
-   the default max_segments bound (L // 16), the tight one (8 = the number of documents) and the loosest (L),
-   to show what the static bound costs (cuDNN sees B*M sequences).
+   temporary memory and the useful TFLOP/s (causal FLOPs inside documents only). cuDNN runs with the tight bound
+   (8 = the documents a row holds) and the loose L // 16, to show what the static bound costs (cuDNN sees B*M
+   sequences).
 
-Writes benchmarks/results/gpu_check-<device>-<date>.json (or under --out) with the command that made it.
+The JSON (benchmarks/results/gpu_check-<device>-<date>.json, or under --out; with the command that made it) is
+rewritten after every check, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from jsft.model import attention  # noqa: E402
+from jsft.model import attention, kernels  # noqa: E402
 from jsft.model.attention import packed_attention  # noqa: E402
 
 TOLERANCE = {"float32": 2e-3, "bfloat16": 3e-2}  # packed vs alone; float32 on GPU may use TF32 in a kernel
@@ -90,32 +93,45 @@ def loss_and_grads(impl: str, interpret: bool, block_size: int | None, max_segme
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
-def impl_options(impl: str, smoke: bool) -> dict:
-    if impl == "pallas":
-        return dict(interpret=smoke, block_size=16 if smoke else None, max_segments=None)
-    return dict(interpret=False, block_size=None, max_segments=None)
+def impl_options(impl: str, smoke: bool, max_segments: int | None) -> dict:
+    """pallas/tokamax in --smoke: their CPU emulations (interpret); cudnn: the documents-per-row bound."""
+    interpret = smoke and impl in ("pallas", "tokamax")
+    return dict(interpret=interpret, block_size=16 if interpret and impl == "pallas" else None,
+                max_segments=max_segments if impl == "cudnn" else None)
 
 
-def unavailable_reason(impl: str, dtype, head_dim: int, smoke: bool) -> str | None:
-    if impl == "cudnn":
-        return attention.cudnn_unavailable_reason(dtype, head_dim)
-    if impl == "pallas" and not smoke and jax.default_backend() != "gpu":
-        return "pallas needs a GPU (or --smoke for interpret mode)"
+def unavailable_reason(impl: str, dtype, shape: tuple[int, int, int, int], max_segments: int | None,
+                       smoke: bool) -> str | None:
+    """Why `impl` cannot run here at this (L, q heads, kv heads, head dim): its static checks, then jsft's probe
+    (cached per process). None: it runs."""
+    if smoke and impl in ("pallas", "tokamax"):
+        return None  # interpret mode
+    length, hq, hkv, head_dim = shape
+    try:
+        attention.resolve(impl, dtype, length, head_dim, q_heads=hq, kv_heads=hkv, max_segments=max_segments)
+    except attention.AttentionUnavailable as e:
+        return str(e)
     return None
 
 
 # ----------------------------------------------------------------------------------------------- 1. correctness
 
 
-def check_correctness(impl: str, dtype_name: str, smoke: bool) -> dict:
+# (L, q heads, kv heads, head dim) of the correctness checks: Llama-3-8B's and Llama-3.2-1B's attention at L=2048
+SHAPES = [(2048, 32, 8, 128), (2048, 32, 8, 64)]
+SMOKE_SHAPES = [(32, 4, 2, 16), (32, 4, 2, 8)]
+
+
+def check_correctness(impl: str, dtype_name: str, smoke: bool, shape: tuple[int, int, int, int]) -> dict:
     """Packed rows vs every document alone in its own row; outputs and q/k/v gradients."""
     dtype = jnp.dtype(dtype_name)
-    length, hq, hkv, head_dim = (32, 4, 2, 16) if smoke else (512, 8, 2, 64)
+    length, hq, hkv, head_dim = shape
     rows = [[7, 13, 5], [20]] if smoke else [document_lengths(length, 5, seed=1), document_lengths(length, 3, seed=2)]
     num_docs = sum(len(r) for r in rows)
     rows = rows + [[]] * (num_docs - len(rows))  # all-padding rows: as many rows as documents, one compile for both
     record = dict(impl=impl, dtype=dtype_name, L=length, q_heads=hq, kv_heads=hkv, head_dim=head_dim, rows=rows)
-    reason = unavailable_reason(impl, dtype, head_dim, smoke)
+    bound = max(len(r) for r in rows)
+    reason = unavailable_reason(impl, dtype, shape, bound, smoke)
     if reason is not None:
         return dict(record, status="unsupported", reason=reason)
     segment_ids = segment_ids_for(rows, length)
@@ -131,7 +147,7 @@ def check_correctness(impl: str, dtype_name: str, smoke: bool) -> dict:
             out[i, :n] = values[b, start : start + n]
         return jnp.asarray(out, x.dtype)
 
-    step = loss_and_grads(impl, **impl_options(impl, smoke))
+    step = loss_and_grads(impl, **impl_options(impl, smoke, bound))
     precision = "highest" if dtype == jnp.float32 else "default"
     try:
         with jax.default_matmul_precision(precision):
@@ -174,10 +190,10 @@ def time_step(impl: str, length: int, smoke: bool, repeats: int, max_segments: i
     rows = [document_lengths(length, num_docs, seed=length)]
     record = dict(impl=impl + tag, L=length, q_heads=hq, kv_heads=hkv, head_dim=head_dim, dtype=dtype.name,
                   documents=num_docs, max_segments=max_segments)
-    reason = unavailable_reason(impl, dtype, head_dim, smoke)
+    reason = unavailable_reason(impl, dtype, (length, hq, hkv, head_dim), max_segments, smoke)
     if reason is not None:
         return dict(record, status="unsupported", reason=reason)
-    options = dict(impl_options(impl, smoke), max_segments=max_segments)
+    options = impl_options(impl, smoke, max_segments)
     segment_ids = jnp.asarray(segment_ids_for(rows, length))
     q, k, v = random_qkv(1, length, hq, hkv, head_dim, dtype)
     w = jnp.ones(q.shape, jnp.float32)
@@ -223,17 +239,20 @@ def device_name() -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: xla + pallas (interpret) only")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: xla + pallas/tokamax (interpret)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                         help="directory (or .json file) for the results")
     parser.add_argument("--lengths", type=int, nargs="*", default=None, help="timed L (default 4096 8192 16384)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per config (median reported)")
+    parser.add_argument("--impls", nargs="*", default=None, choices=attention.IMPLEMENTATIONS[1:],
+                        help="implementations to check and time (default: all; --smoke: xla pallas tokamax)")
     parser.add_argument("--skip-correctness", action="store_true")
     args = parser.parse_args(argv)
 
-    impls = ["xla", "pallas"] if args.smoke else ["xla", "cudnn", "pallas"]
+    impls = args.impls or (["xla", "pallas", "tokamax"] if args.smoke else ["xla", "cudnn", "tokamax", "pallas"])
     lengths = args.lengths or ([32] if args.smoke else [4096, 8192, 16384])
     repeats = args.repeats or (1 if args.smoke else 5)
+    auto = attention.resolve("auto", jnp.bfloat16, lengths[0], 128, q_heads=32, kv_heads=8, max_segments=8)
     result = dict(
         command="python scripts/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
         device=jax.devices()[0].device_kind,
@@ -241,33 +260,37 @@ def main(argv: list[str] | None = None) -> dict:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         jax_version=jax.__version__,
         cudnn_version=_cudnn_version(),
-        auto_picks={str(dt): attention.choose_impl(dt, lengths[0], 128) for dt in ("bfloat16", "float32")},
-        auto_picks_with_max_segments=attention.choose_impl("bfloat16", lengths[0], 128, max_segments=8),
-        jax_packed_gqa_is_fixed=attention.jax_packed_gqa_is_fixed(),
+        auto_choice_bf16_d128_gqa_32_8=auto.describe(),
+        auto_picks=auto.impl,
+        jax_packed_gqa_is_fixed=kernels.jax_packed_gqa_is_fixed(),
         correctness=[],
         timing=[],
     )
-    if not args.skip_correctness:
-        dtypes = ["float32"] if args.smoke else ["float32", "bfloat16"]
-        for impl in impls:
-            for dtype_name in dtypes:
-                result["correctness"].append(check_correctness(impl, dtype_name, args.smoke))
-                _print(result["correctness"][-1])
-    for length in lengths:
-        for impl in impls:
-            result["timing"].append(time_step(impl, length, args.smoke, repeats))
-            _print(result["timing"][-1])
-            if impl == "cudnn" and result["timing"][-1]["status"] == "ok":  # what the static bound M costs
-                for bound, tag in ((8, "(M=8)"), (length, "(M=L)")):
-                    result["timing"].append(time_step(impl, length, args.smoke, repeats, max_segments=bound, tag=tag))
-                    _print(result["timing"][-1])
-
     out = Path(args.out)
     if out.suffix != ".json":
         day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
         out = out / f"gpu_check-{device_name()}-{day}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(kind: str, record: dict) -> None:  # rewritten after every record: a run cut short keeps what it had
+        result[kind].append(record)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        _print(record)
+
     out.write_text(json.dumps(result, indent=1) + "\n")
+    if not args.skip_correctness:
+        dtypes = ["float32"] if args.smoke else ["bfloat16", "float32"]
+        for shape in SMOKE_SHAPES if args.smoke else SHAPES:
+            for impl in impls:
+                for dtype_name in dtypes:
+                    add("correctness", check_correctness(impl, dtype_name, args.smoke, shape))
+    for length in lengths:
+        for impl in impls:
+            bounds = [(8, "(M=8)"), (length // 16, "(M=L//16)")] if impl == "cudnn" else [(None, "")]
+            for bound, tag in bounds:
+                if bound is not None and bound > 8 and length > 8192:
+                    continue  # its B*M-sized buffers grow with L^2: at 16384 they may not fit
+                add("timing", time_step(impl, length, args.smoke, repeats, max_segments=bound, tag=tag))
     print(f"wrote {out}")
     result["path"] = str(out)
     return result

@@ -63,3 +63,18 @@ def make_checkpoint(fixture_root):
         return cache[name]
 
     return make
+
+
+@pytest.fixture
+def small_probe(monkeypatch):
+    """Attention probes on 32-token rows (documents of 9, 5, 11 + pads; one full row; padding only) instead of 256:
+    the same checks, fast on CPU. Probe caches cleared before and after (tests swap kernels in and out)."""
+    from jsft.model import attention
+
+    monkeypatch.setattr(attention, "PROBE_LENGTH", 32)
+    monkeypatch.setattr(attention, "PROBE_ROWS", ((9, 5, 11), (32,), ()))
+    attention.probe.cache_clear()
+    attention._probe_reference.cache_clear()
+    yield attention
+    attention.probe.cache_clear()
+    attention._probe_reference.cache_clear()

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jsft.model import attention
+from jsft.model import attention, kernels
 from jsft.model.attention import AttentionUnavailable, count_segments, packed_attention, segment_offsets
 
 D = 16
@@ -145,10 +145,10 @@ def test_xla_causal_query_blocks_equal_one_block_forward_and_gradients(block):
 
 
 def test_xla_query_block_default():
-    assert attention.xla_query_block(24) == 128  # L <= 128: one block, the plain masked attention
-    assert attention.xla_query_block(512) == 128  # 4 blocks
-    assert attention.xla_query_block(8192) == 2048
-    assert attention.xla_query_block(200) == 128  # 128 + 72
+    assert kernels.xla_query_block(24) == 128  # L <= 128: one block, the plain masked attention
+    assert kernels.xla_query_block(512) == 128  # 4 blocks
+    assert kernels.xla_query_block(8192) == 2048
+    assert kernels.xla_query_block(200) == 128  # 128 + 72
 
 
 def test_padding_rows_are_zero_and_gradients_finite_even_for_an_all_padding_row():
@@ -220,9 +220,14 @@ def test_segment_offsets_all_padding_overflow_and_jit():
         segment_offsets(seg, 0)
 
 
-def test_default_max_segments():
-    assert attention.default_max_segments(4096) == 256
-    assert attention.default_max_segments(8) == 2
+def test_cudnn_bound_is_the_data_bound_rounded_up_to_a_power_of_two_never_a_default():
+    assert [attention.cudnn_bound(n, 8192) for n in (1, 2, 3, 5, 8, 9, 17, 32, 33)] == [2, 2, 4, 8, 8, 16, 32, 32, 64]
+    assert attention.cudnn_bound(300, 256) == 256  # never more segments than tokens
+    for missing in (None, 0):
+        with pytest.raises(ValueError, match="needs max_segments"):
+            attention.cudnn_bound(missing, 8192)
+    # what the plan warns about: rows x M x heads x L x head dim x 4 bytes (the 8B model, 32 documents, L=8192)
+    assert kernels.cudnn_backward_bytes(1, 20, 32, 8192, 128) == 32 * 32 * 8192 * 128 * 4 == 4 * 2**30
 
 
 # ----------------------------------------------------------------------------------------------- cudnn / auto
@@ -241,7 +246,7 @@ def test_pallas_on_cpu_without_interpret_raises_clear_error():
 
 
 def test_auto_on_cpu_picks_xla():
-    assert attention.choose_impl(jnp.bfloat16, 4096, 128) == "xla"
+    assert attention.choose_impl(jnp.bfloat16, 4096, 128, q_heads=32, kv_heads=8, max_segments=8) == "xla"
     q, k, v = qkv(3, L, seed=6)
     seg = segments_from_lengths(LAYOUT, L)
     np.testing.assert_array_equal(attend(q, k, v, seg), attend(q, k, v, seg, impl="xla"))
@@ -281,7 +286,7 @@ def test_cudnn_rows_with_more_documents_than_max_segments_are_nan_not_silently_w
     """cuDNN only sees the first max_segments documents of a row; such a row must be loud (NaN), padding still 0."""
     out = jnp.ones((2, 4, 1, 2), jnp.bfloat16)
     seg = jnp.asarray([[1, 2, 3, 0], [1, 1, 2, 0]], jnp.int32)
-    poisoned = np.asarray(attention._poison_overflow(out, seg, 2), np.float32)
+    poisoned = np.asarray(kernels._poison_overflow(out, seg, 2), np.float32)
     assert np.all(np.isnan(poisoned[0, :3])) and np.all(poisoned[0, 3] == 0)
     np.testing.assert_array_equal(poisoned[1], [[[1, 1]], [[1, 1]], [[1, 1]], [[0, 0]]])
 
@@ -321,82 +326,138 @@ def fake_cudnn_packed(query, key, value, bias=None, mask=None, q_seqlen=None, kv
     return out.reshape(B, T, N, H).astype(query.dtype)
 
 
-def fixed_fix_seqlen_offsets(original):
-    """jax's _fix_seqlen_offsets as jax-ml/jax PR #39521 corrected it: kv offsets use the kv head count."""
+def kv_offsets_as_in(fixed: bool):
+    """jax's _fix_seqlen_offsets made to behave as in a jax with (fixed=True) or without jax-ml/jax PR #39521,
+    whichever jax is installed: packed kv offsets counted in elements of the k/v buffer (N_kv heads: right) or of
+    the q buffer (N heads: jax <= 0.11.0's bug)."""
+    from jax._src.cudnn import fused_attention_stablehlo as fas
 
-    def fixed(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key):
+    original = fas._fix_seqlen_offsets
+    kernels.jax_packed_gqa_is_fixed.cache_clear()
+    installed = kernels.jax_packed_gqa_is_fixed()  # what this jax does (the detection has its own test below)
+    kernels.jax_packed_gqa_is_fixed.cache_clear()
+
+    def patched(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key):
         qs, ks, qo, ko = original(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key)
-        return qs, ks, qo, ko // query.shape[2] * key.shape[2]
+        n, n_kv = query.shape[2], key.shape[2]
+        if fixed and not installed:
+            ko = ko // n * n_kv
+        elif installed and not fixed:
+            ko = ko // n_kv * n
+        return qs, ks, qo, ko
 
-    return fixed
+    return patched
+
+
+@pytest.fixture
+def fake_cudnn(monkeypatch, small_probe):
+    """cuDNN's packed attention replaced by the CPU stand-in, and every static check passed; small fresh probes."""
+    from jax._src.cudnn import fused_attention_stablehlo as fas
+
+    monkeypatch.setattr(kernels, "cudnn_unavailable_reason", lambda dtype, head_dim: None)
+    monkeypatch.setattr(fas, "dot_product_attention", fake_cudnn_packed)
+    detection = kernels.jax_packed_gqa_is_fixed  # a test may replace it
+    detection.cache_clear()
+    yield fas
+    detection.cache_clear()
 
 
 @pytest.mark.parametrize("jax_has_the_gqa_fix", [False, True])
-def test_cudnn_call_plumbing_with_a_cpu_stand_in_equals_xla(monkeypatch, jax_has_the_gqa_fix):
-    """Not cuDNN itself (that needs a Hopper GPU: scripts/gpu_check.py), but everything around the call: offsets and
-    lengths in the layout jax's private API expects, GQA with and without jax's kv-offset fix, NaN garbage outside
-    segments kept out of the output and the gradients, rows with more documents than max_segments made NaN."""
-    from jax._src.cudnn import fused_attention_stablehlo as fas
-
-    monkeypatch.setattr(attention, "cudnn_unavailable_reason", lambda dtype, head_dim: None)
-    monkeypatch.setattr(fas, "dot_product_attention", fake_cudnn_packed)
-    if jax_has_the_gqa_fix:
-        monkeypatch.setattr(fas, "_fix_seqlen_offsets", fixed_fix_seqlen_offsets(fas._fix_seqlen_offsets))
-    attention.jax_packed_gqa_is_fixed.cache_clear()
-    try:
-        assert attention.jax_packed_gqa_is_fixed() == jax_has_the_gqa_fix
-        q, k, v = qkv(3, 16, seed=11)
-        seg = jnp.asarray([[1] * 5 + [2] * 6 + [3] * 2 + [0] * 3, [0] * 16, [1] * 16], jnp.int32)
-        w = jnp.asarray(np.random.default_rng(12).standard_normal(q.shape, np.float32))
-
-        def loss(q, k, v, impl, max_segments=None):
-            return (packed_attention(q, k, v, seg, impl=impl, max_segments=max_segments) * w).sum()
-
-        # fresh jit wrappers: a cached trace from another parametrization would hide the monkeypatches
-        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=(3, 4))
-        run = jax.jit(lambda q, k, v, impl, m: packed_attention(q, k, v, seg, impl=impl, max_segments=m),
-                      static_argnums=(3, 4))
-        (_, grads), (_, grads_ref) = grad(q, k, v, "cudnn", 4), grad(q, k, v, "xla")
-        out = run(q, k, v, "cudnn", 4)
-        np.testing.assert_allclose(out, run(q, k, v, "xla", None), atol=1e-5, rtol=1e-5)
-        for g, g_ref in zip(grads, grads_ref):
-            assert np.all(np.isfinite(g))
-            np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=1e-5)
-        too_few = np.asarray(run(q, k, v, "cudnn", 2))
-        assert np.all(np.isnan(too_few[0, :13])) and np.all(too_few[0, 13:] == 0)  # 3 documents > 2: loud
-        np.testing.assert_allclose(too_few[2], out[2], atol=1e-6)  # rows within the bound are unaffected
-    finally:
-        attention.jax_packed_gqa_is_fixed.cache_clear()
-
-
-def test_the_stand_in_catches_jax_s_gqa_kv_offset_bug(monkeypatch):
-    """The stand-in is faithful enough to fail without the workaround: GQA k/v passed as they are to a jax whose
-    _fix_seqlen_offsets scales kv offsets by the query heads gives wrong outputs (jax <= 0.11.0 on a real GPU)."""
-    from jax._src.cudnn import fused_attention_stablehlo as fas
-
-    monkeypatch.setattr(attention, "cudnn_unavailable_reason", lambda dtype, head_dim: None)
-    monkeypatch.setattr(fas, "dot_product_attention", fake_cudnn_packed)
-    monkeypatch.setattr(attention, "jax_packed_gqa_is_fixed", lambda: True)  # pretend: no workaround
-    buggy = "N_kv" not in __import__("inspect").getsource(fas._fix_seqlen_offsets)
+def test_cudnn_call_plumbing_with_a_cpu_stand_in_equals_xla(fake_cudnn, monkeypatch, jax_has_the_gqa_fix):
+    """Not cuDNN itself (that needs a Hopper GPU: scripts/gpu_probe.py), but everything around the call: offsets and
+    lengths in the layout jax's private API expects, GQA with and without jax's kv-offset fix (each simulated from
+    whichever jax is installed), NaN garbage outside segments kept out of the output and the gradients, rows with
+    more documents than the bound made NaN. The explicit impl is probed first (on the stand-in) and passes."""
+    monkeypatch.setattr(fake_cudnn, "_fix_seqlen_offsets", kv_offsets_as_in(jax_has_the_gqa_fix))
+    assert kernels.jax_packed_gqa_is_fixed() == jax_has_the_gqa_fix
     q, k, v = qkv(3, 16, seed=11)
     seg = jnp.asarray([[1] * 5 + [2] * 6 + [3] * 2 + [0] * 3, [0] * 16, [1] * 16], jnp.int32)
-    run = jax.jit(lambda q, k, v, impl: packed_attention(q, k, v, seg, impl=impl, max_segments=4), static_argnums=3)
-    out, ref = np.asarray(run(q, k, v, "cudnn")), np.asarray(run(q, k, v, "xla"))
-    differs = not np.allclose(np.nan_to_num(out, nan=1e9), ref, atol=1e-3)
-    assert differs == buggy
+    w = jnp.asarray(np.random.default_rng(12).standard_normal(q.shape, np.float32))
+
+    def loss(q, k, v, impl, max_segments=None):
+        return (packed_attention(q, k, v, seg, impl=impl, max_segments=max_segments) * w).sum()
+
+    # fresh jit wrappers: a cached trace from another parametrization would hide the monkeypatches
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=(3, 4))
+    run = jax.jit(lambda q, k, v, impl, m: packed_attention(q, k, v, seg, impl=impl, max_segments=m),
+                  static_argnums=(3, 4))
+    (_, grads), (_, grads_ref) = grad(q, k, v, "cudnn", 4), grad(q, k, v, "xla")
+    out = run(q, k, v, "cudnn", 4)
+    np.testing.assert_allclose(out, run(q, k, v, "xla", None), atol=1e-5, rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=1e-5)
+    too_few = np.asarray(run(q, k, v, "cudnn", 2))
+    assert np.all(np.isnan(too_few[0, :13])) and np.all(too_few[0, 13:] == 0)  # 3 documents > 2: loud
+    np.testing.assert_allclose(too_few[2], out[2], atol=1e-6)  # rows within the bound are unaffected
+    assert attention.probe.cache_info().currsize == 2  # one probe per bound (4 and 2), not one per call
 
 
-def test_auto_rule_on_a_gpu(monkeypatch):
-    """GPU branch of impl="auto", with the device facts faked: cudnn only with a max_segments bound, else pallas
-    (no bound needed) when L fits its 128 blocks, else xla; float32 always xla."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(attention, "cudnn_unavailable_reason", lambda dtype, head_dim: None)
-    assert attention.choose_impl(jnp.bfloat16, 4096, 128, max_segments=64) == "cudnn"
-    assert attention.choose_impl(jnp.bfloat16, 4096, 128) == "pallas"
-    assert attention.choose_impl(jnp.bfloat16, 4000, 128) == "xla"
-    assert attention.choose_impl(jnp.float32, 4096, 128, max_segments=64) == "xla"
-    monkeypatch.setattr(attention, "cudnn_unavailable_reason", lambda dtype, head_dim: "an A100 is sm80")
-    assert attention.choose_impl(jnp.bfloat16, 4096, 128, max_segments=64) == "pallas"
+def test_the_probe_refuses_cudnn_where_jax_s_gqa_kv_offset_bug_would_give_wrong_keys(fake_cudnn, monkeypatch):
+    """The stand-in is faithful enough to fail without the workaround: GQA k/v passed as they are to a jax whose
+    _fix_seqlen_offsets scales kv offsets by the query heads gives wrong outputs (jax <= 0.11.0 on a real GPU).
+    The probe sees it: an explicit impl='cudnn' stops with the probe's error instead of training on wrong keys."""
+    monkeypatch.setattr(fake_cudnn, "_fix_seqlen_offsets", kv_offsets_as_in(False))
+    monkeypatch.setattr(kernels, "jax_packed_gqa_is_fixed", lambda: True)  # pretend: no workaround
+    q, k, v = qkv(3, 16, seed=11)
+    seg = jnp.asarray([[1] * 5 + [2] * 6 + [3] * 2 + [0] * 3, [0] * 16, [1] * 16], jnp.int32)
+    direct = np.asarray(kernels.cudnn_attention(q, k, v, seg, D**-0.5, max_segments=4))
+    assert not np.allclose(np.nan_to_num(direct, nan=1e9), attend(q, k, v, seg, impl="xla"), atol=1e-3)
+    with pytest.raises(AttentionUnavailable, match=r"impl='cudnn' cannot run: its probe failed: d?[kqvout]+ rel err .* vs "
+                                                   r"float32 .*Alternatives: model.attention_impl='auto'"):
+        packed_attention(q, k, v, seg, impl="cudnn", max_segments=4)
+
+
+# ----------------------------------------------------------------------------------------------- tokamax
+
+
+def require_tokamax():
+    """tokamax is part of the test extra (CI installs it): missing is a failure, never a skip."""
+    try:
+        import tokamax  # noqa: F401
+    except ImportError as e:
+        pytest.fail(f"tokamax is not installed ({e}); the test extra installs it: bash scripts/setup.sh, or "
+                    "pip install -c constraints.txt 'jsft[tokamax]'")
+
+
+def test_document_starts_worked_example():
+    seg = jnp.asarray([[1, 1, 2, 2, 0], [1, 2, 2, 3, 3], [0, 0, 0, 0, 0]], jnp.int32)
+    np.testing.assert_array_equal(kernels.document_starts(seg), [[0, 0, 2, 2, 4], [0, 1, 1, 3, 3], [0, 0, 0, 0, 0]])
+
+
+def test_tokamax_mask_and_call_equal_xla_on_packed_rows_forward_and_gradients():
+    """jsft's tokamax path on CPU: the Mask it hands the Mosaic GPU kernel (k_start = the start of each query's
+    document, causal), GQA heads as they are, padding zeroed, run by tokamax's own XLA implementation of that mask
+    (interpret=True; the Mosaic kernel itself needs sm90, where the probe checks it). Equals the xla path, outputs
+    and gradients, for rows of several documents, one document, tail padding and padding only."""
+    require_tokamax()
+    q, k, v = qkv(4, L, hq=4, hkv=2, seed=16)
+    seg = segments_from_lengths(LAYOUT + [[]], L)
+    w = jnp.asarray(np.random.default_rng(17).standard_normal(q.shape, np.float32))
+
+    def loss(q, k, v, impl):
+        return (packed_attention(q, k, v, seg, impl=impl, interpret=impl == "tokamax") * w).sum()
+
+    out = attend(q, k, v, seg, impl="tokamax", interpret=True)
+    np.testing.assert_allclose(out, attend(q, k, v, seg, impl="xla"), atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(out[0, 21:], 0.0)
+    np.testing.assert_array_equal(out[3], 0.0)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    for g, g_ref in zip(grad(q, k, v, "tokamax"), grad(q, k, v, "xla")):
+        assert g.shape == g_ref.shape and np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=1e-5)
+    # and packed == each document alone, through tokamax's path itself
+    docs = documents(seg)
+    alone = attend(*(alone_rows(x, docs) for x in (q, k, v)), alone_segments(docs, L), impl="tokamax",
+                   interpret=True)
+    for i, (b, sl) in enumerate(docs):
+        np.testing.assert_allclose(out[b, sl], alone[i, : sl.stop - sl.start], atol=1e-5, rtol=1e-5)
+
+
+def test_tokamax_without_interpret_on_cpu_is_unavailable_with_the_reason():
+    q, k, v = qkv(1, 16, dtype=jnp.bfloat16)
+    with pytest.raises(AttentionUnavailable, match="impl='tokamax' cannot run: it needs an NVIDIA GPU"):
+        packed_attention(q, k, v, jnp.ones((1, 16), jnp.int32), impl="tokamax")
 
 
 def test_raw_pallas_kernel_treats_padding_as_one_more_document():
@@ -416,25 +477,27 @@ def test_raw_pallas_kernel_treats_padding_as_one_more_document():
 
 
 def test_gqa_fix_detection_works_when_first_asked_inside_jit():
-    """The model asks from inside its jitted step: the probe must evaluate eagerly, not become a tracer."""
+    """The model asks from inside its jitted step: the check must evaluate eagerly, not become a tracer."""
     from jax._src.cudnn import fused_attention_stablehlo as fas
 
-    attention.jax_packed_gqa_is_fixed.cache_clear()
+    kernels.jax_packed_gqa_is_fixed.cache_clear()
     try:
-        probe = jax.jit(lambda x: x * attention.jax_packed_gqa_is_fixed())
+        detect = jax.jit(lambda x: x * kernels.jax_packed_gqa_is_fixed())
         expected = "N_kv" in __import__("inspect").getsource(fas._fix_seqlen_offsets)  # the fix names N_kv
-        assert float(probe(jnp.ones(()))) == float(expected)
+        assert float(detect(jnp.ones(()))) == float(expected)
     finally:
-        attention.jax_packed_gqa_is_fixed.cache_clear()
+        kernels.jax_packed_gqa_is_fixed.cache_clear()
 
 
-@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
-def test_pallas_under_a_mesh_runs_per_device_shard_and_equals_xla(axis_type):
-    """With `jax.set_mesh`, the Pallas kernel runs inside shard_map on each device's rows and heads (XLA cannot
-    split a Triton call; it would gather the batch). 4 CPU devices: data=2 x tensor=2; gradients too. jsft's mesh
-    uses Auto axes; Explicit ones work as well."""
+@pytest.mark.parametrize("impl,axis_type", [("pallas", "Auto"), ("pallas", "Explicit"), ("tokamax", "Auto")])
+def test_kernels_under_a_mesh_run_per_device_shard_and_equal_xla(impl, axis_type):
+    """With `jax.set_mesh`, the Pallas and tokamax kernels run inside shard_map on each device's rows and heads
+    (XLA cannot split a Triton or Mosaic call; it would gather the batch). 4 CPU devices: data=2 x tensor=2;
+    gradients too. jsft's mesh uses Auto axes; Explicit ones work as well."""
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+    if impl == "tokamax":
+        require_tokamax()
     mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), devices=jax.devices()[:4],
                          axis_types=(getattr(AxisType, axis_type),) * 3)
     q, k, v = qkv(2, 32, hq=4, hkv=2, seed=14)
@@ -456,7 +519,7 @@ def test_pallas_under_a_mesh_runs_per_device_shard_and_equals_xla(axis_type):
 
         jax.shard_map = spy
         try:
-            grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=5)(q, k, v, seg, w, "pallas")
+            grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=5)(q, k, v, seg, w, impl)
         finally:
             jax.shard_map = real_shard_map
         grads_ref = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=5)(q, k, v, seg, w, "xla")

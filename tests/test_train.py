@@ -4,6 +4,7 @@ before any compute."""
 import json
 import time
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -62,7 +63,8 @@ def test_run_learns_a_repeated_batch_logs_saves_and_exports(tokenizer_dir, small
 def test_lora_run_keeps_frozen_base_weights_bit_for_bit(tokenizer_dir, small_data, tmp_path):
     config = tiny_config(tokenizer_dir, small_data, tmp_path / "lora", lora={"use_peft": True, "lora_r": 4,
                                                                                "lora_dropout": 0.0},
-                         training={"max_steps": 3}, data={"packing": False, "padding_free": False})
+                         training={"max_steps": 3, "peak_tflops": 0.001},
+                         data={"packing": False, "padding_free": False})
     mesh = sharding.create_mesh(config.sharding)
     tokenizer, _ = train.build_tokenizer(config)
     initial, _ = train.build_model(config, tokenizer, mesh)
@@ -78,6 +80,16 @@ def test_lora_run_keeps_frozen_base_weights_bit_for_bit(tokenizer_dir, small_dat
     assert any(not np.array_equal(lora_before[k], lora_after[k]) for k in lora_before)
     assert summary["plan"]["trainable_params"] < summary["plan"]["params"] / 2
     assert summary["exports"] == {"adapter": str(tmp_path / "lora" / "adapter")}
+    # MFU of a LoRA run counts no weight gradient for the frozen base: 4N + 6A + attention, not 6N + attention
+    from jsft import loss
+
+    last = [r for r in progress.read_metrics(tmp_path / "lora") if "mfu" in r][-1]
+    logged = last["mfu"] * jax.device_count() * 1e9 / last["tokens_per_second"]  # peak 0.001 TFLOP/s
+    hf = model.cfg.hf_config
+    adapters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    attention_per_token = loss.attention_flops_per_token(hf, 1.0)
+    seq = (logged - 4 * loss.matmul_params(hf) - 6 * adapters) / attention_per_token  # the attention length it used
+    assert 1.0 <= seq <= 64.0, seq  # counting 6N would leave 2N - 6A unexplained: a length far past max_length
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -200,3 +212,41 @@ def test_save_strategy_no_writes_no_checkpoint_but_exports(tokenizer_dir, small_
     checkpoints = tmp_path / "run" / "checkpoints"
     assert not checkpoints.exists() or not any(p.name.isdigit() for p in checkpoints.iterdir())
     assert summary["steps"] == 3 and (tmp_path / "run" / "export" / "model.safetensors").exists()
+
+
+def test_the_plan_says_which_attention_runs_and_why_the_probed_candidates_before_it_did_not(
+        tokenizer_dir, small_data, tmp_path, monkeypatch, small_probe, capsys):
+    """auto on a device where the first candidate does not build: the run falls back to the next one that passes
+    its probe, trains, and the plan says so (a CPU has no real failing kernel: stand-ins in KERNELS)."""
+    from jsft.model import attention, kernels
+
+    def broken(q, k, v, segment_ids, scale, **options):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setitem(kernels.KERNELS, "broken", broken)
+    monkeypatch.setitem(kernels.KERNELS, "working", kernels.xla_attention)
+    monkeypatch.setattr(attention, "auto_candidates", lambda dtype: ("broken", "working"))
+    config = tiny_config(tokenizer_dir, small_data, tmp_path / "run", training={"max_steps": 1},
+                         logging={"save_strategy": "no", "export_formats": []})
+    summary = train.run(config)
+    assert summary["steps"] == 1 and np.isfinite(summary["last_metrics"]["loss"])
+    assert summary["plan"]["attention_impl"] == "working"
+    plan_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: attention"))
+    assert plan_line.startswith("plan: attention working (probe passed: max rel err ")
+    assert plan_line.endswith("; not broken: its probe failed: RuntimeError: no kernel image is available for "
+                              "execution on the device); model.attention_impl='auto', at most "
+                              f"{summary['model'].layers[0].self_attn.max_segments} documents a row")
+
+
+def test_an_explicit_attention_that_cannot_run_here_stops_at_the_plan_with_the_reason(tokenizer_dir, small_data,
+                                                                                      tmp_path):
+    from jsft import cli
+    from jsft.model.attention import AttentionUnavailable
+
+    config = tiny_config(tokenizer_dir, small_data, tmp_path / "run", model={"attention_impl": "cudnn"})
+    step.train_step.jitted_fn.clear_cache()
+    with pytest.raises(AttentionUnavailable, match=r"^attention impl='cudnn' cannot run: it needs an NVIDIA GPU, "
+                                                   r"and the default backend is 'cpu'\. Alternatives: ") as raised:
+        train.run(config)
+    assert isinstance(raised.value, cli.user_errors())
+    assert step.train_step.jitted_fn._cache_size() == 0  # stopped before any step was traced
