@@ -208,6 +208,10 @@ def validate(config: SFTConfig) -> SFTConfig:
         section = getattr(config, section_name)
         if not isinstance(section, section_cls):
             raise ConfigError(f"{section_name}: expected a {section_cls}, got {type(section).__name__}")
+        known = _section_types(type(section))
+        for name in vars(section):  # `config.training.learnig_rate = ...` in a config file adds an attribute
+            if name not in known:
+                raise ConfigError(f"unknown field {section_name}.{name}{did_you_mean(section_name, name)}")
         for name, annotation in _section_types(type(section)).items():
             value = _check_type(getattr(section, name), annotation, f"{section_name}.{name}")
             setattr(section, name, value)
@@ -379,22 +383,40 @@ def from_dict(values: dict) -> SFTConfig:
     config = SFTConfig()
     for section_name, fields in values.items():
         if section_name not in SECTIONS:
-            raise ConfigError(f"unknown config section {section_name!r}: use one of {', '.join(SECTIONS)}")
+            raise ConfigError(f"unknown config section {section_name!r}{did_you_mean(section_name)}: use one of "
+                              f"{', '.join(SECTIONS)}")
         for name, value in fields.items():
             set_field(config, f"{section_name}.{name}", value)
     return config
 
 
+def did_you_mean(section_name: str, name: str | None = None) -> str:
+    """' (did you mean training.learning_rate?)' for a mistyped section (name None) or field; '' when nothing is
+    close. A field is looked for in its own section first, then in every section (a field set under the wrong one)."""
+    if name is None:
+        close = difflib.get_close_matches(section_name, list(SECTIONS), n=2)
+        fields = {f"{s}.{f}": f for s, c in SECTIONS.items() for f in _section_types(c)}
+        close += [dotted for dotted, f in fields.items() if f == section_name]  # --set learning_rate=... (no section)
+    else:
+        own = list(_section_types(SECTIONS[section_name])) if section_name in SECTIONS else []
+        close = [f"{section_name}.{f}" for f in difflib.get_close_matches(name, own, n=2, cutoff=0.7)]
+        everywhere = {f: s for s, c in SECTIONS.items() for f in _section_types(c)}
+        if name in everywhere:  # a field of another section
+            close = [f"{everywhere[name]}.{name}"]
+        elif not close:
+            close = [f"{everywhere[f]}.{f}" for f in difflib.get_close_matches(name, list(everywhere), n=2)]
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
 def set_field(config: SFTConfig, dotted: str, value) -> None:
     section_name, _, name = dotted.partition(".")
     if section_name not in SECTIONS:
-        raise ConfigError(f"unknown config section {section_name!r} in {dotted!r}: use one of {', '.join(SECTIONS)}")
+        raise ConfigError(f"unknown config section {section_name!r} in {dotted!r}{did_you_mean(section_name)}: use "
+                          f"one of {', '.join(SECTIONS)}")
     section = getattr(config, section_name)
     known = _section_types(type(section))
     if name not in known:
-        close = [k for k in known if name in k or k in name]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ConfigError(f"unknown field {dotted!r}{hint}")
+        raise ConfigError(f"unknown field {dotted!r}{did_you_mean(section_name, name)}")
     setattr(section, name, _check_type(value, known[name], dotted))
 
 
@@ -458,20 +480,39 @@ def load_config_file(path: str | Path) -> SFTConfig:
     namespace: dict = {"__file__": str(path), "__name__": "jsft_config"}
     try:
         exec(compile(path.read_text(), str(path), "exec"), namespace)
-    except TypeError as e:  # SectionConfig(unknown_field=...) -> name the field and the section's known fields
-        match = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(e))
-        if not match:
-            raise
-        cls, name = match.groups()
-        section = {c.__name__: n for n, c in SECTIONS.items()}.get(cls, cls)
-        known = [f.name for f in dataclasses.fields(SECTIONS[section])] if section in SECTIONS else []
-        close = difflib.get_close_matches(name, known, n=2)
-        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        raise ConfigError(f"{path}: unknown field {section}.{name}{hint}") from None
+    except ConfigError:
+        raise
+    except SyntaxError as e:  # the file does not parse: its line and Python's one-line reason
+        raise ConfigError(f"{path}, line {e.lineno}: {type(e).__name__}: {e.msg}" +
+                          (f": {e.text.strip()}" if e.text and e.text.strip() else "")) from e
+    except Exception as e:  # noqa: BLE001 (the config's own code failed: name its line, not a traceback)
+        raise _config_code_error(path, e) from e
     config = namespace.get("config")
     if not isinstance(config, SFTConfig):
         raise ConfigError(f"{path} must define `config = SFTConfig(...)`; found {type(config).__name__}")
     return config
+
+
+def _config_code_error(path: Path, error: Exception) -> ConfigError:
+    """A config file whose code raised: SectionConfig(unknown_field=...) names the field (and what is close); any
+    other error names the file's line where it happened and the error's one-line message."""
+    match = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(error))
+    if isinstance(error, TypeError) and match:
+        cls, name = match.groups()
+        section = {c.__name__: n for n, c in SECTIONS.items()}.get(cls)
+        if cls == "SFTConfig":
+            return ConfigError(f"{path}: unknown config section {name!r}{did_you_mean(name)}: use one of "
+                               f"{', '.join(SECTIONS)}")
+        if section is not None:
+            return ConfigError(f"{path}: unknown field {section}.{name}{did_you_mean(section, name)}")
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename) == path]
+    where = f", line {frames[-1].lineno}" if frames else ""
+    code = f" (in: {frames[-1].line.strip()})" if frames and frames[-1].line else ""
+    message = " ".join(str(error).split())
+    return ConfigError(f"{path}{where}: {type(error).__name__}{': ' + message if message else ''}{code}. Fix: "
+                       "correct the config file there (JSFT_TRACEBACK=1 shows the traceback)")
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> SFTConfig:

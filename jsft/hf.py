@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
 
 import jax
@@ -25,7 +26,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jsft.config import ConfigError
+from jsft import hub
+from jsft.hub import check_local_or_hub, hub_unreachable, one_line
 from jsft.model.llama import ARCHITECTURES, Llama, LlamaConfig
 
 # (HF tensor name, jsft parameter path, transpose). {i}: layer index; {proj}/{norm}: the module name.
@@ -89,50 +91,19 @@ def base_params(model: nnx.Module) -> dict[str, nnx.Variable]:
 
 # ----------------------------------------------------------------------------------------------- loading
 
-# A hub repo id: "name" or "org/name" (letters, digits, '-', '_', '.'); anything else can only be a local path.
-HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-
-
-def check_local_or_hub(path, field: str) -> bool:
-    """True when `path` (the value of config field `field`) is a local directory, False when it can only be a hub
-    name; ConfigError when it is neither (a missing path, or a file)."""
-    local = Path(path)
-    if local.is_dir():
-        return True
-    if local.exists():
-        raise ConfigError(f"{field}={str(path)!r} is a file: point it at the directory that holds the model's files")
-    if not HUB_NAME.fullmatch(str(path)):
-        raise ConfigError(f"{field}={str(path)!r}: no such directory. Fix: point {field} at an existing directory "
-                          "(an HF checkpoint or tokenizer), or a hub name such as 'org/name'")
-    return False
-
-
-def one_line(error: Exception, limit: int = 300) -> str:
-    """An exception's message on one line, without its final period, cut at `limit` characters (for messages)."""
-    text = " ".join(str(error).split()).rstrip(".")
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def hub_unreachable(path, field: str, error: Exception) -> ConfigError:
-    """The ConfigError for a value that is no local directory and could not be loaded as a hub name."""
-    return ConfigError(
-        f"{field}={str(path)!r} is not a local directory, and this machine could not load it as a hub name "
-        f"(offline, HF_HUB_OFFLINE=1, or a private/gated repo without a token?): {one_line(error)}. Fix: point "
-        f"{field.split()[0]} at a local directory with the files, or download them first where there is network "
-        "(`hf download <name>`)"
-    )
-
-
 def resolve_model_dir(path, field: str = "model.model_name_or_path") -> Path:
-    """The local directory of a checkpoint: `path` itself, or a hub name's config and safetensors downloaded."""
+    """The local directory of a checkpoint: `path` itself, or a hub name's config and safetensors downloaded (from
+    the local HF cache only when the hub does not answer: jsft.hub)."""
     if check_local_or_hub(path, field):
         return Path(path)
     from huggingface_hub import snapshot_download
 
+    unreachable = None if hub.offline() else hub.unreachable_reason()
     try:
-        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"]))
-    except (OSError, ValueError) as e:  # huggingface_hub's offline, not-found and connection errors
-        raise hub_unreachable(path, field, e) from e
+        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"],
+                                      local_files_only=unreachable is not None))
+    except Exception as e:  # noqa: BLE001 (huggingface_hub's offline, not-found, connection and proxy errors)
+        raise hub_unreachable(path, field, unreachable or e) from e
 
 
 def read_config(path: str | Path) -> dict:
@@ -143,21 +114,82 @@ def read_config(path: str | Path) -> dict:
                               "or the base model with the adapter in peft")
     if not config_file.exists():
         raise CheckpointError(f"{path}: no config.json; expected an HF checkpoint directory")
-    return json.loads(config_file.read_text())
+    return _read_json(config_file)
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({one_line(e)}): truncated or damaged? Fix: download or "
+                              "copy the checkpoint's files again") from e
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it (single file or an index of shards)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_json(index)["weight_map"]
         return {name: path / file for name, file in weight_map.items()}
     single = path / "model.safetensors"
     if not single.exists():
         raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json found "
                               "(only safetensors checkpoints are supported)")
-    with safe_open(single, "np") as f:
+    with open_safetensors(single) as f:
         return {name: single for name in f.keys()}
+
+
+def open_safetensors(file: Path):
+    """safe_open(file, "np"), with a CheckpointError naming the file when it is missing, truncated or damaged."""
+    try:
+        return safe_open(file, "np")
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{file} is missing (model.safetensors.index.json lists it). Fix: download or copy "
+                              "every shard of the checkpoint") from e
+    except Exception as e:  # noqa: BLE001 (safetensors raises SafetensorError: incomplete metadata, bad header, ...)
+        raise CheckpointError(f"{file} is not a readable safetensors file ({one_line(e)}): truncated or damaged, e.g. "
+                              "by an interrupted download or copy. Fix: download or copy it again") from e
+
+
+def check_finite(block: np.ndarray, name: str, file) -> None:
+    """CheckpointError when tensor `name` read from `file` holds NaN or inf (a damaged file, or a diverged run's
+    save): training from it gives NaN from the first step. One float32 sum over the block (NaN and inf propagate),
+    and a count of the bad values only when the sum is not finite (finite weights whose sum overflows pass)."""
+    if not np.issubdtype(block.dtype, np.floating) and block.dtype != jnp.bfloat16:
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.sum(block, dtype=np.float32)):
+            return
+    bad = block.size - int(np.count_nonzero(np.isfinite(block)))
+    if bad:
+        raise CheckpointError(f"{file}: tensor {name!r} holds {bad:,} non-finite value(s) (NaN or inf) of {block.size:,}"
+                              ": the file is damaged, or was saved from a diverged run. Fix: download or copy it again, "
+                              "or load an earlier checkpoint")
+
+
+def untie_if_head_differs(cfg: LlamaConfig, files: dict[str, Path], path) -> LlamaConfig:
+    """config.json ties lm_head to the embedding, yet the files hold an lm_head.weight: transformers ties the two
+    only when their values are equal, and otherwise loads the file's head with a warning. jsft does the same (and
+    exports the model untied): dropping a trained head would change every logit."""
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    if not (cfg.tie_word_embeddings and head in files and embed in files) or _equal_tensors(files, head, embed):
+        return cfg
+    warnings.warn(f"{path}: config.json has tie_word_embeddings=true but the files hold an {head} that differs from "
+                  f"{embed}; loading both, untied, as transformers does (an export writes tie_word_embeddings=false). "
+                  "Fix: set tie_word_embeddings to false in config.json, or remove lm_head.weight if the head was "
+                  "meant to be the embedding", UserWarning, stacklevel=3)
+    return dataclasses.replace(cfg, tie_word_embeddings=False, hf_config=dict(cfg.hf_config, tie_word_embeddings=False))
+
+
+def _equal_tensors(files: dict[str, Path], a: str, b: str, rows: int = 4096) -> bool:
+    """Tensors a and b of the checkpoint hold equal values (compared a block of rows at a time)."""
+    with open_safetensors(files[a]) as fa, open_safetensors(files[b]) as fb:
+        sa, sb = fa.get_slice(a), fb.get_slice(b)
+        shape = tuple(sa.get_shape())
+        if shape != tuple(sb.get_shape()) or sa.get_dtype() != sb.get_dtype():
+            return False
+        n = shape[0] if shape else 0
+        return all(np.array_equal(sa[i:min(i + rows, n)], sb[i:min(i + rows, n)]) for i in range(0, n, rows))
 
 
 def load_model(path, dtype=jnp.bfloat16, compute_dtype=None, attention_impl="auto", remat_policy="none",
@@ -175,11 +207,12 @@ def load_model(path, dtype=jnp.bfloat16, compute_dtype=None, attention_impl="aut
     cfg = LlamaConfig.from_hf(read_config(path))
     generation = path / "generation_config.json"
     if generation.exists():
-        cfg = dataclasses.replace(cfg, generation_config=json.loads(generation.read_text()))
+        cfg = dataclasses.replace(cfg, generation_config=_read_json(generation))
+    files = _tensor_files(path)
+    cfg = untie_if_head_differs(cfg, files, path)
     model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, compute_dtype=compute_dtype,
                                          attention_impl=attention_impl, remat_policy=remat_policy))
     targets = base_params(model)
-    files = _tensor_files(path)
 
     wanted = {}  # jsft path -> (hf name, transpose)
     for name in sorted(files):
@@ -201,8 +234,8 @@ def load_model(path, dtype=jnp.bfloat16, compute_dtype=None, attention_impl="aut
             name, transpose = wanted[p]
             file = files[name]
             if file not in handles:
-                handles[file] = safe_open(file, "np")
-            var.set_value(_read(handles[file], name, transpose, var, dtype, sharding_for(p, var)))
+                handles[file] = open_safetensors(file)
+            var.set_value(_read(handles[file], name, transpose, var, dtype, sharding_for(p, var), file))
     finally:
         handles.clear()
     for p, var in nnx.to_flat_state(nnx.state(model)):  # nothing abstract may survive the load
@@ -223,8 +256,9 @@ def _sharding_lookup(shardings):
     return shardings
 
 
-def _read(handle, name, transpose, var, dtype, sharding):
-    """One tensor from the file, transposed/cast to the jsft layout; only the device's slices when sharded."""
+def _read(handle, name, transpose, var, dtype, sharding, file=None):
+    """One tensor from the file, transposed/cast to the jsft layout; only the device's slices when sharded. Each
+    block read is checked for NaN/inf (check_finite)."""
     shape = tuple(var.shape)
     hf_slice = handle.get_slice(name)
     hf_shape = tuple(hf_slice.get_shape())
@@ -236,8 +270,9 @@ def _read(handle, name, transpose, var, dtype, sharding):
     def read(index):
         index = tuple(index) if index else tuple(slice(None) for _ in shape)
         block = hf_slice[index[::-1] if transpose else index]
-        block = block.T if transpose else block
-        return np.ascontiguousarray(block.astype(dtype))
+        block = np.ascontiguousarray((block.T if transpose else block).astype(dtype))
+        check_finite(block, name, file)
+        return block
 
     if sharding is None:
         return jnp.asarray(read(None))

@@ -14,6 +14,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -101,6 +102,25 @@ def check_sliding_window(cfg, datasets) -> None:
             f"attention over a longer row would train another model than the one you load. Fix: set "
             f"data.max_length <= {cfg.sliding_window}"
         )
+
+
+def warn_past_max_positions(cfg, datasets, max_length) -> None:
+    """Documents longer than config.json's max_position_embeddings train at RoPE positions the model never saw.
+    transformers and TRL run them without a word (the default, linear and llama3 RoPE jsft supports do not depend on
+    max_position_embeddings; dynamic/YaRN scaling, which would, jsft refuses); jsft warns, naming both lengths: it is
+    nearly always a max_length meant for another model. Positions restart per document, so only a document (or
+    fragment) longer than the limit counts, not a packed row of short ones."""
+    limit = cfg.hf_config.get("max_position_embeddings")
+    for prepared in datasets if limit else ():
+        lengths = prepared.rows.stop - prepared.rows.start
+        over = int((lengths > limit).sum())
+        if over:
+            warnings.warn(
+                f"data.max_length={max_length}: {over:,} {prepared.stats.get('split', 'train')} document(s) are longer "
+                f"than the model's max_position_embeddings={limit} (config.json; the longest has {int(lengths.max())} "
+                "tokens), so they train at positions the model was never trained at. transformers and TRL accept "
+                f"this silently. Fix: set data.max_length <= {limit}, or extend the context on purpose (rope scaling "
+                "and max_position_embeddings in config.json)", UserWarning, stacklevel=2)
 
 
 def build_model(config: SFTConfig, tokenizer, mesh):
@@ -375,6 +395,7 @@ def run(config: SFTConfig) -> dict:
 
     model, grew_vocab = build_model(config, tokenizer, mesh)
     check_sliding_window(model.cfg, [d for d in (train_data, eval_data) if d is not None])
+    warn_past_max_positions(model.cfg, [d for d in (train_data, eval_data) if d is not None], config.data.max_length)
     model.set_max_segments(max(d.stats["max_documents_per_row"] for d in (train_data, eval_data) if d is not None))
     wrt_embeddings = bool(added_tokens) or grew_vocab  # the whole embedding and head train too (LoRA)
     wrt = trainable_filter(config.lora.use_peft, new_token_rows=wrt_embeddings)

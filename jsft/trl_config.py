@@ -414,14 +414,18 @@ def from_trl_dict(values: dict) -> SFTConfig:
 
 def read_trl_file(path: str | Path) -> dict:
     """The flat dict of a TRL YAML or JSON config file."""
+    import yaml
+
     path = Path(path)
     text = path.read_text()
-    if path.suffix == ".json":
-        values = json.loads(text)
-    else:
-        import yaml
-
-        values = yaml.safe_load(text) or {}
+    try:
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text) or {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"line {e.lineno}: not valid JSON: {e.msg}") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError(f"{where}not valid YAML: {' '.join(str(getattr(e, 'problem', None) or e).split())}") from e
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a TRL config file must hold one mapping of field: value")
     # YAML 1.1 reads 2e-5 (no dot) as a string; TRL's argument parser reads it as the float it is

@@ -59,6 +59,57 @@ def test_unknown_field_or_section_in_set_names_it(tmp_path):
         C.from_dict({"optimizer": {"lr": 1}})
 
 
+@pytest.mark.parametrize("override, hint", [
+    ("training.learnig_rate=1e-5", "(did you mean training.learning_rate?)"),  # a typo (no substring of the name)
+    ("trainng.learning_rate=1e-5", "(did you mean training?)"),  # a typo of the section
+    ("data.learning_rate=1e-5", "(did you mean training.learning_rate?)"),  # the field of another section
+    ("learning_rate=1e-5", "(did you mean training.learning_rate?)"),  # no section
+    ("training.max_len=64", "(did you mean data.max_length"),
+])
+def test_mistyped_set_overrides_get_a_did_you_mean(tmp_path, override, hint):
+    with pytest.raises(ConfigError) as err:
+        C.load(_py_file(tmp_path), [override])
+    assert hint in str(err.value), str(err.value)
+
+
+def test_mistyped_names_in_config_files_get_a_did_you_mean(tmp_path):
+    """Python config files: a mistyped section keyword, a mistyped attribute set after construction (a dataclass
+    took it silently), and nested dicts (from_dict) name the closest field."""
+    path = tmp_path / "section.py"
+    path.write_text("from jsft.config import SFTConfig, TrainingConfig\nconfig = SFTConfig(trainng=TrainingConfig())\n")
+    with pytest.raises(ConfigError, match=r"section\.py: unknown config section 'trainng' \(did you mean training\?\)"):
+        C.load(path)
+    path = _py_file(tmp_path)
+    path.write_text(path.read_text() + "config.training.learnig_rate = 1e-3\n")
+    with pytest.raises(ConfigError, match=r"unknown field training\.learnig_rate \(did you mean "
+                                          r"training\.learning_rate\?\)"):
+        C.load(path)
+    with pytest.raises(ConfigError, match=r"unknown field 'logging\.save_step' \(did you mean logging\.save_steps"):
+        C.from_dict({"logging": {"save_step": 10}})
+
+
+@pytest.mark.parametrize("code, line, error", [
+    ("from jsft.config import SFTConfig\nconfig = SFTConfig(\n", 2, r"SyntaxError: '\(' was never closed"),
+    ("from jsft.config import SFTConfig\nx = 1\nconfig = SFTConfig(model=Foo())\n", 3,
+     r"NameError: name 'Foo' is not defined \(in: config = SFTConfig\(model=Foo\(\)\)\)"),
+    ("import json\n\ndef f():\n    return json.loads('{')\n\nconfig = f()\n", 4, r"JSONDecodeError: Expecting"),
+])
+def test_an_error_in_a_python_config_file_names_its_line(tmp_path, code, line, error):
+    path = tmp_path / "broken.py"
+    path.write_text(code)
+    with pytest.raises(ConfigError, match=rf"broken\.py, line {line}: {error}"):
+        C.load(path)
+
+
+def test_a_trl_file_that_does_not_parse_names_its_line(tmp_path):
+    (tmp_path / "trl.yaml").write_text("learning_rate: 1e-4\n  max_length: [1\n")
+    with pytest.raises(ConfigError, match=r"trl\.yaml: line 2: not valid YAML: mapping values are not allowed here"):
+        C.load(tmp_path / "trl.yaml")
+    (tmp_path / "trl.json").write_text('{"learning_rate": 1e-4,\n}')
+    with pytest.raises(ConfigError, match=r"trl\.json: line 2: not valid JSON: Expecting property name"):
+        C.load(tmp_path / "trl.json")
+
+
 def test_wrong_type_names_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"training\.learning_rate: expected float, got str 'fast'"):
         C.load(_py_file(tmp_path), ["training.learning_rate=fast"])

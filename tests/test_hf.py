@@ -253,3 +253,90 @@ def test_models_differing_only_in_config_metadata_keep_their_own_config(checkpoi
     assert b.cfg.hf_config["eos_token_id"] == 5 and b.cfg.hf_config["max_position_embeddings"] == 4096
     config = json.loads((save_model(b, tmp_path / "b_export") / "config.json").read_text())
     assert config["eos_token_id"] == 5 and config["max_position_embeddings"] == 4096
+
+
+def overwrite_tensor(file, name, payload):
+    """Replace the bytes of one tensor in a safetensors file (its header stays valid): payload(nbytes) -> bytes."""
+    raw = bytearray(file.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    start, stop = json.loads(raw[8:8 + n])[name]["data_offsets"]
+    raw[8 + n + start:8 + n + stop] = payload(stop - start)
+    file.write_bytes(bytes(raw))
+
+
+def test_non_finite_weights_are_named_with_the_tensor_and_file(checkpoint_dir, make_checkpoint, tmp_path):
+    """A NaN or random bytes in one tensor of the input checkpoint is an error naming the tensor and file (jsft used
+    to train NaN to the end, exit 0). Checked after the cast to the load dtype, on every slice a device reads;
+    weights that are huge but finite (their float32 sum overflows) pass."""
+    def set_value(name, index, value):
+        return lambda t: t[name].__setitem__(index, value)
+
+    nan = broken_copy(checkpoint_dir, tmp_path / "nan", set_value("model.layers.1.mlp.up_proj.weight", (5, 7), np.nan))
+    with pytest.raises(CheckpointError, match=r"nan/model\.safetensors: tensor 'model\.layers\.1\.mlp\.up_proj\.weight' "
+                                              r"holds 1 non-finite value\(s\) \(NaN or inf\) of 8,192: the file is "
+                                              r"damaged.*Fix: download or copy it again"):
+        load_model(nan, dtype=jnp.float32)
+
+    noise = shutil.copytree(make_checkpoint("bf16", "llama", dtype="bfloat16"), tmp_path / "noise")
+    overwrite_tensor(noise / "model.safetensors", "model.layers.0.self_attn.o_proj.weight",
+                     lambda n: np.random.RandomState(0).bytes(n))
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"))
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.self_attn\.o_proj\.weight' holds [0-9,]+ "
+                                              r"non-finite value\(s\) \(NaN or inf\) of (1,024|512|256)"):  # a slice
+        load_model(noise, shardings=lambda p, v: NamedSharding(mesh, PartitionSpec("fsdp", "tensor")
+                                                               if len(v.shape) == 2 else PartitionSpec()))
+
+    huge = broken_copy(checkpoint_dir, tmp_path / "huge", set_value("model.norm.weight", slice(0, 2), 3.4e38))
+    model, _ = load_model(huge, dtype=jnp.float32)  # finite in float32 (their sum is not)
+    assert float(model.norm.scale[...][0]) == pytest.approx(3.4e38)
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.norm\.weight' holds 2 non-finite"):
+        load_model(huge, dtype=jnp.bfloat16)  # 3.4e38 is past bfloat16's largest value: inf after the cast
+
+
+def test_a_tied_config_with_its_own_head_loads_the_head_as_transformers_does(checkpoint_dir, tmp_path):
+    """config.json says tie_word_embeddings=true, yet the files hold an lm_head.weight unlike the embedding:
+    transformers keeps that head (untied, with a warning); jsft did drop it without a word. Now it loads it too, warns
+    naming both, gives transformers' logits and exports untied. A head equal to the embedding is tied, silently."""
+    import warnings
+
+    path = broken_copy(checkpoint_dir, tmp_path / "tied_head", edit_config=lambda c: c.update(tie_word_embeddings=True))
+    with pytest.warns(UserWarning, match=r"tie_word_embeddings=true but the files hold an lm_head\.weight that "
+                                         r"differs from model\.embed_tokens\.weight; loading both, untied, as "
+                                         r"transformers does"):
+        model, cfg = load_model(path, dtype=jnp.float32)
+    assert not cfg.tie_word_embeddings and transformers.AutoConfig.from_pretrained(path).tie_word_embeddings
+    ids = ids_batch()
+    np.testing.assert_allclose(np.asarray(forward(model, ids)), hf_logits(path, ids), atol=1e-4, rtol=0)
+    out = save_model(model, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    np.testing.assert_allclose(hf_logits(out, ids), hf_logits(path, ids), atol=1e-4, rtol=0)
+
+    same = broken_copy(checkpoint_dir, tmp_path / "same_head",
+                       lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].copy()),
+                       lambda c: c.update(tie_word_embeddings=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, cfg = load_model(same, dtype=jnp.float32)
+    assert cfg.tie_word_embeddings and not any("tie_word_embeddings" in str(w.message) for w in caught)
+    np.testing.assert_allclose(np.asarray(forward(model, ids)), hf_logits(same, ids), atol=1e-4, rtol=0)
+
+
+def test_a_truncated_missing_or_broken_checkpoint_file_is_named(checkpoint_dir, make_checkpoint, tmp_path):
+    """A truncated model.safetensors, a shard the index lists but the directory lacks, a damaged config.json: each is
+    a CheckpointError naming the file and the fix (raw SafetensorError / FileNotFoundError / JSONDecodeError before)."""
+    cut = shutil.copytree(checkpoint_dir, tmp_path / "cut")
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"cut/model\.safetensors is not a readable safetensors file \(Error "
+                                              r"while deserializing header: incomplete metadata.*Fix: download or "
+                                              r"copy it again"):
+        load_model(cut)
+    model, _ = load_model(make_checkpoint("qwen3", "qwen3"), dtype=jnp.float32)
+    sharded = save_model(model, tmp_path / "sharded", max_shard_bytes=60_000)
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"{shard.name} is missing \(model\.safetensors\.index\.json lists it\)"):
+        load_model(sharded)
+    (cut / "config.json").write_text('{"vocab_size": 384, "hidden')
+    with pytest.raises(CheckpointError, match=r"cut/config\.json is not valid JSON"):
+        load_model(cut)

@@ -206,24 +206,38 @@ def test_a_bad_row_of_a_parquet_shard_and_of_a_single_file_are_located(tmp_path,
                                                                                               tokenizer_dir))
 
 
+def _chat(answer):
+    return {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": answer}]}
+
+
 def test_strings_that_datasets_would_decode_as_json_are_a_bad_row(tmp_path):
     """A field that is a number in one row makes datasets read it as JSON in every row, and the valid string "5" of
-    other rows comes back as the int 5 (then blamed as a bad row). jsft names the first changed row, its line and the
-    fix; strings that do not look like JSON (content parts mixed with text) read fine."""
+    other rows comes back as the int 5. The bad row is the one holding the number (line 4), not the valid "5" (line
+    2): jsft names it, its line and the fix, and skip_bad_rows skips it and reads the rest unchanged. Where no row
+    holds a number (content parts mixed with text) there is no row to skip: the damage is the error, and strings
+    that do not look like JSON read fine."""
     import json
 
     from jsft.data import BadRowError
 
-    def chat(answer):
-        return {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": answer}]}
-
     path = tmp_path / "answers.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in [chat("five"), chat("5"), chat("5"), chat(5)]) + "\n")
-    with pytest.raises(BadRowError, match=r"answers\.jsonl, line 2: row 1, field 'messages\[1\]\.content': the "
-                                          r"string '5' is read as 5: .* Fix: give messages\[\]\.content one type"):
+    path.write_text("\n".join(json.dumps(r) for r in [_chat("five"), _chat("5"), _chat("5"), _chat(5)]) + "\n")
+    with pytest.raises(BadRowError, match=r"answers\.jsonl, line 4: row 3, field 'messages\[1\]\.content': "
+                                          r"messages\[\]\.content is the int 5 where other rows hold text; .*\(row 1: "
+                                          r"str '5' is read as 5, .*answers\.jsonl, line 2\)\. Fix: write it as a "
+                                          r"string \(\"5\"\)"):
         sources.load_rows(DataConfig(dataset_name=str(path)))
-    parts = [chat("five"), {"messages": [{"role": "user", "content": [{"type": "text", "text": "2+3?"}]},
-                                         {"role": "assistant", "content": "five"}]}]
+    with pytest.warns(UserWarning, match=r"skipped 1 row\(s\) holding a number .*answers\.jsonl, line 4"):
+        dataset, skipped = sources.read_split(DataConfig(dataset_name=str(path), skip_bad_rows=True))
+    assert [r["messages"][1]["content"] for r in dataset] == ["five", "5", "5"] and [e.row_index for e in skipped] == [3]
+
+    parts = [_chat("5"), {"messages": [{"role": "user", "content": [{"type": "text", "text": "2+3?"}]},
+                                       {"role": "assistant", "content": "five"}]}]
+    path.write_text("\n".join(json.dumps(r) for r in parts) + "\n")
+    with pytest.raises(BadRowError, match=r"line 1: row 0, field 'messages\[1\]\.content': the str '5' is read as 5: "
+                                          r".* Fix: give messages\[\]\.content one type"):
+        sources.load_rows(DataConfig(dataset_name=str(path), skip_bad_rows=True))
+    parts[0] = _chat("five")
     path.write_text("\n".join(json.dumps(r) for r in parts) + "\n")
     assert sources.load_rows(DataConfig(dataset_name=str(path)))[1]["messages"][0]["content"][0]["text"] == "2+3?"
 

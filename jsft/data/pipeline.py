@@ -65,6 +65,7 @@ import inspect
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -320,6 +321,21 @@ def _load_examples(path: Path) -> Examples:
                         json.loads(str(z["bad_rows"])))
 
 
+def _load_cached(path: Path) -> Examples | None:
+    """The cached examples, or None (with a warning, the file removed) when the cache file is unreadable: a cache is
+    disposable, so a truncated or damaged one is rebuilt rather than an error."""
+    try:
+        examples = _load_examples(path)
+        if examples.offsets[-1] != len(examples.tokens) or len(examples.loss_mask) != len(examples.tokens):
+            raise ValueError("its arrays disagree in length")
+        return examples
+    except Exception as e:  # noqa: BLE001 (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError: all "damaged")
+        warnings.warn(f"token cache {path} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]}): "
+                      "removing it and tokenizing again", UserWarning, stacklevel=3)
+        path.unlink(missing_ok=True)
+        return None
+
+
 def cached_examples(config: SFTConfig, tokenizer, split: str = "train") -> tuple[Examples, str]:
     """Examples of a split, from the cache when its key matches; returns (examples, "hit" | "miss").
 
@@ -332,7 +348,9 @@ def cached_examples(config: SFTConfig, tokenizer, split: str = "train") -> tuple
     cache_dir = Path(config.data.cache_dir or Path(config.logging.output_dir) / "cache")
     path = cache_dir / f"examples-{split}-{key}.npz"
     if path.exists():
-        return _load_examples(path), "hit"
+        cached = _load_cached(path)
+        if cached is not None:
+            return cached, "hit"
     try:
         examples = _count_unreadable(tokenize_rows(dataset, tokenizer, config.data, f"tokenize {split}"), unreadable)
     except BadRowError as e:  # which split's rows the index counts (train and eval both start at row 0), which line

@@ -4,7 +4,9 @@
     dataset, unreadable = read_split(config.data, "eval")  # and the malformed JSON lines skipped (skip_bad_rows)
 
 `datasets.load_dataset` reads the rows; what jsft adds is the error for a malformed JSON line (file, line, row, fix;
-datasets says only "An error occurred while generating the dataset") and the counted skip of such lines.
+datasets says only "An error occurred while generating the dataset") and the counted skip of such lines; JSON lines
+read as the files hold them (a field whose type varies between rows: jsft.data.mixed_types); a path that does not
+exist named as such, never tried on the hub, and a hub that does not answer said at once (jsft.hub).
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import re
 import warnings
 from pathlib import Path
 
+from jsft import hub
 from jsft.config import ConfigError, DataConfig
+from jsft.data import mixed_types
 from jsft.data.formats import BadRowError, read_jsonl
+from jsft.hub import hub_unreachable, looks_local, nearby, no_such_path
 
 # jsft's own token cache files (jsft.data.pipeline), left out of a directory's identity: a cache kept inside the
 # data directory must not change the key it is stored under.
@@ -56,12 +61,11 @@ def row_location(data: DataConfig, split: str, row_index: int | None) -> str | N
     if single is not None:
         rows = _row_lines(single)
         return f"line {rows[row_index]}" if rows and row_index < len(rows) and rows[row_index] else None
-    try:
-        files = datasets.load_dataset_builder(str(path), data.dataset_config).config.data_files[name]
-    except Exception:  # noqa: BLE001 (the message goes out without the file rather than not at all)
+    files = _split_files(path, data, name)
+    if files is None:
         return None
     first = 0
-    for file in map(Path, files):
+    for file in files:
         rows = _row_lines(file)
         if rows is None:
             return None
@@ -70,6 +74,17 @@ def row_location(data: DataConfig, split: str, row_index: int | None) -> str | N
             return f"file {file}, " + (f"line {line}" if line else f"its row {row_index - first}")
         first += len(rows)
     return None
+
+
+def _split_files(path: Path, data: DataConfig, name: str) -> list[Path] | None:
+    """The files of split `name` of data directory `path`, in the order datasets concatenates their rows (None when
+    datasets' builder cannot say)."""
+    import datasets
+
+    try:
+        return [Path(f) for f in datasets.load_dataset_builder(str(path), data.dataset_config).config.data_files[name]]
+    except Exception:  # noqa: BLE001 (callers go on without the files: a message without the file, no check)
+        return None
 
 
 def _row_lines(file: Path) -> list[int | None] | None:
@@ -112,8 +127,9 @@ def read_split(data: DataConfig, split: str = "train"):
         raise ConfigError(f"{field}={name!r} is a directory: set it to a data file, or set data.dataset_name to the "
                           f"directory and {field} to one of its split names")
     if _looks_like_a_file(name):
-        raise ConfigError(f"{field}={name!r}: no such file. Fix: correct the path of the {split} file, or set {field} "
-                          "to a split name of data.dataset_name")
+        near = nearby(name)
+        raise ConfigError(f"{field}={name!r}: no such file{f' ({near})' if near else ''}. Fix: correct the path of "
+                          f"the {split} file, or set {field} to a split name of data.dataset_name")
     path = Path(data.dataset_name)
     if path.is_file():
         _check_single_file_split(data, split, name, field)
@@ -122,8 +138,17 @@ def read_split(data: DataConfig, split: str = "train"):
         return _load_from_disk(path, data, split, name, field), []
     if path.is_dir():
         _check_has_data_files(path)
+        # a directory of JSON-lines shards (no dataset card): read as "json" with its split's files, in order, so
+        # jsft.data.mixed_types can check it; anything else: datasets' own reading of the directory
+        files = _split_files(path, data, name) if data.dataset_config is None else None
+        json_lines = bool(files) and all(_is_json_lines(f) for f in files) and not (path / "README.md").exists()
         try:
+            if json_lines:
+                return _read_json_lines(files, data.skip_bad_rows, lambda **options: datasets.load_dataset(
+                    "json", data_files=[str(f) for f in files], split="train", **options))
             return datasets.load_dataset(str(path), data.dataset_config, split=name), []
+        except BadRowError:
+            raise
         except Exception as e:  # noqa: BLE001 (re-raised unless an unknown split or a malformed JSON line explains it)
             error = e
         _raise_if_unknown_split(error, data, name, field)
@@ -142,8 +167,8 @@ def read_split(data: DataConfig, split: str = "train"):
                 f"{' ...' if len(blank) > 5 else ''}. Fix: remove the blank lines (e.g. `sed -i '/^\\s*$/d' FILE`)"
             ) from error
         raise error
-    if data.dataset_name.startswith((".", "/")) or not data.dataset_name:
-        raise ConfigError(f"data.dataset_name={data.dataset_name!r}: no such file or directory")
+    if looks_local(data.dataset_name):  # never tried on the hub (jsft.hub)
+        raise no_such_path(data.dataset_name, "data.dataset_name")
     return _load_hub_split(data, name, field), []
 
 
@@ -210,21 +235,20 @@ def _raise_if_unknown_split(error: Exception, data: DataConfig, name: str, field
 
 
 def _load_hub_split(data: DataConfig, name: str, field: str):
-    """A split of a hub dataset; an unknown split or an unreachable dataset is a ConfigError."""
+    """A split of a hub dataset; an unknown split or an unreachable dataset is a ConfigError, at once when the hub
+    does not answer (jsft.hub.unreachable_reason: no network retries)."""
     import datasets
 
+    unreachable = None if hub.offline() else hub.unreachable_reason()
+    if unreachable is not None:
+        raise hub_unreachable(data.dataset_name, "data.dataset_name", unreachable, "hub dataset")
     try:
         return datasets.load_dataset(data.dataset_name, data.dataset_config, split=name)
     except ValueError as e:
         _raise_if_unknown_split(e, data, name, field)
         raise
-    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise ConfigError(
-            f"data.dataset_name={data.dataset_name!r} is no local file or directory, and this machine could not "
-            f"load it as a hub dataset (offline, HF_HUB_OFFLINE=1, or a private/gated dataset without a token?): "
-            f"{' '.join(str(e).split()).rstrip('.')}. Fix: point data.dataset_name at a local file or directory, or "
-            "download the dataset first"
-        ) from e
+    except (OSError, datasets.exceptions.DatasetNotFoundError) as e:  # ConnectionError, FileNotFoundError, ...
+        raise hub_unreachable(data.dataset_name, "data.dataset_name", e, "hub dataset") from e
 
 
 def _load_file(path: Path, skip_bad_rows: bool = False, field: str = "data.dataset_name"):
@@ -241,12 +265,10 @@ def _load_file(path: Path, skip_bad_rows: bool = False, field: str = "data.datas
     if kind in ("json", "csv"):
         _check_utf8(path, field)
     try:
-        dataset = datasets.load_dataset(kind, data_files=str(path), split="train")
-        if kind == "json" and _has_json_feature(dataset.features) and _is_json_lines(path):
-            damage = _json_decoding_damage(path, dataset)
-            if damage is not None:
-                raise damage
-        return dataset, []
+        if kind == "json" and _is_json_lines(path):
+            return _read_json_lines([path], skip_bad_rows, lambda **options: datasets.load_dataset(
+                "json", data_files=str(path), split="train", **options))
+        return datasets.load_dataset(kind, data_files=str(path), split="train"), []
     except BadRowError:
         raise
     except Exception as e:  # noqa: BLE001 (re-raised unless no rows or a malformed JSON line explains it)
@@ -255,20 +277,64 @@ def _load_file(path: Path, skip_bad_rows: bool = False, field: str = "data.datas
                               "rows") from e
         if kind != "json":
             raise
-        error = e
+        return _read_json_after_failure(path, e, skip_bad_rows)
+
+
+def _read_json_after_failure(path: Path, error: Exception, skip_bad_rows: bool):
+    """(dataset, unreadable) of a JSON file datasets could not read: a malformed line is its BadRowError (skipped
+    under skip_bad_rows); lines that all parse are read from a clean copy; else datasets' own error."""
     bad = _malformed_json(path)
     if bad is None and _is_json_lines(path):
         # every line parses, yet datasets failed: its reader for a column whose type varies between rows (content as
         # a string in one row, a list of parts in another) fails on blank lines ("Expected object or value")
         try:
-            return _load_clean_copy(path)
+            return _load_clean_copy([path], skip_bad_rows)
+        except BadRowError:
+            raise
         except Exception:  # noqa: BLE001 (something else: datasets' own error)
             raise error from None
     if bad is None:
         raise error
     if not skip_bad_rows or bad.row_index is None:
         raise bad  # (its cause: the JSONDecodeError; datasets' own error says no more)
-    return _load_clean_copy(path)
+    return _load_clean_copy([path], skip_bad_rows)
+
+
+def _read_json_lines(files: list[Path], skip_bad_rows: bool, read, dropped: frozenset = frozenset(),
+                     unreadable: list[BadRowError] = ()):
+    """(dataset, unreadable) of JSON-lines files (one file, or a directory split's shards in order) as the files hold
+    them. read(**options) loads them with datasets (or a clean copy of them without `dropped` and malformed lines).
+
+    Strictly first (on_mixed_types=None): a field whose type varies between rows then fails instead of being read as
+    JSON, which would change other rows' values (jsft.data.mixed_types). Only then are they read the default way and
+    compared with the files: a row holding a number where others hold text is the bad row (raised, or skipped under
+    skip_bad_rows, and the rest read again); a change no row explains that way is the error."""
+    import logging
+
+    json_log = logging.getLogger("datasets.packaged_modules.json.json")
+    level = json_log.level
+    json_log.setLevel(logging.CRITICAL)  # its ERROR line for the refusal is no error here
+    try:
+        return read(on_mixed_types=None), list(unreadable)
+    except Exception as e:  # noqa: BLE001 (re-raised unless datasets refused a mixed-type field)
+        if mixed_types.mixed_field(e) is None:
+            raise
+    finally:
+        json_log.setLevel(level)
+    dataset = read()
+    damage = mixed_types.decoding_damage(files, dataset, dropped)
+    if damage is None:
+        return dataset, list(unreadable)
+    causes = mixed_types.number_rows(files, damage, dropped)
+    if not causes:
+        raise damage
+    if not skip_bad_rows:
+        raise causes[0]
+    where = [e.source for e in causes]
+    warnings.warn(f"skipped {len(causes)} row(s) holding a number where other rows hold text (data.skip_bad_rows=True)"
+                  f": {'; '.join(where[:10])}{' ...' if len(where) > 10 else ''}; they are counted as bad rows",
+                  UserWarning, stacklevel=4)
+    return _load_clean_copy(files, skip_bad_rows, dropped | {e.row_index for e in causes}, [*unreadable, *causes])
 
 
 def _check_utf8(path: Path, field: str) -> None:
@@ -325,46 +391,6 @@ def _malformed_json(path: Path) -> BadRowError | None:
     return None
 
 
-def _has_json_feature(feature) -> bool:
-    """datasets types a field whose type varies between rows as Json (a string in one row, a number in another)."""
-    from datasets.features import Json
-
-    if isinstance(feature, Json):
-        return True
-    if isinstance(feature, dict):
-        return any(_has_json_feature(f) for f in feature.values())
-    inner = getattr(feature, "feature", None)
-    return inner is not None and _has_json_feature(inner)
-
-
-def _first_changed_string(raw, read, field: str) -> tuple[str, str, object] | None:
-    """(field, the file's string, what datasets gave) where a string of the file came back as another value."""
-    if isinstance(raw, str):
-        return None if raw == read else (field, raw, read)
-    if isinstance(raw, dict) and isinstance(read, dict):
-        return next(filter(None, (_first_changed_string(v, read.get(k), f"{field}.{k}" if field else k)
-                                  for k, v in raw.items())), None)
-    if isinstance(raw, list) and isinstance(read, list):
-        return next(filter(None, (_first_changed_string(v, w, f"{field}[{j}]")
-                                  for j, (v, w) in enumerate(zip(raw, read)))), None)
-    return None
-
-
-def _json_decoding_damage(path: Path, dataset) -> BadRowError | None:
-    """datasets reads a field whose type varies between rows as JSON and decodes the strings of the other rows too:
-    the string "5" comes back as the number 5, "null" as None. The first such row, as a BadRowError naming it."""
-    for index, (raw, read) in enumerate(zip(read_jsonl(path), dataset)):
-        changed = _first_changed_string(raw, read, "")
-        if changed is not None:
-            field, text, value = changed
-            line, every_row = _row_lines(path)[index], re.sub(r"\[[0-9]+\]", "[]", field)
-            return BadRowError(
-                index, field, f"the string {text!r} is read as {value!r}: the type of this field varies between rows "
-                "(e.g. a number or a list in some rows), so datasets reads it as JSON and decodes strings that look "
-                "like JSON", f"give {every_row} one type in every row (e.g. strings)", f"{path}, line {line}")
-    return None
-
-
 def _has_blank_lines(path: Path) -> bool:
     with open(path, encoding="utf-8", errors="replace") as f:
         return any(not line.strip() for line in f)
@@ -386,30 +412,35 @@ def _first_line_is_an_object(path: Path) -> bool:
     return False
 
 
-def _load_clean_copy(path: Path):
-    """(dataset, unreadable): datasets reads a copy of a JSON-lines file without its blank and malformed lines; the
-    malformed ones are warned about (the caller allows skipping them)."""
+def _load_clean_copy(files: list[Path], skip_bad_rows: bool, dropped: frozenset = frozenset(),
+                     skipped: list[BadRowError] = ()):
+    """(dataset, unreadable): datasets reads one copy of JSON-lines files (a split's, in order) without their blank
+    and malformed lines and without the rows `dropped` (by row index in the split, already `skipped`); malformed lines
+    are warned about (the caller allows skipping them) and counted with the skipped rows."""
     import tempfile
 
     import datasets
 
-    unreadable: list[BadRowError] = []
+    malformed: list[BadRowError] = []
+    for file in files:  # the malformed lines' errors (a single file: a directory's are raised before)
+        for _ in read_jsonl(file, skipped=malformed):
+            pass
+    if malformed and len(files) == 1 and not skipped:
+        lines = [re.search(r"line (\d+)", e.problem).group(1) for e in malformed]
+        warnings.warn(
+            f"{files[0]}: skipped {len(malformed)} malformed JSON line(s) (data.skip_bad_rows=True): line(s) "
+            f"{', '.join(lines[:20])}{' ...' if len(lines) > 20 else ''}; they are counted as bad rows",
+            UserWarning, stacklevel=4,
+        )
     with tempfile.TemporaryDirectory(prefix="jsft-rows-") as tmp:
         clean = Path(tmp) / "rows.jsonl"
         with open(clean, "w", encoding="utf-8") as f:
-            for row in read_jsonl(path, skipped=unreadable):
+            for _, _, _, row in mixed_types.file_rows(files, dropped):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        dataset = datasets.load_dataset("json", data_files=str(clean), split="train", keep_in_memory=True,
-                                        cache_dir=str(Path(tmp) / "cache"))
-    if not unreadable:
-        return dataset, unreadable
-    lines = [re.search(r"line (\d+)", e.problem).group(1) for e in unreadable]
-    warnings.warn(
-        f"{path}: skipped {len(unreadable)} malformed JSON line(s) (data.skip_bad_rows=True): line(s) "
-        f"{', '.join(lines[:20])}{' ...' if len(lines) > 20 else ''}; they are counted as bad rows",
-        UserWarning, stacklevel=4,
-    )
-    return dataset, unreadable
+        dataset, unreadable = _read_json_lines(files, skip_bad_rows, lambda **options: datasets.load_dataset(
+            "json", data_files=str(clean), split="train", keep_in_memory=True, cache_dir=str(Path(tmp) / "cache"),
+            **options), dropped, skipped)
+    return dataset, sorted({e.row_index: e for e in [*malformed, *unreadable]}.values(), key=lambda e: e.row_index)
 
 
 def source_fingerprint(data: DataConfig, split: str, dataset) -> dict:

@@ -88,14 +88,18 @@ def from_pretrained(path: str | Path, field: str = TOKENIZER_FIELD):
     directory, a directory without tokenizer files (e.g. a checkpoint saved without them), an unreachable hub name."""
     from transformers import AutoTokenizer
 
-    from jsft.hf import check_local_or_hub, hub_unreachable, one_line
+    from jsft import hub
+    from jsft.hub import check_local_or_hub, hub_unreachable, one_line
 
     local = check_local_or_hub(path, field)
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    unreachable = None if local or hub.offline() else hub.unreachable_reason()
+    try:  # the local HF cache only when the hub does not answer (jsft.hub)
+        return AutoTokenizer.from_pretrained(path, local_files_only=unreachable is not None)
+    except Exception as e:  # noqa: BLE001 (re-raised unless a missing/unreachable tokenizer explains it)
         if not local:
-            raise hub_unreachable(path, field, e) from e
+            raise hub_unreachable(path, field, unreachable or e) from e
+        if not isinstance(e, (OSError, ValueError)):
+            raise
         has = [name for name in TOKENIZER_FILES if (Path(path) / name).exists()]
         problem = "has no tokenizer files" if not has else f"has {', '.join(has)} but no tokenizer loads from it"
         raise ConfigError(
