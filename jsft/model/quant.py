@@ -214,6 +214,22 @@ def quantize_kernel(kernel_in_out, names: tuple, quant_type: str, nested: bool, 
     return QuantizedKernel(np.shape(kernel_in_out), names, quant_type, nested, dtype, values)
 
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # not lm_head
+
+
+def abstract_quantized(model, quant_type: str, nested: bool) -> dict[str, QuantizedKernel]:
+    """In an abstract model (nnx.eval_shape): swap each projection's kernel Param for an abstract QuantizedKernel
+    of the same shape, axes and dtype. Returns {'layers.0.mlp.up_proj.kernel': QuantizedKernel, ...} to fill."""
+    swapped = {}
+    for path, node in list(nnx.iter_graph(model)):
+        kernel = getattr(node, "kernel", None)
+        if path and path[-1] in PROJECTIONS and isinstance(kernel, nnx.Param):
+            names = kernel.get_metadata()["out_sharding"]
+            node.kernel = QuantizedKernel(tuple(kernel.shape), names, quant_type, nested, kernel.dtype)
+            swapped[".".join(map(str, path)) + ".kernel"] = node.kernel
+    return swapped
+
+
 def quantized_kernels(model) -> dict[str, QuantizedKernel]:
     """{'layers.0.mlp.up_proj.kernel': QuantizedKernel, ...} of a model."""
     return {".".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, QuantizedKernel)}
