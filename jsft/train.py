@@ -203,7 +203,8 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
 
     base_bytes = bytes_by_dtype(model)
     plan["base_bytes_by_dtype"] = base_bytes
-    print("plan: frozen base " + ", ".join(f"{dt} {n / 2**30:.3f} GiB" for dt, n in base_bytes.items())
+    size = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"  # noqa: E731
+    print("plan: frozen base " + ", ".join(f"{dt} {size(n)}" for dt, n in base_bytes.items())
           + f" (whole model, all devices){_quantization_note(config)}")
     print(f"plan: {A} micro-batch(es) x {B * count} rows x {L} tokens = {A * B * count * L:,} token slots per step; "
           f"steps {start_step} -> {total_steps}")

@@ -110,10 +110,10 @@ packing: true
 padding_free: true
 learning_rate: 0.01
 lr_scheduler_type: constant
-max_steps: 12
+max_steps: 24
 per_device_train_batch_size: 1
 logging_steps: 1
-save_steps: 6
+save_steps: 12
 report_to: none
 bf16: false
 gradient_checkpointing: true
@@ -124,13 +124,13 @@ QLORA = "load_in_4bit: true\nbnb_4bit_quant_type: nf4\nuse_bnb_nested_quant: tru
 
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory, checkpoint_dir, tokenizer_dir):
-    """The fixture checkpoint with its tokenizer, 64 rows; a QLoRA run through `python -m jsft.train`."""
+    """The fixture checkpoint with its tokenizer, 8 rows (to learn by heart); a QLoRA run through `python -m jsft.train`."""
     root = tmp_path_factory.mktemp("qlora")
     model = root / "model"
     shutil.copytree(checkpoint_dir, model)
     for f in Path(tokenizer_dir).iterdir():
         shutil.copy(f, model / f.name)
-    data = fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 64, seed=3), root / "pc.jsonl")
+    data = fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 8, seed=3), root / "pc.jsonl")
     yaml = root / "qlora.yaml"
     yaml.write_text(TRL_YAML.format(model=model, data=data, out=root / "qlora", quant=QLORA))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
@@ -151,18 +151,20 @@ def test_qlora_trains_from_a_trl_yaml_like_lora(qlora_run):
     lora_yaml.write_text(TRL_YAML.format(model=qlora_run["model"], data=qlora_run["data"], out=root / "lora", quant=""))
     train.run(C.load(lora_yaml))
     lora = [r["loss"] for r in progress.read_metrics(root / "lora") if "loss" in r]
-    assert len(qlora) == len(lora) == 12
-    assert qlora[0] == pytest.approx(lora[0], rel=0.05)  # the quantized base starts where the base does
-    assert np.mean(qlora[-3:]) < 0.7 * np.mean(qlora[:3])  # it learns ...
-    assert np.mean(qlora[-3:]) == pytest.approx(np.mean(lora[-3:]), rel=0.1)  # ... as LoRA does
+    curves = f"qlora {np.round(qlora, 3).tolist()} lora {np.round(lora, 3).tolist()}"
+    assert len(qlora) == len(lora) == 24, curves
+    assert qlora[0] == pytest.approx(lora[0], rel=0.02), curves  # the quantized base starts where the base does
+    assert np.mean(qlora[-4:]) < 0.92 * np.mean(qlora[:4]), curves  # it learns ...
+    assert np.max(np.abs(np.subtract(qlora, lora))) < 0.05 * lora[0], curves  # ... step by step as LoRA does
 
 
 def test_qlora_checkpoint_holds_only_the_adapters(qlora_run):
     step_dir = max((qlora_run["out"] / "checkpoints").iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
-    metadata = " ".join(p.read_text(errors="ignore") for p in step_dir.rglob("*metadata*") if p.is_file())
-    assert "lora_a" in metadata and "lora_b" in metadata
-    for name in ("codes", "absmax", "embed_tokens", "lm_head"):
-        assert name not in metadata, name
+    keys = list(json.loads((step_dir / "state" / "_METADATA").read_text())["tree_metadata"])  # Orbax's array tree
+    params = [k for k in keys if k.startswith("('params'")]
+    assert params and all(k.endswith(("'lora_a')", "'lora_b')")) for k in params), params
+    for name in ("codes", "absmax", "offset", "embed_tokens", "lm_head", "kernel"):
+        assert not any(name in k for k in keys), name
 
 
 def test_qlora_adapter_loads_in_peft_and_matches_the_merged_export(qlora_run, tmp_path):
@@ -185,8 +187,9 @@ def test_qlora_adapter_loads_in_peft_and_matches_the_merged_export(qlora_run, tm
     base_logits = torch_logits(base)
     on_base = torch_logits(PeftModel.from_pretrained(base, written["adapter"]))
     dequantized = AutoModelForCausalLM.from_pretrained(tmp_path / "dequantized", dtype=torch.float32)
-    quant_error = np.abs(base_logits - torch_logits(dequantized)).max()
-    assert np.abs(on_base - want).max() < 3 * quant_error
-    assert np.abs(on_base - base_logits).max() > 3 * quant_error  # what the adapter learned is larger than that
+    quant_error = np.abs(base_logits - torch_logits(dequantized)).mean()
+    off, untrained = np.abs(on_base - want).mean(), np.abs(base_logits - want).mean()
+    numbers = f"adapter on base vs merged {off:.4f}, base vs merged {untrained:.4f}, quantization {quant_error:.4f}"
+    assert off < 2 * quant_error < untrained, numbers  # the adapter carries what trained; the rest is quantization
     config_json = json.loads((written["merged"] / "config.json").read_text())
     assert "quantization_config" not in config_json  # a plain dense checkpoint
