@@ -230,6 +230,17 @@ def abstract_quantized(model, quant_type: str, nested: bool) -> dict[str, Quanti
     return swapped
 
 
+def quantize_model(model, quant_type: str, nested: bool = False):
+    """Quantize the projection kernels of an in-memory model in place (e.g. a random-init one); returns it."""
+    for path, node in list(nnx.iter_graph(model)):
+        kernel = getattr(node, "kernel", None)
+        if path and path[-1] in PROJECTIONS and isinstance(kernel, nnx.Param):
+            name = ".".join(map(str, path))
+            node.kernel = quantize_kernel(np.asarray(jax.device_get(kernel[...]), np.float32),
+                                          kernel.get_metadata()["out_sharding"], quant_type, nested, kernel.dtype, name)
+    return model
+
+
 def quantized_kernels(model) -> dict[str, QuantizedKernel]:
     """{'layers.0.mlp.up_proj.kernel': QuantizedKernel, ...} of a model."""
     return {".".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, QuantizedKernel)}
