@@ -72,8 +72,9 @@ class TrainingConfig:
     max_steps: int = -1
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
-    lr_scheduler_type: str = "linear"  # linear | cosine | cosine_with_min_lr | constant | constant_with_warmup
-    lr_scheduler_kwargs: dict = field(default_factory=dict)  # cosine: num_cycles; cosine_with_min_lr: + min_lr(_rate)
+    lr_scheduler_type: str = "linear"  # transformers' names: linear | cosine | cosine_with_min_lr | polynomial |
+    #   cosine_with_restarts | constant | constant_with_warmup | inverse_sqrt | warmup_stable_decay
+    lr_scheduler_kwargs: dict = field(default_factory=dict)  # each schedule's options: jsft.config.SCHEDULE_KWARGS
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -196,7 +197,8 @@ CHOICES = {
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
     ("data", "train_sampling_strategy"): ("random", "sequential"),
     ("logging", "save_strategy"): ("steps", "epoch", "no"),
-    ("training", "lr_scheduler_type"): ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"),
+    ("training", "lr_scheduler_type"): ("linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial",
+                                        "constant", "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay"),
     ("training", "loss_type"): ("nll", "dft"),
     ("training", "optimizer_state_dtype"): ("float32", "bfloat16"),
 }
@@ -290,6 +292,12 @@ def _validate_ranges(config: SFTConfig) -> None:
         need(("min_lr" in options) != ("min_lr_rate" in options), "training.lr_scheduler_kwargs", options,
              "cosine_with_min_lr needs exactly one of min_lr (the final learning rate) or min_lr_rate (its ratio to "
              "learning_rate)")
+    if t.lr_scheduler_type == "warmup_stable_decay":
+        need("num_decay_steps" in options, "training.lr_scheduler_kwargs", options,
+             "warmup_stable_decay needs num_decay_steps (steps of the final decay), as transformers' get_wsd_schedule")
+        for key in ("warmup_type", "decay_type"):
+            need(options.get(key, "linear") in ("linear", "cosine", "1-sqrt"), "training.lr_scheduler_kwargs",
+                 options, f"{key} must be one of linear, cosine, 1-sqrt")
     if t.master_weights_fp32 and config.model.dtype == "float32":
         raise ConfigError(
             "training.master_weights_fp32=True with model.dtype='float32': the params already are float32 master "
@@ -326,7 +334,15 @@ def _validate_ranges(config: SFTConfig) -> None:
 
 
 # lr_scheduler_kwargs each schedule takes (transformers' names); jsft.optim.schedule_options reads them.
-SCHEDULE_KWARGS = {"cosine": ("num_cycles",), "cosine_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate")}
+SCHEDULE_KWARGS = {
+    "cosine": ("num_cycles",),
+    "cosine_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate"),
+    "cosine_with_restarts": ("num_cycles",),
+    "polynomial": ("lr_end", "power"),
+    "inverse_sqrt": ("timescale",),
+    "warmup_stable_decay": ("num_decay_steps", "num_stable_steps", "warmup_type", "decay_type", "min_lr_ratio",
+                            "num_cycles"),
+}
 # The projections LoRA can target (jsft.model.lora.LINEAR_NAMES, kept here so config checks need no JAX).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

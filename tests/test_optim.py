@@ -44,6 +44,18 @@ def test_schedule_equals_transformers_get_scheduler(name, warmup):
     ("cosine_with_min_lr", {"min_lr_rate": 0.1}),
     ("cosine_with_min_lr", {"min_lr": 3e-5, "num_cycles": 0.75}),
     ("cosine", {"num_cycles": 1.5}),
+    ("cosine_with_restarts", {}),
+    ("cosine_with_restarts", {"num_cycles": 3}),
+    ("polynomial", {}),
+    ("polynomial", {"lr_end": 1e-5, "power": 2.0}),
+    ("inverse_sqrt", {}),
+    ("inverse_sqrt", {"timescale": 7}),
+    ("warmup_stable_decay", {"num_decay_steps": 10}),
+    ("warmup_stable_decay", {"num_decay_steps": 8, "num_stable_steps": 12, "warmup_type": "cosine",
+                             "decay_type": "linear", "min_lr_ratio": 0.1}),
+    ("warmup_stable_decay", {"num_decay_steps": 8, "warmup_type": "1-sqrt", "decay_type": "1-sqrt",
+                             "min_lr_ratio": 0.05}),
+    ("warmup_stable_decay", {"num_decay_steps": 8, "num_stable_steps": 5}),  # ends before total: min_lr_ratio
 ])
 def test_scheduler_kwargs_equal_transformers(name, kwargs):
     from transformers import get_scheduler
@@ -66,6 +78,8 @@ def test_scheduler_kwargs_equal_transformers(name, kwargs):
     ("cosine_with_min_lr", {}, "exactly one of min_lr"),
     ("cosine_with_min_lr", {"min_lr": 1e-6, "min_lr_rate": 0.1}, "exactly one of min_lr"),
     ("linear", {"num_cycles": 2}, "num_cycles is not an option of lr_scheduler_type='linear'"),
+    ("warmup_stable_decay", {}, "needs num_decay_steps"),
+    ("warmup_stable_decay", {"num_decay_steps": 3, "decay_type": "exp"}, "decay_type must be one of"),
 ])
 def test_scheduler_kwargs_are_checked_before_any_compute(name, kwargs, message):
     from jsft.config import SFTConfig, validate
@@ -79,7 +93,9 @@ def test_scheduler_kwargs_are_checked_before_any_compute(name, kwargs, message):
 
 def test_unknown_schedule_and_no_steps_are_errors():
     with pytest.raises(ConfigError, match="lr_scheduler_type"):
-        optim.make_optimizer(TrainingConfig(lr_scheduler_type="polynomial"), 10)
+        optim.make_optimizer(TrainingConfig(lr_scheduler_type="reduce_lr_on_plateau"), 10)
+    with pytest.raises(ConfigError, match="lr_end"):
+        optim.make_optimizer(TrainingConfig(lr_scheduler_type="polynomial", learning_rate=1e-8), 10)
     with pytest.raises(ConfigError, match="total_steps"):
         optim.make_optimizer(TrainingConfig(), 0)
 
