@@ -76,6 +76,8 @@ class TrainingConfig:
     #   cosine_with_restarts | constant | constant_with_warmup | inverse_sqrt | warmup_stable_decay
     lr_scheduler_kwargs: dict = field(default_factory=dict)  # each schedule's options: jsft.config.SCHEDULE_KWARGS
     weight_decay: float = 0.0
+    optim: str = "adamw_torch"  # transformers' names: adamw_torch | adafactor | sgd | lion_32bit | muon (optax)
+    optim_args: dict = field(default_factory=dict)  # sgd: momentum, nesterov; muon: beta, ns_steps, nesterov
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -200,6 +202,7 @@ CHOICES = {
     ("training", "lr_scheduler_type"): ("linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial",
                                         "constant", "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay"),
     ("training", "loss_type"): ("nll", "dft"),
+    ("training", "optim"): ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "lion_32bit", "muon"),
     ("training", "optimizer_state_dtype"): ("float32", "bfloat16"),
 }
 
@@ -292,6 +295,10 @@ def _validate_ranges(config: SFTConfig) -> None:
         need(("min_lr" in options) != ("min_lr_rate" in options), "training.lr_scheduler_kwargs", options,
              "cosine_with_min_lr needs exactly one of min_lr (the final learning rate) or min_lr_rate (its ratio to "
              "learning_rate)")
+    accepted = OPTIM_ARGS.get(t.optim, ())
+    unknown = sorted(set(t.optim_args) - set(accepted))
+    need(not unknown, "training.optim_args", t.optim_args, f"{', '.join(unknown)} is not an argument of "
+         f"optim={t.optim!r} (its arguments: {', '.join(accepted) or 'none'})")
     if t.lr_scheduler_type == "warmup_stable_decay":
         need("num_decay_steps" in options, "training.lr_scheduler_kwargs", options,
              "warmup_stable_decay needs num_decay_steps (steps of the final decay), as transformers' get_wsd_schedule")
@@ -343,6 +350,8 @@ SCHEDULE_KWARGS = {
     "warmup_stable_decay": ("num_decay_steps", "num_stable_steps", "warmup_type", "decay_type", "min_lr_ratio",
                             "num_cycles"),
 }
+# optim_args each optimizer takes (transformers' optim_args names); jsft.optim reads them.
+OPTIM_ARGS = {"sgd": ("momentum", "nesterov"), "muon": ("beta", "ns_steps", "nesterov")}
 # The projections LoRA can target (jsft.model.lora.LINEAR_NAMES, kept here so config checks need no JAX).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

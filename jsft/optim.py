@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jsft.config import ConfigError, TrainingConfig
+from jsft.config import CHOICES, ConfigError, TrainingConfig
 
 SCHEDULES = ("linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial", "constant",
              "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay")
@@ -214,18 +214,66 @@ def make_optimizer(training: TrainingConfig, total_steps: int):
         raise ConfigError(f"total_steps={total_steps}: need at least one optimizer step (check training.max_steps, "
                           "training.num_train_epochs and the dataset size)")
     schedule = make_schedule(training, total_steps)
-    mu_dtype = jnp.bfloat16 if training.optimizer_state_dtype == "bfloat16" else jnp.float32
     parts = []
     if training.max_grad_norm and training.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(training.max_grad_norm))
-    parts.append(_scale_by_adam_fp32_nu(training.adam_beta1, training.adam_beta2, training.adam_epsilon, mu_dtype))
-    if training.weight_decay:
-        parts.append(optax.add_decayed_weights(training.weight_decay, mask=decay_mask))
-    parts.append(optax.scale_by_learning_rate(schedule))
+    parts.extend(_update_rule(training, schedule))
     tx = optax.chain(*parts)
     if training.master_weights_fp32:
         tx = with_fp32_master_weights(tx)
     return tx, schedule
+
+
+def _update_rule(training: TrainingConfig, schedule) -> list:
+    """The optimizer after clipping, as optax parts (weight decay only where `decays`).
+
+    adamw_torch(_fused): torch.optim.AdamW, decoupled decay.
+    adafactor:  transformers' Adafactor as its Trainer makes it (scale_parameter=False, relative_step=False,
+                no first moment, eps 1e-30, update clipped to RMS 1, decay rate step**-0.8, every matrix factored);
+                decay p -= lr * weight_decay * p.
+    sgd:        torch.optim.SGD: weight decay added to the gradient (L2, coupled) before momentum
+                (optim_args momentum, default 0; nesterov, default False), dampening 0.
+    lion_32bit: bitsandbytes' Lion with betas (adam_beta1, adam_beta2), decoupled decay.
+    muon:       optax.contrib.muon (Newton-Schulz orthogonalized momentum on every matrix, its Adam on the rest,
+                batch axes in front, reduction axis -2, output axis -1); decoupled decay.
+    """
+    name, wd, args = training.optim, training.weight_decay, training.optim_args or {}
+    decay = [optax.add_decayed_weights(wd, mask=decay_mask)] if wd else []
+    lr = [optax.scale_by_learning_rate(schedule)]
+    if name in ("adamw_torch", "adamw_torch_fused"):
+        mu_dtype = jnp.bfloat16 if training.optimizer_state_dtype == "bfloat16" else jnp.float32
+        return [_scale_by_adam_fp32_nu(training.adam_beta1, training.adam_beta2, training.adam_epsilon, mu_dtype),
+                *decay, *lr]
+    if name == "adafactor":
+        return [optax.scale_by_factored_rms(factored=True, decay_rate=0.8, min_dim_size_to_factor=1, epsilon=1e-30),
+                optax.clip_by_block_rms(1.0), *decay, *lr]
+    if name == "sgd":
+        momentum = float(args.get("momentum", 0.0))
+        nesterov = str(args.get("nesterov", "false")).lower() in ("true", "1", "yes")
+        return [*decay, *([optax.trace(momentum, nesterov=nesterov)] if momentum else []), *lr]
+    if name == "lion_32bit":
+        return [optax.scale_by_lion(b1=training.adam_beta1, b2=training.adam_beta2), *decay, *lr]
+    if name == "muon":
+        from optax.contrib import muon  # a whole optimizer (its own lr and decay): used as the update rule
+
+        return [muon(schedule, beta=float(args.get("beta", 0.95)), ns_steps=int(args.get("ns_steps", 5)),
+                     nesterov=str(args.get("nesterov", "true")).lower() in ("true", "1", "yes"),
+                     weight_decay=wd, weight_decay_mask=decay_mask, adam_b1=training.adam_beta1,
+                     adam_b2=training.adam_beta2, eps=training.adam_epsilon, adam_weight_decay=wd,
+                     muon_weight_dimension_numbers=_muon_dimensions)]
+    raise ConfigError(f"training.optim={name!r}: choose one of {', '.join(CHOICES['training', 'optim'])}")
+
+
+def _muon_dimensions(params):
+    """Muon's axes for each param: matrices (ndim >= 2, stacked layers in front) orthogonalized over their last two
+    axes; vectors (norms, biases) None, so Muon's Adam updates them. Embedding and lm_head rows are matrices too, as
+    in optax's default; users who want them on Adam can say so in a future knob."""
+    from optax.contrib import MuonDimensionNumbers
+
+    def dims(p):
+        return MuonDimensionNumbers(reduction_axis=p.ndim - 2, output_axis=p.ndim - 1) if p.ndim >= 2 else None
+
+    return jax.tree.map(dims, params)
 
 
 def _scale_by_adam_fp32_nu(b1, b2, eps, mu_dtype) -> optax.GradientTransformation:
