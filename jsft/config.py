@@ -83,6 +83,8 @@ class TrainingConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     loss_type: str = "nll"  # nll | dft
+    label_smoothing_factor: float = 0.0  # transformers' LabelSmoother (nll only), in training and eval loss
+    neftune_noise_alpha: float | None = None  # NEFTune noise on the input embeddings while training (TRL's formula)
     loss_chunk_size: int = 1024  # tokens per chunk of the lm_head + cross-entropy
     master_weights_fp32: bool = False  # full fine-tuning with bf16 params: keep fp32 master weights in the optimizer
     optimizer_state_dtype: str = "float32"  # float32 | bfloat16
@@ -295,6 +297,13 @@ def _validate_ranges(config: SFTConfig) -> None:
         need(("min_lr" in options) != ("min_lr_rate" in options), "training.lr_scheduler_kwargs", options,
              "cosine_with_min_lr needs exactly one of min_lr (the final learning rate) or min_lr_rate (its ratio to "
              "learning_rate)")
+    need(0.0 <= t.label_smoothing_factor < 1.0, "training.label_smoothing_factor", t.label_smoothing_factor,
+         "must be in [0, 1)")
+    need(not (t.label_smoothing_factor and t.loss_type != "nll"), "training.label_smoothing_factor",
+         t.label_smoothing_factor, f"smooths the nll loss only; loss_type={t.loss_type!r} (TRL ignores it there; "
+         "jsft refuses rather than ignore it)")
+    need(t.neftune_noise_alpha is None or t.neftune_noise_alpha >= 0, "training.neftune_noise_alpha",
+         t.neftune_noise_alpha, "must be >= 0 or None")
     accepted = OPTIM_ARGS.get(t.optim, ())
     unknown = sorted(set(t.optim_args) - set(accepted))
     need(not unknown, "training.optim_args", t.optim_args, f"{', '.join(unknown)} is not an argument of "
