@@ -549,9 +549,23 @@ def _config_code_error(path: Path, error: Exception) -> ConfigError:
                        "correct the config file there (JSFT_TRACEBACK=1 shows the traceback)")
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> SFTConfig:
-    """Config file + --set overrides, validated."""
-    config = load_config_file(path)
+def load(path: str | Path | None, overrides: list[str] = (), trl_flags: dict | None = None) -> SFTConfig:
+    """Config file + TRL flags (`--learning_rate 1e-4`, jsft.trl_config.parse_flags) + --set overrides, validated.
+
+    A TRL YAML/JSON and the flags are one set of TRL fields (flags win); on a jsft .py config the flags change only
+    what they name. No file: the flags alone are the TRL config, as with `trl sft --model_name_or_path ...`."""
+    from jsft import trl_config
+
+    trl_flags = trl_flags or {}
+    if path is None:
+        config = trl_config.from_trl_dict(trl_flags)
+    elif Path(path).suffix in (".yaml", ".yml", ".json") and Path(path).exists():
+        try:
+            config = trl_config.from_trl_dict({**trl_config.read_trl_file(path), **trl_flags})
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    else:
+        config = trl_config.apply_trl_flags(load_config_file(path), trl_flags)
     for text in overrides:
         apply_override(config, text)
     return validate(config)

@@ -568,17 +568,26 @@ def _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar) -
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jsft.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="a configs/<name>.py file (or a TRL SFTConfig YAML/JSON)")
+    parser.add_argument("--config", default=None, help="a configs/<name>.py file (or a TRL SFTConfig YAML/JSON)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field (repeatable)")
     parser.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint")
-    return parser.parse_args(argv)
+    parser.epilog = ("Any TRL SFTConfig/ModelConfig/ScriptArguments field is also a flag, as `trl sft` takes it: "
+                     "--learning_rate 1e-4 --max_length 4096 --packing (applied over --config; without --config "
+                     "they are the whole TRL config).")
+    args, rest = parser.parse_known_args(argv)
+    from jsft.trl_config import parse_flags
+
+    args.trl_flags = parse_flags(rest)
+    if args.config is None and not args.trl_flags:
+        parser.error("give --config FILE, or TRL flags such as --model_name_or_path and --dataset_name")
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     overrides = list(args.set) + (["logging.resume_from_checkpoint=true"] if args.resume else [])
-    config = load(args.config, overrides)
+    config = load(args.config, overrides, args.trl_flags)
     started = time.perf_counter()
     summary = run(config)
     if summary["interrupted"]:
