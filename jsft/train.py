@@ -235,8 +235,7 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
     try:
         with jax.set_mesh(mesh):
             compiled = step.train_step.lower(model, optimizer, _abstract_batch(batch, mesh, L),
-                                             loss_type=config.training.loss_type,
-                                             chunk_size=config.training.loss_chunk_size, schedule=schedule).compile()
+                                             **step.train_options(config.training), schedule=schedule).compile()
         mem = compiled.memory_analysis()
         if mem is not None:
             gib = lambda n: n / 2**30  # noqa: E731
@@ -280,7 +279,8 @@ def evaluate(config, model, eval_data, mesh, rows_per_micro_batch: int) -> dict:
             length = eval_data.step_length(np.arange(start, min(start + global_rows, eval_data.num_rows)))
             batch = _padded_rows(eval_data, mine[mine < eval_data.num_rows], rows_per_micro_batch, length)
             sums = step.eval_step(model, sharding.shard_batch(batch, mesh), loss_type=config.training.loss_type,
-                                  chunk_size=config.training.loss_chunk_size)
+                                  chunk_size=config.training.loss_chunk_size,
+                                  label_smoothing=config.training.label_smoothing_factor)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     means = normalize(totals, totals["num_trained"])
     return {f"eval_{k}": float(v) for k, v in means.items()}
@@ -476,7 +476,7 @@ def run(config: SFTConfig) -> dict:
                 _, local_tokens = step.host_token_counts(batch)
                 seq = effective_seq_len(batch["segment_ids"][0])
                 metrics = step.train_step(model, optimizer, sharding.shard_batch(batch, mesh),
-                                          loss_type=tc.loss_type, chunk_size=tc.loss_chunk_size, schedule=schedule)
+                                          **step.train_options(tc), schedule=schedule)
                 batch = None
                 step_no += 1
                 window.append(metrics)
@@ -587,17 +587,26 @@ def _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar) -
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jsft.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="a configs/<name>.py file (or a TRL SFTConfig YAML/JSON)")
+    parser.add_argument("--config", default=None, help="a configs/<name>.py file (or a TRL SFTConfig YAML/JSON)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field (repeatable)")
     parser.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint")
-    return parser.parse_args(argv)
+    parser.epilog = ("Any TRL SFTConfig/ModelConfig/ScriptArguments field is also a flag, as `trl sft` takes it: "
+                     "--learning_rate 1e-4 --max_length 4096 --packing (applied over --config; without --config "
+                     "they are the whole TRL config).")
+    args, rest = parser.parse_known_args(argv)
+    from jsft.trl_config import parse_flags
+
+    args.trl_flags = parse_flags(rest)
+    if args.config is None and not args.trl_flags:
+        parser.error("give --config FILE, or TRL flags such as --model_name_or_path and --dataset_name")
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     overrides = list(args.set) + (["logging.resume_from_checkpoint=true"] if args.resume else [])
-    config = load(args.config, overrides)
+    config = load(args.config, overrides, args.trl_flags)
     started = time.perf_counter()
     summary = run(config)
     if summary["interrupted"]:
