@@ -1,7 +1,8 @@
 """How the commands (`python -m jsft.train`, `jsft.export`, `jsft.chat`) end on a user's mistake.
 
 A bad config, row, template, checkpoint or mesh raises one of jsft's own errors, whose message already names the
-field or row and the fix; the command prints that message alone (no traceback) and exits with status 2.
+field or row and the fix; the command prints that message alone (no traceback) and exits with status 2 (3 for a
+run that diverged, jsft.guard).
 JSFT_TRACEBACK=1 shows the traceback too. Anything else is a bug and keeps its traceback.
 """
 
@@ -15,13 +16,14 @@ def user_errors() -> tuple[type[Exception], ...]:
     from jsft.config import ConfigError
     from jsft.data.chat import ChatTemplateError
     from jsft.data.formats import BadRowError
+    from jsft.guard import Diverged
     from jsft.hf import CheckpointError
     from jsft.model.attention import AttentionUnavailable
     from jsft.model.llama import ModelConfigError
     from jsft.sharding import ShardingError
 
     return ConfigError, BadRowError, ChatTemplateError, CheckpointError, ModelConfigError, ShardingError, \
-        AttentionUnavailable
+        AttentionUnavailable, Diverged
 
 
 def run(main, argv=None):
@@ -32,4 +34,4 @@ def run(main, argv=None):
         if os.environ.get("JSFT_TRACEBACK"):
             raise
         print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_status", 2))

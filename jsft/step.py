@@ -69,7 +69,8 @@ def train_step(model, optimizer, batch: dict, *, loss_type: str = "nll", chunk_s
     """One optimizer step. batch: arrays [A, B, L] (A micro-batches). Updates model and optimizer in place.
 
     Returns float32 scalars: loss, grad_norm (before clipping), learning_rate (the one this update used; 0 when no
-    `schedule` is given), num_tokens (non-padding input tokens), num_trained, mean_token_accuracy, entropy.
+    `schedule` is given), num_tokens (non-padding input tokens), num_trained, mean_token_accuracy, entropy, finite
+    (1.0; 0.0 when the loss or grad_norm was NaN/inf: then the update was not applied).
     """
     graphdef, params, rngs, rest = nnx.split(model, optimizer.wrt, nnx.RngState, ...)
     num_trained = jnp.sum(batch["loss_mask"].astype(jnp.float32))
@@ -96,8 +97,16 @@ def train_step(model, optimizer, batch: dict, *, loss_type: str = "nll", chunk_s
 
     learning_rate = schedule(optimizer.step[...]) if schedule is not None else jnp.zeros(())
     grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+    # a non-finite step leaves params and optimizer state (its step count too) as they were, so no NaN ever
+    # reaches them; optax.apply_if_finite does the same but changes the optimizer state's structure (checkpoints)
+    # and lets the update through after max_consecutive_errors. The host decides: stop or skip (jsft.guard).
+    before = jax.tree.map(lambda x: x, (nnx.state(model, optimizer.wrt), nnx.state(optimizer)))  # values, not refs
     # grads stay float32 (summed in float32): the optimizer upcasts anyway, and bf16 would round them first
     optimizer.update(model, grads)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    nnx.update(model, jax.tree.map(keep, nnx.state(model, optimizer.wrt), before[0]))
+    nnx.update(optimizer, jax.tree.map(keep, nnx.state(optimizer), before[1]))
     sharding.constrain(model)  # outputs keep the inputs' shardings, so the next call does not recompile
     sharding.constrain(optimizer)
 
@@ -107,6 +116,7 @@ def train_step(model, optimizer, batch: dict, *, loss_type: str = "nll", chunk_s
         learning_rate=jnp.asarray(learning_rate, jnp.float32),
         num_tokens=jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
         num_trained=num_trained,
+        finite=finite.astype(jnp.float32),
     )
     return metrics
 

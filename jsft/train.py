@@ -24,6 +24,7 @@ from flax import nnx
 
 from jsft import checkpoint, progress, sharding, step
 from jsft.config import ConfigError, SFTConfig, load, validate
+from jsft.guard import Diverged, DivergenceGuard
 from jsft.loss import effective_seq_len, flops_per_token, lora_frozen_params, mfu, normalize, peak_tflops
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -442,10 +443,17 @@ def run(config: SFTConfig) -> dict:
 
     # ---- the loop
     interrupt = _Interrupt()
+    guard = DivergenceGuard(tc.max_nonfinite_steps, tc.learning_rate)
     bar = progress.progress_bar(total_steps, start_step, disable=lc.disable_tqdm or not is_main)
     throughput = progress.Throughput()
     last_metrics, saved_step, batch = {}, existing, first
-    step_no = start_step
+    step_no, unchecked = start_step, None  # the step whose loss the guard has not read yet (one behind: no stall)
+
+    def check(pending):
+        if pending is not None:
+            last_good = None if saved_step is None else checkpoint.checkpoint_dir(out) / str(saved_step)
+            guard.check(pending[0], jax.device_get(pending[1]), last_good)
+
     try:
         with jax.set_mesh(mesh):
             while step_no < total_steps:
@@ -460,10 +468,14 @@ def run(config: SFTConfig) -> dict:
                                           loss_type=tc.loss_type, chunk_size=tc.loss_chunk_size, schedule=schedule)
                 batch = None
                 step_no += 1
+                check(unchecked)  # the step before this one: done by now, or nearly
+                unchecked = (step_no, metrics)
                 window.append(metrics)
                 throughput.add(local_tokens * data_count)
                 bar.update(1)
                 if step_no % lc.logging_steps == 0 or step_no == total_steps:
+                    check(unchecked)
+                    unchecked = None
                     window = jax.device_get(window)
                     tokens_seen += sum(float(m["num_tokens"]) for m in window)
                     rate = throughput.report()
@@ -476,11 +488,19 @@ def run(config: SFTConfig) -> dict:
                     _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
                     throughput = progress.Throughput()  # tokens/s counts training time only
                 if should_save(lc, step_no, epoch_steps) or interrupt.requested:
+                    check(unchecked)
+                    unchecked = None
                     checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
                                     _progress_state(window, tokens_seen, config))
                     saved_step = step_no
                 if interrupt.requested:
                     break
+            check(unchecked)
+    except Diverged:
+        manager.wait_until_finished()  # the good checkpoints being written are kept
+        manager.close()
+        writer.close()
+        raise
     finally:
         interrupt.restore()
         bar.close()
@@ -525,8 +545,11 @@ def _progress_state(window, tokens_seen, config) -> dict:
 
 def _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util) -> dict:
     """TRL's logged values over the steps since the last log: means of loss, grad_norm, accuracy, entropy."""
-    mean = lambda key: float(np.mean([float(m[key]) for m in window]))  # noqa: E731
+    applied = [m for m in window if float(m.get("finite", 1.0))] or window  # skipped steps (jsft.guard) left out
+    mean = lambda key: float(np.mean([float(m[key]) for m in applied]))  # noqa: E731
     record = {key: mean(key) for key in ("loss", "grad_norm", "mean_token_accuracy", "entropy")}
+    if len(applied) < len(window):
+        record["skipped_steps"] = len(window) - len(applied)
     record.update(
         learning_rate=float(window[-1]["learning_rate"]),
         num_tokens=tokens_seen,

@@ -1,0 +1,93 @@
+"""Faults in the training loop: a diverged or dead run, signals, steps without trained tokens, multi-process stops.
+Each test reproduces what a user saw before the fix (issue 13)."""
+
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jsft import checkpoint, cli, fixtures, progress, step, train
+from jsft.guard import Diverged
+from standin_model import StandinLM
+from test_step import micro, pack_rows
+from train_configs import tiny_config, write_config_file
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+
+
+@pytest.fixture(scope="module")
+def data_16(tmp_path_factory):
+    path = tmp_path_factory.mktemp("faults_data") / "pc.jsonl"
+    return fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 16, seed=5), path)
+
+
+def _checkpoints(out):
+    folder = out / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+# ----------------------------------------------------------------------------------------------- divergence
+
+
+def test_a_non_finite_step_applies_no_update():
+    """train_step with a learning rate that overflows the params: step 1 is finite, step 2's loss is NaN and its
+    update is not applied (params, moments and the optimizer's step count stay as after step 1)."""
+    model = StandinLM(32, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.sgd(1e30), wrt=nnx.Param)
+    batch = micro(pack_rows(np.random.default_rng(0), 4), 1)
+    first = step.train_step(model, optimizer, batch, loss_type="nll", chunk_size=16)
+    assert float(first["finite"]) == 1.0
+    after_first = jax.tree.map(np.asarray, nnx.state((model, optimizer)))
+    second = step.train_step(model, optimizer, batch, loss_type="nll", chunk_size=16)
+    assert not math.isfinite(float(second["loss"])) and float(second["finite"]) == 0.0
+    after_second = jax.tree.map(np.asarray, nnx.state((model, optimizer)))
+    jax.tree.map(np.testing.assert_array_equal, after_first, after_second)
+
+
+def test_a_diverged_run_stops_naming_the_step_and_the_last_good_checkpoint(tokenizer_dir, data_16, tmp_path, capsys):
+    """learning_rate=1e30: the loss is NaN from step 2. Before: exit 0, 'done', NaN checkpoints and export. Now:
+    exit 3 at step 2 with the last good checkpoint and what to try; no checkpoint or export after it."""
+    out = tmp_path / "run"
+    config_file = write_config_file(tmp_path / "c.py", TESTS, tokenizer_dir, data_16, out,
+                                    training={"learning_rate": 1e30, "max_steps": 8},
+                                    logging={"save_steps": 1, "save_total_limit": 1})
+    with pytest.raises(SystemExit) as stop:
+        cli.run(train.main, ["--config", str(config_file)])
+    assert stop.value.code == 3
+    err = capsys.readouterr().err
+    assert "step 2: the loss is nan" in err and "the run diverged" in err
+    assert f"the last good checkpoint is {checkpoint.checkpoint_dir(out) / '1'}" in err
+    assert "lower training.learning_rate (now 1e+30)" in err and "data rows of step 2" in err
+    assert "training.max_nonfinite_steps" in err
+    assert _checkpoints(out) == [1]  # rotation (save_total_limit=1) kept the good one: nothing was saved after it
+    assert not (out / "export").exists()
+    assert [r["step"] for r in progress.read_metrics(out) if "loss" in r] == [1]
+
+
+def test_max_nonfinite_steps_skips_and_counts_then_stops(tokenizer_dir, data_16, tmp_path):
+    """training.max_nonfinite_steps=2: steps 2 and 3 are skipped with a warning (no update), step 4 stops the run."""
+    out = tmp_path / "run"
+    config = tiny_config(tokenizer_dir, data_16, out, training={"learning_rate": 1e30, "max_steps": 8,
+                                                                "max_nonfinite_steps": 2},
+                         logging={"save_steps": 100})
+    with pytest.warns(UserWarning, match=r"step 3: loss nan and grad_norm nan are not finite: the step is skipped"):
+        with pytest.raises(Diverged, match=r"step 4: .* after skipping steps \[2, 3\]"):
+            train.run(config)
+    assert _checkpoints(out) == [] and not (out / "export").exists()
+
+
+def test_a_dead_run_warns_once(tokenizer_dir, data_16, tmp_path):
+    """learning_rate=1e6: grad_norm is exactly 0 from step 2 on while tokens train, the loss stuck; before: no word."""
+    config = tiny_config(tokenizer_dir, data_16, tmp_path / "run", training={"learning_rate": 1e6, "max_steps": 9},
+                         logging={"save_strategy": "no"})
+    with pytest.warns(UserWarning) as caught:
+        train.run(config)
+    dead = [w for w in caught if "DEAD RUN" in str(w.message)]
+    assert len(dead) == 1, [str(w.message) for w in caught]
+    assert "steps 2-6 have a gradient norm of exactly 0" in str(dead[0].message)
+    assert "training.learning_rate=1e+06" in str(dead[0].message)
