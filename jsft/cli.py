@@ -27,9 +27,15 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def run(main, argv=None):
-    """main(argv), with jsft's user errors printed as `error: <message>` and exit status 2."""
+    """main(argv), with jsft's user errors printed as `error: <message>` and exit status 2; a run stopped by a
+    signal before it could save (jsft.signals) prints one line and exits 130 (SIGINT) or 143 (SIGTERM)."""
+    from jsft.signals import Stopped
+
     try:
         return main(argv)
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.exit_status)
     except user_errors() as e:
         if os.environ.get("JSFT_TRACEBACK"):
             raise

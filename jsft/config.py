@@ -118,6 +118,7 @@ class LoggingConfig:
     export_formats: list[str] = field(default_factory=lambda: ["auto"])  # auto | full | merged | adapter
     num_eval_generations: int = 3
     disable_tqdm: bool = False
+    save_on_sigterm: bool = True  # SIGTERM: finish the step, save a checkpoint, exit 143 (False: exit at once)
     demo_eval: bool = False  # the demo: held-out exact-match accuracy before/after, reload check, a sample
 
 

@@ -25,6 +25,7 @@ from flax import nnx
 from jsft import checkpoint, progress, sharding, step
 from jsft.config import ConfigError, SFTConfig, load, validate
 from jsft.guard import Diverged, DivergenceGuard
+from jsft.signals import StopSignals
 from jsft.loss import effective_seq_len, flops_per_token, lora_frozen_params, mfu, normalize, peak_tflops
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -326,24 +327,6 @@ def eval_generations(config, model, tokenizer, n: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- the run
 
 
-class _Interrupt:
-    """Ctrl-C (SIGINT) sets a flag; the loop finishes its step, saves a checkpoint and stops cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: stop now
-            signal.signal(signal.SIGINT, self.previous)
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
-
-    def restore(self):
-        signal.signal(signal.SIGINT, self.previous)
-
-
 def resume_hint(lc) -> str:
     """How to resume a stopped run: the same command resumes unless logging.resume_from_checkpoint=False (a TRL
     config's default), which would start fresh and set the checkpoints aside."""
@@ -366,6 +349,16 @@ def run(config: SFTConfig) -> dict:
     if lc.resume_from_checkpoint and checkpoint.latest_step(out) is None:
         raise ConfigError(f"logging.resume_from_checkpoint=True but {checkpoint.checkpoint_dir(out)} has no checkpoint")
     sharding.initialize_distributed(config.sharding)
+    signals = StopSignals(lc.save_on_sigterm)  # after jax.distributed, whose preemption notifier would take SIGTERM
+    try:
+        return _train(config, signals)
+    finally:
+        signals.restore()
+
+
+def _train(config: SFTConfig, signals: StopSignals) -> dict:
+    lc, tc = config.logging, config.training
+    out = Path(lc.output_dir)
     mesh = sharding.create_mesh(config.sharding)
     data_index, data_count = sharding.data_process_split(mesh)
     is_main = jax.process_index() == 0
@@ -442,7 +435,8 @@ def run(config: SFTConfig) -> dict:
                            frozen_params=lora_frozen_params(hf_cfg, head_trains=wrt_embeddings))
 
     # ---- the loop
-    interrupt = _Interrupt()
+    signals.start_loop()
+    multi_process = jax.process_count() > 1
     guard = DivergenceGuard(tc.max_nonfinite_steps, tc.learning_rate)
     bar = progress.progress_bar(total_steps, start_step, disable=lc.disable_tqdm or not is_main)
     throughput = progress.Throughput()
@@ -487,13 +481,14 @@ def run(config: SFTConfig) -> dict:
                 if eval_data is not None and lc.eval_steps and step_no % lc.eval_steps == 0:
                     _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
                     throughput = progress.Throughput()  # tokens/s counts training time only
-                if should_save(lc, step_no, epoch_steps) or interrupt.requested:
+                stop = signals.agreed_stop(step_no, multi_process)
+                if should_save(lc, step_no, epoch_steps) or stop:
                     check(unchecked)
                     unchecked = None
                     checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
                                     _progress_state(window, tokens_seen, config))
                     saved_step = step_no
-                if interrupt.requested:
+                if stop:
                     break
             check(unchecked)
     except Diverged:
@@ -502,7 +497,6 @@ def run(config: SFTConfig) -> dict:
         writer.close()
         raise
     finally:
-        interrupt.restore()
         bar.close()
     if saved_step != step_no and lc.save_strategy != "no":  # the end of the run
         checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
@@ -510,10 +504,13 @@ def run(config: SFTConfig) -> dict:
     manager.wait_until_finished()
     manager.close()
 
-    summary = {"steps": step_no, "total_steps": total_steps, "interrupted": interrupt.requested, "plan": plan,
-               "last_metrics": last_metrics, "output_dir": str(out), "exports": {}, "model": model}
-    if interrupt.requested:
-        print(f"stopped at step {step_no}; checkpoint saved. {resume_hint(lc)}")
+    stopped = signals.requested is not None
+    summary = {"steps": step_no, "total_steps": total_steps, "interrupted": stopped, "plan": plan,
+               "last_metrics": last_metrics, "output_dir": str(out), "exports": {}, "model": model,
+               "exit_status": signals.exit_status}
+    if stopped:
+        print(f"stopped at step {step_no} ({signal.Signals(signals.requested).name}); checkpoint saved. "
+              f"{resume_hint(lc)}", flush=True)
         writer.close()
         return summary
     if eval_data is not None and not (lc.eval_steps and step_no % lc.eval_steps == 0):
@@ -610,11 +607,8 @@ def main(argv=None) -> dict:
     return summary
 
 
-INTERRUPTED_EXIT = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT), so job scripts can tell
-
-
 if __name__ == "__main__":
     from jsft import cli
 
-    if cli.run(main)["interrupted"]:
-        raise SystemExit(INTERRUPTED_EXIT)
+    # a run stopped by a signal after saving: 130 (SIGINT) or 143 (SIGTERM), so job scripts can tell (jsft.signals)
+    raise SystemExit(cli.run(main)["exit_status"])

@@ -2,6 +2,11 @@
 Each test reproduces what a user saw before the fix (issue 13)."""
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -91,3 +96,68 @@ def test_a_dead_run_warns_once(tokenizer_dir, data_16, tmp_path):
     assert len(dead) == 1, [str(w.message) for w in caught]
     assert "steps 2-6 have a gradient norm of exactly 0" in str(dead[0].message)
     assert "training.learning_rate=1e+06" in str(dead[0].message)
+
+
+# ----------------------------------------------------------------------------------------------- signals
+
+
+def _env(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _train_process(tmp_path, name, inputs, **sections):
+    config_file = write_config_file(tmp_path / f"{name}.py", TESTS, *inputs, tmp_path / name, **sections)
+    return subprocess.Popen([sys.executable, "-m", "jsft.train", "--config", str(config_file)], cwd=ROOT,
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+SIGNAL_RUN = dict(data={"packing": False, "padding_free": False}, training={"max_steps": 40},
+                  logging={"save_steps": 4, "save_total_limit": 2})
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_next_step_exits_143_and_the_resumed_run_continues_exactly(
+        tokenizer_dir, data_16, tmp_path):
+    """Before: SIGTERM killed the run at once (143, no message, every step since the last save lost)."""
+    proc = _train_process(tmp_path, "run", (tokenizer_dir, data_16), **SIGNAL_RUN)
+    deadline = time.time() + 240
+    while not _checkpoints(tmp_path / "run"):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "SIGTERM: finishing this step, saving a checkpoint" in stdout and "done:" not in stdout
+    stopped = max(r["step"] for r in progress.read_metrics(tmp_path / "run"))
+    assert 4 <= stopped < 40, "the run finished before the signal: nothing was tested"
+    assert f"stopped at step {stopped} (SIGTERM); checkpoint saved" in stdout
+    assert stopped in _checkpoints(tmp_path / "run") and not (tmp_path / "run" / "export").exists()
+
+    train.run(tiny_config(tokenizer_dir, data_16, tmp_path / "run", **SIGNAL_RUN))  # resumes
+    train.run(tiny_config(tokenizer_dir, data_16, tmp_path / "reference", **SIGNAL_RUN))
+    got, want = ({r["step"]: r["loss"] for r in progress.read_metrics(tmp_path / d) if "loss" in r}
+                 for d in ("run", "reference"))
+    assert sorted(got) == sorted(want) == list(range(1, 41))
+    for s in want:
+        assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-7), f"step {s}"
+
+
+@pytest.mark.slow
+def test_a_signal_before_the_first_step_exits_at_once_with_one_line(tokenizer_dir, data_16, tmp_path):
+    """Before: SIGINT during data preparation or compilation printed a 48-line KeyboardInterrupt traceback and
+    exited -2; SIGTERM killed the process silently."""
+    procs = {sig: _train_process(tmp_path, name, (tokenizer_dir, data_16), **SIGNAL_RUN)
+             for sig, name in ((signal.SIGINT, "int"), (signal.SIGTERM, "term"))}
+    for sig, proc in procs.items():
+        assert proc.stdout.readline()  # the first line comes after the data is prepared: before the model
+        proc.send_signal(sig)
+    for sig, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], stderr[-3000:]
+        assert stderr.strip() == f"stopped: {sig.name} before the first step: stopped; nothing was trained or saved"
+        assert "Traceback" not in stdout + stderr
