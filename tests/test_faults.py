@@ -161,3 +161,38 @@ def test_a_signal_before_the_first_step_exits_at_once_with_one_line(tokenizer_di
         assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], stderr[-3000:]
         assert stderr.strip() == f"stopped: {sig.name} before the first step: stopped; nothing was trained or saved"
         assert "Traceback" not in stdout + stderr
+
+
+# ----------------------------------------------------------------------------------------------- wrapped packing
+
+
+def test_wrapped_packing_drops_rows_that_train_nothing_and_counts_them():
+    """A 10-token prompt (not trained) + 2 trained tokens, max_length 4: wrapped cuts rows [0:4] and [4:8] from inside
+    the prompt. Before: they were kept, and a step of such rows stopped the run ('the batch has no trained
+    tokens'). Now: dropped and counted; the rows that train remain as before."""
+    from jsft.data.pipeline import build_rows, format_stats
+    from test_pipeline import hand_examples, make_config_from_fields
+
+    examples = hand_examples([([1] * 12, [0] * 10 + [1, 1]), ([2] * 4, [0, 1, 1, 1])])
+    rows, _, stats = build_rows(examples, make_config_from_fields(max_length=4, packing=True,
+                                                                  packing_strategy="wrapped",
+                                                                  shuffle_dataset=False).data, seed=0)
+    assert rows.to_lists() == [[(0, 8, 12)], [(1, 0, 4)]]
+    assert stats["dropped_untrained_rows"] == 2 and stats["rows"] == 2 and stats["trained_tokens"] == 2 + 3
+    assert "dropped (wrapped rows with no trained token, cut from inside prompts): 2 rows" in format_stats(stats)
+
+
+def test_wrapped_packing_of_the_fixture_chat_data_gives_no_step_without_trained_tokens(tokenizer_dir, data_dir,
+                                                                                       tmp_path):
+    """The fixture's prompt/completion chat data, wrapped at 64: before, 4,243 of 6,299 rows trained nothing, and a
+    run at batch 4 stopped at step 2. Now every row trains, so every step does."""
+    from jsft.data.pipeline import _trained_targets, prepare_dataset
+
+    config = tiny_config(tokenizer_dir, data_dir / "conversational_prompt_completion.jsonl", tmp_path / "run",
+                         data={"packing_strategy": "wrapped", "cache_dir": str(tmp_path / "cache")})
+    tokenizer, _ = train.build_tokenizer(config)
+    prepared = prepare_dataset(config, tokenizer, "train")
+    rows = prepared.rows
+    per_row = np.add.reduceat(_trained_targets(prepared.examples, rows.example, rows.start, rows.stop),
+                              rows.row_ptr[:-1])
+    assert (per_row > 0).all() and prepared.stats["dropped_untrained_rows"] > 1000
