@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jsft import checkpoint, progress, sharding, step
+from jsft import checkpoint, peers, progress, sharding, step
 from jsft.config import ConfigError, SFTConfig, load, validate
 from jsft.guard import Diverged, DivergenceGuard
 from jsft.signals import StopSignals
@@ -350,10 +350,13 @@ def run(config: SFTConfig) -> dict:
         raise ConfigError(f"logging.resume_from_checkpoint=True but {checkpoint.checkpoint_dir(out)} has no checkpoint")
     sharding.initialize_distributed(config.sharding)
     signals = StopSignals(lc.save_on_sigterm)  # after jax.distributed, whose preemption notifier would take SIGTERM
+    peers.start(jax.process_index(), jax.process_count())  # several processes: a failure stops them all (jsft.peers)
     try:
-        return _train(config, signals)
+        summary = _train(config, signals)
     finally:
         signals.restore()
+    peers.stop()
+    return summary
 
 
 def _train(config: SFTConfig, signals: StopSignals) -> dict:

@@ -196,3 +196,66 @@ def test_wrapped_packing_of_the_fixture_chat_data_gives_no_step_without_trained_
     per_row = np.add.reduceat(_trained_targets(prepared.examples, rows.example, rows.start, rows.stop),
                               rows.row_ptr[:-1])
     assert (per_row > 0).all() and prepared.stats["dropped_untrained_rows"] > 1000
+
+
+# ----------------------------------------------------------------------------------------------- several processes
+
+
+def _two_processes(tmp_path, inputs, extra=((), ()), **sections):
+    """`python -m jsft.train` as 2 processes x 4 CPU devices (jax.distributed on localhost, gloo collectives)."""
+    import portpicker
+
+    config_file = write_config_file(tmp_path / "mp.py", TESTS, *inputs, tmp_path / "mp", **sections)
+    port = portpicker.pick_unused_port()
+    env = dict(_env(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    return [subprocess.Popen([sys.executable, "-m", "jsft.train", "--config", str(config_file),
+                              "--set", f"sharding.coordinator_address=127.0.0.1:{port}",
+                              "--set", "sharding.num_processes=2", "--set", f"sharding.process_id={i}", *extra[i]],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+
+
+def _finish(procs, timeout):
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_process_stops_every_process_at_one_agreed_checkpoint(tokenizer_dir, data_16, tmp_path):
+    """Before: a signal to one process of a multi-process run was not agreed (the others went on, or hung)."""
+    procs = _two_processes(tmp_path, (tokenizer_dir, data_16), **dict(SIGNAL_RUN, training={"max_steps": 400}))
+    deadline = time.time() + 400
+    while not _checkpoints(tmp_path / "mp"):
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, procs[0].stderr.read()[-3000:]
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = _finish(procs, timeout=120)
+    assert [p.returncode for p in procs] == [143, 143], [err[-2000:] for _, err in outputs]
+    steps = {int(out.split("stopped at step ")[1].split()[0]) for out, _ in outputs}
+    assert len(steps) == 1, steps  # one agreed step
+    stopped = steps.pop()
+    assert "SIGTERM on another process: saving a checkpoint at step" in outputs[0][0]
+    assert 4 <= stopped < 400 and stopped in _checkpoints(tmp_path / "mp")
+    assert max(r["step"] for r in progress.read_metrics(tmp_path / "mp")) == stopped
+
+
+@pytest.mark.slow
+def test_a_failing_process_stops_the_others_in_seconds_with_its_message(tokenizer_dir, data_16, tmp_path):
+    """Process 1 cannot read its data file. Before: process 0 waited in a collective until JAX's coordination
+    timeout (100 s), then died with a coordination error that did not say why. Now: process 0 stops within seconds
+    and prints process 1's message."""
+    missing = ((), ("--set", f"data.dataset_name={tmp_path / 'missing.jsonl'}"))
+    procs = _two_processes(tmp_path, (tokenizer_dir, data_16), extra=missing, **SIGNAL_RUN)
+    _, err1 = procs[1].communicate(timeout=300)
+    failed_at = time.time()
+    _, err0 = _finish(procs[:1], timeout=60)[0]
+    assert time.time() - failed_at < 30
+    assert procs[1].returncode == 2 and "missing.jsonl" in err1, err1[-3000:]
+    assert procs[0].returncode == 1, err0[-3000:]
+    assert "error: process 1 of 2 failed, so this process (0) stops too: error (ConfigError):" in err0
+    assert "missing.jsonl': no such file or directory" in err0
