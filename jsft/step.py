@@ -101,12 +101,12 @@ def train_step(model, optimizer, batch: dict, *, loss_type: str = "nll", chunk_s
     # a non-finite step leaves params and optimizer state (its step count too) as they were, so no NaN ever
     # reaches them; optax.apply_if_finite does the same but changes the optimizer state's structure (checkpoints)
     # and lets the update through after max_consecutive_errors. The host decides: stop or skip (jsft.guard).
-    before = jax.tree.map(lambda x: x, (nnx.state(model, optimizer.wrt), nnx.state(optimizer)))  # values, not refs
+    # A cond, not a select of old and new: the update stays in place (no second copy of params and moments).
     # grads stay float32 (summed in float32): the optimizer upcasts anyway, and bf16 would round them first
-    optimizer.update(model, grads)
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    nnx.update(model, jax.tree.map(keep, nnx.state(model, optimizer.wrt), before[0]))
-    nnx.update(optimizer, jax.tree.map(keep, nnx.state(optimizer), before[1]))
+    def apply(model, optimizer, grads):
+        optimizer.update(model, grads)
+
+    nnx.cond(finite, apply, lambda model, optimizer, grads: None, model, optimizer, grads)
     sharding.constrain(model)  # outputs keep the inputs' shardings, so the next call does not recompile
     sharding.constrain(optimizer)
 
