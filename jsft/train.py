@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jsft import checkpoint, progress, sharding, step
+from jsft import trackers as trackers_lib
 from jsft.config import ConfigError, SFTConfig, load, validate
 from jsft.loss import effective_seq_len, flops_per_token, lora_frozen_params, mfu, normalize, peak_tflops
 
@@ -428,7 +429,9 @@ def run(config: SFTConfig) -> dict:
         window = meta.get("log_window", [])  # the steps since the last log: the next log covers them too
         tokens_seen -= sum(m["num_tokens"] for m in window)
         print(f"resume: checkpoint {start_step} from {checkpoint.checkpoint_dir(out)}")
-    writer = progress.MetricsWriter(out, lc.report_to, resume_step=start_step, enabled=is_main)
+    trackers = trackers_lib.open_trackers(lc.report_to, lc.project, lc.run_name, dataclasses.asdict(config), out) \
+        if is_main else []
+    writer = progress.MetricsWriter(out, lc.report_to, resume_step=start_step, enabled=is_main, trackers=trackers)
 
     # ---- the plan
     first = next(data_it)

@@ -94,13 +94,11 @@ def _eval(value, values):
 
 
 def _report_to(value, values):
+    """TRL report_to -> logging.report_to, metrics.jsonl always kept (jsft's resume reads it); 'all' is
+    resolved by jsft.config.validate (every tracker installed)."""
     names = [] if value in (None, "none") else [value] if isinstance(value, str) else list(value)
     names = [n for n in names if n != "none"]
-    unsupported = [n for n in names if n != "tensorboard"]
-    if unsupported:
-        raise ConfigError(f"TRL report_to={value!r}: jsft logs to a jsonl file and tensorboard only; "
-                          f"{', '.join(unsupported)} is not supported")
-    return {"logging.report_to": ["jsonl"] + names}
+    return {"logging.report_to": ["jsonl"] + [n for n in names if n != "jsonl"]}
 
 
 def _resume(value, values):
@@ -319,8 +317,8 @@ TRL_FIELDS: dict[str, tuple] = {
     "include_num_input_tokens_seen": ("no", NO_EFFECT, "jsft always logs num_tokens"),
     "disable_tqdm": (None, _default_none("logging.disable_tqdm", False), ""),
     "report_to": ("none", _report_to, ""),
-    "run_name": (None, NO_EFFECT, "a logging-backend name"),
-    "project": ("huggingface", NO_EFFECT, "a logging-backend name"),
+    "run_name": (None, "logging.run_name", ""),
+    "project": ("huggingface", "logging.project", ""),
     "trackio_space_id": (None, NO_EFFECT, "a logging-backend setting"),
     "trackio_bucket_id": (None, NO_EFFECT, "a logging-backend setting"),
     "trackio_static_space_id": (None, NO_EFFECT, "a logging-backend setting"),
