@@ -353,7 +353,7 @@ def resume_hint(lc) -> str:
     return "Resume with the same command (or --resume)."
 
 
-def run(config: SFTConfig) -> dict:
+def run(config: SFTConfig, callbacks=()) -> dict:
     """Train as the config says; returns a summary: steps, last logged metrics, the plan, export paths, demo
     results, and "model" (the trained model object, for callers in the same process)."""
     # ---- config and devices
@@ -444,6 +444,9 @@ def run(config: SFTConfig) -> dict:
                            frozen_params=lora_frozen_params(hf_cfg, head_trains=wrt_embeddings))
 
     # ---- the loop
+    from jsft.callbacks import Callbacks
+
+    run_callbacks, last_eval = Callbacks(callbacks), {}
     interrupt = _Interrupt()
     bar = progress.progress_bar(total_steps, start_step, disable=lc.disable_tqdm or not is_main)
     throughput = progress.Throughput()
@@ -473,16 +476,18 @@ def run(config: SFTConfig) -> dict:
                     util = mfu(rate, flops_per_token(hf_cfg, seq, **flop_counts), jax.device_count(), peak)
                     last_metrics = _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util)
                     writer.write(step_no, last_metrics)
+                    run_callbacks.log(step_no, last_metrics)
                     bar.set_postfix(progress.bar_postfix(last_metrics, rate, util))
                     window = []
                 if eval_data is not None and lc.eval_steps and step_no % lc.eval_steps == 0:
-                    _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
+                    last_eval = _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
+                    run_callbacks.log(step_no, last_eval)
                     throughput = progress.Throughput()  # tokens/s counts training time only
                 if should_save(lc, step_no, epoch_steps) or interrupt.requested:
                     checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
                                     _progress_state(window, tokens_seen, config))
                     saved_step = step_no
-                if interrupt.requested:
+                if interrupt.requested or run_callbacks.stop_requested:
                     break
     finally:
         interrupt.restore()
@@ -494,13 +499,18 @@ def run(config: SFTConfig) -> dict:
     manager.close()
 
     summary = {"steps": step_no, "total_steps": total_steps, "interrupted": interrupt.requested, "plan": plan,
-               "last_metrics": last_metrics, "output_dir": str(out), "exports": {}, "model": model}
+               "last_metrics": last_metrics, "output_dir": str(out), "exports": {}, "model": model,
+               "tokenizer": tokenizer, "trained_embeddings": wrt_embeddings, "stopped_by_callback":
+               run_callbacks.stop_requested}
     if interrupt.requested:
         print(f"stopped at step {step_no}; checkpoint saved. {resume_hint(lc)}")
         writer.close()
         return summary
     if eval_data is not None and not (lc.eval_steps and step_no % lc.eval_steps == 0):
-        summary["eval"] = _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, None)
+        last_eval = _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, None)
+        run_callbacks.log(step_no, last_eval)
+    if eval_data is not None:
+        summary["eval"] = last_eval
 
     # ---- export
     from jsft.export import export
@@ -515,6 +525,7 @@ def run(config: SFTConfig) -> dict:
         with eval_mode(model):
             summary["demo"] = demo.after_training(model, tokenizer, config, summary, demo_before)
     writer.close()
+    run_callbacks.train_end(summary)
     return summary
 
 
@@ -551,6 +562,22 @@ def eval_mode(model):
         yield model
     finally:
         model.train()
+
+
+def evaluate_only(config: SFTConfig) -> dict:
+    """The eval metrics of the configured model as it is (no training): the Python API's evaluate() before
+    train()."""
+    from jsft.data.pipeline import prepare_dataset
+
+    sharding.initialize_distributed(config.sharding)
+    mesh = sharding.create_mesh(config.sharding)
+    tokenizer, _ = build_tokenizer(config)
+    eval_data = prepare_dataset(config, tokenizer, "eval")
+    model, _ = build_model(config, tokenizer, mesh)
+    model.set_max_segments(eval_data.stats["max_documents_per_row"])
+    rows = config.training.per_device_eval_batch_size * math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    with eval_mode(model):
+        return evaluate(config, model, eval_data, mesh, rows // sharding.data_process_split(mesh)[1])
 
 
 def _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar) -> dict:
