@@ -57,7 +57,9 @@ class DataConfig:
     pad_token: str | None = None
     skip_bad_rows: bool = False  # true: count and report bad rows instead of raising
     shuffle_dataset: bool = True  # shuffle the examples before packing (TRL's knob)
-    train_sampling_strategy: str = "random"  # random: rows reshuffled every epoch | sequential: in row order
+    train_sampling_strategy: str = "random"  # random: rows reshuffled every epoch | sequential: in row order |
+    #   group_by_length (no packing): each step's rows from one of a few length buckets, steps shuffled
+    length_buckets: int = 8  # group_by_length: at most this many row lengths (compiled shapes)
     dataset_num_proc: int | None = None  # Grain worker processes for tokenization (None: in-process)
     cache_dir: str | None = None  # tokenized-dataset cache (default: <output_dir>/cache)
 
@@ -202,7 +204,7 @@ CHOICES = {
     ("model", "remat_policy"): ("none", "full", "save_dots", "offload"),
     ("data", "packing_strategy"): ("bfd", "bfd_split", "wrapped", "bfd_stream"),
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
-    ("data", "train_sampling_strategy"): ("random", "sequential"),
+    ("data", "train_sampling_strategy"): ("random", "sequential", "group_by_length"),
     ("logging", "save_strategy"): ("steps", "epoch", "no"),
     ("training", "lr_scheduler_type"): ("linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial",
                                         "constant", "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay"),
@@ -244,6 +246,15 @@ def validate(config: SFTConfig) -> SFTConfig:
         if d.packing:
             raise ConfigError(f"data.pad_to_multiple_of={d.pad_to_multiple_of} has no effect with packing=True "
                               "(packed rows fill max_length): unset it, or set data.packing=False")
+    if d.train_sampling_strategy == "group_by_length":
+        if d.packing:
+            raise ConfigError("data.train_sampling_strategy='group_by_length' groups unpacked rows by length; packed "
+                              "rows all fill max_length. Set data.packing=False, or another sampling strategy")
+        if d.pad_to_multiple_of is not None:
+            raise ConfigError("data.pad_to_multiple_of and train_sampling_strategy='group_by_length' both choose the "
+                              "step lengths: keep one (group_by_length picks data.length_buckets lengths)")
+        if d.length_buckets < 1:
+            raise ConfigError(f"data.length_buckets={d.length_buckets}: must be >= 1")
     if d.max_length is not None and d.max_length < 2:
         raise ConfigError(f"data.max_length={d.max_length}: must be >= 2 (one input and one target).")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):

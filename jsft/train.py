@@ -189,7 +189,7 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
     longest rows a step can have)."""
     total, trainable = count_params(model, wrt)
     A, B, _ = batch["input_ids"].shape
-    L = train_data.max_length
+    L = max(train_data.lengths())  # the longest rows a step can have
     _, count = sharding.data_process_split(mesh)
     plan = {"params": total, "trainable_params": trainable, "micro_batches": A, "rows_per_micro_batch": B * count,
             "max_length": L, "tokens_per_step": A * B * count * L, "total_steps": total_steps,
@@ -199,7 +199,11 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
     print(f"plan: {A} micro-batch(es) x {B * count} rows x {L} tokens = {A * B * count * L:,} token slots per step; "
           f"steps {start_step} -> {total_steps}")
     lengths = train_data.lengths()
-    if len(lengths) > 1:
+    if train_data.buckets is not None:
+        plan["step_lengths"] = lengths
+        print(f"plan: group_by_length: each step's rows come from one of {len(lengths)} length buckets {lengths} "
+              f"(each compiled on first use); the memory below is for {L}")
+    elif len(lengths) > 1:
         plan["step_lengths"] = lengths
         print(f"plan: each step's rows are padded to its longest row rounded up to a multiple of "
               f"{train_data.pad_to_multiple_of} (data.pad_to_multiple_of): {len(lengths)} possible lengths "
@@ -413,7 +417,7 @@ def run(config: SFTConfig, callbacks=()) -> dict:
     # ---- resume
     manager = checkpoint.make_manager(out, lc.save_total_limit)
     data_it = batch_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, tc.seed, num_epochs,
-                             config.data.train_sampling_strategy == "random", data_index, data_count,
+                             config.data.train_sampling_strategy != "sequential", data_index, data_count,
                              drop_remainder=False)
     start_step, tokens_seen, window = 0, 0.0, []
     existing = manager.latest_step()

@@ -77,7 +77,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jsft.config import ConfigError, DataConfig, SFTConfig, check_data_compatibility
-from jsft.data import packing
+from jsft.data import buckets, packing
 from jsft.data.formats import BadRowError
 from jsft.data.sources import read_split, row_location, source_fingerprint, split_source
 
@@ -120,6 +120,7 @@ class PreparedDataset:
     pad_id: int
     stats: dict
     pad_to_multiple_of: int | None = None  # data.pad_to_multiple_of (unpacked rows only): see step_length
+    buckets: list[int] | None = None  # train_sampling_strategy="group_by_length": the row lengths (data/buckets.py)
 
     @property
     def num_rows(self) -> int:
@@ -138,6 +139,9 @@ class PreparedDataset:
         """
         row_ids = np.asarray(row_ids, dtype=np.int64)
         real = row_ids[row_ids >= 0]
+        if self.buckets is not None and len(real):  # the smallest bucket that holds the longest row
+            longest = int(self.row_lengths[real].max())
+            return next(b for b in self.buckets if b >= longest)
         if self.pad_to_multiple_of is None or len(real) == 0:
             return self.max_length
         m = self.pad_to_multiple_of
@@ -145,6 +149,8 @@ class PreparedDataset:
 
     def lengths(self) -> list[int]:
         """Every L a step can have (the shapes a run compiles for)."""
+        if self.buckets is not None:
+            return list(self.buckets)
         if self.pad_to_multiple_of is None:
             return [self.max_length]
         m, L = self.pad_to_multiple_of, self.max_length
@@ -459,7 +465,11 @@ def prepare_dataset(config: SFTConfig, tokenizer, split: str = "train") -> Prepa
                           "trained tokens or was skipped: raise data.max_length if examples are truncated, check the "
                           "loss settings (completion_only_loss / assistant_only_loss) and the skipped rows above")
     pad_to = None if config.data.packing else config.data.pad_to_multiple_of
-    return PreparedDataset(examples, rows, row_length, int(tokenizer.pad_token_id), stats, pad_to)
+    prepared = PreparedDataset(examples, rows, row_length, int(tokenizer.pad_token_id), stats, pad_to)
+    if split == "train" and config.data.train_sampling_strategy == "group_by_length":
+        prepared.buckets = buckets.choose_buckets(prepared.row_lengths, row_length, config.data.length_buckets)
+        prepared.stats["length_buckets"] = buckets.padding_report(prepared.row_lengths, prepared.buckets, row_length)
+    return prepared
 
 
 def format_stats(stats: dict) -> str:
@@ -479,6 +489,12 @@ def format_stats(stats: dict) -> str:
         f"{s['trained_tokens']:,} trained, fill {s['fill_rate']:.1%}, at most {s['max_documents_per_row']} "
         "documents a row",
     ]
+    if "length_buckets" in s:
+        b = s["length_buckets"]
+        saved = 1 - b["padding_tokens"] / max(b["padding_tokens_at_max_length"], 1)
+        lines.append(f"  length buckets (group_by_length): {b['buckets']} with {b['rows_per_bucket']} rows; padding "
+                     f"{b['padding_tokens']:,} tokens instead of {b['padding_tokens_at_max_length']:,} at "
+                     f"{s['row_length']} ({saved:.0%} less)")
     return "\n".join(lines)
 
 
@@ -530,6 +546,9 @@ def steps_per_epoch(prepared: PreparedDataset, global_rows_per_micro_batch: int,
     """Optimizer steps in one epoch. drop_remainder: the rows of a last partial step are dropped
     (`dropped_rows_per_epoch`); else that step is completed with empty rows (eval: every row counted once)."""
     step_rows = global_rows_per_micro_batch * accum_steps
+    if prepared.buckets is not None:  # each bucket's rows make their own steps
+        counts = np.bincount(buckets.bucket_of(prepared.row_lengths, prepared.buckets))
+        return int(sum(c // step_rows if drop_remainder else -(-c // step_rows) for c in counts))
     return prepared.num_rows // step_rows if drop_remainder else -(-prepared.num_rows // step_rows)
 
 
@@ -561,12 +580,31 @@ def batch_dataset(prepared: PreparedDataset, rows_per_micro_batch: int, accum_st
             f"{prepared.num_rows} rows cannot fill one optimizer step of {step_rows} rows (rows_per_micro_batch "
             f"{rows_per_micro_batch} x processes {process_count} x accum_steps {accum_steps}): lower the batch size"
         )
-    ds = grain.MapDataset.range(prepared.num_rows)
-    if shuffle:
-        ds = ds.shuffle(seed=seed % 2**32)
-    ds = ds.batch(step_rows, drop_remainder=drop_remainder).repeat(num_epochs)
+    if prepared.buckets is not None:
+        ds = _bucketed_steps(prepared, step_rows, seed, num_epochs, shuffle, drop_remainder)
+    else:
+        ds = grain.MapDataset.range(prepared.num_rows)
+        if shuffle:
+            ds = ds.shuffle(seed=seed % 2**32)
+        ds = ds.batch(step_rows, drop_remainder=drop_remainder).repeat(num_epochs)
     return ds.map(partial(_process_step, prepared=prepared, rows_per_micro_batch=rows_per_micro_batch,
                           accum_steps=accum_steps, process_index=process_index, process_count=process_count))
+
+
+def _bucketed_steps(prepared: PreparedDataset, step_rows: int, seed: int, num_epochs, shuffle: bool,
+                    drop_remainder: bool):
+    """A grain.MapDataset of steps' row ids, each step from one length bucket, reshuffled every epoch."""
+    import grain
+
+    row_buckets = buckets.bucket_of(prepared.row_lengths, prepared.buckets)
+    epoch_steps = steps_per_epoch(prepared, step_rows, 1, drop_remainder)
+
+    @functools.lru_cache(maxsize=2)
+    def plan(epoch: int) -> np.ndarray:
+        return buckets.bucketed_steps(row_buckets, step_rows, seed, epoch, shuffle, drop_remainder)
+
+    ds = grain.MapDataset.range(epoch_steps).repeat(num_epochs)
+    return ds.map_with_index(lambda index, _: plan(index // epoch_steps)[index % epoch_steps])
 
 
 def batch_iterator(prepared: PreparedDataset, rows_per_micro_batch: int, accum_steps: int, seed: int,
