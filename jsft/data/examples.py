@@ -242,9 +242,8 @@ def _probe_trained_tokens(tokenizer) -> list[int]:
             (documents,) = _documents(MESSAGES, [(probe, (None, {}))], tokenizer, config, [0])
         except chat.ChatTemplateError:
             continue
-        if not isinstance(documents, BadRowError):
-            ids, mask = documents[0]
-            return ids[mask].tolist()
+        if not isinstance(documents, BadRowError):  # the one assistant turn: in the full document or its own
+            return [int(t) for ids, mask in documents for t in ids[mask]]
     raise chat.ChatTemplateError("the template refuses both stop-token probes")
 
 
