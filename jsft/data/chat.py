@@ -22,8 +22,11 @@ Templates whose rendering of a turn depends on what follows it (Qwen3 drops the 
 turns; Mistral-Nemo moves the system prompt into the last user turn): a turn is trained as it renders when it is the
 last turn, which is how the model sees it at inference. Where the full conversation renders a turn that way, it is
 trained there; each other turn gets a document of its own (the conversation up to it, only it trained:
-turn_documents). A generation prompt that opens the turn with text the rendered turn lacks (DeepSeek-R1-Distill's
-`<think>\n`) cannot show what the model must write after it: refused with a ChatTemplateError naming the fix.
+turn_documents). A generation prompt that ends with whitespace the rendered turn lacks (Nemotron's `<think>\n`
+where an empty thought renders `<think></think>`): the turn is trained in a document of its own, the generation
+prompt followed by the rest of the rendered turn (what the model writes after it). A generation prompt that opens the
+turn with other text the rendered turn lacks (DeepSeek-R1-Distill's `<think>\n` before a turn rendered without its
+reasoning) cannot show what the model must write after it: refused with a ChatTemplateError naming the fix.
 """
 
 from __future__ import annotations
@@ -116,8 +119,8 @@ def turn_documents(turns: list[int], before: list[str], upto: list[str], full_te
     messages[:turns[j] + 1] (the conversation as it stands when turn j is the last one).
 
     [(full_text, spans)] when every turn renders in full_text as it does as the last turn (its inference form).
-    Otherwise (split) full_text trains the turns that do, and each other turn gets a document of its own, upto[j],
-    trained on that turn only; without split, ChatTemplateError. Turns before message first_trained (the prompt of a
+    Otherwise (split) full_text trains the turns that do (it is left out when that is none), and each other turn
+    gets a document of its own, upto[j], trained on that turn only; without split, ChatTemplateError. Turns before message first_trained (the prompt of a
     conversational prompt/completion row under completion-only loss) get no document of their own. Every span is
     checked: before[j] must be a prefix of upto[j], and upto[j] of the text the span is in.
     special_tokens: the tokens a template may close a conversation with (see _without_closing_tokens).
@@ -130,8 +133,17 @@ def turn_documents(turns: list[int], before: list[str], upto: list[str], full_te
             raise AssistantFirstError(ASSISTANT_FIRST.format(how="renders no generation prompt for an empty "
                                                                  f"conversation (it renders {before_i[-60:]!r})"))
         upto_i = _without_closing_tokens(upto_raw, full_text, special_tokens)
-        if not upto_i.startswith(before_i):
-            at = _divergence(before_i, upto_i)
+        at = _divergence(before_i, upto_i)
+        if at < len(before_i) and split and i >= first_trained and not before_i[at:].strip():
+            # the generation prompt ends with whitespace the rendered turn lacks (Nemotron's '<think>\n' where the
+            # turn renders '<think></think>'): what the model writes after it is the rest of the rendered turn
+            rest = upto_raw[at:]
+            if rest.rstrip():
+                extra.append((before_i + rest, [(len(before_i), len(before_i) + len(rest.rstrip()))]))
+            continue
+        if at < len(before_i) and i < first_trained:  # an untrained prompt turn: nothing to find
+            continue
+        if at < len(before_i):
             raise ChatTemplateError(
                 f"cannot train assistant turn {i} as the model writes it: the template's generation prompt is not "
                 f"how it opens that turn (the generation prompt has {before_i[at:at + 60]!r} where the rendered turn "
@@ -162,4 +174,4 @@ def turn_documents(turns: list[int], before: list[str], upto: list[str], full_te
         end = len(upto_raw.rstrip())
         if end > len(before_i):
             extra.append((upto_raw, [(len(before_i), end)]))
-    return [(full_text, spans), *extra]
+    return [(full_text, spans), *extra] if spans or not extra else extra  # a full text training nothing: dropped
