@@ -327,3 +327,12 @@ def test_rows_whose_tools_differ_only_in_key_order_render_their_own_tools(tokeni
     got = examples.prepare_examples(rows, tok, config)
     assert_same(got, one_by_one(rows, tok, config))
     assert not np.array_equal(got[0]["input_ids"], got[1]["input_ids"])
+
+
+def test_a_template_that_does_not_compile_is_a_config_error_not_a_bad_row(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = "{% for m in messages %}{{ m.content }"
+    with pytest.raises(ConfigError, match="chat template does not compile"):
+        examples.prepare_examples(fixtures.make_rows("messages", 3, 0), tok, DataConfig(max_length=None, skip_bad_rows=True))

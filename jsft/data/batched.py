@@ -51,15 +51,31 @@ def _only_strings(message: dict) -> bool:
     return all(type(v) is str for v in message.values()) and not REASONING_FIELDS.intersection(message)
 
 
+class TemplateFailure(Exception):
+    """The chat template raised while rendering a batch of conversations (`error`: what it raised). Only these
+    failures are pinned on a row (jsft.data.examples); any other exception is no row's fault and propagates."""
+
+    def __init__(self, error: Exception):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
 def _render_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dict, spans: bool,
                   add_generation_prompt: bool = False, only_strings: bool = False) -> tuple[list[str], list | None]:
     """apply_chat_template(..., tokenize=False) of conversations sharing tools and template kwargs, in one call:
-    (texts, {% generation %} character spans or None).
+    (texts, {% generation %} character spans or None). Whatever the template raises comes as a TemplateFailure.
 
     As apply_chat_template does: keys whose value is None are dropped first (by the caller, _render: datasets fills a
     missing key with None), the tokenizer's special tokens are template variables (the row's kwargs win), tools choose
     the template. only_strings: every message passes _only_strings.
     """
+    try:
+        return _render_unchecked(tokenizer, conversations, tools, kwargs, spans, add_generation_prompt, only_strings)
+    except Exception as e:  # noqa: BLE001 (the template's own code raised: jsft.data.examples pins it on a row)
+        raise TemplateFailure(e) from e
+
+
+def _render_unchecked(tokenizer, conversations, tools, kwargs, spans, add_generation_prompt, only_strings):
     from transformers.utils import chat_template_utils as rendering
 
     if not conversations:
@@ -91,9 +107,9 @@ def _infer_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dict
     if any(ts[:1] == [0] for ts in turns):  # the empty conversation is rendered: the template may fail on it
         try:
             _render_group(tokenizer, [[]], tools, kwargs, spans=False, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 (any failure of the template on no messages is this row's problem)
-            raise chat.AssistantFirstError(chat.ASSISTANT_FIRST.format(
-                how=f"fails on an empty conversation ({type(e).__name__}: {e})")) from e
+        except TemplateFailure as e:  # the template fails on no messages: this row's problem
+            raise chat.AssistantFirstError(chat.ASSISTANT_FIRST.format(how=f"fails on an empty conversation ({e})")) \
+                from e.error
     before, _ = _render_group(tokenizer, [c[:i] for c, ts in zip(conversations, turns) for i in ts], tools, kwargs,
                               spans=False, add_generation_prompt=True, only_strings=only_strings)
     texts, _ = _render_group(tokenizer, conversations, tools, kwargs, spans=False, only_strings=only_strings)

@@ -92,9 +92,15 @@ def no_eos_message(tokenizer) -> str:
 
 
 def _row_error(e: Exception, row_index: int, field: str) -> BadRowError:
-    """A row's failure inside the template as its BadRowError; a ChatTemplateError is raised with the row's index."""
-    from jinja2.exceptions import TemplateError
+    """A row's failure inside the template as its BadRowError; a ChatTemplateError is raised with the row's index, a
+    template that does not compile as a ConfigError."""
+    from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
+    if isinstance(e, batched.TemplateFailure):
+        if isinstance(e.error, TemplateSyntaxError):
+            raise ConfigError(f"the chat template does not compile: {e.error} (line {e.error.lineno}). Fix: repair "
+                              "the template (data.chat_template_path, or the tokenizer's chat_template)") from e.error
+        e = e.error
     if isinstance(e, chat.AssistantFirstError):
         return BadRowError(
             row_index, f"{field}[0]", str(e),
@@ -116,17 +122,11 @@ def _row_error(e: Exception, row_index: int, field: str) -> BadRowError:
 
 
 def _documents(fmt: str, inputs: list, tokenizer, config: DataConfig, row_indices: list) -> list:
-    """Per job, its documents [(ids, mask)], or its row's BadRowError. A batch that fails is retried row by row, so
-    the error lands on the row that caused it (ConfigError and errors outside rendering propagate)."""
-    from jinja2.exceptions import TemplateError
-
+    """Per job, its documents [(ids, mask)], or its row's BadRowError. A batch whose template fails is retried row by
+    row, so the error lands on the row that caused it; any other exception is no row's and propagates."""
     try:
         ids, mask, lengths, owner = batched.prepare_jobs(fmt, inputs, tokenizer, config)
-    except ConfigError:
-        raise
-    except (TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-        if fmt in (TEXT, PROMPT_COMPLETION):
-            raise
+    except (batched.TemplateFailure, chat.ChatTemplateError) as e:  # the template's, on one of these rows
         if len(inputs) == 1:
             error = _row_error(e, row_indices[0], FIELD[fmt])
             error.__cause__ = e
