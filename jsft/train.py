@@ -224,8 +224,7 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
     try:
         with jax.set_mesh(mesh):
             compiled = step.train_step.lower(model, optimizer, _abstract_batch(batch, mesh, L),
-                                             loss_type=config.training.loss_type,
-                                             chunk_size=config.training.loss_chunk_size, schedule=schedule).compile()
+                                             **step.train_options(config.training), schedule=schedule).compile()
         mem = compiled.memory_analysis()
         if mem is not None:
             gib = lambda n: n / 2**30  # noqa: E731
@@ -261,7 +260,8 @@ def evaluate(config, model, eval_data, mesh, rows_per_micro_batch: int) -> dict:
             length = eval_data.step_length(np.arange(start, min(start + global_rows, eval_data.num_rows)))
             batch = _padded_rows(eval_data, mine[mine < eval_data.num_rows], rows_per_micro_batch, length)
             sums = step.eval_step(model, sharding.shard_batch(batch, mesh), loss_type=config.training.loss_type,
-                                  chunk_size=config.training.loss_chunk_size)
+                                  chunk_size=config.training.loss_chunk_size,
+                                  label_smoothing=config.training.label_smoothing_factor)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     means = normalize(totals, totals["num_trained"])
     return {f"eval_{k}": float(v) for k, v in means.items()}
@@ -457,7 +457,7 @@ def run(config: SFTConfig) -> dict:
                 _, local_tokens = step.host_token_counts(batch)
                 seq = effective_seq_len(batch["segment_ids"][0])
                 metrics = step.train_step(model, optimizer, sharding.shard_batch(batch, mesh),
-                                          loss_type=tc.loss_type, chunk_size=tc.loss_chunk_size, schedule=schedule)
+                                          **step.train_options(tc), schedule=schedule)
                 batch = None
                 step_no += 1
                 window.append(metrics)

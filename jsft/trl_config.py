@@ -154,6 +154,27 @@ def _one_of(accepted, why):
     return convert
 
 
+def _optim(value, values):
+    """TRL optim -> training.optim: jsft has adamw_torch(_fused), adafactor, sgd, lion_32bit (also spelled
+    paged_lion_32bit: no paging on accelerators with one memory) and muon."""
+    name = {"paged_lion_32bit": "lion_32bit", "adamw_torch_fused": "adamw_torch"}.get(value, value)
+    return {"training.optim": name}
+
+
+def _optim_args(value, values):
+    """TRL's optim_args string "momentum=0.9,nesterov=True" -> training.optim_args {"momentum": "0.9", ...}."""
+    if not value:
+        return {}
+    if isinstance(value, dict):
+        return {"training.optim_args": value}
+    try:
+        pairs = dict(item.split("=") for item in value.replace(" ", "").split(","))
+    except ValueError:
+        raise ConfigError(f"TRL optim_args={value!r}: write it as key=value pairs separated by commas, as "
+                          "transformers parses it (e.g. 'momentum=0.9,nesterov=True')") from None
+    return {"training.optim_args": pairs}
+
+
 def _pad_to_multiple_of(value, values):
     """TRL pads each batch to its longest row rounded up to this ("auto"/None: no rounding). jsft: the same with a
     value; "auto"/None keep rows at max_length (every distinct length would compile the step once)."""
@@ -247,10 +268,8 @@ TRL_FIELDS: dict[str, tuple] = {
     "lr_scheduler_kwargs": (None, _scheduler_kwargs, ""),
     "warmup_steps": (0, _warmup, ""),
     "warmup_ratio": (0.0, _with("warmup_steps"), ""),  # transformers < 5
-    "optim": ("adamw_torch_fused", _one_of(("adamw_torch_fused", "adamw_torch"), "TRL optim: jsft's optimizer "
-                                           "is AdamW (optax), the same as adamw_torch(_fused); others are not "
-                                           "supported"), ""),
-    "optim_args": (None, NO_KNOB, "optimizer arguments beyond AdamW's are not supported"),
+    "optim": ("adamw_torch_fused", _optim, ""),
+    "optim_args": (None, _optim_args, ""),
     "optim_target_modules": (None, NO_KNOB, "GaLore-style optimizers are not supported"),
     "weight_decay": (0.0, "training.weight_decay", ""),
     "adam_beta1": (0.9, "training.adam_beta1", ""),
@@ -265,8 +284,8 @@ TRL_FIELDS: dict[str, tuple] = {
     "seed": (42, "training.seed", ""),
     "loss_type": ("nll", _renamed("training.loss_type", {"chunked_nll": "nll"}), ""),
     "average_tokens_across_devices": (True, NO_KNOB, "jsft always divides by the trained tokens of all devices"),
-    "label_smoothing_factor": (0.0, NO_KNOB, "label smoothing is not supported"),
-    "neftune_noise_alpha": (None, NO_KNOB, "NEFTune is not supported"),
+    "label_smoothing_factor": (0.0, "training.label_smoothing_factor", ""),
+    "neftune_noise_alpha": (None, "training.neftune_noise_alpha", ""),
     "router_aux_loss_coef": (None, NO_KNOB, "MoE models are not supported"),
     "auto_find_batch_size": (False, NO_KNOB, "set per_device_train_batch_size explicitly"),
     "full_determinism": (False, NO_EFFECT, "jsft runs are deterministic for a seed on a given device"),
