@@ -54,10 +54,12 @@ def shapes() -> dict[str, list[dict]]:
         "reasoning_field": [user(1), answer(1, reasoning_content="reason R1"), user(2),
                             answer(2, reasoning_content="reason R2")],
         "reasoning_single": [user(1), answer(1, reasoning_content="reason R1")],
-        "think_in_content": [user(1), {"role": "assistant", "content": "<think>\nreason R1\n</think>\n\nanswer A1"},
-                             user(2), {"role": "assistant", "content": "<think>\nreason R2\n</think>\n\nanswer A2"}],
+        "think_in_content": [
+            user(1), {"role": "assistant", "content": "<think>\nreason R1\n</think>\n\nanswer A1"},
+            user(2), {"role": "assistant", "content": "<think>\nreason R2\n</think>\n\nanswer A2"}],
         "system_reasoning": [{"role": "system", "content": "system S1"}, user(1),
-                             answer(1, reasoning_content="reason R1"), user(2), answer(2, reasoning_content="reason R2")],
+                             answer(1, reasoning_content="reason R1"), user(2),
+                             answer(2, reasoning_content="reason R2")],
     }
 
 

@@ -335,4 +335,5 @@ def test_a_template_that_does_not_compile_is_a_config_error_not_a_bad_row(tokeni
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.chat_template = "{% for m in messages %}{{ m.content }"
     with pytest.raises(ConfigError, match="chat template does not compile"):
-        examples.prepare_examples(fixtures.make_rows("messages", 3, 0), tok, DataConfig(max_length=None, skip_bad_rows=True))
+        examples.prepare_examples(fixtures.make_rows("messages", 3, 0), tok,
+                                  DataConfig(max_length=None, skip_bad_rows=True))

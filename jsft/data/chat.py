@@ -120,8 +120,9 @@ def turn_documents(turns: list[int], before: list[str], upto: list[str], full_te
 
     [(full_text, spans)] when every turn renders in full_text as it does as the last turn (its inference form).
     Otherwise (split) full_text trains the turns that do (it is left out when that is none), and each other turn
-    gets a document of its own, upto[j], trained on that turn only; without split, ChatTemplateError. Turns before message first_trained (the prompt of a
-    conversational prompt/completion row under completion-only loss) get no document of their own. Every span is
+    gets a document of its own, upto[j], trained on that turn only; without split, ChatTemplateError. Turns before
+    message first_trained (the prompt of a conversational prompt/completion row under completion-only loss) get no
+    document of their own. Every span is
     checked: before[j] must be a prefix of upto[j], and upto[j] of the text the span is in.
     special_tokens: the tokens a template may close a conversation with (see _without_closing_tokens).
     opening: generation_prompt(), needed when the conversation opens with the assistant (turns[0] == 0): the empty

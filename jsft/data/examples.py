@@ -121,17 +121,18 @@ def _row_error(e: Exception, row_index: int, field: str) -> BadRowError:
     )
 
 
-def _documents(fmt: str, inputs: list, tokenizer, config: DataConfig, row_indices: list) -> list:
-    """Per job, its documents [(ids, mask)], or its row's BadRowError. A batch whose template fails is retried row by
-    row, so the error lands on the row that caused it; any other exception is no row's and propagates."""
+def _documents(fmt: str, inputs: list, tokenizer, config: DataConfig, rows: list[tuple]) -> list:
+    """Per job, its documents [(ids, mask)], or its row's BadRowError (rows: each job's (row index, field)). A batch
+    whose template fails is retried row by row, so the error lands on the row that caused it; any other exception is
+    no row's and propagates."""
     try:
         ids, mask, lengths, owner = batched.prepare_jobs(fmt, inputs, tokenizer, config)
     except (batched.TemplateFailure, chat.ChatTemplateError) as e:  # the template's, on one of these rows
         if len(inputs) == 1:
-            error = _row_error(e, row_indices[0], FIELD[fmt])
+            error = _row_error(e, *rows[0])
             error.__cause__ = e
             return [error]
-        return [d for job, i in zip(inputs, row_indices) for d in _documents(fmt, [job], tokenizer, config, [i])]
+        return [d for job, row in zip(inputs, rows) for d in _documents(fmt, [job], tokenizer, config, [row])]
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     per_job: list[list] = [[] for _ in inputs]
     for d, j in enumerate(owner):
@@ -194,8 +195,9 @@ def prepare_examples(rows: list[dict], tokenizer, config: DataConfig, first_inde
     if config.assistant_only_loss and (MESSAGES in jobs or CONVERSATIONAL_PC in jobs):
         warn_once_if_stop_token_untrained(tokenizer)
     for fmt, (where, inputs) in jobs.items():
-        for k, documents in zip(where, _documents(fmt, inputs, tokenizer, config, [index(k) for k in where])):
-            field = _field(fmt, rows[k], config)
+        fields = [_field(fmt, rows[k], config) for k in where]
+        prepared = _documents(fmt, inputs, tokenizer, config, [(index(k), f) for k, f in zip(where, fields)])
+        for k, field, documents in zip(where, fields, prepared):
             results[k] = documents if isinstance(documents, BadRowError) else \
                 _example(documents, fmt, config, index(k), field)
     return results
@@ -239,7 +241,7 @@ def _probe_trained_tokens(tokenizer) -> list[int]:
     config = DataConfig(assistant_only_loss=True, max_length=None, split_conversations="auto")
     for probe in (_PROBE, [{"role": "system", "content": "dummy"}, *_PROBE]):
         try:
-            (documents,) = _documents(MESSAGES, [(probe, (None, {}))], tokenizer, config, [0])
+            (documents,) = _documents(MESSAGES, [(probe, (None, {}))], tokenizer, config, [(0, "messages")])
         except chat.ChatTemplateError:
             continue
         if not isinstance(documents, BadRowError):  # the one assistant turn: in the full document or its own
