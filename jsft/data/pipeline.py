@@ -14,7 +14,8 @@ Preparation (`prepare_dataset`):
    counted skip).
    The loss settings are then checked against the columns (jsft.config.check_data_compatibility), before any work.
 2. Every row goes through `jsft.data.prepare_example` WITHOUT truncation, in chunks of 128 rows batched by
-   `jsft.data.batched`: in-process on one thread per core (the tokenizer's Rust batch call releases the GIL, so one
+   `jsft.data.examples` (one path; a conversation split into one document per turn gives one example per document):
+   in-process on one thread per core (the tokenizer's Rust batch call releases the GIL, so one
    thread encodes while another renders templates), or in Grain worker processes when data.dataset_num_proc > 1 (row
    order kept either way; each worker is a spawned process importing grain, jax and transformers, seconds each, so
    they pay off on large datasets only). 2,000 fixture chat rows take ~0.25 s on 2 cores, 2,000 prompt/completion
