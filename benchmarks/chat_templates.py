@@ -10,7 +10,8 @@ tokenizer (the templates' control tokens become plain text: masks are compared a
 
 - not renderable: the template itself raises on it (e.g. no system role), or leaves out text given as a string
   (VLM templates render only content parts) -- not counted against jsft;
-- refused: jsft raises ChatTemplateError / BadRowError (the message is recorded: it must name the problem and a fix);
+- refused: jsft raises ChatTemplateError / BadRowError (the message is recorded: it must name the problem and a
+  fix; `refusals_without_a_fix` counts those that do not);
 - wrong: trained, but the mask fails a check that does not use jsft's inference: every trained run must lie inside
   one assistant turn's rendering as the last turn (the text after the generation prompt) and together they must hold
   each assistant message's answer text; no user or system text may be trained; where the template has a `_training`
@@ -189,7 +190,7 @@ def main() -> None:
                     example = prepare_example({"messages": messages}, tok, config, row_index=0)
             except (ChatTemplateError, BadRowError) as e:
                 counts["refused"] += 1
-                refusals.setdefault(name, []).append({"shape": shape, "error": str(e)[:600]})
+                refusals.setdefault(name, []).append({"shape": shape, "error": str(e)[:1500]})
                 continue
             problem = check(tok, messages, example, variant_text, has_generation_markers(template),
                             generation_prompt(tok))
@@ -210,6 +211,7 @@ def main() -> None:
         for k in ("renderable", "trained", "refused", "wrong", "split"):
             totals[k] += counts[k]
     totals["refused_share_of_renderable"] = totals["refused"] / max(1, totals["renderable"])
+    totals["refusals_without_a_fix"] = sum("Fix:" not in r["error"] for rs in refusals.values() for r in rs)
     result = {
         "benchmark": "chat_templates", "date": datetime.date.today().isoformat(), "commit": git_commit(),
         "templates": len(templates), "shapes": list(shapes()), "totals": totals, "per_template": per_template,
@@ -227,7 +229,7 @@ def main() -> None:
     for item in wrong:
         print(f"WRONG {item}")
     print(f"wrote {path}")
-    sys.exit(1 if wrong else 0)
+    sys.exit(1 if wrong or totals["refusals_without_a_fix"] else 0)
 
 
 if __name__ == "__main__":
