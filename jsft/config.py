@@ -121,7 +121,10 @@ class LoggingConfig:
     save_steps: int = 500
     save_strategy: str = "steps"  # steps: every save_steps and at the end | epoch: every epoch | no: only on Ctrl-C
     save_total_limit: int | None = 3
-    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + wandb, trackio, mlflow;
+    #   "all": every one installed; "none": nothing
+    run_name: str | None = None  # the run's name in wandb / trackio / mlflow
+    project: str = "huggingface"  # the wandb / trackio project (TRL's default; WANDB_PROJECT overrides for wandb)
     resume_from_checkpoint: bool | None = None  # None: resume when output_dir holds a checkpoint
     export_formats: list[str] = field(default_factory=lambda: ["auto"])  # auto | full | merged | adapter
     num_eval_generations: int = 3
@@ -348,8 +351,22 @@ def _validate_ranges(config: SFTConfig) -> None:
          "to None)")
     need(lg.save_total_limit is None or lg.save_total_limit >= 1, "logging.save_total_limit", lg.save_total_limit,
          "must be >= 1 or None (keep all)")
-    bad = [r for r in lg.report_to if r not in ("jsonl", "tensorboard")]
-    need(not bad, "logging.report_to", lg.report_to, "choose from jsonl, tensorboard")
+    if isinstance(lg.report_to, str):
+        lg.report_to = [lg.report_to]
+    if "none" in lg.report_to:
+        need(lg.report_to == ["none"], "logging.report_to", lg.report_to, "'none' stands alone")
+        lg.report_to = []
+    if "all" in lg.report_to:  # transformers' "all": every integration installed
+        from jsft.trackers import TRACKERS, installed
+
+        lg.report_to = ["jsonl", "tensorboard"] + [name for name in TRACKERS if installed(name)]
+    bad = [r for r in lg.report_to if r not in REPORT_TO]
+    need(not bad, "logging.report_to", lg.report_to, f"choose from {', '.join(REPORT_TO)}, all, none")
+    from jsft.trackers import installed
+
+    for name in lg.report_to:
+        need(name in ("jsonl", "tensorboard") or installed(name), "logging.report_to", lg.report_to,
+             f"{name} is not installed: pip install 'jsft[{name}]' (or leave it out of report_to)")
     bad = [f for f in lg.export_formats if f not in ("auto", "full", "merged", "adapter")]
     need(not bad, "logging.export_formats", lg.export_formats, "choose from auto, full, merged, adapter")
 
@@ -366,6 +383,7 @@ SCHEDULE_KWARGS = {
 }
 # optim_args each optimizer takes (transformers' optim_args names); jsft.optim reads them.
 OPTIM_ARGS = {"sgd": ("momentum", "nesterov"), "muon": ("beta", "ns_steps", "nesterov")}
+REPORT_TO = ("jsonl", "tensorboard", "wandb", "trackio", "mlflow")
 # The projections LoRA can target (jsft.model.lora.LINEAR_NAMES, kept here so config checks need no JAX).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -554,9 +572,23 @@ def _config_code_error(path: Path, error: Exception) -> ConfigError:
                        "correct the config file there (JSFT_TRACEBACK=1 shows the traceback)")
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> SFTConfig:
-    """Config file + --set overrides, validated."""
-    config = load_config_file(path)
+def load(path: str | Path | None, overrides: list[str] = (), trl_flags: dict | None = None) -> SFTConfig:
+    """Config file + TRL flags (`--learning_rate 1e-4`, jsft.trl_config.parse_flags) + --set overrides, validated.
+
+    A TRL YAML/JSON and the flags are one set of TRL fields (flags win); on a jsft .py config the flags change only
+    what they name. No file: the flags alone are the TRL config, as with `trl sft --model_name_or_path ...`."""
+    from jsft import trl_config
+
+    trl_flags = trl_flags or {}
+    if path is None:
+        config = trl_config.from_trl_dict(trl_flags)
+    elif Path(path).suffix in (".yaml", ".yml", ".json") and Path(path).exists():
+        try:
+            config = trl_config.from_trl_dict({**trl_config.read_trl_file(path), **trl_flags})
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    else:
+        config = trl_config.apply_trl_flags(load_config_file(path), trl_flags)
     for text in overrides:
         apply_override(config, text)
     return validate(config)
