@@ -51,6 +51,10 @@ class DataConfig:
     pad_to_multiple_of: int | None = None  # no packing: pad a step to its longest row, rounded up (None: max_length)
     completion_only_loss: bool | None = None  # None: on for prompt/completion data
     assistant_only_loss: bool = False
+    # auto: a conversation whose template renders a turn differently once later turns follow (reasoning dropped from
+    # history, a moved system prompt) trains that turn in a document of its own, as rendered at inference; never:
+    # one document per row, such templates refused (without {% generation %} markers)
+    split_conversations: str = "auto"
     truncation_mode: str = "keep_start"  # keep_start | keep_end (without packing)
     chat_template_path: str | None = None  # a .jinja file, or a tokenizer directory to clone the template from
     eos_token: str | None = None
@@ -204,6 +208,7 @@ CHOICES = {
     ("model", "remat_policy"): ("none", "full", "save_dots", "offload"),
     ("data", "packing_strategy"): ("bfd", "bfd_split", "wrapped", "bfd_stream"),
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
+    ("data", "split_conversations"): ("auto", "never"),
     ("data", "train_sampling_strategy"): ("random", "sequential", "group_by_length"),
     ("logging", "save_strategy"): ("steps", "epoch", "no"),
     ("training", "lr_scheduler_type"): ("linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial",

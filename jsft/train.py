@@ -308,8 +308,13 @@ def eval_generations(config, model, tokenizer, n: int) -> list[dict]:
         return []
     rows = load_rows(config.data, "eval")
     conversations, references = [], []
+    from jsft.data.formats import BadRowError
+
     for index, row in enumerate(rows.select(range(min(len(rows), 4 * n)))):
-        messages = _conversation(row, index)
+        try:
+            messages = _conversation(row, index)
+        except BadRowError:  # a row preparation already refused (or skipped): no sample from it
+            continue
         if messages is None:  # not chat data: eval loss only
             return []
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)

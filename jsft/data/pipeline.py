@@ -14,7 +14,8 @@ Preparation (`prepare_dataset`):
    counted skip).
    The loss settings are then checked against the columns (jsft.config.check_data_compatibility), before any work.
 2. Every row goes through `jsft.data.prepare_example` WITHOUT truncation, in chunks of 128 rows batched by
-   `jsft.data.batched`: in-process on one thread per core (the tokenizer's Rust batch call releases the GIL, so one
+   `jsft.data.examples` (one path; a conversation split into one document per turn gives one example per document):
+   in-process on one thread per core (the tokenizer's Rust batch call releases the GIL, so one
    thread encodes while another renders templates), or in Grain worker processes when data.dataset_num_proc > 1 (row
    order kept either way; each worker is a spawned process importing grain, jax and transformers, seconds each, so
    they pay off on large datasets only). 2,000 fixture chat rows take ~0.25 s on 2 cores, 2,000 prompt/completion
@@ -176,9 +177,9 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 def _code_fingerprint() -> str:
     """The source of the code that turns rows into tokens: editing it invalidates caches."""
-    from jsft.data import batched, chat, formats, templates, token_bytes
+    from jsft.data import batched, chat, examples, formats, templates, token_bytes
 
-    modules = (batched, chat, formats, templates, token_bytes)
+    modules = (batched, chat, examples, formats, templates, token_bytes)
     return hashlib.sha256("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()
 
 
@@ -197,24 +198,27 @@ def bad_row_reason(error) -> str:
 
 
 def _prepare_chunk(chunk: tuple[int, int], dataset, tokenizer, data: DataConfig) -> dict:
-    """prepare_example over rows [start, stop) (batched: jsft.data.batched); runs in a Grain worker or in-process.
-    Bad rows come back as BadRowError objects (they pickle), so the parent raises or counts them in row order."""
-    from jsft.data import batched
+    """prepare_example over rows [start, stop) (jsft.data.examples); runs in a Grain worker or in-process.
+    Bad rows come back as BadRowError objects (they pickle), so the parent raises or counts them in row order.
+    A conversation split into one document per turn gives one example per document, each of the same row."""
+    from jsft.data import examples
 
     start, stop = chunk
     columns = dataset[start:stop]
     names = list(columns)
     rows = [dict(zip(names, values)) for values in zip(*(columns[n] for n in names))]
     ids, masks, kept, bad = [], [], [], []
-    for k, example in enumerate(batched.prepare_examples(rows, tokenizer, data, first_index=start)):
+    for k, example in enumerate(examples.prepare_examples(rows, tokenizer, data, first_index=start)):
         if isinstance(example, Exception):
             bad.append(example)
             if not data.skip_bad_rows:
                 break
             continue
-        ids.append(example["input_ids"])
-        masks.append(example["loss_mask"])
-        kept.append(start + k)
+        ends = np.cumsum(example.get("document_lengths", [len(example["input_ids"])]))
+        for a, b in zip(np.r_[0, ends[:-1]], ends):
+            ids.append(example["input_ids"][a:b])
+            masks.append(example["loss_mask"][a:b])
+            kept.append(start + k)
     return {
         "tokens": np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32),
         "loss_mask": np.concatenate(masks).astype(bool) if masks else np.zeros(0, bool),
@@ -434,6 +438,7 @@ def build_rows(examples: Examples, data: DataConfig, seed: int) -> tuple[packing
         "rows_read": examples.rows_read,
         "skipped_bad_rows": dict(examples.bad_rows),
         "examples": n,
+        "split_conversations": int(np.sum(np.unique(examples.source_rows, return_counts=True)[1] > 1)),
         "examples_kept": int(kept.sum()),
         "tokens": int(lengths.sum()),
         "truncated_examples": int((truncated & kept).sum()),
@@ -480,6 +485,9 @@ def format_stats(stats: dict) -> str:
         f"{s['examples']:,} examples, {s['tokens']:,} tokens",
         f"  skipped bad rows: {sum(s['skipped_bad_rows'].values()):,}",
         *[f"    {count:,} x {reason}" for reason, count in s["skipped_bad_rows"].items()],
+        *([f"  split conversations: {s['split_conversations']:,} (a turn the template renders differently once "
+           "later turns follow is trained in a document of its own, as at inference; data.split_conversations)"]
+          if s.get("split_conversations") else []),
         f"  truncated to {s['row_length']}: {s['truncated_examples']:,} examples, {s['truncated_tokens']:,} tokens"
         if s['truncated_examples'] or s.get('max_length') is not None else "  truncated: none (no max_length)",
         f"  dropped (no trained token after truncation): {s['dropped_no_trained_token']:,} {s['dropped_unit']}, "
