@@ -58,13 +58,19 @@ class DataConfig:
     pad_to_multiple_of: int | None = None  # no packing: pad a step to its longest row, rounded up (None: max_length)
     completion_only_loss: bool | None = None  # None: on for prompt/completion data
     assistant_only_loss: bool = False
+    # auto: a conversation whose template renders a turn differently once later turns follow (reasoning dropped from
+    # history, a moved system prompt) trains that turn in a document of its own, as rendered at inference; never:
+    # one document per row, such templates refused (without {% generation %} markers)
+    split_conversations: str = "auto"
     truncation_mode: str = "keep_start"  # keep_start | keep_end (without packing)
     chat_template_path: str | None = None  # a .jinja file, or a tokenizer directory to clone the template from
     eos_token: str | None = None
     pad_token: str | None = None
     skip_bad_rows: bool = False  # true: count and report bad rows instead of raising
     shuffle_dataset: bool = True  # shuffle the examples before packing (TRL's knob)
-    train_sampling_strategy: str = "random"  # random: rows reshuffled every epoch | sequential: in row order
+    train_sampling_strategy: str = "random"  # random: rows reshuffled every epoch | sequential: in row order |
+    #   group_by_length (no packing): each step's rows from one of a few length buckets, steps shuffled
+    length_buckets: int = 8  # group_by_length: at most this many row lengths (compiled shapes)
     dataset_num_proc: int | None = None  # Grain worker processes for tokenization (None: in-process)
     cache_dir: str | None = None  # tokenized-dataset cache (default: <output_dir>/cache)
 
@@ -97,6 +103,7 @@ class TrainingConfig:
     optimizer_state_dtype: str = "float32"  # float32 | bfloat16
     seed: int = 42
     peak_tflops: float | None = None  # device peak for MFU; None: looked up from the device kind
+    max_nonfinite_steps: int = 0  # NaN/inf steps to skip (no update) before the run stops; 0: stop (jsft.guard)
 
 
 @dataclass
@@ -124,11 +131,15 @@ class LoggingConfig:
     save_steps: int = 500
     save_strategy: str = "steps"  # steps: every save_steps and at the end | epoch: every epoch | no: only on Ctrl-C
     save_total_limit: int | None = 3
-    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + wandb, trackio, mlflow;
+    #   "all": every one installed; "none": nothing
+    run_name: str | None = None  # the run's name in wandb / trackio / mlflow
+    project: str = "huggingface"  # the wandb / trackio project (TRL's default; WANDB_PROJECT overrides for wandb)
     resume_from_checkpoint: bool | None = None  # None: resume when output_dir holds a checkpoint
     export_formats: list[str] = field(default_factory=lambda: ["auto"])  # auto | full | merged | adapter
     num_eval_generations: int = 3
     disable_tqdm: bool = False
+    save_on_sigterm: bool = True  # SIGTERM: finish the step, save a checkpoint, exit 143 (False: exit at once)
     demo_eval: bool = False  # the demo: held-out exact-match accuracy before/after, reload check, a sample
 
 
@@ -207,7 +218,8 @@ CHOICES = {
     ("model", "bnb_4bit_quant_type"): ("nf4", "fp4"),
     ("data", "packing_strategy"): ("bfd", "bfd_split", "wrapped", "bfd_stream"),
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
-    ("data", "train_sampling_strategy"): ("random", "sequential"),
+    ("data", "split_conversations"): ("auto", "never"),
+    ("data", "train_sampling_strategy"): ("random", "sequential", "group_by_length"),
     ("logging", "save_strategy"): ("steps", "epoch", "no"),
     ("training", "lr_scheduler_type"): ("linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial",
                                         "constant", "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay"),
@@ -249,6 +261,15 @@ def validate(config: SFTConfig) -> SFTConfig:
         if d.packing:
             raise ConfigError(f"data.pad_to_multiple_of={d.pad_to_multiple_of} has no effect with packing=True "
                               "(packed rows fill max_length): unset it, or set data.packing=False")
+    if d.train_sampling_strategy == "group_by_length":
+        if d.packing:
+            raise ConfigError("data.train_sampling_strategy='group_by_length' groups unpacked rows by length; packed "
+                              "rows all fill max_length. Set data.packing=False, or another sampling strategy")
+        if d.pad_to_multiple_of is not None:
+            raise ConfigError("data.pad_to_multiple_of and train_sampling_strategy='group_by_length' both choose the "
+                              "step lengths: keep one (group_by_length picks data.length_buckets lengths)")
+        if d.length_buckets < 1:
+            raise ConfigError(f"data.length_buckets={d.length_buckets}: must be >= 1")
     if d.max_length is not None and d.max_length < 2:
         raise ConfigError(f"data.max_length={d.max_length}: must be >= 2 (one input and one target).")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -260,6 +281,9 @@ def validate(config: SFTConfig) -> SFTConfig:
         raise ConfigError(f"training.warmup_ratio={t.warmup_ratio}: must be in [0, 1]")
     if t.learning_rate < 0:
         raise ConfigError(f"training.learning_rate={t.learning_rate}: must be >= 0")
+    if t.max_nonfinite_steps < 0:
+        raise ConfigError(f"training.max_nonfinite_steps={t.max_nonfinite_steps}: must be >= 0 (0 stops at the first "
+                          "non-finite step)")
     if config.lora.use_peft and config.lora.lora_r < 1:
         raise ConfigError(f"lora.lora_r={config.lora.lora_r}: must be >= 1")
     for axis, size in config.sharding.mesh_shape.items():
@@ -381,8 +405,22 @@ def _validate_ranges(config: SFTConfig) -> None:
          "to None)")
     need(lg.save_total_limit is None or lg.save_total_limit >= 1, "logging.save_total_limit", lg.save_total_limit,
          "must be >= 1 or None (keep all)")
-    bad = [r for r in lg.report_to if r not in ("jsonl", "tensorboard")]
-    need(not bad, "logging.report_to", lg.report_to, "choose from jsonl, tensorboard")
+    if isinstance(lg.report_to, str):
+        lg.report_to = [lg.report_to]
+    if "none" in lg.report_to:
+        need(lg.report_to == ["none"], "logging.report_to", lg.report_to, "'none' stands alone")
+        lg.report_to = []
+    if "all" in lg.report_to:  # transformers' "all": every integration installed
+        from jsft.trackers import TRACKERS, installed
+
+        lg.report_to = ["jsonl", "tensorboard"] + [name for name in TRACKERS if installed(name)]
+    bad = [r for r in lg.report_to if r not in REPORT_TO]
+    need(not bad, "logging.report_to", lg.report_to, f"choose from {', '.join(REPORT_TO)}, all, none")
+    from jsft.trackers import installed
+
+    for name in lg.report_to:
+        need(name in ("jsonl", "tensorboard") or installed(name), "logging.report_to", lg.report_to,
+             f"{name} is not installed: pip install 'jsft[{name}]' (or leave it out of report_to)")
     bad = [f for f in lg.export_formats if f not in ("auto", "full", "merged", "adapter")]
     need(not bad, "logging.export_formats", lg.export_formats, "choose from auto, full, merged, adapter")
 
@@ -399,6 +437,7 @@ SCHEDULE_KWARGS = {
 }
 # optim_args each optimizer takes (transformers' optim_args names); jsft.optim reads them.
 OPTIM_ARGS = {"sgd": ("momentum", "nesterov"), "muon": ("beta", "ns_steps", "nesterov")}
+REPORT_TO = ("jsonl", "tensorboard", "wandb", "trackio", "mlflow")
 # The projections LoRA can target (jsft.model.lora.LINEAR_NAMES, kept here so config checks need no JAX).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -72,6 +72,13 @@ def _warmup(value, values):
     return {"training.warmup_steps": 0, "training.warmup_ratio": float(ratio)}
 
 
+def _jit_checkpoint(value, values):
+    """enable_jit_checkpoint=True (save a checkpoint on SIGTERM) is what jsft always does
+    (logging.save_on_sigterm=True); TRL's default False, under which SIGTERM kills the run and loses the steps since
+    the last save, keeps jsft's default too: a run stopped without its checkpoint is a fault jsft does not copy."""
+    return {"logging.save_on_sigterm": True}
+
+
 def _steps(path):
     def convert(value, values):
         if value is not None and (not float(value).is_integer() or value < 1):
@@ -94,13 +101,11 @@ def _eval(value, values):
 
 
 def _report_to(value, values):
+    """TRL report_to -> logging.report_to, metrics.jsonl always kept (jsft's resume reads it); 'all' is
+    resolved by jsft.config.validate (every tracker installed)."""
     names = [] if value in (None, "none") else [value] if isinstance(value, str) else list(value)
     names = [n for n in names if n != "none"]
-    unsupported = [n for n in names if n != "tensorboard"]
-    if unsupported:
-        raise ConfigError(f"TRL report_to={value!r}: jsft logs to a jsonl file and tensorboard only; "
-                          f"{', '.join(unsupported)} is not supported")
-    return {"logging.report_to": ["jsonl"] + names}
+    return {"logging.report_to": ["jsonl"] + [n for n in names if n != "jsonl"]}
 
 
 def _resume(value, values):
@@ -319,8 +324,8 @@ TRL_FIELDS: dict[str, tuple] = {
     "include_num_input_tokens_seen": ("no", NO_EFFECT, "jsft always logs num_tokens"),
     "disable_tqdm": (None, _default_none("logging.disable_tqdm", False), ""),
     "report_to": ("none", _report_to, ""),
-    "run_name": (None, NO_EFFECT, "a logging-backend name"),
-    "project": ("huggingface", NO_EFFECT, "a logging-backend name"),
+    "run_name": (None, "logging.run_name", ""),
+    "project": ("huggingface", "logging.project", ""),
     "trackio_space_id": (None, NO_EFFECT, "a logging-backend setting"),
     "trackio_bucket_id": (None, NO_EFFECT, "a logging-backend setting"),
     "trackio_static_space_id": (None, NO_EFFECT, "a logging-backend setting"),
@@ -339,7 +344,7 @@ TRL_FIELDS: dict[str, tuple] = {
     "save_total_limit": (None, "logging.save_total_limit", ""),
     "save_only_model": (False, NO_KNOB, "checkpoints always hold the optimizer and data state (exact resume)"),
     "save_on_each_node": (False, NO_EFFECT, "Orbax writes one checkpoint for all hosts"),
-    "enable_jit_checkpoint": (False, NO_EFFECT, "a torch checkpointing detail"),
+    "enable_jit_checkpoint": (False, _jit_checkpoint, ""),
     "load_best_model_at_end": (False, NO_KNOB, "best-model selection is not supported"),
     "metric_for_best_model": (None, NO_KNOB, "best-model selection is not supported"),
     "greater_is_better": (None, NO_KNOB, "best-model selection is not supported"),

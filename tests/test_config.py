@@ -166,7 +166,7 @@ def test_set_without_equals_is_an_error(tmp_path):
     ({"training": {"loss_type": "chunked_nll"}}, "training.loss_type"),
     ({"lora": {"use_peft": True, "lora_target_modules": ["qkv"]}}, "lora.lora_target_modules"),
     ({"lora": {"use_peft": True, "lora_dropout": 1.0}}, "lora.lora_dropout"),
-    ({"logging": {"report_to": ["wandb"]}}, "logging.report_to"),
+    ({"logging": {"report_to": ["comet_ml"]}}, "logging.report_to"),
     ({"logging": {"eval_steps": 0}}, "logging.eval_steps"),
     ({"logging": {"eval_steps": 10}}, "evaluates data.dataset_test_split, which is None"),
     ({"sharding": {"mesh_shape": {"pipeline": 2}}}, "sharding.mesh_shape"),
@@ -337,7 +337,7 @@ def test_full_default_trl_dump_loads(tmp_path):
 @pytest.mark.parametrize("field_name, value, needle", [
     ("fp16", True, "fp16"),
     ("optim", "adamw_8bit", "training.optim"),
-    ("report_to", ["wandb"], "wandb"),
+    ("report_to", ["comet_ml"], "comet_ml"),
     ("eval_strategy", "epoch", "eval_strategy"),
     ("use_dora", True, "DoRA"),
     ("lr_scheduler_kwargs", {"num_cycles": 2}, "lr_scheduler_kwargs"),
@@ -414,7 +414,9 @@ def test_trl_train_sampling_strategy_and_drop_last(tmp_path):
     path.write_text(json.dumps(base))
     assert C.load(path).data.train_sampling_strategy == "random" and C.load(path).data.shuffle_dataset is False
     path.write_text(json.dumps({**base, "train_sampling_strategy": "group_by_length"}))
-    with pytest.raises(ConfigError, match="train_sampling_strategy='group_by_length'.*random, sequential"):
+    assert C.load(path).data.train_sampling_strategy == "group_by_length"  # TRL's default: no packing
+    path.write_text(json.dumps({**base, "train_sampling_strategy": "shortest_first"}))
+    with pytest.raises(ConfigError, match="train_sampling_strategy='shortest_first'.*random, sequential"):
         C.load(path)
     path.write_text(json.dumps({**base, "dataloader_drop_last": True}))
     with pytest.raises(ConfigError, match="dataloader_drop_last"):
