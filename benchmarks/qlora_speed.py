@@ -1,6 +1,7 @@
 """Time of one jsft train step, QLoRA (NF4 + nested base) vs LoRA (the same base in bf16/fp32), on this machine.
 
-    python benchmarks/qlora_speed.py [--dtype float32] [--steps 5]   -> benchmarks/results/qlora_speed-<device>-<date>.json
+    python benchmarks/qlora_speed.py [--dtype float32] [--steps 5]
+    -> benchmarks/results/qlora_speed-<device>-<date>.json
 
 The same random model (a ~60M-parameter Llama: H=512, F=1536, 8 layers, vocab 8192), LoRA r=16 on all linear
 layers, rows of 512 tokens, remat "full", jsft.step.train_step with jsft's AdamW, single device. QLoRA's extra work

@@ -267,7 +267,8 @@ def _quantization_note(config) -> str:
     q = quantization(config)
     if q is None:
         return ""
-    kind = "int8 (LLM.int8 rows)" if q["quant_type"] == "int8" else q["quant_type"] + (" + nested" if q["nested"] else "")
+    nested = " + nested" if q["nested"] else ""
+    kind = "int8 (LLM.int8 rows)" if q["quant_type"] == "int8" else q["quant_type"] + nested
     return f"; projections quantized: {kind}, embeddings, lm_head and norms in {config.model.dtype}"
 
 

@@ -84,7 +84,8 @@ def test_quantization_settings_from_trl_and_their_refusals(tmp_path):
     path.write_text(base + "use_peft: true\nload_in_4bit: true\nbnb_4bit_quant_type: fp4\nuse_bnb_nested_quant: true\n"
                     "bnb_4bit_quant_storage: bfloat16\n")
     cfg = C.load(path)
-    assert (cfg.model.load_in_4bit, cfg.model.bnb_4bit_quant_type, cfg.model.use_bnb_nested_quant) == (True, "fp4", True)
+    m = cfg.model
+    assert (m.load_in_4bit, m.bnb_4bit_quant_type, m.use_bnb_nested_quant) == (True, "fp4", True)
     assert C.quantization(cfg) == {"quant_type": "fp4", "nested": True}
     path.write_text(base + "use_peft: true\nload_in_8bit: true\n")
     assert C.quantization(C.load(path)) == {"quant_type": "int8", "nested": False}
@@ -124,7 +125,8 @@ QLORA = "load_in_4bit: true\nbnb_4bit_quant_type: nf4\nuse_bnb_nested_quant: tru
 
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory, checkpoint_dir, tokenizer_dir):
-    """The fixture checkpoint with its tokenizer, 8 rows (to learn by heart); a QLoRA run through `python -m jsft.train`."""
+    """The fixture checkpoint with its tokenizer, 8 rows (to learn by heart); a QLoRA run through
+    `python -m jsft.train`."""
     root = tmp_path_factory.mktemp("qlora")
     model = root / "model"
     shutil.copytree(checkpoint_dir, model)

@@ -146,7 +146,8 @@ def shapes(hf_shape: tuple, quant_type: str, nested: bool) -> dict[str, tuple]:
     lead, keep = tuple(lead), tuple(range(len(lead)))
     o, i = len(lead), len(lead) + 1
     if quant_type == "int8":
-        return {"codes": (lead + (out, inp), jnp.int8, keep + (o, i)), "scale": (lead + (out,), jnp.float32, keep + (o,))}
+        return {"codes": (lead + (out, inp), jnp.int8, keep + (o, i)),
+                "scale": (lead + (out,), jnp.float32, keep + (o,))}
     blocks = inp // BLOCKSIZE
     result = {"codes": (lead + (out, inp // 2), jnp.uint8, keep + (o, i))}
     if not nested:
