@@ -31,7 +31,8 @@ from jsft.hf import CheckpointError
 # the checkpoint's when a restore finds other shapes. Settings of these sections that never change a shape are left out.
 SHAPE_SECTIONS = ("model", "lora", "data.chat_template_path")
 NO_SHAPE = ("model.dtype", "model.compute_dtype", "model.attention_impl", "model.remat_policy", "lora.lora_alpha",
-            "lora.lora_dropout")
+            "lora.lora_dropout", "model.load_in_4bit", "model.load_in_8bit", "model.bnb_4bit_quant_type",
+            "model.use_bnb_nested_quant", "model.bnb_4bit_quant_storage")  # QLoRA: the base is not in checkpoints
 # The settings that decide which rows each step reads: a resume with others continues from a saved data position that
 # counts steps of another plan (a warning names them).
 DATA_PLAN_SECTIONS = ("data", "training.per_device_train_batch_size", "training.gradient_accumulation_steps",

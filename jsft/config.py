@@ -34,6 +34,13 @@ class ModelConfig:
     remat_policy: str = "full"  # none | full | save_dots | offload  (TRL: gradient_checkpointing)
     init_from_scratch: dict | None = None  # HF config.json fields: random-init a model instead of loading one
     tokenizer_name_or_path: str | None = None  # None: model_name_or_path (needed with init_from_scratch)
+    # QLoRA (jsft/model/quant.py): the frozen base's q/k/v/o/gate/up/down kernels quantized as they load, in
+    # bitsandbytes' formats; embeddings, lm_head and norms stay in dtype; matmuls dequantize to compute_dtype
+    load_in_4bit: bool = False  # 4-bit blocks of 64 (needs lora.use_peft)
+    load_in_8bit: bool = False  # LLM.int8's row-wise int8 (needs lora.use_peft)
+    bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4
+    use_bnb_nested_quant: bool = False  # quantize the 4-bit block scales too (double quantization)
+    bnb_4bit_quant_storage: str | None = None  # accepted for TRL; jsft stores the 4-bit codes as uint8 either way
 
 
 @dataclass
@@ -208,6 +215,7 @@ CHOICES = {
     ("model", "compute_dtype"): ("bfloat16", "float32"),
     ("model", "attention_impl"): ("auto", "xla", "cudnn", "tokamax", "pallas"),
     ("model", "remat_policy"): ("none", "full", "save_dots", "offload"),
+    ("model", "bnb_4bit_quant_type"): ("nf4", "fp4"),
     ("data", "packing_strategy"): ("bfd", "bfd_split", "wrapped", "bfd_stream"),
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
     ("data", "split_conversations"): ("auto", "never"),
@@ -283,12 +291,42 @@ def validate(config: SFTConfig) -> SFTConfig:
             raise ConfigError(f"sharding.mesh_shape has an unknown axis {axis!r}: use data, fsdp, tensor")
         if size == 0 or size < -1:
             raise ConfigError(f"sharding.mesh_shape.{axis}={size}: use a positive size or -1 (the rest)")
+    _validate_quantization(config)
     if not config.model.model_name_or_path and not config.model.init_from_scratch:
         raise ConfigError("model.model_name_or_path is empty: set an HF checkpoint directory (or init_from_scratch).")
     if not d.dataset_name:
         raise ConfigError("data.dataset_name is empty: set a local dataset file/directory or a hub name.")
     _validate_ranges(config)
     return config
+
+
+def _validate_quantization(config: SFTConfig) -> None:
+    m = config.model
+    if m.load_in_4bit and m.load_in_8bit:
+        raise ConfigError("model.load_in_4bit and model.load_in_8bit are both true: choose one")
+    if not (m.load_in_4bit or m.load_in_8bit):
+        return
+    knob = "load_in_4bit" if m.load_in_4bit else "load_in_8bit"
+    if not config.lora.use_peft:
+        raise ConfigError(f"model.{knob}=True needs lora.use_peft=True: a quantized base is frozen (QLoRA trains "
+                          "LoRA adapters on it; transformers refuses to train a quantized model alone)")
+    if m.init_from_scratch:
+        raise ConfigError(f"model.{knob}=True quantizes a loaded checkpoint; model.init_from_scratch has none. "
+                          f"Fix: set model.{knob}=False, or model.model_name_or_path")
+    storage = ("uint8", "int8", "bfloat16", "float16", "float32")
+    if m.bnb_4bit_quant_storage is not None and m.bnb_4bit_quant_storage not in storage:
+        raise ConfigError(f"model.bnb_4bit_quant_storage={m.bnb_4bit_quant_storage!r}: choose one of "
+                          f"{', '.join(storage)} (or None)")
+
+
+def quantization(config: SFTConfig) -> dict | None:
+    """The base's quantization as jsft.hf.load_model takes it ({"quant_type", "nested"}), or None."""
+    m = config.model
+    if m.load_in_8bit:
+        return {"quant_type": "int8", "nested": False}
+    if m.load_in_4bit:
+        return {"quant_type": m.bnb_4bit_quant_type, "nested": m.use_bnb_nested_quant}
+    return None
 
 
 def _validate_ranges(config: SFTConfig) -> None:

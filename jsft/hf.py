@@ -28,6 +28,7 @@ from safetensors.numpy import save_file
 
 from jsft import hub
 from jsft.hub import check_local_or_hub, hub_unreachable, one_line
+from jsft.model import quant
 from jsft.model.llama import ARCHITECTURES, Llama, LlamaConfig
 
 # (HF tensor name, jsft parameter path, transpose). {i}: layer index; {proj}/{norm}: the module name.
@@ -193,13 +194,16 @@ def _equal_tensors(files: dict[str, Path], a: str, b: str, rows: int = 4096) -> 
 
 
 def load_model(path, dtype=jnp.bfloat16, compute_dtype=None, attention_impl="auto", remat_policy="none",
-               shardings=None, field: str = "model.model_name_or_path") -> tuple[Llama, LlamaConfig]:
+               shardings=None, field: str = "model.model_name_or_path",
+               quantization: dict | None = None) -> tuple[Llama, LlamaConfig]:
     """Read an HF checkpoint directory (or hub name, downloaded) into a jsft Llama; returns (model, cfg).
 
     dtype: parameter dtype (a jnp dtype or "bfloat16"/"float32"); compute_dtype defaults to dtype.
     shardings: None (plain device arrays), or a function (path str, abstract nnx.Variable) -> jax.sharding.Sharding,
     or a dict {path str: Sharding}; with one, each device reads only its slice of each tensor.
     field: what set `path`, for the error when it names no directory (e.g. "--model").
+    quantization: None, or {"quant_type": "nf4" | "fp4" | "int8", "nested": bool} (jsft.config.quantization): the
+    q/k/v/o/gate/up/down kernels are quantized as each is read (jsft.model.quant); the rest stays in dtype.
     """
     path = resolve_model_dir(path, field)
     dtype = DTYPES.get(dtype, dtype)
@@ -212,7 +216,8 @@ def load_model(path, dtype=jnp.bfloat16, compute_dtype=None, attention_impl="aut
     cfg = untie_if_head_differs(cfg, files, path)
     model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, compute_dtype=compute_dtype,
                                          attention_impl=attention_impl, remat_policy=remat_policy))
-    targets = base_params(model)
+    quantized = {} if quantization is None else quant.abstract_quantized(model, **quantization)
+    targets = {**base_params(model), **quantized}
 
     wanted = {}  # jsft path -> (hf name, transpose)
     for name in sorted(files):
@@ -235,7 +240,10 @@ def load_model(path, dtype=jnp.bfloat16, compute_dtype=None, attention_impl="aut
             file = files[name]
             if file not in handles:
                 handles[file] = open_safetensors(file)
-            var.set_value(_read(handles[file], name, transpose, var, dtype, sharding_for(p, var), file))
+            if p in quantized:
+                _read_quantized(handles[file], name, p, var, sharding_for, file)
+            else:
+                var.set_value(_read(handles[file], name, transpose, var, dtype, sharding_for(p, var), file))
     finally:
         handles.clear()
     for p, var in nnx.to_flat_state(nnx.state(model)):  # nothing abstract may survive the load
@@ -277,6 +285,25 @@ def _read(handle, name, transpose, var, dtype, sharding, file=None):
     if sharding is None:
         return jnp.asarray(read(None))
     return jax.make_array_from_callback(shape, sharding, read)
+
+
+def _read_quantized(handle, name, path, kernel, sharding_for, file):
+    """One HF weight [out, in], whole on the host (one tensor at a time), quantized into `kernel`'s arrays, each
+    placed like its Variable's logical axes say (every process quantizes the same tensor: the same values)."""
+    hf_slice = handle.get_slice(name)
+    expected = tuple(kernel.shape[:-2]) + tuple(kernel.shape[-2:][::-1])
+    if tuple(hf_slice.get_shape()) != expected:
+        raise CheckpointError(f"tensor {name!r} has shape {list(hf_slice.get_shape())} in the checkpoint but the "
+                              f"model expects {list(expected)} (jsft parameter shape {list(kernel.shape)})")
+    block = hf_slice[:]
+    check_finite(block, name, file)
+    for key, value in quant.quantize(block, kernel.quant_type, kernel.nested, name).items():
+        var = getattr(kernel, key)
+        sharding = sharding_for(f"{path}.{key}", var)
+        if sharding is None:
+            var.set_value(jnp.asarray(value))
+        else:
+            var.set_value(jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: v[index]))
 
 
 # ----------------------------------------------------------------------------------------------- saving

@@ -24,7 +24,7 @@ from flax import nnx
 
 from jsft import checkpoint, peers, progress, sharding, step
 from jsft import trackers as trackers_lib
-from jsft.config import ConfigError, SFTConfig, load, validate
+from jsft.config import ConfigError, SFTConfig, load, quantization, validate
 from jsft.guard import Diverged, DivergenceGuard
 from jsft.signals import StopSignals
 from jsft.loss import effective_seq_len, flops_per_token, lora_frozen_params, mfu, normalize, peak_tflops
@@ -141,7 +141,8 @@ def build_model(config: SFTConfig, tokenizer, mesh):
         model = sharding.create_sharded_model(
             lambda: Llama(cfg, rngs=nnx.Rngs(config.training.seed), param_dtype=dtype, **options), mesh)
     else:
-        model, _ = load_model(m.model_name_or_path, dtype=dtype, shardings=_variable_sharding(mesh), **options)
+        model, _ = load_model(m.model_name_or_path, dtype=dtype, shardings=_variable_sharding(mesh),
+                              quantization=quantization(config), **options)
     grew = len(tokenizer) > model.cfg.vocab_size
     if grew:
         model.resize_vocab(_round_up(len(tokenizer)), nnx.Rngs(config.training.seed))
@@ -166,9 +167,12 @@ def _variable_sharding(mesh):
 
 
 def count_params(model, wrt) -> tuple[int, int]:
-    """(all params, trainable params)."""
+    """(all params, trainable params); a quantized kernel counts as the weights it holds."""
+    from jsft.model.quant import quantized_kernels
+
     size = lambda state: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))  # noqa: E731
-    return size(nnx.state(model, nnx.Param)), size(nnx.state(model, wrt))
+    quantized = sum(int(np.prod(k.shape)) for k in quantized_kernels(model).values())
+    return size(nnx.state(model, nnx.Param)) + quantized, size(nnx.state(model, wrt))
 
 
 def total_steps_for(config: SFTConfig, steps_per_epoch: int) -> int:
@@ -198,6 +202,13 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
             "devices": jax.device_count(), "mesh": dict(mesh.shape)}
     print(f"plan: {total:,} params, {trainable:,} trainable ({trainable / max(total, 1):.2%}); mesh {dict(mesh.shape)} "
           f"on {jax.device_count()} x {jax.devices()[0].device_kind}")
+    from jsft.model.quant import bytes_by_dtype
+
+    base_bytes = bytes_by_dtype(model)
+    plan["base_bytes_by_dtype"] = base_bytes
+    size = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"  # noqa: E731
+    print("plan: frozen base " + ", ".join(f"{dt} {size(n)}" for dt, n in base_bytes.items())
+          + f" (whole model, all devices){_quantization_note(config)}")
     print(f"plan: {A} micro-batch(es) x {B * count} rows x {L} tokens = {A * B * count * L:,} token slots per step; "
           f"steps {start_step} -> {total_steps}")
     lengths = train_data.lengths()
@@ -250,6 +261,15 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
     except Exception as e:  # the estimate is advice; the run itself reports real failures
         print(f"plan: no compiled memory estimate ({type(e).__name__}: {e})")
     return plan
+
+
+def _quantization_note(config) -> str:
+    q = quantization(config)
+    if q is None:
+        return ""
+    nested = " + nested" if q["nested"] else ""
+    kind = "int8 (LLM.int8 rows)" if q["quant_type"] == "int8" else q["quant_type"] + nested
+    return f"; projections quantized: {kind}, embeddings, lm_head and norms in {config.model.dtype}"
 
 
 # ----------------------------------------------------------------------------------------------- eval

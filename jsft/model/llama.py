@@ -51,6 +51,7 @@ import numpy as np
 from flax import nnx
 
 from jsft.model.attention import packed_attention
+from jsft.model.quant import QuantizedKernel
 
 ARCHITECTURES = {  # HF "architectures" entry -> model_type
     "LlamaForCausalLM": "llama",
@@ -220,7 +221,10 @@ class Linear(nnx.Module):
         self.compute_dtype = compute_dtype
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+        if isinstance(self.kernel, QuantizedKernel):  # a QLoRA base: dequantized inside the matmul
+            y = self.kernel.matmul(x, self.compute_dtype)
+        else:
+            y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
         return y if self.bias is None else y + self.bias[...].astype(self.compute_dtype)
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jsft.model.llama import Linear
+from jsft.model.quant import QuantizedKernel
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -99,8 +100,10 @@ def merged_params(model) -> dict:
     Lazy, so an export merges one tensor at a time (never a second copy of the model); the model is unchanged.
     """
     from jsft.hf import base_params
+    from jsft.model.quant import quantized_kernels
 
     values = {p: v.get_value for p, v in base_params(model).items()}
+    values.update({p: kernel.dequantize for p, kernel in quantized_kernels(model).items()})  # QLoRA: dequantized
     for path, module in lora_modules(model).items():
         values[f"{path}.kernel"] = lambda m=module: (m.kernel[...] + m.delta()).astype(m.kernel.dtype)
     return values
@@ -111,7 +114,11 @@ def merge_lora(model):
     for parent, name, _ in _linears(model, LoRALinear):
         module = getattr(parent, name)
         kernel = module.kernel
-        kernel[...] = (kernel[...].astype(jnp.float32) + module.delta()).astype(kernel.dtype)
+        merged = (kernel[...].astype(jnp.float32) + module.delta()).astype(kernel.dtype)
+        if isinstance(kernel, QuantizedKernel):  # QLoRA: dequantize, then merge, into a plain kernel Param
+            module.kernel = nnx.Param(merged, out_sharding=kernel.names, eager_sharding=False)
+        else:
+            kernel[...] = merged
         setattr(parent, name, _plain_linear(module))
     return model
 
