@@ -70,7 +70,12 @@ class DataConfig:
     # columns, fraction}; when set, dataset_name is unused, dataset_train_split is "train" and dataset_test_split
     # "test" (with test_split_size) or an eval file
     datasets: list[dict] = field(default_factory=list)
-    test_split_size: float | int | None = None  # mixture: the share (or row count) split off as "test", by seed
+    test_split_size: int | float | None = None  # mixture: the share (or row count) split off as "test", by seed
+    # jsft, beyond TRL: sample the mixture's rows from its components with these probabilities (one a component,
+    # summing to 1) as datasets.interleave_datasets(seed=training.seed), until one component runs out
+    # (first_exhausted) or all have (all_exhausted: the others repeat)
+    mixture_probabilities: list[float] | None = None
+    mixture_stopping_strategy: str = "first_exhausted"
 
 
 @dataclass
@@ -319,6 +324,17 @@ def _validate_mixture(d: DataConfig) -> None:
                           "them (as TRL)")
     if fractions[0] is not None and sum(fractions) <= 0:
         raise ConfigError("data.datasets: the fractions sum to 0; give at least one a share > 0")
+    p = d.mixture_probabilities
+    if p is not None:
+        if len(p) != len(d.datasets) or any(x < 0 for x in p) or abs(sum(p) - 1) > 1e-6:
+            raise ConfigError(f"data.mixture_probabilities={p}: one probability >= 0 for each of the "
+                              f"{len(d.datasets)} data.datasets, summing to 1")
+        if fractions[0] is not None:
+            raise ConfigError("data.mixture_probabilities and data.datasets[i].fraction both set: fraction keeps the "
+                              "first rows of each component, probabilities sample them; choose one")
+    if d.mixture_stopping_strategy not in ("first_exhausted", "all_exhausted"):
+        raise ConfigError(f"data.mixture_stopping_strategy={d.mixture_stopping_strategy!r}: choose first_exhausted "
+                          "or all_exhausted")
     size = d.test_split_size
     if size is not None and not (0 < size < 1 or (isinstance(size, int) and size >= 1)):
         raise ConfigError(f"data.test_split_size={size}: a share in (0, 1), or a row count >= 1")

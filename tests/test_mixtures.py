@@ -79,6 +79,10 @@ def test_test_split_size_splits_as_trls_train_test_split_under_the_run_seed(two_
     assert sum(c["in_split"] for c in eval_rows.components) == len(theirs["test"]) == 8  # ceil(0.25 * 29)
     assert mixture.read_mixture(config.data, "train", seed=7).dataset.to_list() == train_rows.dataset.to_list()
     assert mixture.read_mixture(config.data, "train", seed=8).dataset.to_list() != train_rows.dataset.to_list()
+    five = dataclasses.replace(config.data, test_split_size=5)  # a row count, as train_test_split's int test_size
+    validate(dataclasses.replace(config, data=five))
+    assert mixture.read_mixture(five, "eval", seed=7).dataset.to_list() == \
+        _trl_rows(components, test_split_size=5, seed=7)["test"].to_list()
 
 
 def test_the_report_lists_each_component_and_the_cache_key_follows_the_mixture(two_files, tokenizer, tmp_path):
@@ -134,3 +138,25 @@ def test_a_bad_row_names_its_component_file_and_line(two_files, tokenizer, tmp_p
     config = tiny_config("t", "", tmp_path / "run", data={"datasets": components})
     with pytest.raises(BadRowError, match=rf"data.datasets\[1\]: {bad}, line 4"):
         prepare_dataset(config, tokenizer, "train")
+
+
+def test_mixture_probabilities_sample_as_interleave_datasets_in_those_proportions(tmp_path):
+    """jsft's extension: 0.7/0.3 from two 300-row files gives the rows of datasets.interleave_datasets with the run's
+    seed, about 30% from the second (first_exhausted: until the first file runs out, ~430 rows)."""
+    a = fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 300, seed=1), tmp_path / "a.jsonl")
+    b = fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 300, seed=2), tmp_path / "b.jsonl")
+    config = tiny_config("t", "", tmp_path / "run", data={"datasets": [{"path": str(a)}, {"path": str(b)}],
+                                                          "mixture_probabilities": [0.7, 0.3]})
+    validate(config)
+    ours = mixture.read_mixture(config.data, "train", seed=3)
+    files = [datasets.load_dataset("json", data_files=str(f), split="train") for f in (a, b)]
+    theirs = datasets.interleave_datasets(files, probabilities=[0.7, 0.3], seed=3, stopping_strategy="first_exhausted")
+    assert ours.dataset.to_list() == theirs.to_list()
+    counts = [c["in_split"] for c in ours.components]
+    n = sum(counts)
+    assert counts[0] == 300 and abs(counts[1] / n - 0.3) < 3 * (0.3 * 0.7 / n) ** 0.5
+    assert mixture.read_mixture(config.data, "train", seed=3).dataset.to_list() == ours.dataset.to_list()
+    assert mixture.read_mixture(config.data, "train", seed=4).dataset.to_list() != ours.dataset.to_list()
+    config.data.mixture_probabilities = [0.7, 0.2]
+    with pytest.raises(ConfigError, match="summing to 1"):
+        validate(config)

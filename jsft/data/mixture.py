@@ -12,6 +12,9 @@ fraction. What TRL 1.x's `trl.scripts.utils.get_dataset` does, jsft does in the 
    shuffling, no oversampling);
 3. the components are concatenated in order (datasets.concatenate_datasets: a column one component lacks is None
    in its rows, a column's type must agree; `columns` leaves columns out);
+3b. jsft, beyond TRL: data.mixture_probabilities samples the rows instead, as datasets.interleave_datasets(
+   probabilities, seed=training.seed, stopping_strategy=data.mixture_stopping_strategy) does (the same rows, in its
+   order, for a seed);
 4. data.test_split_size (a share, or a row count when an int, as datasets' train_test_split's test_size) splits the
    concatenation into "train" and "test" with datasets' train_test_split, seeded by training.seed. TRL passes no seed
    (its split changes every run); jsft's is the one TRL gets with seed=training.seed, so a run is repeatable.
@@ -147,16 +150,24 @@ def read_mixture(data: DataConfig, split: str, seed: int) -> Mixture:
                           f"cannot be concatenated ({' '.join(str(e).split())[:300]}). Fix: make that column's type the "
                           "same in every component, or leave it out with `columns`") from e
     starts = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
-    rows = np.arange(len(combined), dtype=np.int64)
+    rows = np.arange(len(combined), dtype=np.int64)  # the concatenation's row for each row of this split
+    if data.mixture_probabilities is not None:
+        # the rows datasets.interleave_datasets picks (they depend on the lengths, probabilities and seed only),
+        # drawn over row numbers so that each row's component is known
+        numbers = [datasets.Dataset.from_dict({"row": np.arange(s, s + k)}) for s, k in zip(starts[:-1], kept)]
+        rows = np.asarray(datasets.interleave_datasets(
+            numbers, probabilities=data.mixture_probabilities, seed=seed,
+            stopping_strategy=data.mixture_stopping_strategy)["row"], dtype=np.int64)
     if data.test_split_size is not None:
-        # the split of datasets' train_test_split(seed=seed) of the concatenation, taken over its row numbers
-        split_rows = datasets.Dataset.from_dict({"row": rows}).train_test_split(test_size=data.test_split_size,
-                                                                                   seed=seed)
-        rows = np.asarray(split_rows["train" if split == "train" else "test"]["row"], dtype=np.int64)
-        combined = combined.select(rows)
+        # the split of datasets' train_test_split(seed=seed) of the mixture, taken over its row numbers
+        split_rows = datasets.Dataset.from_dict({"row": np.arange(len(rows))}).train_test_split(
+            test_size=data.test_split_size, seed=seed)
+        rows = rows[np.asarray(split_rows["train" if split == "train" else "test"]["row"], dtype=np.int64)]
     elif split != "train":
         raise ConfigError("data.datasets has no eval split without data.test_split_size: set test_split_size, or "
                           "data.dataset_test_split to the path of an eval file")
+    if not np.array_equal(rows, np.arange(len(combined))):
+        combined = combined.select(rows)
     in_split = np.bincount(np.searchsorted(starts, rows, side="right") - 1, minlength=len(kept))
     components = [{"dataset": component_label(c), "rows": n, "kept": k, "in_split": int(s)}
                   for c, n, k, s in zip(data.datasets, lengths, kept, in_split)]
@@ -166,8 +177,10 @@ def read_mixture(data: DataConfig, split: str, seed: int) -> Mixture:
 
 def fingerprint(data: DataConfig, split: str, seed: int) -> dict:
     """Identity of a mixture split's rows: every component's files (jsft.data.sources.source_fingerprint), its
-    settings, test_split_size and (with it) the seed that splits."""
+    settings, test_split_size, the probabilities and (with either) the seed that splits or samples."""
     parts = [[sources.source_fingerprint(p, "train", None) for p in _parts(data, i, c)]
              for i, c in enumerate(data.datasets)]
+    sampled = data.test_split_size is not None or data.mixture_probabilities is not None
     return {"mixture": data.datasets, "parts": parts, "split": split, "test_split_size": data.test_split_size,
-            "seed": seed if data.test_split_size is not None else None}
+            "probabilities": data.mixture_probabilities, "stopping": data.mixture_stopping_strategy,
+            "seed": seed if sampled else None}
