@@ -106,6 +106,7 @@ class TrainingConfig:
     optimizer_state_dtype: str = "float32"  # float32 | bfloat16
     seed: int = 42
     peak_tflops: float | None = None  # device peak for MFU; None: looked up from the device kind
+    max_nonfinite_steps: int = 0  # NaN/inf steps to skip (no update) before the run stops; 0: stop (jsft.guard)
 
 
 @dataclass
@@ -141,6 +142,7 @@ class LoggingConfig:
     export_formats: list[str] = field(default_factory=lambda: ["auto"])  # auto | full | merged | adapter
     num_eval_generations: int = 3
     disable_tqdm: bool = False
+    save_on_sigterm: bool = True  # SIGTERM: finish the step, save a checkpoint, exit 143 (False: exit at once)
     demo_eval: bool = False  # the demo: held-out exact-match accuracy before/after, reload check, a sample
 
 
@@ -281,6 +283,9 @@ def validate(config: SFTConfig) -> SFTConfig:
         raise ConfigError(f"training.warmup_ratio={t.warmup_ratio}: must be in [0, 1]")
     if t.learning_rate < 0:
         raise ConfigError(f"training.learning_rate={t.learning_rate}: must be >= 0")
+    if t.max_nonfinite_steps < 0:
+        raise ConfigError(f"training.max_nonfinite_steps={t.max_nonfinite_steps}: must be >= 0 (0 stops at the first "
+                          "non-finite step)")
     if config.lora.use_peft and config.lora.lora_r < 1:
         raise ConfigError(f"lora.lora_r={config.lora.lora_r}: must be >= 1")
     for axis, size in config.sharding.mesh_shape.items():

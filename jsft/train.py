@@ -22,9 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jsft import checkpoint, progress, sharding, step
+from jsft import checkpoint, peers, progress, sharding, step
 from jsft import trackers as trackers_lib
 from jsft.config import ConfigError, SFTConfig, load, validate
+from jsft.guard import Diverged, DivergenceGuard
+from jsft.signals import StopSignals
 from jsft.loss import effective_seq_len, flops_per_token, lora_frozen_params, mfu, normalize, peak_tflops
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -335,24 +337,6 @@ def eval_generations(config, model, tokenizer, n: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- the run
 
 
-class _Interrupt:
-    """Ctrl-C (SIGINT) sets a flag; the loop finishes its step, saves a checkpoint and stops cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: stop now
-            signal.signal(signal.SIGINT, self.previous)
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
-
-    def restore(self):
-        signal.signal(signal.SIGINT, self.previous)
-
-
 def resume_hint(lc) -> str:
     """How to resume a stopped run: the same command resumes unless logging.resume_from_checkpoint=False (a TRL
     config's default), which would start fresh and set the checkpoints aside."""
@@ -375,6 +359,19 @@ def run(config: SFTConfig, callbacks=()) -> dict:
     if lc.resume_from_checkpoint and checkpoint.latest_step(out) is None:
         raise ConfigError(f"logging.resume_from_checkpoint=True but {checkpoint.checkpoint_dir(out)} has no checkpoint")
     sharding.initialize_distributed(config.sharding)
+    signals = StopSignals(lc.save_on_sigterm)  # after jax.distributed, whose preemption notifier would take SIGTERM
+    peers.start(jax.process_index(), jax.process_count())  # several processes: a failure stops them all (jsft.peers)
+    try:
+        summary = _train(config, signals, callbacks)
+    finally:
+        signals.restore()
+    peers.stop()
+    return summary
+
+
+def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
+    lc, tc = config.logging, config.training
+    out = Path(lc.output_dir)
     mesh = sharding.create_mesh(config.sharding)
     data_index, data_count = sharding.data_process_split(mesh)
     is_main = jax.process_index() == 0
@@ -456,11 +453,19 @@ def run(config: SFTConfig, callbacks=()) -> dict:
     from jsft.callbacks import Callbacks
 
     run_callbacks, last_eval = Callbacks(callbacks), {}
-    interrupt = _Interrupt()
+    signals.start_loop()
+    multi_process = jax.process_count() > 1
+    guard = DivergenceGuard(tc.max_nonfinite_steps, tc.learning_rate)
     bar = progress.progress_bar(total_steps, start_step, disable=lc.disable_tqdm or not is_main)
     throughput = progress.Throughput()
     last_metrics, saved_step, batch = {}, existing, first
-    step_no = start_step
+    step_no, unchecked = start_step, None  # the step whose loss the guard has not read yet (one behind: no stall)
+
+    def check(pending):
+        if pending is not None:
+            last_good = None if saved_step is None else checkpoint.checkpoint_dir(out) / str(saved_step)
+            guard.check(pending[0], jax.device_get(pending[1]), last_good)
+
     try:
         with jax.set_mesh(mesh):
             while step_no < total_steps:
@@ -475,10 +480,14 @@ def run(config: SFTConfig, callbacks=()) -> dict:
                                           **step.train_options(tc), schedule=schedule)
                 batch = None
                 step_no += 1
+                check(unchecked)  # the step before this one: done by now, or nearly
+                unchecked = (step_no, metrics)
                 window.append(metrics)
                 throughput.add(local_tokens * data_count)
                 bar.update(1)
                 if step_no % lc.logging_steps == 0 or step_no == total_steps:
+                    check(unchecked)
+                    unchecked = None
                     window = jax.device_get(window)
                     tokens_seen += sum(float(m["num_tokens"]) for m in window)
                     rate = throughput.report()
@@ -492,14 +501,22 @@ def run(config: SFTConfig, callbacks=()) -> dict:
                     last_eval = _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
                     run_callbacks.log(step_no, last_eval)
                     throughput = progress.Throughput()  # tokens/s counts training time only
-                if should_save(lc, step_no, epoch_steps) or interrupt.requested:
+                stop = signals.agreed_stop(step_no, multi_process)
+                if should_save(lc, step_no, epoch_steps) or stop:
+                    check(unchecked)
+                    unchecked = None
                     checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
                                     _progress_state(window, tokens_seen, config))
                     saved_step = step_no
-                if interrupt.requested or run_callbacks.stop_requested:
+                if stop or run_callbacks.stop_requested:
                     break
+            check(unchecked)
+    except Diverged:
+        manager.wait_until_finished()  # the good checkpoints being written are kept
+        manager.close()
+        writer.close()
+        raise
     finally:
-        interrupt.restore()
         bar.close()
     if saved_step != step_no and lc.save_strategy != "no":  # the end of the run
         checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
@@ -507,12 +524,14 @@ def run(config: SFTConfig, callbacks=()) -> dict:
     manager.wait_until_finished()
     manager.close()
 
-    summary = {"steps": step_no, "total_steps": total_steps, "interrupted": interrupt.requested, "plan": plan,
+    stopped = signals.requested is not None
+    summary = {"steps": step_no, "total_steps": total_steps, "interrupted": stopped, "plan": plan,
                "last_metrics": last_metrics, "output_dir": str(out), "exports": {}, "model": model,
                "tokenizer": tokenizer, "trained_embeddings": wrt_embeddings, "stopped_by_callback":
-               run_callbacks.stop_requested}
-    if interrupt.requested:
-        print(f"stopped at step {step_no}; checkpoint saved. {resume_hint(lc)}")
+               run_callbacks.stop_requested, "exit_status": signals.exit_status}
+    if stopped:
+        print(f"stopped at step {step_no} ({signal.Signals(signals.requested).name}); checkpoint saved. "
+              f"{resume_hint(lc)}", flush=True)
         writer.close()
         return summary
     if eval_data is not None and not (lc.eval_steps and step_no % lc.eval_steps == 0):
@@ -548,8 +567,11 @@ def _progress_state(window, tokens_seen, config) -> dict:
 
 def _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util) -> dict:
     """TRL's logged values over the steps since the last log: means of loss, grad_norm, accuracy, entropy."""
-    mean = lambda key: float(np.mean([float(m[key]) for m in window]))  # noqa: E731
+    applied = [m for m in window if float(m.get("finite", 1.0))] or window  # skipped steps (jsft.guard) left out
+    mean = lambda key: float(np.mean([float(m[key]) for m in applied]))  # noqa: E731
     record = {key: mean(key) for key in ("loss", "grad_norm", "mean_token_accuracy", "entropy")}
+    if len(applied) < len(window):
+        record["skipped_steps"] = len(window) - len(applied)
     record.update(
         learning_rate=float(window[-1]["learning_rate"]),
         num_tokens=tokens_seen,
@@ -635,11 +657,8 @@ def main(argv=None) -> dict:
     return summary
 
 
-INTERRUPTED_EXIT = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT), so job scripts can tell
-
-
 if __name__ == "__main__":
     from jsft import cli
 
-    if cli.run(main)["interrupted"]:
-        raise SystemExit(INTERRUPTED_EXIT)
+    # a run stopped by a signal after saving: 130 (SIGINT) or 143 (SIGTERM), so job scripts can tell (jsft.signals)
+    raise SystemExit(cli.run(main)["exit_status"])

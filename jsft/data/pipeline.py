@@ -34,7 +34,8 @@ Preparation (`prepare_dataset`):
    report counts them). ("Trained target": a trained token after the document's first token, which is never a
    target; TRL also keeps a document whose only trained label is its first token, which trains nothing.) `wrapped`
    cuts after this rule, so a piece of a cut document may train nothing; it is kept (the row's other pieces need
-   its place).
+   its place), but a whole row that trains nothing (cut from inside a long prompt, with assistant_only_loss or
+   prompt/completion data) is dropped and counted: a step of such rows would train nothing.
 5. Rows. Packing: `jsft.data.packing` over the example lengths, in an order shuffled by training.seed when
    data.shuffle_dataset (as TRL shuffles before packing). Without packing each example is its own row, padded to
    max_length; if max_length is None, to the longest example rounded up to a multiple of 64 (one static shape).
@@ -455,6 +456,13 @@ def build_rows(examples: Examples, data: DataConfig, seed: int) -> tuple[packing
             order = np.random.default_rng(seed).permutation(len(example))
         example, start, stop = example[order], start[order], stop[order]
         rows = packing.pack_slices(example, start, stop, row_length, strategy, data.packing_buffer_size)
+    untrained_rows = 0
+    if strategy == "wrapped":  # a row cut from inside a long prompt trains nothing: drop it (a step of such rows
+        # would train nothing); pieces restart as documents, so no kept row loses context by it
+        trained = _trained_targets(examples, rows.example, rows.start, rows.stop)
+        keep = (np.add.reduceat(trained, rows.row_ptr[:-1]) if rows.num_rows else np.zeros(0, np.int64)) > 0
+        untrained_rows = int((~keep).sum())
+        rows = rows.select_rows(keep)
 
     kept = np.isin(np.arange(n), rows.example)
     stats = {
@@ -469,6 +477,7 @@ def build_rows(examples: Examples, data: DataConfig, seed: int) -> tuple[packing
         "dropped_no_trained_token": dropped,
         "dropped_unit": "fragments" if strategy == "bfd_split" else "examples",
         "dropped_tokens": dropped_tokens,
+        "dropped_untrained_rows": untrained_rows,
         "row_tokens": rows.tokens,
         "trained_tokens": int(_trained_targets(examples, rows.example, rows.start, rows.stop).sum()),
         "rows": rows.num_rows,
@@ -515,6 +524,8 @@ def format_stats(stats: dict) -> str:
         if s['truncated_examples'] or s.get('max_length') is not None else "  truncated: none (no max_length)",
         f"  dropped (no trained token after truncation): {s['dropped_no_trained_token']:,} {s['dropped_unit']}, "
         f"{s['dropped_tokens']:,} tokens",
+        *([f"  dropped (wrapped rows with no trained token, cut from inside prompts): {s['dropped_untrained_rows']:,} "
+           "rows"] if s.get("dropped_untrained_rows") else []),
         f"  rows ({'packed ' + s['packing'] if s['packing'] != 'none' else 'one example each'}): {s['rows']:,} rows "
         f"of {s['row_length']} slots, {s['row_tokens']:,} tokens, "
         f"{s['trained_tokens']:,} trained, fill {s['fill_rate']:.1%}, at most {s['max_documents_per_row']} "
