@@ -73,6 +73,16 @@ class DataConfig:
     length_buckets: int = 8  # group_by_length: at most this many row lengths (compiled shapes)
     dataset_num_proc: int | None = None  # Grain worker processes for tokenization (None: in-process)
     cache_dir: str | None = None  # tokenized-dataset cache (default: <output_dir>/cache)
+    # a mixture (TRL's DatasetMixtureConfig, jsft.data.mixture): a list of {path, name, data_dir, data_files, split,
+    # columns, fraction}; when set, dataset_name is unused, dataset_train_split is "train" and dataset_test_split
+    # "test" (with test_split_size) or an eval file
+    datasets: list[dict] = field(default_factory=list)
+    test_split_size: int | float | None = None  # mixture: the share (or row count) split off as "test", by seed
+    # jsft, beyond TRL: sample the mixture's rows from its components with these probabilities (one a component,
+    # summing to 1) as datasets.interleave_datasets(seed=training.seed), until one component runs out
+    # (first_exhausted) or all have (all_exhausted: the others repeat)
+    mixture_probabilities: list[float] | None = None
+    mixture_stopping_strategy: str = "first_exhausted"
 
 
 @dataclass
@@ -294,7 +304,9 @@ def validate(config: SFTConfig) -> SFTConfig:
     _validate_quantization(config)
     if not config.model.model_name_or_path and not config.model.init_from_scratch:
         raise ConfigError("model.model_name_or_path is empty: set an HF checkpoint directory (or init_from_scratch).")
-    if not d.dataset_name:
+    if d.datasets or d.test_split_size is not None:
+        _validate_mixture(d)
+    elif not d.dataset_name:
         raise ConfigError("data.dataset_name is empty: set a local dataset file/directory or a hub name.")
     _validate_ranges(config)
     return config
@@ -327,6 +339,58 @@ def quantization(config: SFTConfig) -> dict | None:
     if m.load_in_4bit:
         return {"quant_type": m.bnb_4bit_quant_type, "nested": m.use_bnb_nested_quant}
     return None
+
+
+# TRL's DatasetConfig fields: the keys of a data.datasets entry
+COMPONENT_KEYS = ("path", "name", "data_dir", "data_files", "split", "columns", "fraction")
+
+
+def _validate_mixture(d: DataConfig) -> None:
+    """data.datasets (jsft.data.mixture): TRL's DatasetConfig keys, fraction on all components or none, and the
+    split names of the mixture."""
+    if not d.datasets:
+        raise ConfigError(f"data.test_split_size={d.test_split_size}: it splits a mixture (data.datasets), which is "
+                          "empty. Fix: unset test_split_size, or list the datasets")
+    for i, component in enumerate(d.datasets):
+        unknown = [k for k in component if k not in COMPONENT_KEYS]
+        if unknown or not component.get("path"):
+            raise ConfigError(f"data.datasets[{i}]={component!r}: " + (
+                f"unknown key(s) {', '.join(map(repr, unknown))}" if unknown else "no path") +
+                f". Fix: use TRL's keys {', '.join(COMPONENT_KEYS)} (path is required)")
+        fraction = component.get("fraction")
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                     or fraction < 0):
+            raise ConfigError(f"data.datasets[{i}].fraction={fraction!r}: must be a number >= 0")
+    fractions = [c.get("fraction") for c in d.datasets]
+    if any(f is None for f in fractions) and any(f is not None for f in fractions):
+        raise ConfigError("data.datasets: `fraction` must be set for either all datasets in the mixture or none of "
+                          "them (as TRL)")
+    if fractions[0] is not None and sum(fractions) <= 0:
+        raise ConfigError("data.datasets: the fractions sum to 0; give at least one a share > 0")
+    p = d.mixture_probabilities
+    if p is not None:
+        if len(p) != len(d.datasets) or any(x < 0 for x in p) or abs(sum(p) - 1) > 1e-6:
+            raise ConfigError(f"data.mixture_probabilities={p}: one probability >= 0 for each of the "
+                              f"{len(d.datasets)} data.datasets, summing to 1")
+        if fractions[0] is not None:
+            raise ConfigError("data.mixture_probabilities and data.datasets[i].fraction both set: fraction keeps the "
+                              "first rows of each component, probabilities sample them; choose one")
+    if d.mixture_stopping_strategy not in ("first_exhausted", "all_exhausted"):
+        raise ConfigError(f"data.mixture_stopping_strategy={d.mixture_stopping_strategy!r}: choose first_exhausted "
+                          "or all_exhausted")
+    size = d.test_split_size
+    if size is not None and not (0 < size < 1 or (isinstance(size, int) and size >= 1)):
+        raise ConfigError(f"data.test_split_size={size}: a share in (0, 1), or a row count >= 1")
+    if d.dataset_train_split != "train":
+        raise ConfigError(f"data.dataset_train_split={d.dataset_train_split!r}: a mixture's training split is "
+                          "'train' (set each component's own split in data.datasets[i].split)")
+    test = d.dataset_test_split
+    if test is not None and size is None and not Path(test).is_file():
+        raise ConfigError(f"data.dataset_test_split={test!r}: the mixture has only a 'train' split. Fix: set "
+                          "data.test_split_size to split off a 'test' split, or dataset_test_split to an eval file")
+    if test is not None and size is not None and test != "test":
+        raise ConfigError(f"data.dataset_test_split={test!r}: with data.test_split_size the mixture's eval split "
+                          "is 'test'; set dataset_test_split to 'test'")
 
 
 def _validate_ranges(config: SFTConfig) -> None:

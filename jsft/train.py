@@ -323,12 +323,12 @@ def _conversation(row: dict, index: int) -> list[dict] | None:
 
 def eval_generations(config, model, tokenizer, n: int) -> list[dict]:
     """Greedy replies to the first n eval conversations (chat data only), cut before their last assistant turn."""
-    from jsft.data.sources import load_rows
+    from jsft.data.pipeline import read_rows
     from jsft.generate import chat_prompt_ids, chat_replies
 
     if n <= 0 or config.data.dataset_test_split is None:
         return []
-    rows = load_rows(config.data, "eval")
+    rows = read_rows(config, "eval")[0]
     conversations, references = [], []
     from jsft.data.formats import BadRowError
 

@@ -41,10 +41,11 @@ class SFTTrainer:
             m.tokenizer_name_or_path = _saved(processing_class, self.inputs / "tokenizer", "processing_class")
         if peft_config is not None:
             _apply_peft_config(self.args, peft_config)
-        if train_dataset is None and not d.dataset_name:
+        if train_dataset is None and not d.dataset_name and not d.datasets:
             raise ConfigError("SFTTrainer needs train_dataset (a datasets.Dataset, a list of rows or a path), or "
-                              "args.data.dataset_name")
+                              "args.data.dataset_name (or a mixture, args.data.datasets)")
         if train_dataset is not None:
+            d.datasets, d.test_split_size = [], None  # train_dataset is the rows (as TRL's SFTTrainer's argument)
             d.dataset_name = _dataset_path(train_dataset, self.inputs / "train.jsonl", formatting_func)
             d.dataset_train_split = "train"
         if eval_dataset is not None:

@@ -100,6 +100,20 @@ def _eval(value, values):
                       "use eval_strategy='steps' with eval_steps, or 'no'")
 
 
+def _mixture(value, values):
+    """TRL's DatasetMixtureConfig: datasets (+ test_split_size) -> data.datasets, data.test_split_size. TRL's sft
+    script takes the mixture's dataset_train_split and dataset_test_split ("test" with test_split_size) from
+    get_dataset's splits; dataset_name is then unused (TRL warns and ignores it)."""
+    if value is None:
+        value = []
+    if not isinstance(value, list) or not all(isinstance(c, dict) for c in value):
+        raise ConfigError(f"TRL datasets={value!r}: a list of mappings with TRL's DatasetConfig keys (path, name, "
+                          "data_dir, data_files, split, columns, fraction)")
+    if not value:
+        return {} if values["test_split_size"] is None else {"data.test_split_size": values["test_split_size"]}
+    return {"data.datasets": [dict(c) for c in value], "data.test_split_size": values["test_split_size"]}
+
+
 def _report_to(value, values):
     """TRL report_to -> logging.report_to, metrics.jsonl always kept (jsft's resume reads it); 'all' is
     resolved by jsft.config.validate (every tracker installed)."""
@@ -243,9 +257,10 @@ TRL_FIELDS: dict[str, tuple] = {
     "dataset_test_split": ("test", _with("eval_strategy"), ""),
     "dataset_streaming": (False, NO_KNOB, "jsft tokenizes and caches the whole dataset; streaming is not supported"),
     "ignore_bias_buffers": (False, NO_EFFECT, "a torch DDP workaround"),
-    "datasets": ([], NO_KNOB, "dataset mixtures are not supported: set dataset_name"),
-    "streaming": (False, NO_KNOB, "streaming is not supported"),
-    "test_split_size": (None, NO_KNOB, "split the file yourself and set dataset_test_split to the second file"),
+    "datasets": ([], _mixture, ""),
+    "streaming": (False, NO_KNOB, "jsft tokenizes and caches a mixture's rows; streaming is not supported (drop "
+                  "streaming: true, the rows are then read whole)"),
+    "test_split_size": (None, _with("datasets"), ""),
     "dataset_text_field": ("text", "data.dataset_text_field", ""),
     "dataset_kwargs": (None, NO_KNOB, "skip_prepare_dataset and other preparation kwargs are not supported"),
     "dataset_num_proc": (None, "data.dataset_num_proc", ""),

@@ -79,7 +79,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jsft.config import ConfigError, DataConfig, SFTConfig, check_data_compatibility
-from jsft.data import buckets, packing
+from jsft.data import buckets, mixture, packing
 from jsft.data.formats import BadRowError
 from jsft.data.sources import read_split, row_location, source_fingerprint, split_source
 
@@ -184,10 +184,14 @@ def _code_fingerprint() -> str:
     return hashlib.sha256("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()
 
 
-def cache_key(data: DataConfig, split: str, dataset, tokenizer) -> str:
+def cache_key(data: DataConfig, split: str, dataset, tokenizer, source: dict | None = None) -> str:
+    """The token cache key: the rows' identity (`source`, default sources.source_fingerprint; a mixture's:
+    jsft.data.mixture.fingerprint), the tokenizer, the DataConfig fields that change tokens (data.datasets and
+    test_split_size among them), the code."""
     fields = {k: v for k, v in dataclasses.asdict(data).items() if k not in NOT_IN_CACHE_KEY}
+    source = source_fingerprint(data, split, dataset) if source is None else source
     blob = json.dumps(
-        [CACHE_VERSION, source_fingerprint(data, split, dataset), _tokenizer_fingerprint(tokenizer), fields,
+        [CACHE_VERSION, source, _tokenizer_fingerprint(tokenizer), fields,
          _code_fingerprint()], sort_keys=True, default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -347,37 +351,56 @@ def _load_cached(path: Path) -> Examples | None:
         return None
 
 
-def cached_examples(config: SFTConfig, tokenizer, split: str = "train") -> tuple[Examples, str]:
-    """Examples of a split, from the cache when its key matches; returns (examples, "hit" | "miss").
+def read_rows(config: SFTConfig, split: str):
+    """(dataset, unreadable, mixture or None): a split's rows from data.datasets (jsft.data.mixture) or one dataset
+    (jsft.data.sources); a mixture's eval rows without test_split_size are dataset_test_split's own file."""
+    data = config.data
+    if data.datasets and (split == "train" or data.test_split_size is not None):
+        mix = mixture.read_mixture(data, split, config.training.seed)
+        return mix.dataset, mix.unreadable, mix
+    return (*read_split(data, split), None)
+
+
+def cached_examples(config: SFTConfig, tokenizer, split: str = "train") -> tuple[Examples, str, list[dict] | None]:
+    """Examples of a split, from the cache when its key matches; returns (examples, "hit" | "miss", the mixture's
+    per-component counts or None).
 
     The loss settings are checked against the dataset's columns (config.check_data_compatibility) as soon as the rows
     are loaded, before the cache or any tokenization: an impossible combination is a ConfigError naming the field.
     """
-    dataset, unreadable = read_split(config.data, split)
+    dataset, unreadable, mix = read_rows(config, split)
+    components = None if mix is None else mix.components
     check_data_compatibility(config, dataset.column_names, dataset[0] if len(dataset) else None)
-    key = cache_key(config.data, split, dataset, tokenizer)
+    source = None if mix is None else mixture.fingerprint(config.data, split, config.training.seed)
+    key = cache_key(config.data, split, dataset, tokenizer, source)
     cache_dir = Path(config.data.cache_dir or Path(config.logging.output_dir) / "cache")
     path = cache_dir / f"examples-{split}-{key}.npz"
     if path.exists():
         cached = _load_cached(path)
         if cached is not None:
-            return cached, "hit"
+            return cached, "hit", components
     try:
-        examples = _count_unreadable(tokenize_rows(dataset, tokenizer, config.data, f"tokenize {split}"), unreadable)
+        examples = tokenize_rows(dataset, tokenizer, config.data, f"tokenize {split}")
     except BadRowError as e:  # which split's rows the index counts (train and eval both start at row 0), which line
         # (raised only without skip_bad_rows, so no malformed line was skipped: the index is the file's row)
-        source = split_source(config.data, split, row_location(config.data, split, e.row_index))
+        source = split_source(config.data, split, row_location(config.data, split, e.row_index)) if mix is None \
+            else mix.source(e.row_index)
         raise BadRowError(e.row_index, e.field, e.problem, e.fix, source) from e
+    examples = _count_unreadable(examples, unreadable, renumber=mix is None)
     _save_examples(path, examples)
-    return examples, "miss"
+    return examples, "miss", components
 
 
-def _count_unreadable(examples: Examples, unreadable: list[BadRowError]) -> Examples:
+def _count_unreadable(examples: Examples, unreadable: list[BadRowError], renumber: bool = True) -> Examples:
     """Add the rows skipped while reading (malformed JSON lines) to the bad-row count and to rows_read, and number
-    source_rows as rows of the file (the dataset read has no row for a skipped line)."""
+    source_rows as rows of the file (the dataset read has no row for a skipped line; a mixture's rows, renumber=False,
+    stay rows of the mixture split: its files' rows are cut by fraction and test_split_size)."""
     if not unreadable:
         return examples
     rows_read = examples.rows_read + len(unreadable)
+    if not renumber:
+        bad = Counter(examples.bad_rows) + Counter(bad_row_reason(e) for e in unreadable)
+        return dataclasses.replace(examples, rows_read=rows_read, bad_rows=dict(sorted(bad.items())))
     file_rows = np.delete(np.arange(rows_read, dtype=np.int64), [e.row_index for e in unreadable])
     bad = Counter(examples.bad_rows) + Counter(bad_row_reason(e) for e in unreadable)
     return dataclasses.replace(examples, source_rows=file_rows[examples.source_rows], rows_read=rows_read,
@@ -471,9 +494,9 @@ def prepare_dataset(config: SFTConfig, tokenizer, split: str = "train") -> Prepa
     """Rows of a split -> PreparedDataset (examples, rows, stats); see the module doc."""
     if tokenizer.pad_token_id is None:
         raise ConfigError("the tokenizer has no pad token: load it with jsft.data.load_tokenizer (sets one)")
-    examples, cache = cached_examples(config, tokenizer, split)
+    examples, cache, components = cached_examples(config, tokenizer, split)
     rows, row_length, stats = build_rows(examples, config.data, config.training.seed)
-    stats = {"split": split, "cache": cache, **stats}
+    stats = {"split": split, "cache": cache, **stats, **({"components": components} if components else {})}
     if rows.num_rows == 0:
         raise ConfigError(f"no {split} rows left after preparation:\n{format_stats(stats)}\nEvery example lost its "
                           "trained tokens or was skipped: raise data.max_length if examples are truncated, check the "
@@ -508,6 +531,10 @@ def format_stats(stats: dict) -> str:
         f"{s['trained_tokens']:,} trained, fill {s['fill_rate']:.1%}, at most {s['max_documents_per_row']} "
         "documents a row",
     ]
+    if "components" in s:
+        lines.insert(1, f"  mixture of {len(s['components'])} datasets (data.datasets):")
+        lines[2:2] = [f"    [{i}] {c['dataset']}: {c['rows']:,} rows, {c['kept']:,} kept (fraction), {c['in_split']:,} "
+                      f"in {s.get('split', 'train')}" for i, c in enumerate(s["components"])]
     if "length_buckets" in s:
         b = s["length_buckets"]
         saved = 1 - b["padding_tokens"] / max(b["padding_tokens_at_max_length"], 1)
