@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jsft import checkpoint, progress, sharding, step
+from jsft import checkpoint, outdir, progress, sharding, step
 from jsft.config import ConfigError, SFTConfig, load, validate
 from jsft.loss import effective_seq_len, flops_per_token, lora_frozen_params, mfu, normalize, peak_tflops
 
@@ -354,7 +354,13 @@ def resume_hint(lc) -> str:
 
 def run(config: SFTConfig) -> dict:
     """Train as the config says; returns a summary: steps, last logged metrics, the plan, export paths, demo
-    results, and "model" (the trained model object, for callers in the same process)."""
+    results, and "model" (the trained model object, for callers in the same process). The output directory is
+    locked for the run (jsft.outdir): a second run on it fails at once."""
+    with contextlib.ExitStack() as cleanup:
+        return _run(config, cleanup)
+
+
+def _run(config: SFTConfig, cleanup: contextlib.ExitStack) -> dict:
     # ---- config and devices
     from jsft.export import resolve_formats
 
@@ -368,7 +374,10 @@ def run(config: SFTConfig) -> dict:
     mesh = sharding.create_mesh(config.sharding)
     data_index, data_count = sharding.data_process_split(mesh)
     is_main = jax.process_index() == 0
-    out.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        cleanup.enter_context(outdir.claim(out))  # creates it; a clear error when another run holds it
+    else:
+        outdir.make_dir(out)
     if is_main:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
@@ -378,6 +387,7 @@ def run(config: SFTConfig) -> dict:
     tokenizer, added_tokens = build_tokenizer(config)
     train_data = prepare_dataset(config, tokenizer, "train")
     print(format_stats(train_data.stats))
+    fingerprint = checkpoint.data_fingerprint(train_data)  # saved in each checkpoint, compared on resume
     eval_data = None
     if config.data.dataset_test_split is not None:
         eval_data = prepare_dataset(config, tokenizer, "eval")
@@ -422,9 +432,10 @@ def run(config: SFTConfig) -> dict:
               f"{checkpoint.set_aside(out)} (the set there before is gone)")
         manager, existing = checkpoint.make_manager(out, lc.save_total_limit), None
     if existing is not None:
-        meta = checkpoint.restore(manager, model, optimizer, existing, config)
+        manager, meta = checkpoint.restore_newest_intact(manager, model, optimizer, config, fingerprint)
         data_it.set_state(meta["data_iterator"])
         start_step, tokens_seen = int(meta["step"]), float(meta.get("num_tokens", 0.0))
+        existing = start_step  # the newest intact checkpoint (a damaged newer one was set aside)
         window = meta.get("log_window", [])  # the steps since the last log: the next log covers them too
         tokens_seen -= sum(m["num_tokens"] for m in window)
         print(f"resume: checkpoint {start_step} from {checkpoint.checkpoint_dir(out)}")
@@ -477,7 +488,7 @@ def run(config: SFTConfig) -> dict:
                     throughput = progress.Throughput()  # tokens/s counts training time only
                 if should_save(lc, step_no, epoch_steps) or interrupt.requested:
                     checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
-                                    _progress_state(window, tokens_seen, config))
+                                    _progress_state(window, tokens_seen, config, fingerprint))
                     saved_step = step_no
                 if interrupt.requested:
                     break
@@ -486,8 +497,8 @@ def run(config: SFTConfig) -> dict:
         bar.close()
     if saved_step != step_no and lc.save_strategy != "no":  # the end of the run
         checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
-                        _progress_state(window, tokens_seen, config), force=True)
-    manager.wait_until_finished()
+                        _progress_state(window, tokens_seen, config, fingerprint), force=True)
+    checkpoint.wait(manager)
     manager.close()
 
     summary = {"steps": step_no, "total_steps": total_steps, "interrupted": interrupt.requested, "plan": plan,
@@ -515,12 +526,13 @@ def run(config: SFTConfig) -> dict:
     return summary
 
 
-def _progress_state(window, tokens_seen, config) -> dict:
+def _progress_state(window, tokens_seen, config, data_fingerprint=None) -> dict:
     """What a checkpoint keeps besides the arrays: tokens seen (logged ones plus the window's), each step's metrics
-    since the last log (a resumed run logs the same means as an uninterrupted one), the config."""
+    since the last log (a resumed run logs the same means as an uninterrupted one), the config, the data's
+    fingerprint (checkpoint.data_fingerprint)."""
     window = [{key: float(value) for key, value in m.items()} for m in jax.device_get(window)]
     return {"num_tokens": tokens_seen + sum(m["num_tokens"] for m in window), "log_window": window,
-            "config": config.to_dict()}
+            "config": config.to_dict(), "data_fingerprint": data_fingerprint}
 
 
 def _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util) -> dict:
