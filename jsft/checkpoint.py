@@ -57,7 +57,8 @@ def checkpoint_dir(output_dir) -> Path:
 
 
 DAMAGED_DIR = "checkpoints.damaged"
-_saving: dict[str, int] = {}  # checkpoint directory -> the step its manager is saving (for _write_manifest)
+# checkpoint directory -> (the step its manager is saving, the bytes of its arrays), for _write_manifest and errors
+_saving: dict[str, tuple[int, int]] = {}
 
 
 def make_manager(output_dir, save_total_limit: int | None = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -77,7 +78,7 @@ def make_manager(output_dir, save_total_limit: int | None = 3, async_save: bool 
 def _write_manifest(directory: Path) -> None:
     """Orbax's post-finalization callback (its save thread, process 0): the step's files are complete and still in
     the temporary directory, which Orbax renames next."""
-    final = directory / str(_saving[str(directory)])
+    final = directory / str(_saving[str(directory)][0])
     temporary = final.with_name(final.name + ocp.path.atomicity_types.TMP_DIR_SUFFIX)
     manifest.write(temporary if temporary.exists() else final)
 
@@ -170,11 +171,11 @@ def save(manager: ocp.CheckpointManager, step: int, model, optimizer, data_state
     args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(meta))
     wait(manager)  # the previous save (Orbax's save would wait too): its errors are reported as its own
     _check_space(manager.directory, int(step), state)
-    _saving[str(manager.directory)] = int(step)
+    _saving[str(manager.directory)] = (int(step), sum(x.nbytes for x in jax.tree.leaves(state)))
     try:
         started = manager.save(int(step), args=args, force=force)
     except Exception as e:
-        _raise_if_disk_full(manager.directory, int(step), e)
+        _raise_if_disk_full(manager.directory, e)
         raise
     if not getattr(manager, "jsft_async_save", True):
         wait(manager)
@@ -186,9 +187,8 @@ def wait(manager: ocp.CheckpointManager) -> None:
     try:
         manager.wait_until_finished()
     except Exception as e:
-        step = _saving.get(str(manager.directory))
-        if step is not None:
-            _raise_if_disk_full(manager.directory, step, e)
+        if str(manager.directory) in _saving:
+            _raise_if_disk_full(manager.directory, e)
         raise
 
 
@@ -208,22 +208,24 @@ def _check_space(directory, step: int, state) -> None:
         return
     free = outdir.free_bytes(directory)
     if free < newest[1]:
-        raise CheckpointError(_disk_full_message(directory, step, free, newest))
+        raise CheckpointError(_disk_full_message(directory, step, free, newest, 0))
 
 
-def _raise_if_disk_full(directory, step: int, error: BaseException) -> None:
+def _raise_if_disk_full(directory, error: BaseException) -> None:
     if not outdir.is_disk_full(error):
         return
+    step, array_bytes = _saving[str(directory)]
     partial = Path(directory) / (str(step) + ocp.path.atomicity_types.TMP_DIR_SUFFIX)
     if jax.process_index() == 0:
         shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays; Orbax never lists it as complete
-    raise CheckpointError(_disk_full_message(directory, step, outdir.free_bytes(directory),
-                                             _newest_size(directory))) from None
+    raise CheckpointError(_disk_full_message(directory, step, outdir.free_bytes(directory), _newest_size(directory),
+                                             array_bytes)) from None
 
 
-def _disk_full_message(directory, step: int, free: int, newest) -> str:
+def _disk_full_message(directory, step: int, free: int, newest, array_bytes: int) -> str:
     kept = sorted(int(p.name) for p in Path(directory).iterdir() if p.name.isdigit())
-    need = f"; checkpoint {newest[0]} of this run takes {outdir.human(newest[1])}" if newest else ""
+    need = (f"; checkpoint {newest[0]} of this run takes {outdir.human(newest[1])}" if newest else
+            f"; the arrays of a checkpoint hold {outdir.human(array_bytes)} (Orbax compresses them)")
     intact = (f"The checkpoints saved before it ({', '.join(map(str, kept))}) are intact and nothing of checkpoint "
               f"{step} is left. " if kept else f"Nothing of checkpoint {step} is left. ")
     return (f"disk full while saving checkpoint {step} to {directory}: {outdir.human(free)} free{need}. {intact}"
