@@ -203,8 +203,8 @@ def _newest_size(directory) -> tuple[int, int] | None:
 def _check_space(directory, step: int, state) -> None:
     """Refuse to start a save the disk cannot hold: less free space than the newest checkpoint takes (the same
     arrays; before the first one, nothing is checked: Orbax compresses, so the arrays' bytes are only a bound)."""
-    newest = _newest_size(directory)
-    if newest is None or jax.process_index() != 0:
+    newest = _newest_size(directory)  # every process: they see the same shared disk, so all stop alike
+    if newest is None:
         return
     free = outdir.free_bytes(directory)
     if free < newest[1]:

@@ -78,13 +78,12 @@ def export(model, tokenizer, config: SFTConfig, formats=None, out_dir=None, trai
 def _export_bytes(model, fmt: str, trained_embeddings: bool) -> int:
     """About what a format writes: the model's parameters (an adapter: the LoRA ones, plus embedding and head when
     it carries them)."""
+    size = lambda leaves: sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)  # noqa: E731
     if fmt != "adapter":
-        params = [nnx.state(model, nnx.Param)]
-    else:
-        params = [nnx.state(model, nnx.LoRAParam)]
-        if trained_embeddings:
-            params += [nnx.state(m, nnx.Param) for m in (model.embed, getattr(model, "lm_head", None)) if m is not None]
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
+        return size(jax.tree.leaves(nnx.state(model, nnx.Param)))
+    heads = [value[...] for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param))
+             if trained_embeddings and str(path[0]) in ("embed_tokens", "lm_head")]
+    return size(jax.tree.leaves(nnx.state(model, nnx.LoRAParam))) + size(heads)
 
 
 def write_complete(target: Path, write, what: str, needed: int) -> Path:
