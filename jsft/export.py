@@ -49,15 +49,22 @@ def resolve_formats(config: SFTConfig, formats=None) -> list[str]:
     return resolved
 
 
-def export(model, tokenizer, config: SFTConfig, formats=None, out_dir=None, trained_embeddings=False) -> dict[str, Path]:
+def export(model, tokenizer, config: SFTConfig, formats=None, out_dir=None, trained_embeddings=False,
+           into_out_dir=False) -> dict[str, Path]:
     """Write each format; returns {format: directory}. trained_embeddings: the LoRA run also trained the whole
     embedding and lm_head (new tokens from a cloned chat template, or a grown vocabulary); the adapter then carries
-    them, as PEFT's modules_to_save, so PEFT loads the trained rows."""
+    them, as PEFT's modules_to_save, so PEFT loads the trained rows. into_out_dir: one format, written into
+    out_dir itself (as TRL's save_model(dir) does) instead of out_dir/export or out_dir/adapter."""
     from jsft import hf
 
     out = Path(out_dir) if out_dir is not None else Path(config.logging.output_dir)
+    formats = resolve_formats(config, formats)
+    if into_out_dir and len(formats) != 1:
+        raise ConfigError(f"export into one directory takes one format, got {formats}")
+    where = {"full": "export", "merged": "export", "adapter": "adapter"}
     written = {}
-    for fmt in resolve_formats(config, formats):
+    for fmt in formats:
+        target = out if into_out_dir else out / where[fmt]
         if fmt == "full":
             write = lambda d: hf.save_model(model, d, tokenizer=tokenizer)  # noqa: E731
         elif fmt == "merged":
@@ -70,8 +77,8 @@ def export(model, tokenizer, config: SFTConfig, formats=None, out_dir=None, trai
                                      lc.lora_target_modules, save_embeddings=trained_embeddings)
                 padded = _with_dummy_tokens(tokenizer, model.cfg.vocab_size) if trained_embeddings else tokenizer
                 padded.save_pretrained(d)
-        target = out / ("adapter" if fmt == "adapter" else "export")
-        written[fmt] = write_complete(target, write, fmt, _export_bytes(model, fmt, trained_embeddings))
+        written[fmt] = write_complete(target, write, fmt, _export_bytes(model, fmt, trained_embeddings),
+                                      replace=not into_out_dir)
     return written
 
 
@@ -86,9 +93,11 @@ def _export_bytes(model, fmt: str, trained_embeddings: bool) -> int:
     return size(jax.tree.leaves(nnx.state(model, nnx.LoRAParam))) + size(heads)
 
 
-def write_complete(target: Path, write, what: str, needed: int) -> Path:
+def write_complete(target: Path, write, what: str, needed: int, replace: bool = True) -> Path:
     """write(<target>.partial), then replace target with it; a full disk is one OutputDirError (the partial files
-    removed, the previous target untouched). The free space is checked first against `needed` bytes."""
+    removed, the previous target untouched). The free space is checked first against `needed` bytes.
+    replace=False (a directory of the user's, export into_out_dir): the files are moved into target one by one
+    instead, leaving its other files."""
     target = Path(target)
     outdir.make_dir(target.parent, "the export directory")
     partial, old = target.with_name(target.name + ".partial"), target.with_name(target.name + ".old")
@@ -103,6 +112,15 @@ def write_complete(target: Path, write, what: str, needed: int) -> Path:
         if outdir.is_disk_full(e):
             raise outdir.OutputDirError(_disk_full(what, target, outdir.free_bytes(target.parent), needed)) from None
         raise
+    if not replace:
+        target.mkdir(parents=True, exist_ok=True)
+        for path in sorted(partial.iterdir()):
+            destination = target / path.name
+            if destination.is_dir() and not destination.is_symlink():
+                shutil.rmtree(destination)
+            path.replace(destination)
+        partial.rmdir()
+        return target
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         target.rename(old)
