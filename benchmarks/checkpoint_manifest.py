@@ -1,10 +1,11 @@
 """What checkpoint manifests (jsft.manifest: every file's size and xxh3-128 hash) and the data fingerprint cost.
 
-    python benchmarks/checkpoint_manifest.py [--hidden 1024 --layers 4]   # benchmarks/results/checkpoint_manifest-*.json
+    python benchmarks/checkpoint_manifest.py [--hidden 1024 --layers 4]   # results/checkpoint_manifest-*.json
 
-Saves a random Llama (fp32) with its Adam moments (after one step on random gradients) through jsft.checkpoint (synchronously), with the manifest and
-with jsft.manifest.write replaced by a no-op, alternating; then times manifest.check alone (page cache warm, so the
-hash is the whole cost: the larger it can be) and checkpoint.data_fingerprint over 100M tokens.
+Saves a random Llama (fp32) with its Adam moments (after one step on random gradients) through jsft.checkpoint
+(synchronously), with the manifest and with jsft.manifest.write replaced by a no-op, alternating; then times
+manifest.check alone (page cache warm, so the hash is the whole cost: the larger it can be) and
+checkpoint.data_fingerprint over 100M tokens.
 """
 
 import os

@@ -71,7 +71,7 @@ def make_manager(output_dir, save_total_limit: int | None = 3, async_save: bool 
     options = ocp.CheckpointManagerOptions(max_to_keep=save_total_limit, enable_async_checkpointing=True,
                                            async_options=async_options, create=True)
     manager = ocp.CheckpointManager(directory, options=options)
-    manager.jsft_async_save = async_save
+    manager.jsft_async_save, manager.jsft_save_total_limit = async_save, save_total_limit  # for a new one alike
     return manager
 
 
@@ -361,10 +361,8 @@ def restore_newest_intact(manager: ocp.CheckpointManager, model, optimizer, conf
     step, meta, damaged = _first_intact(directory, candidates, read, "resume")
     moved = _move_damaged(directory, damaged)
     if moved is not None:
-        limit = manager._options.max_to_keep  # noqa: SLF001 -- the same settings for the new manager
-        async_save = getattr(manager, "jsft_async_save", True)
         manager.close()
-        manager = make_manager(directory.parent, limit, async_save)
+        manager = make_manager(directory.parent, manager.jsft_save_total_limit, manager.jsft_async_save)
         print(f"resume: damaged checkpoint(s) {', '.join(str(d) for d, _ in damaged)} moved to {moved} (delete them "
               f"when you have looked); resuming checkpoint {step}, the newest intact one")
     return manager, meta

@@ -1,6 +1,6 @@
 """A checksum manifest of a checkpoint directory: written when a save completes, checked before a restore.
 
-    <step>/jsft_manifest.json   {"version": 1, "hash": "xxh3_128", "files": {"state/_METADATA": [28599, "9f0c..."], ...}}
+    <step>/jsft_manifest.json   {"version": 1, "hash": "xxh3_128", "files": {"state/_METADATA": [28599, "9f0c.."]}}
 
 Why jsft writes one: Orbax and TensorStore check structure, not bytes. TensorStore's OCDBT manifest and B-tree
 nodes and zarr3's shard index carry crc32c checksums, a JSON item must parse, and a missing `_METADATA` fails the

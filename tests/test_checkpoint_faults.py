@@ -22,7 +22,7 @@ from train_configs import tiny_config
 
 DISK_FULL = ("RESOURCE_EXHAUSTED: Error writing \"params.embed.embedding/0\" in OCDBT database at local file "
              "\"/x/checkpoints/6.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/\": Failed writing: "
-             "Failed to write 7903 bytes to file 4: No space left on device [os_error_code='28']")  # as TensorStore says
+             "Failed to write 7903 bytes to file 4: No space left on device [os_error_code='28']")  # TensorStore's
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -146,7 +146,8 @@ def test_no_intact_checkpoint_is_one_error_naming_each(two_checkpoints, tmp_path
     manager = checkpoint.make_manager(out, async_save=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(CheckpointError, match=r"no intact checkpoint .*2: .*truncated.*; 1: .*_METADATA is missing"):
+        with pytest.raises(CheckpointError, match=r"no intact checkpoint .*2: .*truncated.*; 1: .*_METADATA is "
+                                                  "missing"):
             checkpoint.restore_newest_intact(manager, model, optimizer)
     manager.close()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1", "2"]  # nothing moved or deleted
@@ -221,8 +222,6 @@ def test_disk_full_while_saving_is_one_error_and_the_earlier_checkpoints_stay(to
     """The disk fills while checkpoint 12 is written (TensorStore's RESOURCE_EXHAUSTED in Orbax's save thread, before
     the rename that completes a checkpoint): exit status 2 with one message naming the directory and the space, no
     traceback spam (today: 1,223 lines); checkpoints 6 and 9 intact, nothing of 12 left; resume works after."""
-    from jsft.config import ConfigError  # noqa: F401 -- cli's error classes import
-
     out = _copy(trained[0], tmp_path)
     config = tmp_path / "run.py"
     from train_configs import write_config_file
