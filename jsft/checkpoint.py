@@ -164,13 +164,13 @@ def _iterator_state_from_json(state):
 
 def save(manager: ocp.CheckpointManager, step: int, model, optimizer, data_state, extra: dict | None = None,
          force: bool = False) -> bool:
-    """Start an asynchronous save of `step` (returns at once; call `manager.wait_until_finished()` before exit).
+    """Start an asynchronous save of `step` (returns at once; call `wait(manager)` before exit).
     data_state: the Grain iterator's get_state(). extra: small JSON-able facts (tokens seen, config)."""
     meta = {"step": int(step), "data_iterator": _iterator_state_to_json(data_state), **(extra or {})}
     state = _train_state(model, optimizer)
     args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(meta))
     wait(manager)  # the previous save (Orbax's save would wait too): its errors are reported as its own
-    _check_space(manager.directory, int(step), state)
+    _check_space(manager.directory, int(step))
     _saving[str(manager.directory)] = (int(step), sum(x.nbytes for x in jax.tree.leaves(state)))
     try:
         started = manager.save(int(step), args=args, force=force)
@@ -200,7 +200,7 @@ def _newest_size(directory) -> tuple[int, int] | None:
     return max(done), outdir.tree_bytes(Path(directory) / str(max(done)))
 
 
-def _check_space(directory, step: int, state) -> None:
+def _check_space(directory, step: int) -> None:
     """Refuse to start a save the disk cannot hold: less free space than the newest checkpoint takes (the same
     arrays; before the first one, nothing is checked: Orbax compresses, so the arrays' bytes are only a bound)."""
     newest = _newest_size(directory)  # every process: they see the same shared disk, so all stop alike
