@@ -91,7 +91,7 @@ def main(argv=None):
     parser.add_argument("--format", default="messages", choices=["messages", "prompt_completion"])
     parser.add_argument("--unmarked", action="store_true",
                         help="jsft renders with the fixture template minus its {% generation %} markers, so it infers "
-                             "the assistant masks (the same masks: tests/test_batched_prepare.py); TRL keeps the "
+                             "the assistant masks (the same masks: tests/test_templates.py); TRL keeps the "
                              "markers (it cannot infer them)")
     parser.add_argument("--tag", default="", help="appended to the result file name")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))

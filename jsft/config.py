@@ -51,13 +51,19 @@ class DataConfig:
     pad_to_multiple_of: int | None = None  # no packing: pad a step to its longest row, rounded up (None: max_length)
     completion_only_loss: bool | None = None  # None: on for prompt/completion data
     assistant_only_loss: bool = False
+    # auto: a conversation whose template renders a turn differently once later turns follow (reasoning dropped from
+    # history, a moved system prompt) trains that turn in a document of its own, as rendered at inference; never:
+    # one document per row, such templates refused (without {% generation %} markers)
+    split_conversations: str = "auto"
     truncation_mode: str = "keep_start"  # keep_start | keep_end (without packing)
     chat_template_path: str | None = None  # a .jinja file, or a tokenizer directory to clone the template from
     eos_token: str | None = None
     pad_token: str | None = None
     skip_bad_rows: bool = False  # true: count and report bad rows instead of raising
     shuffle_dataset: bool = True  # shuffle the examples before packing (TRL's knob)
-    train_sampling_strategy: str = "random"  # random: rows reshuffled every epoch | sequential: in row order
+    train_sampling_strategy: str = "random"  # random: rows reshuffled every epoch | sequential: in row order |
+    #   group_by_length (no packing): each step's rows from one of a few length buckets, steps shuffled
+    length_buckets: int = 8  # group_by_length: at most this many row lengths (compiled shapes)
     dataset_num_proc: int | None = None  # Grain worker processes for tokenization (None: in-process)
     cache_dir: str | None = None  # tokenized-dataset cache (default: <output_dir>/cache)
 
@@ -90,6 +96,7 @@ class TrainingConfig:
     optimizer_state_dtype: str = "float32"  # float32 | bfloat16
     seed: int = 42
     peak_tflops: float | None = None  # device peak for MFU; None: looked up from the device kind
+    max_nonfinite_steps: int = 0  # NaN/inf steps to skip (no update) before the run stops; 0: stop (jsft.guard)
 
 
 @dataclass
@@ -125,6 +132,7 @@ class LoggingConfig:
     export_formats: list[str] = field(default_factory=lambda: ["auto"])  # auto | full | merged | adapter
     num_eval_generations: int = 3
     disable_tqdm: bool = False
+    save_on_sigterm: bool = True  # SIGTERM: finish the step, save a checkpoint, exit 143 (False: exit at once)
     demo_eval: bool = False  # the demo: held-out exact-match accuracy before/after, reload check, a sample
 
 
@@ -202,7 +210,8 @@ CHOICES = {
     ("model", "remat_policy"): ("none", "full", "save_dots", "offload"),
     ("data", "packing_strategy"): ("bfd", "bfd_split", "wrapped", "bfd_stream"),
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
-    ("data", "train_sampling_strategy"): ("random", "sequential"),
+    ("data", "split_conversations"): ("auto", "never"),
+    ("data", "train_sampling_strategy"): ("random", "sequential", "group_by_length"),
     ("logging", "save_strategy"): ("steps", "epoch", "no"),
     ("training", "lr_scheduler_type"): ("linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial",
                                         "constant", "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay"),
@@ -244,6 +253,15 @@ def validate(config: SFTConfig) -> SFTConfig:
         if d.packing:
             raise ConfigError(f"data.pad_to_multiple_of={d.pad_to_multiple_of} has no effect with packing=True "
                               "(packed rows fill max_length): unset it, or set data.packing=False")
+    if d.train_sampling_strategy == "group_by_length":
+        if d.packing:
+            raise ConfigError("data.train_sampling_strategy='group_by_length' groups unpacked rows by length; packed "
+                              "rows all fill max_length. Set data.packing=False, or another sampling strategy")
+        if d.pad_to_multiple_of is not None:
+            raise ConfigError("data.pad_to_multiple_of and train_sampling_strategy='group_by_length' both choose the "
+                              "step lengths: keep one (group_by_length picks data.length_buckets lengths)")
+        if d.length_buckets < 1:
+            raise ConfigError(f"data.length_buckets={d.length_buckets}: must be >= 1")
     if d.max_length is not None and d.max_length < 2:
         raise ConfigError(f"data.max_length={d.max_length}: must be >= 2 (one input and one target).")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -255,6 +273,9 @@ def validate(config: SFTConfig) -> SFTConfig:
         raise ConfigError(f"training.warmup_ratio={t.warmup_ratio}: must be in [0, 1]")
     if t.learning_rate < 0:
         raise ConfigError(f"training.learning_rate={t.learning_rate}: must be >= 0")
+    if t.max_nonfinite_steps < 0:
+        raise ConfigError(f"training.max_nonfinite_steps={t.max_nonfinite_steps}: must be >= 0 (0 stops at the first "
+                          "non-finite step)")
     if config.lora.use_peft and config.lora.lora_r < 1:
         raise ConfigError(f"lora.lora_r={config.lora.lora_r}: must be >= 1")
     for axis, size in config.sharding.mesh_shape.items():

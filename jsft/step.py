@@ -94,7 +94,8 @@ def train_step(model, optimizer, batch: dict, *, loss_type: str = "nll", chunk_s
     embeddings, drawn from a key of the optimizer step and the micro-batch (a resumed run draws the same noise).
 
     Returns float32 scalars: loss, grad_norm (before clipping), learning_rate (the one this update used; 0 when no
-    `schedule` is given), num_tokens (non-padding input tokens), num_trained, mean_token_accuracy, entropy.
+    `schedule` is given), num_tokens (non-padding input tokens), num_trained, mean_token_accuracy, entropy, finite
+    (1.0; 0.0 when the loss or grad_norm was NaN/inf: then the update was not applied).
     """
     graphdef, params, rngs, rest = nnx.split(model, optimizer.wrt, nnx.RngState, ...)
     num_trained = jnp.sum(batch["loss_mask"].astype(jnp.float32))
@@ -129,8 +130,16 @@ def train_step(model, optimizer, batch: dict, *, loss_type: str = "nll", chunk_s
 
     learning_rate = schedule(optimizer.step[...]) if schedule is not None else jnp.zeros(())
     grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+    # a non-finite step leaves params and optimizer state (its step count too) as they were, so no NaN ever
+    # reaches them; optax.apply_if_finite does the same but changes the optimizer state's structure (checkpoints)
+    # and lets the update through after max_consecutive_errors. The host decides: stop or skip (jsft.guard).
+    # A cond, not a select of old and new: the update stays in place (no second copy of params and moments).
     # grads stay float32 (summed in float32): the optimizer upcasts anyway, and bf16 would round them first
-    optimizer.update(model, grads)
+    def apply(model, optimizer, grads):
+        optimizer.update(model, grads)
+
+    nnx.cond(finite, apply, lambda model, optimizer, grads: None, model, optimizer, grads)
     sharding.constrain(model)  # outputs keep the inputs' shardings, so the next call does not recompile
     sharding.constrain(optimizer)
 
@@ -140,6 +149,7 @@ def train_step(model, optimizer, batch: dict, *, loss_type: str = "nll", chunk_s
         learning_rate=jnp.asarray(learning_rate, jnp.float32),
         num_tokens=jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
         num_trained=num_trained,
+        finite=finite.astype(jnp.float32),
     )
     return metrics
 

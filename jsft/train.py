@@ -22,9 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jsft import checkpoint, outdir, progress, sharding, step
+from jsft import checkpoint, outdir, peers, progress, sharding, step
 from jsft import trackers as trackers_lib
 from jsft.config import ConfigError, SFTConfig, load, validate
+from jsft.guard import Diverged, DivergenceGuard
+from jsft.signals import StopSignals
 from jsft.loss import effective_seq_len, flops_per_token, lora_frozen_params, mfu, normalize, peak_tflops
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -189,7 +191,7 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
     longest rows a step can have)."""
     total, trainable = count_params(model, wrt)
     A, B, _ = batch["input_ids"].shape
-    L = train_data.max_length
+    L = max(train_data.lengths())  # the longest rows a step can have
     _, count = sharding.data_process_split(mesh)
     plan = {"params": total, "trainable_params": trainable, "micro_batches": A, "rows_per_micro_batch": B * count,
             "max_length": L, "tokens_per_step": A * B * count * L, "total_steps": total_steps,
@@ -199,7 +201,11 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
     print(f"plan: {A} micro-batch(es) x {B * count} rows x {L} tokens = {A * B * count * L:,} token slots per step; "
           f"steps {start_step} -> {total_steps}")
     lengths = train_data.lengths()
-    if len(lengths) > 1:
+    if train_data.buckets is not None:
+        plan["step_lengths"] = lengths
+        print(f"plan: group_by_length: each step's rows come from one of {len(lengths)} length buckets {lengths} "
+              f"(each compiled on first use); the memory below is for {L}")
+    elif len(lengths) > 1:
         plan["step_lengths"] = lengths
         print(f"plan: each step's rows are padded to its longest row rounded up to a multiple of "
               f"{train_data.pad_to_multiple_of} (data.pad_to_multiple_of): {len(lengths)} possible lengths "
@@ -304,8 +310,13 @@ def eval_generations(config, model, tokenizer, n: int) -> list[dict]:
         return []
     rows = load_rows(config.data, "eval")
     conversations, references = [], []
+    from jsft.data.formats import BadRowError
+
     for index, row in enumerate(rows.select(range(min(len(rows), 4 * n)))):
-        messages = _conversation(row, index)
+        try:
+            messages = _conversation(row, index)
+        except BadRowError:  # a row preparation already refused (or skipped): no sample from it
+            continue
         if messages is None:  # not chat data: eval loss only
             return []
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
@@ -326,24 +337,6 @@ def eval_generations(config, model, tokenizer, n: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- the run
 
 
-class _Interrupt:
-    """Ctrl-C (SIGINT) sets a flag; the loop finishes its step, saves a checkpoint and stops cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: stop now
-            signal.signal(signal.SIGINT, self.previous)
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
-
-    def restore(self):
-        signal.signal(signal.SIGINT, self.previous)
-
-
 def resume_hint(lc) -> str:
     """How to resume a stopped run: the same command resumes unless logging.resume_from_checkpoint=False (a TRL
     config's default), which would start fresh and set the checkpoints aside."""
@@ -357,11 +350,6 @@ def run(config: SFTConfig, callbacks=()) -> dict:
     """Train as the config says; returns a summary: steps, last logged metrics, the plan, export paths, demo
     results, and "model" (the trained model object, for callers in the same process). The output directory is
     locked for the run (jsft.outdir): a second run on it fails at once."""
-    with contextlib.ExitStack() as cleanup:
-        return _run(config, cleanup, callbacks)
-
-
-def _run(config: SFTConfig, cleanup: contextlib.ExitStack, callbacks=()) -> dict:
     # ---- config and devices
     from jsft.export import resolve_formats
 
@@ -372,13 +360,24 @@ def _run(config: SFTConfig, cleanup: contextlib.ExitStack, callbacks=()) -> dict
     if lc.resume_from_checkpoint and checkpoint.latest_step(out) is None:
         raise ConfigError(f"logging.resume_from_checkpoint=True but {checkpoint.checkpoint_dir(out)} has no checkpoint")
     sharding.initialize_distributed(config.sharding)
+    signals = StopSignals(lc.save_on_sigterm)  # after jax.distributed, whose preemption notifier would take SIGTERM
+    peers.start(jax.process_index(), jax.process_count())  # several processes: a failure stops them all (jsft.peers)
+    try:
+        with outdir.claim(out, enabled=jax.process_index() == 0):  # creates it; a clear error when a run holds it
+            summary = _train(config, signals, callbacks)
+    finally:
+        signals.restore()
+    peers.stop()
+    return summary
+
+
+def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
+    lc, tc = config.logging, config.training
+    out = Path(lc.output_dir)
     mesh = sharding.create_mesh(config.sharding)
     data_index, data_count = sharding.data_process_split(mesh)
     is_main = jax.process_index() == 0
-    if is_main:
-        cleanup.enter_context(outdir.claim(out))  # creates it; a clear error when another run holds it
-    else:
-        outdir.make_dir(out)
+    outdir.make_dir(out)  # process 0's lock made it; a clear error for a file in the way on the others
     if is_main:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
@@ -423,7 +422,7 @@ def _run(config: SFTConfig, cleanup: contextlib.ExitStack, callbacks=()) -> dict
     # ---- resume
     manager = checkpoint.make_manager(out, lc.save_total_limit)
     data_it = batch_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, tc.seed, num_epochs,
-                             config.data.train_sampling_strategy == "random", data_index, data_count,
+                             config.data.train_sampling_strategy != "sequential", data_index, data_count,
                              drop_remainder=False)
     start_step, tokens_seen, window = 0, 0.0, []
     existing = manager.latest_step()
@@ -458,11 +457,19 @@ def _run(config: SFTConfig, cleanup: contextlib.ExitStack, callbacks=()) -> dict
     from jsft.callbacks import Callbacks
 
     run_callbacks, last_eval = Callbacks(callbacks), {}
-    interrupt = _Interrupt()
+    signals.start_loop()
+    multi_process = jax.process_count() > 1
+    guard = DivergenceGuard(tc.max_nonfinite_steps, tc.learning_rate)
     bar = progress.progress_bar(total_steps, start_step, disable=lc.disable_tqdm or not is_main)
     throughput = progress.Throughput()
     last_metrics, saved_step, batch = {}, existing, first
-    step_no = start_step
+    step_no, unchecked = start_step, None  # the step whose loss the guard has not read yet (one behind: no stall)
+
+    def check(pending):
+        if pending is not None:
+            last_good = None if saved_step is None else checkpoint.checkpoint_dir(out) / str(saved_step)
+            guard.check(pending[0], jax.device_get(pending[1]), last_good)
+
     try:
         with jax.set_mesh(mesh):
             while step_no < total_steps:
@@ -477,10 +484,14 @@ def _run(config: SFTConfig, cleanup: contextlib.ExitStack, callbacks=()) -> dict
                                           **step.train_options(tc), schedule=schedule)
                 batch = None
                 step_no += 1
+                check(unchecked)  # the step before this one: done by now, or nearly
+                unchecked = (step_no, metrics)
                 window.append(metrics)
                 throughput.add(local_tokens * data_count)
                 bar.update(1)
                 if step_no % lc.logging_steps == 0 or step_no == total_steps:
+                    check(unchecked)
+                    unchecked = None
                     window = jax.device_get(window)
                     tokens_seen += sum(float(m["num_tokens"]) for m in window)
                     rate = throughput.report()
@@ -494,14 +505,22 @@ def _run(config: SFTConfig, cleanup: contextlib.ExitStack, callbacks=()) -> dict
                     last_eval = _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
                     run_callbacks.log(step_no, last_eval)
                     throughput = progress.Throughput()  # tokens/s counts training time only
-                if should_save(lc, step_no, epoch_steps) or interrupt.requested:
+                stop = signals.agreed_stop(step_no, multi_process)
+                if should_save(lc, step_no, epoch_steps) or stop:
+                    check(unchecked)
+                    unchecked = None
                     checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
                                     _progress_state(window, tokens_seen, config, fingerprint))
                     saved_step = step_no
-                if interrupt.requested or run_callbacks.stop_requested:
+                if stop or run_callbacks.stop_requested:
                     break
+            check(unchecked)
+    except Diverged:
+        checkpoint.wait(manager)  # the good checkpoints being written are kept
+        manager.close()
+        writer.close()
+        raise
     finally:
-        interrupt.restore()
         bar.close()
     if saved_step != step_no and lc.save_strategy != "no":  # the end of the run
         checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
@@ -509,12 +528,14 @@ def _run(config: SFTConfig, cleanup: contextlib.ExitStack, callbacks=()) -> dict
     checkpoint.wait(manager)
     manager.close()
 
-    summary = {"steps": step_no, "total_steps": total_steps, "interrupted": interrupt.requested, "plan": plan,
+    stopped = signals.requested is not None
+    summary = {"steps": step_no, "total_steps": total_steps, "interrupted": stopped, "plan": plan,
                "last_metrics": last_metrics, "output_dir": str(out), "exports": {}, "model": model,
                "tokenizer": tokenizer, "trained_embeddings": wrt_embeddings, "stopped_by_callback":
-               run_callbacks.stop_requested}
-    if interrupt.requested:
-        print(f"stopped at step {step_no}; checkpoint saved. {resume_hint(lc)}")
+               run_callbacks.stop_requested, "exit_status": signals.exit_status}
+    if stopped:
+        print(f"stopped at step {step_no} ({signal.Signals(signals.requested).name}); checkpoint saved. "
+              f"{resume_hint(lc)}", flush=True)
         writer.close()
         return summary
     if eval_data is not None and not (lc.eval_steps and step_no % lc.eval_steps == 0):
@@ -551,8 +572,11 @@ def _progress_state(window, tokens_seen, config, data_fingerprint=None) -> dict:
 
 def _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util) -> dict:
     """TRL's logged values over the steps since the last log: means of loss, grad_norm, accuracy, entropy."""
-    mean = lambda key: float(np.mean([float(m[key]) for m in window]))  # noqa: E731
+    applied = [m for m in window if float(m.get("finite", 1.0))] or window  # skipped steps (jsft.guard) left out
+    mean = lambda key: float(np.mean([float(m[key]) for m in applied]))  # noqa: E731
     record = {key: mean(key) for key in ("loss", "grad_norm", "mean_token_accuracy", "entropy")}
+    if len(applied) < len(window):
+        record["skipped_steps"] = len(window) - len(applied)
     record.update(
         learning_rate=float(window[-1]["learning_rate"]),
         num_tokens=tokens_seen,
@@ -638,11 +662,8 @@ def main(argv=None) -> dict:
     return summary
 
 
-INTERRUPTED_EXIT = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT), so job scripts can tell
-
-
 if __name__ == "__main__":
     from jsft import cli
 
-    if cli.run(main)["interrupted"]:
-        raise SystemExit(INTERRUPTED_EXIT)
+    # a run stopped by a signal after saving: 130 (SIGINT) or 143 (SIGTERM), so job scripts can tell (jsft.signals)
+    raise SystemExit(cli.run(main)["exit_status"])

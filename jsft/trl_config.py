@@ -72,6 +72,13 @@ def _warmup(value, values):
     return {"training.warmup_steps": 0, "training.warmup_ratio": float(ratio)}
 
 
+def _jit_checkpoint(value, values):
+    """enable_jit_checkpoint=True (save a checkpoint on SIGTERM) is what jsft always does
+    (logging.save_on_sigterm=True); TRL's default False, under which SIGTERM kills the run and loses the steps since
+    the last save, keeps jsft's default too: a run stopped without its checkpoint is a fault jsft does not copy."""
+    return {"logging.save_on_sigterm": True}
+
+
 def _steps(path):
     def convert(value, values):
         if value is not None and (not float(value).is_integer() or value < 1):
@@ -337,7 +344,7 @@ TRL_FIELDS: dict[str, tuple] = {
     "save_total_limit": (None, "logging.save_total_limit", ""),
     "save_only_model": (False, NO_KNOB, "checkpoints always hold the optimizer and data state (exact resume)"),
     "save_on_each_node": (False, NO_EFFECT, "Orbax writes one checkpoint for all hosts"),
-    "enable_jit_checkpoint": (False, NO_EFFECT, "a torch checkpointing detail"),
+    "enable_jit_checkpoint": (False, _jit_checkpoint, ""),
     "load_best_model_at_end": (False, NO_KNOB, "best-model selection is not supported"),
     "metric_for_best_model": (None, NO_KNOB, "best-model selection is not supported"),
     "greater_is_better": (None, NO_KNOB, "best-model selection is not supported"),

@@ -414,7 +414,9 @@ def test_trl_train_sampling_strategy_and_drop_last(tmp_path):
     path.write_text(json.dumps(base))
     assert C.load(path).data.train_sampling_strategy == "random" and C.load(path).data.shuffle_dataset is False
     path.write_text(json.dumps({**base, "train_sampling_strategy": "group_by_length"}))
-    with pytest.raises(ConfigError, match="train_sampling_strategy='group_by_length'.*random, sequential"):
+    assert C.load(path).data.train_sampling_strategy == "group_by_length"  # TRL's default: no packing
+    path.write_text(json.dumps({**base, "train_sampling_strategy": "shortest_first"}))
+    with pytest.raises(ConfigError, match="train_sampling_strategy='shortest_first'.*random, sequential"):
         C.load(path)
     path.write_text(json.dumps({**base, "dataloader_drop_last": True}))
     with pytest.raises(ConfigError, match="dataloader_drop_last"):

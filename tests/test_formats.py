@@ -74,9 +74,9 @@ def test_prompt_completion_trains_only_the_completion_by_default(tokenizer):
 
 def test_prompt_that_merges_with_the_completion_warns_once(tokenizer, monkeypatch):
     """'spell: 1' + '2 =>' : the digits merge across the boundary; TRL's rule (common prefix) applies, with a warning."""
-    import jsft.data.formats as formats
+    from jsft.data import batched
 
-    monkeypatch.setattr(formats, "_warned_prompt_not_prefix", False)
+    monkeypatch.setattr(batched, "_warned_prompt_not_prefix", False)
     row = {"prompt": "spell: 4 =", "completion": "> four"}
     with pytest.warns(UserWarning, match="not a prefix") as caught:
         example = prepare_example(row, tokenizer, DataConfig())
@@ -359,7 +359,7 @@ PARTS_TEMPLATE = (  # ChatML that also renders content given as a list of text p
 def test_content_as_text_parts_renders_like_the_same_string(tokenizer):
     """OpenAI-style content [{"type": "text", "text": ...}, ...] goes to the template as TRL passes it; with a template
     that joins the parts, the example equals the one with the joined string (both paths, assistant masks inferred)."""
-    from jsft.data import batched
+    from jsft.data import examples
 
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = PARTS_TEMPLATE
@@ -368,7 +368,7 @@ def test_content_as_text_parts_renders_like_the_same_string(tokenizer):
     joined = {"messages": [{"role": "user", "content": "spell: 4"}, {"role": "assistant", "content": "four"}]}
     config = DataConfig(assistant_only_loss=True, max_length=None)
     want = prepare_example(joined, tok, config)
-    for got in (prepare_example(parts, tok, config), batched.prepare_examples([parts], tok, config)[0]):
+    for got in (prepare_example(parts, tok, config), examples.prepare_examples([parts], tok, config)[0]):
         np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
         np.testing.assert_array_equal(got["loss_mask"], want["loss_mask"])
     assert tok.decode(want["input_ids"][want["loss_mask"]].tolist()) == "four<|im_end|>"

@@ -9,7 +9,8 @@ import pytest
 
 from jsft import fixtures
 from jsft.config import ConfigError, SFTConfig, validate
-from jsft.data import batched, formats, packing, pipeline, sources
+from jsft.data import examples as examples_module
+from jsft.data import formats, packing, pipeline, sources
 from jsft.data.pipeline import (Examples, PreparedDataset, batch_iterator, build_rows, format_stats, prepare_dataset,
                                 steps_per_epoch)
 
@@ -191,8 +192,8 @@ def test_second_build_hits_the_cache_and_does_not_tokenize(chat, monkeypatch, tm
     def fail(*args, **kwargs):
         raise AssertionError("prepare_example called on a cache hit")
 
-    monkeypatch.setattr(formats, "prepare_example", fail)
-    monkeypatch.setattr(batched, "prepare_examples", fail)
+    monkeypatch.setattr(examples_module, "prepare_example", fail)
+    monkeypatch.setattr(examples_module, "prepare_examples", fail)
     config.data.packing_strategy = "bfd_split"  # packing settings are applied after the cache
     try:
         again = prepare_dataset(config, tokenizer)
@@ -511,7 +512,7 @@ def test_the_data_check_accepts_every_format(tmp_path, tokenizer_dir):
 
     tokenizer, _ = load_tokenizer(tokenizer_dir, SFTConfig().data)
     messages = make_rows("messages", 6, 0)
-    example = formats.prepare_example(messages[0], tokenizer, SFTConfig().data)
+    example = examples_module.prepare_example(messages[0], tokenizer, SFTConfig().data)
     ids, mask = example["input_ids"].tolist(), example["loss_mask"].tolist()
     tools = json.dumps([{"type": "function", "function": {"name": "spell", "parameters": {"type": "object"}}}])
     cases = {

@@ -9,7 +9,8 @@ import pytest
 from jsft import fixtures
 from jsft.config import ConfigError, DataConfig
 from jsft.data import load_tokenizer, prepare_example
-from jsft.data.chat import ChatTemplateError, has_generation_markers, stop_token_trained, tokenize_conversation
+from jsft.data.chat import ChatTemplateError, has_generation_markers
+from jsft.data.examples import stop_token_trained
 
 LLAMA3_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
@@ -53,6 +54,13 @@ def chat_tokenizer(bos_tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(bos_tokenizer_dir)
     tok.add_special_tokens({"additional_special_tokens": [fixtures.IM_START, fixtures.IM_END, *LLAMA3_TOKENS]})
     return tok
+
+
+def tokenize_conversation(tokenizer, messages, assistant_mask=True):
+    """(ids, assistant mask) of one conversation through the one row -> example path."""
+    example = prepare_example({"messages": messages}, tokenizer, DataConfig(assistant_only_loss=assistant_mask,
+                                                                           max_length=None))
+    return example["input_ids"].tolist(), example["loss_mask"]
 
 
 def with_template(tokenizer, template):
@@ -141,19 +149,27 @@ THINKING = [
 ]
 
 
-def test_template_that_rewrites_earlier_turns_is_refused_by_name(chat_tokenizer):
+def test_template_that_rewrites_earlier_turns_is_split_or_refused_by_name(chat_tokenizer):
+    """split_conversations=auto: the first turn (its reasoning dropped in the full rendering) is trained in a
+    document of its own, as rendered when it is the last turn; never: refused by name."""
     tok = with_template(chat_tokenizer, DROPS_EARLIER_REASONING)
+    example = prepare_example({"messages": THINKING}, tok, DataConfig(assistant_only_loss=True), row_index=4)
+    first, second = np.split(np.arange(len(example["input_ids"])), [example["document_lengths"][0]])
+    trained = [tok.decode(example["input_ids"][d][example["loss_mask"][d]].tolist()) for d in (first, second)]
+    assert trained == ["<think>0 is zero</think>zero<|im_end|>", "<think>4 is four</think>four<|im_end|>"]
     with pytest.raises(ChatTemplateError, match="changes earlier turns when a later turn is added") as excinfo:
-        prepare_example({"messages": THINKING}, tok, DataConfig(assistant_only_loss=True), row_index=4)
+        prepare_example({"messages": THINKING}, tok, DataConfig(assistant_only_loss=True, split_conversations="never"),
+                        row_index=4)
     assert "row 4" in str(excinfo.value) and "reasoning/thinking" in str(excinfo.value)
-    # one assistant turn has no earlier turn to rewrite: fine
+    # one assistant turn has no earlier turn to rewrite: one document
     single = prepare_example({"messages": THINKING[:2]}, tok, DataConfig(assistant_only_loss=True))
+    assert "document_lengths" not in single
     assert tok.decode(single["input_ids"][single["loss_mask"]].tolist()) == "<think>4 is four</think>four<|im_end|>"
 
 
 def test_template_whose_generation_prompt_differs_is_refused_by_name(chat_tokenizer):
     tok = with_template(chat_tokenizer, THINKING_GENERATION_PROMPT)
-    with pytest.raises(ChatTemplateError, match="generation prompt is not how it opens an assistant turn"):
+    with pytest.raises(ChatTemplateError, match="generation prompt is not how it opens that turn"):
         prepare_example({"messages": THINKING[:2]}, tok, DataConfig(assistant_only_loss=True), row_index=0)
 
 
@@ -311,7 +327,7 @@ def test_a_template_that_closes_the_conversation_with_a_token_is_inferred(chat_t
     token is not the turn's, so each turn still ends on <|end|> (the last one also trains the closing EOS)."""
     import copy
 
-    from jsft.data import batched
+    from jsft.data import examples
 
     tok = copy.deepcopy(chat_tokenizer)
     tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
@@ -322,7 +338,7 @@ def test_a_template_that_closes_the_conversation_with_a_token_is_inferred(chat_t
     example = prepare_example({"messages": messages}, tok, config)
     trained = tok.decode(example["input_ids"][example["loss_mask"]].tolist())
     assert trained == "b<|end|>d<|end|>\n" + tok.eos_token
-    (batched_example,) = batched.prepare_examples([{"messages": messages}], tok, config)
+    (batched_example,) = examples.prepare_examples([{"messages": messages}], tok, config)
     np.testing.assert_array_equal(batched_example["loss_mask"], example["loss_mask"])
 
 
@@ -345,7 +361,7 @@ def test_a_conversation_opening_with_the_assistant(chat_tokenizer, template, tra
     the turn; where the template cannot show it, the row's error (skippable), from both paths."""
     import copy
 
-    from jsft.data import BadRowError, batched
+    from jsft.data import BadRowError, examples
 
     tok = copy.deepcopy(chat_tokenizer)
     tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
@@ -353,7 +369,7 @@ def test_a_conversation_opening_with_the_assistant(chat_tokenizer, template, tra
     row = {"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "q"},
                         {"role": "assistant", "content": "a"}]}
     config = DataConfig(assistant_only_loss=True, max_length=None)
-    (batched_result,) = batched.prepare_examples([row], tok, config, first_index=3)
+    (batched_result,) = examples.prepare_examples([row], tok, config, first_index=3)
     if problem is None:
         example = prepare_example(row, tok, config)
         assert tok.decode(example["input_ids"][example["loss_mask"]].tolist()) == trained

@@ -138,13 +138,13 @@ def test_the_table_is_rebuilt_when_tokens_are_added(tokenizer_dir):
 
 
 def test_a_chunk_whose_rows_do_not_add_up_gets_its_masks_from_the_tokenizers_offsets():
-    """End to end through batched.prepare_examples: NFC recomposes 'e' + combining accent, so the fast path refuses the
-    chunk and the masks come from a second encode with offsets; they equal prepare_example's, row by row."""
+    """End to end through examples.prepare_examples: NFC recomposes 'e' + combining accent, so the fast path refuses the
+    chunk and the masks come from a second encode with offsets; they equal apply_chat_template's, row by row."""
     from tokenizers import normalizers
 
     from jsft import fixtures
     from jsft.config import DataConfig
-    from jsft.data import formats
+    from jsft.data import examples
 
     tokenizer = byte_level_bpe(normalizer=normalizers.NFC())
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
@@ -159,12 +159,12 @@ def test_a_chunk_whose_rows_do_not_add_up_gets_its_masks_from_the_tokenizers_off
     lengths = np.array([len(e) for e in ids])
     assert token_bytes.byte_lengths(tokenizer) is not None
     assert token_bytes.token_offsets(tokenizer, flat, lengths, texts, [[] for _ in texts]) is None
-    got = batched.prepare_examples(rows, tokenizer, config)
+    got = examples.prepare_examples(rows, tokenizer, config)
     for k, row in enumerate(rows):
-        want = formats.prepare_example(row, tokenizer, config, row_index=k)
+        want = tokenizer.apply_chat_template(row["messages"], return_dict=True, return_assistant_tokens_mask=True)
         np.testing.assert_array_equal(got[k]["input_ids"], want["input_ids"])
-        np.testing.assert_array_equal(got[k]["loss_mask"], want["loss_mask"])
-        assert want["loss_mask"].any()
+        np.testing.assert_array_equal(got[k]["loss_mask"], np.asarray(want["assistant_masks"], dtype=bool))
+        assert got[k]["loss_mask"].any()
 
 
 def test_a_post_processor_that_trims_offsets_keeps_the_tokenizers_masks():
@@ -175,7 +175,7 @@ def test_a_post_processor_that_trims_offsets_keeps_the_tokenizers_masks():
 
     from jsft import fixtures
     from jsft.config import DataConfig
-    from jsft.data import formats
+    from jsft.data import examples
 
     tokenizer = byte_level_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False),
                                post_processor=processors.ByteLevel(trim_offsets=True))
@@ -185,7 +185,7 @@ def test_a_post_processor_that_trims_offsets_keeps_the_tokenizers_masks():
     rows = [{"messages": [{"role": "user", "content": "code"},
                           {"role": "assistant", "content": f"    return x + {k}"}]} for k in range(4)]
     config = DataConfig(assistant_only_loss=True, max_length=None)
-    got = batched.prepare_examples(rows, tokenizer, config)
+    got = examples.prepare_examples(rows, tokenizer, config)
     for k, row in enumerate(rows):
-        want = formats.prepare_example(row, tokenizer, config, row_index=k)
-        np.testing.assert_array_equal(got[k]["loss_mask"], want["loss_mask"])
+        want = tokenizer.apply_chat_template(row["messages"], return_dict=True, return_assistant_tokens_mask=True)
+        np.testing.assert_array_equal(got[k]["loss_mask"], np.asarray(want["assistant_masks"], dtype=bool))

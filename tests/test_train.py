@@ -154,6 +154,19 @@ def test_eval_generations_for_every_chat_format(tokenizer_dir, tmp_path, fmt):
     assert all(s["reference"] in finals and isinstance(s["reply"], str) for s in samples)
 
 
+def test_eval_generations_pass_over_a_bad_row(tokenizer_dir, tmp_path):
+    """An eval row that preparation refuses (here an empty assistant message, skip_bad_rows) gives no sample and no
+    error; the next rows do."""
+    rows = fixtures.make_rows("messages", 6, seed=3)
+    rows[0]["messages"][-1]["content"] = " "
+    path = fixtures.write_jsonl(rows, tmp_path / "eval.jsonl")
+    config = tiny_config(tokenizer_dir, path, tmp_path / "run", data={"dataset_test_split": str(path), "max_length": 256})
+    tokenizer, _ = train.build_tokenizer(config)
+    model, _ = train.build_model(config, tokenizer, sharding.create_mesh(config.sharding))
+    samples = train.eval_generations(config, model, tokenizer, 2)
+    assert len(samples) == 2 and all(s["reference"].strip() for s in samples)
+
+
 def test_pad_to_multiple_of_trains_the_same_as_rows_of_max_length(tokenizer_dir, tmp_path):
     """Without packing, padding each step only to its longest row (rounded up to 16) changes the shapes, not the run:
     the same losses and eval loss as rows padded to max_length, one compile per length used."""

@@ -1,83 +1,38 @@
-"""prepare_example over many rows at once: the same examples and errors, several times faster.
+"""Rows of one format -> token ids and masks, many rows at a time: the only row -> example implementation (one row is
+a batch of one; jsft.data.examples sorts rows into these jobs and makes the examples).
 
-Per row, prepare_example spends most of its time in transformers' per-call machinery (a BatchEncoding per tokenizer
-call; for conversations apply_chat_template and a Python pass building the assistant mask). Here a chunk of rows is
-prepared in a few calls:
+Per row, transformers' per-call machinery (a BatchEncoding per tokenizer call; apply_chat_template) would cost most
+of the time. Here the jobs of one format are prepared in a few calls:
 
-1. sort: each row is checked (formats.detect_format / check_messages) and becomes a "job" of its format, or goes to
-   prepare_example;
-2. render: conversations through the chat template, all in one transformers `render_jinja_template` call (it compiles
+1. render: conversations through the chat template, all in one transformers `render_jinja_template` call (it compiles
    the template once and returns the {% generation %} character spans). A template without markers: every prefix of
-   every conversation too (two more calls), and chat.spans_from_prefixes infers the spans (chat's module doc);
-3. encode: every text of the chunk in ONE call of the fast tokenizer (`encode_batch_fast` in Rust; `encode_batch`
-   where the assistant mask needs the tokenizer's offsets: not for a byte-level BPE, whose offsets follow from the
-   ids, jsft.data.token_bytes);
-4. masks with numpy over the whole chunk: assistant tokens are the tokens overlapping a generation span (the rule
-   apply_chat_template applies), completion-only masks start where prompt and prompt+completion tokens diverge.
+   every conversation too (two more calls), and chat.turn_documents infers the spans (chat's module doc), splitting a
+   conversation into one document per turn where the template renders a turn differently once later turns follow;
+2. encode: every text in ONE call of the fast tokenizer (`encode_batch_fast` in Rust; `encode_batch` where the
+   assistant mask needs the tokenizer's offsets: not for a byte-level BPE, whose offsets follow from the ids,
+   jsft.data.token_bytes);
+3. masks with numpy over all documents: assistant tokens are the tokens overlapping a generation span (the rule
+   apply_chat_template applies); completion-only masks start where prompt and prompt+completion tokens diverge.
 
-What takes the batched path (the rest, and any row whose result prepare_example would refuse, goes row by row):
-
-    text              a string; not with assistant_only_loss (that is prepare_example's ConfigError)
-    prompt_completion strings, a non-empty completion; not with assistant_only_loss
-    messages / conversational prompt+completion: valid messages (a `tools` or `chat_template_kwargs` column: rows
-                      with equal values render together), a chat template
-    always: a fast tokenizer with no truncation or padding set, and no truncation inside (the pipeline truncates after).
-
-tests/test_batched_prepare.py holds it to prepare_example, row by row, on every fixture format, both fixture
-tokenizers (with and without BOS) and every loss setting.
+The rules, each written once: a span -> the tokens overlapping it (overlap_mask); text that starts with the BOS
+string keeps one BOS (_drop_doubled_bos; TRL would give two); the completion starts where the tokenized prompt and
+prompt+completion diverge, with a warning, once, when the prompt is not a token prefix (_prefix_lengths).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from itertools import chain
 
 import numpy as np
 
-from jsft.config import DataConfig
-from jsft.data import chat, formats, token_bytes
+from jsft.config import ConfigError, DataConfig
+from jsft.data import chat, token_bytes
 
 TEXT, PROMPT_COMPLETION, MESSAGES, CONVERSATIONAL_PC = "text", "prompt_completion", "messages", \
     "conversational_prompt_completion"  # formats.FORMATS
 REASONING_FIELDS = frozenset({"reasoning_content", "thinking", "reasoning"})  # transformers aliases them to each other
-
-
-def batchable(tokenizer, config: DataConfig) -> bool:
-    """Can this tokenizer and config take the batched path at all (see module doc)?"""
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    return (
-        backend is not None
-        and backend.truncation is None
-        and backend.padding is None
-        and (config.max_length is None or config.packing)
-    )
-
-
-def _sort(row, tokenizer, config: DataConfig, row_index: int, conversations_ok: bool, eos: str | None):
-    """(format, inputs) of a row the batched path takes, else None (the row goes through prepare_example)."""
-    try:
-        fmt = formats.detect_format(row, config, row_index)
-        if fmt in (TEXT, PROMPT_COMPLETION):
-            if config.assistant_only_loss or eos is None:
-                return None
-            if fmt == TEXT:
-                text = row[config.dataset_text_field]
-                return (fmt, formats._add_eos(text, eos)) if isinstance(text, str) else None
-            prompt, completion = row["prompt"], row["completion"]
-            if not (isinstance(prompt, str) and isinstance(completion, str) and completion):
-                return None
-            return fmt, (prompt, prompt + formats._add_eos(completion, eos))
-        if fmt not in (MESSAGES, CONVERSATIONAL_PC) or not conversations_ok:
-            return None
-        options = formats._template_inputs(row, row_index)  # (tools, template kwargs) of the row
-        if fmt == MESSAGES:
-            field = "messages" if "messages" in row else "conversations"
-            return fmt, (formats.check_messages(row[field], row_index, field), options)
-        prompt = formats.check_messages(row["prompt"], row_index, "prompt")
-        full = prompt + formats.check_messages(row["completion"], row_index, "completion")
-        return fmt, ((prompt, full), options)
-    except formats.BadRowError:
-        return None
 
 
 def _groups(options: list[tuple]) -> list[tuple]:
@@ -96,15 +51,31 @@ def _only_strings(message: dict) -> bool:
     return all(type(v) is str for v in message.values()) and not REASONING_FIELDS.intersection(message)
 
 
+class TemplateFailure(Exception):
+    """The chat template raised while rendering a batch of conversations (`error`: what it raised). Only these
+    failures are pinned on a row (jsft.data.examples); any other exception is no row's fault and propagates."""
+
+    def __init__(self, error: Exception):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
 def _render_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dict, spans: bool,
                   add_generation_prompt: bool = False, only_strings: bool = False) -> tuple[list[str], list | None]:
     """apply_chat_template(..., tokenize=False) of conversations sharing tools and template kwargs, in one call:
-    (texts, {% generation %} character spans or None).
+    (texts, {% generation %} character spans or None). Whatever the template raises comes as a TemplateFailure.
 
     As apply_chat_template does: keys whose value is None are dropped first (by the caller, _render: datasets fills a
     missing key with None), the tokenizer's special tokens are template variables (the row's kwargs win), tools choose
     the template. only_strings: every message passes _only_strings.
     """
+    try:
+        return _render_unchecked(tokenizer, conversations, tools, kwargs, spans, add_generation_prompt, only_strings)
+    except Exception as e:  # noqa: BLE001 (the template's own code raised: jsft.data.examples pins it on a row)
+        raise TemplateFailure(e) from e
+
+
+def _render_unchecked(tokenizer, conversations, tools, kwargs, spans, add_generation_prompt, only_strings):
     from transformers.utils import chat_template_utils as rendering
 
     if not conversations:
@@ -127,11 +98,18 @@ def _render_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dic
     return [text for text, _ in rendered], [generation for _, generation in rendered]
 
 
-def _infer_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dict,
-                 only_strings: bool) -> tuple[list[str], list]:
-    """(texts, assistant spans) with a template without {% generation %} markers: chat.infer_assistant_spans, with every
-    prefix of every conversation rendered in two more calls (one with the generation prompt)."""
+def _infer_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dict, only_strings: bool,
+                 split: bool, first_trained: list[int]) -> list[list[tuple[str, list]]]:
+    """Per conversation, its documents and their assistant spans with a template without {% generation %} markers
+    (chat.turn_documents), with every prefix of every conversation rendered in two more calls (one with the
+    generation prompt)."""
     turns = [chat.assistant_turns(conversation) for conversation in conversations]
+    if any(ts[:1] == [0] for ts in turns):  # the empty conversation is rendered: the template may fail on it
+        try:
+            _render_group(tokenizer, [[]], tools, kwargs, spans=False, add_generation_prompt=True)
+        except TemplateFailure as e:  # the template fails on no messages: this row's problem
+            raise chat.AssistantFirstError(chat.ASSISTANT_FIRST.format(how=f"fails on an empty conversation ({e})")) \
+                from e.error
     before, _ = _render_group(tokenizer, [c[:i] for c, ts in zip(conversations, turns) for i in ts], tools, kwargs,
                               spans=False, add_generation_prompt=True, only_strings=only_strings)
     texts, _ = _render_group(tokenizer, conversations, tools, kwargs, spans=False, only_strings=only_strings)
@@ -139,43 +117,61 @@ def _infer_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dict
     upto_needed = [c[: i + 1] for c, ts in zip(conversations, turns) for i in ts if i + 1 < len(c)]
     upto_rendered = iter(_render_group(tokenizer, upto_needed, tools, kwargs, spans=False,
                                        only_strings=only_strings)[0])
-    generation, j, special = [], 0, tokenizer.all_special_tokens
+    documents, j, special = [], 0, tokenizer.all_special_tokens
     opening = chat.generation_prompt(tokenizer, tools, kwargs) if any(ts[:1] == [0] for ts in turns) else None
-    for conversation, ts, text in zip(conversations, turns, texts):
+    for conversation, ts, text, first in zip(conversations, turns, texts, first_trained):
         upto = [text if i + 1 == len(conversation) else next(upto_rendered) for i in ts]
-        generation.append(chat.spans_from_prefixes(ts, before[j:j + len(ts)], upto, text, special, opening))
+        documents.append(chat.turn_documents(ts, before[j:j + len(ts)], upto, text, special, opening, split, first))
         j += len(ts)
-    return texts, generation
+    return documents
 
 
 def _render(tokenizer, conversations: list[list[dict]], options: list[tuple], assistant_spans: bool = False,
-            add_generation_prompt: bool = False) -> tuple[list[str], list | None]:
-    """Texts of conversations (each with its row's (tools, template kwargs)), one render call per group of equal
-    options; with assistant_spans, also each one's assistant character spans: the template's {% generation %}
-    markers, or inferred where it has none."""
-    texts: list = [None] * len(conversations)
-    spans: list | None = [None] * len(conversations) if assistant_spans else None
+            add_generation_prompt: bool = False, split: bool = True, first_trained: list[int] | None = None):
+    """(texts, spans, owner): the documents of conversations (each with its row's (tools, template kwargs)), one
+    render call per group of equal options. One document per conversation, except where inferred assistant spans
+    split one (chat.turn_documents): owner[d] is the conversation of document d, in order, its full rendering first.
+    spans (with assistant_spans, else None): each document's assistant character spans, the template's
+    {% generation %} markers or inferred where it has none."""
+    per_conversation: list = [None] * len(conversations)
+    first_trained = first_trained or [0] * len(conversations)
     for tools, kwargs, where in _groups(options):
         group = [[{k: v for k, v in m.items() if v is not None} for m in conversations[j]] for j in where]
         only_strings = all(_only_strings(m) for c in group for m in c)
         if assistant_spans and not chat.has_generation_markers(tokenizer.get_chat_template(None, tools)):
-            group_texts, group_spans = _infer_group(tokenizer, group, tools, kwargs, only_strings)
+            documents = _infer_group(tokenizer, group, tools, kwargs, only_strings, split,
+                                     [first_trained[j] for j in where])
         else:
             group_texts, group_spans = _render_group(tokenizer, group, tools, kwargs, assistant_spans,
                                                      add_generation_prompt, only_strings)
+            documents = [[(t, group_spans[j] if assistant_spans else None)] for j, t in enumerate(group_texts)]
         for j, k in enumerate(where):
-            texts[k] = group_texts[j]
-            if spans is not None:
-                spans[k] = group_spans[j]
-    return texts, spans
+            per_conversation[k] = documents[j]
+    owner = [k for k, documents in enumerate(per_conversation) for _ in documents]
+    texts = [text for documents in per_conversation for text, _ in documents]
+    spans = [s for documents in per_conversation for _, s in documents] if assistant_spans else None
+    return texts, spans, owner
 
 
 def _encode(tokenizer, texts: list[str], add_special_tokens: bool, encodings: bool = False):
     """Token ids (flat int32), lengths, and (if asked) the tokenizers Encoding objects of texts, in one tokenizer call.
 
-    This is `tokenizer(texts, add_special_tokens=...)` without transformers building a BatchEncoding per row.
+    This is `tokenizer(texts, add_special_tokens=...)` without transformers building a BatchEncoding per row; as that
+    call does, it first turns off truncation and padding set on the backend (the pipeline truncates after). A slow
+    (Python) tokenizer is called per text and has no Encoding objects.
     """
-    backend = tokenizer.backend_tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        if encodings:
+            raise ConfigError(f"assistant_only_loss needs a fast tokenizer (character offsets); "
+                              f"{type(tokenizer).__name__} is a slow one. Fix: load the model's tokenizer.json")
+        encoded = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+        return np.fromiter(chain.from_iterable(encoded), dtype=np.int32, count=int(lengths.sum())), lengths, None
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
     if encodings or not hasattr(backend, "encode_batch_fast"):
         encoded = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
     else:  # no character offsets computed
@@ -254,7 +250,7 @@ def _prefix_lengths(prompt_ids, prompt_lengths, ids, lengths) -> np.ndarray:
 
 
 def _drop_doubled_bos(tokenizer, texts: list[str], ids: np.ndarray, lengths: np.ndarray):
-    """formats._encode_text's rule: text that already starts with the BOS string keeps one BOS (TRL would give two)."""
+    """Text that already starts with the BOS string keeps one BOS (TRL would give two)."""
     bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
     if not bos or bos_id is None:
         return ids, lengths
@@ -270,8 +266,37 @@ def _drop_doubled_bos(tokenizer, texts: list[str], ids: np.ndarray, lengths: np.
     return np.delete(ids, starts[drop]), lengths
 
 
-def _prepare(fmt: str, inputs: list, tokenizer, config: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, loss_mask, lengths), flat, of the jobs of one format, as prepare_example builds them."""
+_warned_prompt_not_prefix = False
+
+
+def _warn_prompt_not_prefix(tokenizer, prompt_ids: np.ndarray, start: int) -> None:
+    """The prompt is not a token prefix of prompt+completion: TRL's warning, shown once."""
+    global _warned_prompt_not_prefix
+    if _warned_prompt_not_prefix:
+        return
+    _warned_prompt_not_prefix = True
+    warnings.warn(
+        "The tokenized prompt is not a prefix of the tokenized prompt+completion (tokens merge across the "
+        f"boundary, or the chat template renders the prompt differently); the completion starts where they "
+        f"diverge and {tokenizer.decode(prompt_ids[start:].tolist())!r} of the prompt is not in the training "
+        "sequence. Fix: end prompts on a token boundary, or use a template that renders the prompt the same way. "
+        "Shown once.", UserWarning, stacklevel=5,
+    )
+
+
+def _split(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
+def prepare_jobs(fmt: str, inputs: list, tokenizer, config: DataConfig):
+    """(ids, loss_mask, lengths, owner) of the jobs of one format (jsft.data.examples builds the inputs): ids and
+    mask flat over all documents, lengths per document, owner[d] the job of document d (documents in job order; a
+    conversation split into one document per turn has several, its full rendering first).
+
+    inputs per format: text -> the text (EOS added); prompt_completion -> (prompt, prompt + completion + EOS);
+    messages -> (messages, (tools, template kwargs)); conversational prompt/completion -> ((prompt, prompt +
+    completion), (tools, template kwargs)).
+    """
     assistant_only = config.assistant_only_loss
     completion_only = config.completion_only_loss
     if completion_only is None:
@@ -279,7 +304,7 @@ def _prepare(fmt: str, inputs: list, tokenizer, config: DataConfig) -> tuple[np.
     if fmt == TEXT:
         ids, lengths, _ = _encode(tokenizer, inputs, add_special_tokens=True)
         ids, lengths = _drop_doubled_bos(tokenizer, inputs, ids, lengths)
-        return ids, np.ones(len(ids), dtype=np.bool_), lengths
+        return ids, np.ones(len(ids), dtype=np.bool_), lengths, np.arange(len(inputs))
     prompt_lengths = None  # set when the completion-only mask needs the prompt's tokens
     if fmt == PROMPT_COMPLETION:
         prompts, fulls = [p for p, _ in inputs], [f for _, f in inputs]
@@ -288,27 +313,36 @@ def _prepare(fmt: str, inputs: list, tokenizer, config: DataConfig) -> tuple[np.
             prompt_ids, prompt_lengths = _drop_doubled_bos(tokenizer, prompts, prompt_ids, prompt_lengths)
         ids, lengths, _ = _encode(tokenizer, fulls, add_special_tokens=True)
         ids, lengths = _drop_doubled_bos(tokenizer, fulls, ids, lengths)
+        owner = np.arange(len(inputs))
     else:
         options = [o for _, o in inputs]
+        split = config.split_conversations == "auto"
+        first_trained = None
         if fmt == CONVERSATIONAL_PC:
             prompts, conversations = [p for (p, _), _ in inputs], [c for (_, c), _ in inputs]
             if completion_only:
-                prompt_texts, _ = _render(tokenizer, prompts, options, add_generation_prompt=True)
+                prompt_texts, _, _ = _render(tokenizer, prompts, options, add_generation_prompt=True)
                 prompt_ids, prompt_lengths, _ = _encode(tokenizer, prompt_texts, add_special_tokens=False)
+                first_trained = [len(p) for p in prompts]
         else:
             conversations = [c for c, _ in inputs]
-        texts, generation = _render(tokenizer, conversations, options, assistant_spans=assistant_only)
+        texts, generation, owner = _render(tokenizer, conversations, options, assistant_spans=assistant_only,
+                                           split=split, first_trained=first_trained)
+        owner = np.asarray(owner, dtype=np.int64)
         fast_offsets = assistant_only and token_bytes.byte_lengths(tokenizer) is not None
         ids, lengths, encodings = _encode(tokenizer, texts, add_special_tokens=False,
                                           encodings=assistant_only and not fast_offsets)
+        if prompt_lengths is not None and len(owner) > len(inputs):  # a split conversation's later documents:
+            main = np.r_[True, owner[1:] != owner[:-1]]  # trained after their own generation prompt, not the prompt's
+            per_job = _split(prompt_ids, prompt_lengths)
+            prompt_ids = np.concatenate([per_job[k] if m else per_job[k][:0] for k, m in zip(owner, main)])
+            prompt_lengths = np.where(main, prompt_lengths[owner], 0)
     mask = np.ones(len(ids), dtype=np.bool_)
     if prompt_lengths is not None:
         starts = _prefix_lengths(prompt_ids, prompt_lengths, ids, lengths)
-        for k in np.flatnonzero(starts < prompt_lengths)[:1]:  # prompt not a token prefix: formats' warning, once
+        for k in np.flatnonzero(starts < prompt_lengths)[:1]:  # prompt not a token prefix: warn, once
             p0 = int(np.sum(prompt_lengths[:k]))
-            f0 = int(np.sum(lengths[:k]))
-            formats._completion_start(prompt_ids[p0:p0 + prompt_lengths[k]].tolist(),
-                                      ids[f0:f0 + lengths[k]].tolist(), tokenizer)
+            _warn_prompt_not_prefix(tokenizer, prompt_ids[p0:p0 + prompt_lengths[k]], int(starts[k]))
         row_start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         position = np.arange(len(ids)) - np.repeat(row_start, lengths)
         mask &= position >= np.repeat(starts, lengths)
@@ -320,41 +354,4 @@ def _prepare(fmt: str, inputs: list, tokenizer, config: DataConfig) -> tuple[np.
             if encodings is None:  # a row's tokens did not add up to its text: ask the tokenizer for the offsets
                 _, _, encodings = _encode(tokenizer, texts, add_special_tokens=False, encodings=True)
             mask &= _assistant_mask(encodings, generation, lengths)
-    return ids, mask, lengths
-
-
-def prepare_examples(rows: list[dict], tokenizer, config: DataConfig, first_index: int = 0) -> list:
-    """[prepare_example(row, tokenizer, config, first_index + k) for k, row in enumerate(rows)], batched; a row that
-    raises BadRowError gives the error object in its place (other errors propagate)."""
-    results: list = [None] * len(rows)
-    if batchable(tokenizer, config):
-        conversations_ok = bool(tokenizer.chat_template)
-        eos = tokenizer.eos_token or None
-        jobs: dict[str, tuple[list, list]] = {}  # format -> (row positions, inputs)
-        for k, row in enumerate(rows):
-            job = _sort(row, tokenizer, config, first_index + k, conversations_ok, eos)
-            if job is not None:
-                where, inputs = jobs.setdefault(job[0], ([], []))
-                where.append(k)
-                inputs.append(job[1])
-        if config.assistant_only_loss and (MESSAGES in jobs or CONVERSATIONAL_PC in jobs):
-            chat.warn_once_if_stop_token_untrained(tokenizer)
-        for fmt, (where, inputs) in jobs.items():
-            try:
-                ids, mask, lengths = _prepare(fmt, inputs, tokenizer, config)
-            except Exception:  # e.g. a template that refuses one conversation: these rows go one by one
-                continue
-            bounds = np.concatenate([[0], np.cumsum(lengths)])
-            trained = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
-            trains = trained[bounds[1:]] - trained[np.minimum(bounds[:-1] + 1, bounds[1:])] > 0
-            for j, k in enumerate(where):
-                if trains[j]:  # else prepare_example raises the row's error
-                    a, b = bounds[j], bounds[j + 1]
-                    results[k] = {"input_ids": ids[a:b], "loss_mask": mask[a:b]}
-    for k, row in enumerate(rows):
-        if results[k] is None:
-            try:
-                results[k] = formats.prepare_example(row, tokenizer, config, row_index=first_index + k)
-            except formats.BadRowError as e:
-                results[k] = e
-    return results
+    return ids, mask, lengths, owner

@@ -16,19 +16,23 @@ Worked example (ChatML, no markers):
     assistant span                                                                         "hello<|im_end|>"
 
 A template may close a conversation with a special token it does not write between turns (Phi-3 ends with EOS):
-a prefix is compared without such closing tokens. The inference needs a template that renders earlier turns the
-same whatever follows them. A template that drops the
-reasoning of earlier assistant turns, or that opens the assistant turn differently in the generation prompt, is
-refused with a ChatTemplateError that says which of the two it is.
+a prefix is compared without such closing tokens.
+
+Templates whose rendering of a turn depends on what follows it (Qwen3 drops the reasoning of earlier assistant
+turns; Mistral-Nemo moves the system prompt into the last user turn): a turn is trained as it renders when it is the
+last turn, which is how the model sees it at inference. Where the full conversation renders a turn that way, it is
+trained there; each other turn gets a document of its own (the conversation up to it, only it trained:
+turn_documents). A generation prompt that ends with whitespace the rendered turn lacks (Nemotron's `<think>\n`
+where an empty thought renders `<think></think>`): the turn is trained in a document of its own, the generation
+prompt followed by the rest of the rendered turn (what the model writes after it). A generation prompt that opens the
+turn with other text the rendered turn lacks (DeepSeek-R1-Distill's `<think>\n` before a turn rendered without its
+reasoning) cannot show what the model must write after it: refused with a ChatTemplateError naming the fix.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import warnings
-
-import numpy as np
 
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -84,30 +88,6 @@ def render(tokenizer, messages: list[dict], tools=None, template_kwargs: dict | 
     return tokenizer.apply_chat_template(messages, tokenize=False, tools=tools, **kwargs, **options)
 
 
-def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids and character offsets of `text`, with no special tokens added (as apply_chat_template does)."""
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(encoding["input_ids"]), [tuple(o) for o in encoding["offset_mapping"]]
-
-
-def spans_to_token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
-    """1 for every token that overlaps a character span (spans sorted, non-overlapping).
-
-    >>> spans_to_token_mask([(0, 3), (3, 5), (5, 9)], [(4, 6)]).tolist()
-    [False, True, True]
-    """
-    mask = np.zeros(len(offsets), dtype=np.bool_)
-    span_index = 0
-    for token_index, (start, end) in enumerate(offsets):
-        while span_index < len(spans) and start >= spans[span_index][1]:
-            span_index += 1
-        if span_index == len(spans):
-            break
-        if end > spans[span_index][0]:
-            mask[token_index] = True
-    return mask
-
-
 def _divergence(a: str, b: str) -> int:
     """Length of the common prefix of two strings."""
     return len(os.path.commonprefix([a, b]))
@@ -132,142 +112,67 @@ def _without_closing_tokens(upto: str, full_text: str, special_tokens) -> str:
     return text
 
 
-def spans_from_prefixes(turns: list[int], before: list[str], upto: list[str], full_text: str,
-                        special_tokens=(), opening: str | None = None) -> list[tuple[int, int]]:
-    """Character spans of the assistant turns in `full_text`, from the renderings of each turn's prefixes (module doc):
-    before[j] renders messages[:turns[j]] with the generation prompt, upto[j] renders messages[:turns[j] + 1].
+def turn_documents(turns: list[int], before: list[str], upto: list[str], full_text: str, special_tokens=(),
+                   opening: str | None = None, split: bool = True, first_trained: int = 0) -> list[tuple[str, list]]:
+    """The documents of one conversation, each with its assistant character spans, from the renderings of each
+    turn's prefixes (module doc): before[j] renders messages[:turns[j]] with the generation prompt, upto[j] renders
+    messages[:turns[j] + 1] (the conversation as it stands when turn j is the last one).
+
+    [(full_text, spans)] when every turn renders in full_text as it does as the last turn (its inference form).
+    Otherwise (split) full_text trains the turns that do (it is left out when that is none), and each other turn
+    gets a document of its own, upto[j], trained on that turn only; without split, ChatTemplateError. Turns before
+    message first_trained (the prompt of a conversational prompt/completion row under completion-only loss) get no
+    document of their own. Every span is
+    checked: before[j] must be a prefix of upto[j], and upto[j] of the text the span is in.
     special_tokens: the tokens a template may close a conversation with (see _without_closing_tokens).
     opening: generation_prompt(), needed when the conversation opens with the assistant (turns[0] == 0): the empty
     conversation's rendering must end with it (a template that writes its generation prompt inside the message loop
     renders nothing there, and the turn would seem to start before its header)."""
-    spans = []
-    for i, before_i, upto_i in zip(turns, before, upto):
+    spans, extra = [], []
+    for i, before_i, upto_raw in zip(turns, before, upto):
         if i == 0 and not (opening and before_i.endswith(opening)):
             raise AssistantFirstError(ASSISTANT_FIRST.format(how="renders no generation prompt for an empty "
                                                                  f"conversation (it renders {before_i[-60:]!r})"))
-        upto_i = _without_closing_tokens(upto_i, full_text, special_tokens)
-        if not upto_i.startswith(before_i):
-            at = _divergence(before_i, upto_i)
+        upto_i = _without_closing_tokens(upto_raw, full_text, special_tokens)
+        at = _divergence(before_i, upto_i)
+        if at < len(before_i) and split and i >= first_trained and not before_i[at:].strip():
+            # the generation prompt ends with whitespace the rendered turn lacks (Nemotron's '<think>\n' where the
+            # turn renders '<think></think>'): what the model writes after it is the rest of the rendered turn
+            rest = upto_raw[at:]
+            if rest.rstrip():
+                extra.append((before_i + rest, [(len(before_i), len(before_i) + len(rest.rstrip()))]))
+            continue
+        if at < len(before_i) and i < first_trained:  # an untrained prompt turn: nothing to find
+            continue
+        if at < len(before_i):
             raise ChatTemplateError(
-                f"cannot find assistant turn {i} by rendering prefixes: the template's generation prompt is not how "
-                f"it opens an assistant turn in the conversation (the generation prompt has {before_i[at:at + 60]!r} "
-                f"where the conversation has {upto_i[at:at + 60]!r}; e.g. an empty thinking block only in the "
-                "generation prompt, or a system prompt placed by the number of turns). Fix: add "
-                "{% generation %}...{% endgeneration %} markers around the assistant text in the template, or use a "
-                "template whose generation prompt matches the rendered turn."
+                f"cannot train assistant turn {i} as the model writes it: the template's generation prompt is not "
+                f"how it opens that turn (the generation prompt has {before_i[at:at + 60]!r} where the rendered turn "
+                f"has {upto_i[at:at + 60]!r}; e.g. a generation prompt that opens a thinking block the rendered turn "
+                "lacks, as DeepSeek-R1-Distill's '<think>\\n', or an empty thinking block only in the generation "
+                "prompt), so what the model must write after the generation prompt cannot be rendered. Fix: a .jinja "
+                "template (data.chat_template_path) whose assistant turn renders what the model writes, reasoning "
+                "included, inside {% generation %}...{% endgeneration %} markers (TRL ships such `_training` variants "
+                "in trl/chat_templates), or a template whose generation prompt matches its rendered turn."
             )
-        if not full_text.startswith(upto_i):
+        if full_text.startswith(upto_i):
+            end = max(len(before_i), len(upto_i.rstrip()))
+            if end > len(before_i):
+                spans.append((len(before_i), end))
+            continue
+        if not split:
             at = _divergence(upto_i, full_text)
             raise ChatTemplateError(
-                f"cannot find assistant turn {i} by rendering prefixes: the template changes earlier turns when a "
-                "later turn is added (e.g. it drops reasoning/thinking from earlier assistant turns, or moves the "
-                "system prompt to the last user turn): rendered alone "
-                f"the conversation up to turn {i} has {upto_i[at:at + 60]!r} where the full conversation has "
-                f"{full_text[at:at + 60]!r}. Fix: add {{% generation %}}...{{% endgeneration %}} markers around the "
-                "assistant text in the template, or use a template that renders earlier turns unchanged."
+                f"cannot find assistant turn {i} in one document: the template changes earlier turns when a later "
+                "turn is added (e.g. it drops reasoning/thinking from earlier assistant turns, or moves the system "
+                f"prompt to the last user turn): rendered as the last turn it has {upto_i[at:at + 60]!r} where the "
+                f"full conversation has {full_text[at:at + 60]!r}. Fix: data.split_conversations='auto' (each such "
+                "turn trained in a document of its own, as the model sees it at inference), or add "
+                "{% generation %}...{% endgeneration %} markers around the assistant text in the template."
             )
-        end = max(len(before_i), len(upto_i.rstrip()))
-        if end > len(before_i):
-            spans.append((len(before_i), end))
-    return spans
-
-
-def infer_assistant_spans(
-    tokenizer, messages: list[dict], full_text: str, tools=None, template_kwargs: dict | None = None
-) -> list[tuple[int, int]]:
-    """Character spans of each assistant turn in `full_text` (the rendering of all `messages`); see module doc."""
-    turns = assistant_turns(messages)
-    opening = None
-    if turns and turns[0] == 0:
-        opening = generation_prompt(tokenizer, tools, template_kwargs)
-        try:
-            render(tokenizer, [], tools, template_kwargs, add_generation_prompt=True)
-        except Exception as e:
-            raise AssistantFirstError(ASSISTANT_FIRST.format(how=f"fails on an empty conversation ({e})")) from e
-    before = [render(tokenizer, messages[:i], tools, template_kwargs, add_generation_prompt=True) for i in turns]
-    upto = [render(tokenizer, messages[: i + 1], tools, template_kwargs) for i in turns]
-    return spans_from_prefixes(turns, before, upto, full_text, tokenizer.all_special_tokens, opening)
-
-
-def tokenize_conversation(
-    tokenizer,
-    messages: list[dict],
-    tools=None,
-    template_kwargs: dict | None = None,
-    assistant_mask: bool = False,
-    add_generation_prompt: bool = False,
-) -> tuple[list[int], np.ndarray | None]:
-    """Token ids of the rendered conversation, and (if asked) the assistant mask: markers when present, else inferred.
-
-    No special tokens are added beyond what the template writes (as TRL / transformers do), so BOS comes from the
-    template (Llama 3 writes `{{ bos_token }}`) and is never doubled.
-    """
-    kwargs = dict(template_kwargs or {})
-    if not assistant_mask:
-        text = render(tokenizer, messages, tools, kwargs, add_generation_prompt=add_generation_prompt)
-        return encode_with_offsets(tokenizer, text)[0], None
-    if has_generation_markers(tokenizer.get_chat_template(None, tools)):
-        out = tokenizer.apply_chat_template(
-            messages,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-            tools=tools,
-            add_generation_prompt=add_generation_prompt,
-            **kwargs,
-        )
-        return list(out["input_ids"]), np.asarray(out["assistant_masks"], dtype=np.bool_)
-    text = render(tokenizer, messages, tools, kwargs, add_generation_prompt=add_generation_prompt)
-    spans = infer_assistant_spans(tokenizer, messages, text, tools, kwargs)
-    ids, offsets = encode_with_offsets(tokenizer, text)
-    return ids, spans_to_token_mask(offsets, spans)
-
-
-# ----------------------------------------------------------------------------------------------- stop-token check
-
-_CHECKED_TEMPLATES: dict[str, bool] = {}
-
-
-def stop_token_trained(tokenizer) -> bool:
-    """Does the assistant mask end on the turn-ending token (e.g. <|im_end|>, <|eot_id|>, </s>)?
-
-    Probe user / assistant / user (TRL's check): ignoring whitespace-only tokens, the last assistant token must be an
-    added (special) token. Otherwise the model is never trained to stop.
-    """
-    probe = [
-        {"role": "user", "content": "dummy"},
-        {"role": "assistant", "content": "dummy"},
-        {"role": "user", "content": "dummy"},
-    ]
-    try:
-        ids, mask = tokenize_conversation(tokenizer, probe, assistant_mask=True)
-    except Exception:  # e.g. a template that wants a system message first
-        ids, mask = tokenize_conversation(tokenizer, [{"role": "system", "content": "dummy"}, *probe],
-                                          assistant_mask=True)
-    added = set(tokenizer.get_added_vocab().values())
-    for token_id in reversed([t for t, m in zip(ids, mask) if m]):
-        if tokenizer.decode([token_id]).strip() == "":
+        if i < first_trained:
             continue
-        return token_id in added
-    return False
-
-
-def warn_once_if_stop_token_untrained(tokenizer) -> None:
-    """Warn (once per template) when assistant-only loss would leave the turn-ending token untrained."""
-    template = tokenizer.get_chat_template()
-    if template in _CHECKED_TEMPLATES:
-        return
-    try:
-        trained = stop_token_trained(tokenizer)
-    except Exception:  # the template refuses both probes: the real rows will show its problem, not a probe
-        trained = True
-    _CHECKED_TEMPLATES[template] = trained
-    if not trained:
-        warnings.warn(
-            "The chat template does not put the assistant turn's end-of-turn token (e.g. <|im_end|>, <|eot_id|>, "
-            "</s>) in the assistant mask, so with assistant_only_loss the model is never trained to stop. Fix: "
-            "put the end-of-turn token inside {% generation %}...{% endgeneration %}, write it right after the "
-            "assistant content in the template, or set assistant_only_loss=False.",
-            UserWarning,
-            stacklevel=3,
-        )
+        end = len(upto_raw.rstrip())
+        if end > len(before_i):
+            extra.append((upto_raw, [(len(before_i), end)]))
+    return [(full_text, spans), *extra] if spans or not extra else extra  # a full text training nothing: dropped

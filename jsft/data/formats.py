@@ -1,4 +1,5 @@
-"""Each dataset format -> one example: token ids and a per-token "trained" mask (TRL's labels != -100, unshifted).
+"""Dataset rows: reading, format detection, validation, pre-tokenized rows, truncation (jsft.data.examples turns rows
+into examples: token ids and a per-token "trained" mask, TRL's labels != -100, unshifted).
 
 Formats are detected from the columns, as TRL does (checked in this order):
 
@@ -34,15 +35,12 @@ ChatTemplateError / ConfigError are never per-row: they are not BadRowError and 
 from __future__ import annotations
 
 import json
-import os
-import warnings
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from jsft.config import ConfigError, DataConfig
-from jsft.data import chat
 
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")  # ipython: Llama 3.1 tool results
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -222,8 +220,26 @@ def check_messages(messages, row_index: int | None, field: str) -> list[dict]:
                 f"content must be a string, got {type(content).__name__} {content!r:.80}",
                 "write the message text as a string",
             )
+        if role == "assistant" and _empty_turn(message):
+            raise BadRowError(
+                row_index, f"{where}.content",
+                "empty assistant message (no text, reasoning or tool call): it would train only the end-of-turn token",
+                "write the assistant's answer, or drop the row (skip_bad_rows=True counts and skips such rows)",
+            )
         checked.append(message)
     return checked
+
+
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # the names chat templates read reasoning under
+
+
+def _empty_turn(message: dict) -> bool:
+    """An assistant message with only whitespace in its content and reasoning fields, and no tool call."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content)
+    texts = [content, *(message.get(f) for f in REASONING_FIELDS)]
+    return not message.get("tool_calls") and all(not (isinstance(t, str) and t.strip()) for t in texts)
 
 
 def _string(row: dict, field: str, row_index: int | None) -> str:
@@ -274,41 +290,6 @@ def _template_inputs(row: dict, row_index: int | None) -> tuple[list | None, dic
 
 
 # ----------------------------------------------------------------------------------------------- tokenization
-
-
-def _encode_text(tokenizer, text: str) -> list[int]:
-    """tokenizer(text) with its special tokens, but never two BOS when the text already starts with the BOS string."""
-    ids = list(tokenizer(text)["input_ids"])
-    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
-    if bos and bos_id is not None and text.startswith(bos) and len(ids) >= 2 and ids[0] == ids[1] == bos_id:
-        ids = ids[1:]
-    return ids
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    return len(os.path.commonprefix([list(a), list(b)]))
-
-
-_warned_prompt_not_prefix = False
-
-
-def _completion_start(prompt_ids: list[int], ids: list[int], tokenizer) -> int:
-    """Where the completion starts: the common prefix of the tokenized prompt and prompt+completion (TRL). When the
-    prompt is not a token prefix (tokens merge across the boundary, or the template renders the prompt differently)
-    warn once, as TRL does."""
-    global _warned_prompt_not_prefix
-    start = _common_prefix_length(prompt_ids, ids)
-    if start < len(prompt_ids) and not _warned_prompt_not_prefix:
-        _warned_prompt_not_prefix = True
-        warnings.warn(
-            "The tokenized prompt is not a prefix of the tokenized prompt+completion (tokens merge across the "
-            f"boundary, or the chat template renders the prompt differently); the completion starts where they "
-            f"diverge and {tokenizer.decode(prompt_ids[start:])!r} of the prompt is not in the training sequence. "
-            "Fix: end prompts on a token boundary, or use a template that renders the prompt the same way. Shown once.",
-            UserWarning,
-            stacklevel=4,
-        )
-    return start
 
 
 def _add_eos(text: str, eos: str) -> str:
@@ -365,104 +346,6 @@ def _tokenized(row: dict, tokenizer, completion_only: bool, row_index) -> tuple[
     return ids.tolist(), mask
 
 
-def _tokenize(row: dict, fmt: str, tokenizer, config: DataConfig, row_index) -> tuple[list[int], np.ndarray]:
-    completion_only = config.completion_only_loss
-    if completion_only is None:
-        completion_only = fmt in ("prompt_completion", "conversational_prompt_completion")
-    conversational = fmt in ("messages", "conversational_prompt_completion")
-    if config.assistant_only_loss and not conversational:
-        if not (fmt == "tokenized" and (row.get("assistant_masks") is not None or row.get("labels") is not None)):
-            raise ConfigError(
-                f"data.assistant_only_loss=True needs conversational rows ('messages' or lists of messages), but row "
-                f"{row_index} is {fmt} data. Set assistant_only_loss=False (prompt/completion data: use "
-                "completion_only_loss), or convert the data to messages."
-            )
-
-    if fmt == "tokenized":
-        return _tokenized(row, tokenizer, completion_only, row_index)
-
-    if fmt == "text":
-        text = _add_eos(_string(row, config.dataset_text_field, row_index), _eos(tokenizer))
-        ids = _encode_text(tokenizer, text)
-        return ids, np.ones(len(ids), dtype=np.bool_)
-
-    if fmt == "prompt_completion":
-        prompt, completion = _string(row, "prompt", row_index), _string(row, "completion", row_index)
-        if completion == "":
-            raise BadRowError(row_index, "completion", "empty completion", "give the row a completion, or drop it")
-        prompt_ids = _encode_text(tokenizer, prompt)
-        ids = _encode_text(tokenizer, prompt + _add_eos(completion, _eos(tokenizer)))
-        mask = np.ones(len(ids), dtype=np.bool_)
-        if completion_only:
-            mask[: _completion_start(prompt_ids, ids, tokenizer)] = False
-        return ids, mask
-
-    tools, kwargs = _template_inputs(row, row_index)
-    if not tokenizer.chat_template:
-        raise ConfigError(
-            f"row {row_index} is conversational but the tokenizer has no chat template: set data.chat_template_path "
-            "to a .jinja file or to a tokenizer directory to clone the template from"
-        )
-    if config.assistant_only_loss:
-        chat.warn_once_if_stop_token_untrained(tokenizer)
-
-    if fmt == "messages":
-        field = "messages" if "messages" in row else "conversations"
-        messages = check_messages(row[field], row_index, field)
-        ids, assistant = _render(tokenizer, messages, tools, kwargs, config.assistant_only_loss, row_index, field)
-        mask = np.ones(len(ids), dtype=np.bool_)
-        if assistant is not None:
-            if not assistant.any():
-                raise BadRowError(
-                    row_index, field, "assistant_only_loss=True but the conversation has no assistant tokens",
-                    "add an assistant message, or drop the row",
-                )
-            mask &= assistant
-        return ids, mask
-
-    # conversational prompt / completion
-    prompt = check_messages(row["prompt"], row_index, "prompt")
-    completion = check_messages(row["completion"], row_index, "completion")
-    prompt_ids, _ = _render(tokenizer, prompt, tools, kwargs, False, row_index, "prompt", add_generation_prompt=True)
-    ids, assistant = _render(
-        tokenizer, prompt + completion, tools, kwargs, config.assistant_only_loss, row_index, "completion"
-    )
-    mask = np.ones(len(ids), dtype=np.bool_)
-    if completion_only:
-        mask[: _completion_start(prompt_ids, ids, tokenizer)] = False
-    if assistant is not None:
-        mask &= assistant
-    return ids, mask
-
-
-def _render(tokenizer, messages, tools, kwargs, assistant_mask, row_index, field, add_generation_prompt=False):
-    from jinja2.exceptions import TemplateError
-
-    try:
-        return chat.tokenize_conversation(
-            tokenizer, messages, tools, kwargs, assistant_mask=assistant_mask, add_generation_prompt=add_generation_prompt
-        )
-    except chat.AssistantFirstError as e:
-        raise BadRowError(
-            row_index, f"{field}[0]", str(e),
-            "start the conversation with a user (or system) message, add {% generation %} markers to the template, "
-            "or drop the row",
-        ) from e
-    except chat.ChatTemplateError as e:
-        raise chat.ChatTemplateError(f"row {row_index}: {e}") from e
-    except TemplateError as e:  # the template itself refused this conversation (raise_exception in the template)
-        raise BadRowError(
-            row_index, field, f"the chat template refused this conversation: {e}",
-            "fix the conversation (e.g. roles must alternate for this template), or drop the row",
-        ) from e
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # the template failed on this row's data
-        raise BadRowError(
-            row_index, field, f"the chat template failed on this conversation: {type(e).__name__}: {e}",
-            "check the row's messages (roles, content, tool_calls) and tools against what the template expects, "
-            "or drop the row",
-        ) from e
-
-
 # ----------------------------------------------------------------------------------------------- the example
 
 
@@ -477,38 +360,3 @@ def truncate(ids: np.ndarray, mask: np.ndarray, max_length: int, mode: str) -> t
     if mode == "keep_end":
         return ids[-max_length:], mask[-max_length:]
     raise ConfigError(f"data.truncation_mode={mode!r}: choose keep_start or keep_end")
-
-
-def prepare_example(row: dict, tokenizer, config: DataConfig, row_index: int | None = None) -> dict[str, np.ndarray]:
-    """One dataset row -> {"input_ids": int32[n], "loss_mask": bool[n]}; loss_mask[i] = token i is a trained label.
-
-    The mask is unshifted (TRL's labels != -100); the pipeline shifts it per document. Example, prompt/completion
-    with the fixture tokenizer (no BOS), completion_only_loss on by default:
-
-        {"prompt": "spell: 4 =>", "completion": " four"}
-        -> tokens  "s" "pe" "ll" ":" " " "4" " =>" " f" "our" "<|endoftext|>"
-           mask     0   0    0    0   0   0    0    1    1         1
-
-    Raises BadRowError (row index, field, fix) for a row that cannot be trained, including one whose trained tokens
-    are all cut away by truncation; the pipeline catches it when config.skip_bad_rows and counts the row.
-    """
-    fmt = detect_format(row, config, row_index)
-    ids, mask = _tokenize(row, fmt, tokenizer, config, row_index)
-    ids, mask = np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.bool_)
-    full_length, trained_before = len(ids), bool(mask[1:].any())
-    if config.max_length is not None and not config.packing:
-        ids, mask = truncate(ids, mask, config.max_length, config.truncation_mode)
-    if not mask[1:].any():
-        field = {"prompt_completion": "completion", "conversational_prompt_completion": "completion",
-                 "messages": "messages", "text": config.dataset_text_field}.get(fmt, "loss_mask")
-        if trained_before:
-            problem = (
-                f"no trained token is left after truncation to max_length={config.max_length} "
-                f"({config.truncation_mode}; the row has {full_length} tokens)"
-            )
-            fix = "raise max_length, switch truncation_mode, or set skip_bad_rows=True to count and skip such rows"
-        else:
-            problem = "the row has no trained token after its first position (nothing to learn)"
-            fix = "check the masks / completion of this row, or set skip_bad_rows=True to count and skip it"
-        raise BadRowError(row_index, "loss_mask" if fmt == "tokenized" else field, problem, fix)
-    return {"input_ids": ids, "loss_mask": mask}

@@ -66,6 +66,13 @@ class Packed:
     def row_lengths(self) -> np.ndarray:
         return np.add.reduceat(self.stop - self.start, self.row_ptr[:-1]) if self.num_rows else np.zeros(0, np.int64)
 
+    def select_rows(self, keep: np.ndarray) -> Packed:
+        """The rows where `keep` (bool [num_rows]) is True, in order."""
+        counts = np.diff(self.row_ptr)
+        slices = np.repeat(keep, counts)
+        row_ptr = np.concatenate([[0], np.cumsum(counts[keep])]).astype(np.int64)
+        return Packed(row_ptr, self.example[slices], self.start[slices], self.stop[slices])
+
     def to_lists(self) -> list[list[tuple[int, int, int]]]:
         slices = list(zip(self.example.tolist(), self.start.tolist(), self.stop.tolist()))
         ptr = self.row_ptr.tolist()

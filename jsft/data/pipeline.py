@@ -14,7 +14,8 @@ Preparation (`prepare_dataset`):
    counted skip).
    The loss settings are then checked against the columns (jsft.config.check_data_compatibility), before any work.
 2. Every row goes through `jsft.data.prepare_example` WITHOUT truncation, in chunks of 128 rows batched by
-   `jsft.data.batched`: in-process on one thread per core (the tokenizer's Rust batch call releases the GIL, so one
+   `jsft.data.examples` (one path; a conversation split into one document per turn gives one example per document):
+   in-process on one thread per core (the tokenizer's Rust batch call releases the GIL, so one
    thread encodes while another renders templates), or in Grain worker processes when data.dataset_num_proc > 1 (row
    order kept either way; each worker is a spawned process importing grain, jax and transformers, seconds each, so
    they pay off on large datasets only). 2,000 fixture chat rows take ~0.25 s on 2 cores, 2,000 prompt/completion
@@ -33,7 +34,8 @@ Preparation (`prepare_dataset`):
    report counts them). ("Trained target": a trained token after the document's first token, which is never a
    target; TRL also keeps a document whose only trained label is its first token, which trains nothing.) `wrapped`
    cuts after this rule, so a piece of a cut document may train nothing; it is kept (the row's other pieces need
-   its place).
+   its place), but a whole row that trains nothing (cut from inside a long prompt, with assistant_only_loss or
+   prompt/completion data) is dropped and counted: a step of such rows would train nothing.
 5. Rows. Packing: `jsft.data.packing` over the example lengths, in an order shuffled by training.seed when
    data.shuffle_dataset (as TRL shuffles before packing). Without packing each example is its own row, padded to
    max_length; if max_length is None, to the longest example rounded up to a multiple of 64 (one static shape).
@@ -77,7 +79,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jsft.config import ConfigError, DataConfig, SFTConfig, check_data_compatibility
-from jsft.data import packing
+from jsft.data import buckets, packing
 from jsft.data.formats import BadRowError
 from jsft.data.sources import read_split, row_location, source_fingerprint, split_source
 
@@ -120,6 +122,7 @@ class PreparedDataset:
     pad_id: int
     stats: dict
     pad_to_multiple_of: int | None = None  # data.pad_to_multiple_of (unpacked rows only): see step_length
+    buckets: list[int] | None = None  # train_sampling_strategy="group_by_length": the row lengths (data/buckets.py)
 
     @property
     def num_rows(self) -> int:
@@ -138,6 +141,9 @@ class PreparedDataset:
         """
         row_ids = np.asarray(row_ids, dtype=np.int64)
         real = row_ids[row_ids >= 0]
+        if self.buckets is not None and len(real):  # the smallest bucket that holds the longest row
+            longest = int(self.row_lengths[real].max())
+            return next(b for b in self.buckets if b >= longest)
         if self.pad_to_multiple_of is None or len(real) == 0:
             return self.max_length
         m = self.pad_to_multiple_of
@@ -145,6 +151,8 @@ class PreparedDataset:
 
     def lengths(self) -> list[int]:
         """Every L a step can have (the shapes a run compiles for)."""
+        if self.buckets is not None:
+            return list(self.buckets)
         if self.pad_to_multiple_of is None:
             return [self.max_length]
         m, L = self.pad_to_multiple_of, self.max_length
@@ -170,9 +178,9 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 def _code_fingerprint() -> str:
     """The source of the code that turns rows into tokens: editing it invalidates caches."""
-    from jsft.data import batched, chat, formats, templates, token_bytes
+    from jsft.data import batched, chat, examples, formats, templates, token_bytes
 
-    modules = (batched, chat, formats, templates, token_bytes)
+    modules = (batched, chat, examples, formats, templates, token_bytes)
     return hashlib.sha256("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()
 
 
@@ -191,24 +199,27 @@ def bad_row_reason(error) -> str:
 
 
 def _prepare_chunk(chunk: tuple[int, int], dataset, tokenizer, data: DataConfig) -> dict:
-    """prepare_example over rows [start, stop) (batched: jsft.data.batched); runs in a Grain worker or in-process.
-    Bad rows come back as BadRowError objects (they pickle), so the parent raises or counts them in row order."""
-    from jsft.data import batched
+    """prepare_example over rows [start, stop) (jsft.data.examples); runs in a Grain worker or in-process.
+    Bad rows come back as BadRowError objects (they pickle), so the parent raises or counts them in row order.
+    A conversation split into one document per turn gives one example per document, each of the same row."""
+    from jsft.data import examples
 
     start, stop = chunk
     columns = dataset[start:stop]
     names = list(columns)
     rows = [dict(zip(names, values)) for values in zip(*(columns[n] for n in names))]
     ids, masks, kept, bad = [], [], [], []
-    for k, example in enumerate(batched.prepare_examples(rows, tokenizer, data, first_index=start)):
+    for k, example in enumerate(examples.prepare_examples(rows, tokenizer, data, first_index=start)):
         if isinstance(example, Exception):
             bad.append(example)
             if not data.skip_bad_rows:
                 break
             continue
-        ids.append(example["input_ids"])
-        masks.append(example["loss_mask"])
-        kept.append(start + k)
+        ends = np.cumsum(example.get("document_lengths", [len(example["input_ids"])]))
+        for a, b in zip(np.r_[0, ends[:-1]], ends):
+            ids.append(example["input_ids"][a:b])
+            masks.append(example["loss_mask"][a:b])
+            kept.append(start + k)
     return {
         "tokens": np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32),
         "loss_mask": np.concatenate(masks).astype(bool) if masks else np.zeros(0, bool),
@@ -422,12 +433,20 @@ def build_rows(examples: Examples, data: DataConfig, seed: int) -> tuple[packing
             order = np.random.default_rng(seed).permutation(len(example))
         example, start, stop = example[order], start[order], stop[order]
         rows = packing.pack_slices(example, start, stop, row_length, strategy, data.packing_buffer_size)
+    untrained_rows = 0
+    if strategy == "wrapped":  # a row cut from inside a long prompt trains nothing: drop it (a step of such rows
+        # would train nothing); pieces restart as documents, so no kept row loses context by it
+        trained = _trained_targets(examples, rows.example, rows.start, rows.stop)
+        keep = (np.add.reduceat(trained, rows.row_ptr[:-1]) if rows.num_rows else np.zeros(0, np.int64)) > 0
+        untrained_rows = int((~keep).sum())
+        rows = rows.select_rows(keep)
 
     kept = np.isin(np.arange(n), rows.example)
     stats = {
         "rows_read": examples.rows_read,
         "skipped_bad_rows": dict(examples.bad_rows),
         "examples": n,
+        "split_conversations": int(np.sum(np.unique(examples.source_rows, return_counts=True)[1] > 1)),
         "examples_kept": int(kept.sum()),
         "tokens": int(lengths.sum()),
         "truncated_examples": int((truncated & kept).sum()),
@@ -435,6 +454,7 @@ def build_rows(examples: Examples, data: DataConfig, seed: int) -> tuple[packing
         "dropped_no_trained_token": dropped,
         "dropped_unit": "fragments" if strategy == "bfd_split" else "examples",
         "dropped_tokens": dropped_tokens,
+        "dropped_untrained_rows": untrained_rows,
         "row_tokens": rows.tokens,
         "trained_tokens": int(_trained_targets(examples, rows.example, rows.start, rows.stop).sum()),
         "rows": rows.num_rows,
@@ -459,7 +479,11 @@ def prepare_dataset(config: SFTConfig, tokenizer, split: str = "train") -> Prepa
                           "trained tokens or was skipped: raise data.max_length if examples are truncated, check the "
                           "loss settings (completion_only_loss / assistant_only_loss) and the skipped rows above")
     pad_to = None if config.data.packing else config.data.pad_to_multiple_of
-    return PreparedDataset(examples, rows, row_length, int(tokenizer.pad_token_id), stats, pad_to)
+    prepared = PreparedDataset(examples, rows, row_length, int(tokenizer.pad_token_id), stats, pad_to)
+    if split == "train" and config.data.train_sampling_strategy == "group_by_length":
+        prepared.buckets = buckets.choose_buckets(prepared.row_lengths, row_length, config.data.length_buckets)
+        prepared.stats["length_buckets"] = buckets.padding_report(prepared.row_lengths, prepared.buckets, row_length)
+    return prepared
 
 
 def format_stats(stats: dict) -> str:
@@ -470,15 +494,26 @@ def format_stats(stats: dict) -> str:
         f"{s['examples']:,} examples, {s['tokens']:,} tokens",
         f"  skipped bad rows: {sum(s['skipped_bad_rows'].values()):,}",
         *[f"    {count:,} x {reason}" for reason, count in s["skipped_bad_rows"].items()],
+        *([f"  split conversations: {s['split_conversations']:,} (a turn the template renders differently once "
+           "later turns follow is trained in a document of its own, as at inference; data.split_conversations)"]
+          if s.get("split_conversations") else []),
         f"  truncated to {s['row_length']}: {s['truncated_examples']:,} examples, {s['truncated_tokens']:,} tokens"
         if s['truncated_examples'] or s.get('max_length') is not None else "  truncated: none (no max_length)",
         f"  dropped (no trained token after truncation): {s['dropped_no_trained_token']:,} {s['dropped_unit']}, "
         f"{s['dropped_tokens']:,} tokens",
+        *([f"  dropped (wrapped rows with no trained token, cut from inside prompts): {s['dropped_untrained_rows']:,} "
+           "rows"] if s.get("dropped_untrained_rows") else []),
         f"  rows ({'packed ' + s['packing'] if s['packing'] != 'none' else 'one example each'}): {s['rows']:,} rows "
         f"of {s['row_length']} slots, {s['row_tokens']:,} tokens, "
         f"{s['trained_tokens']:,} trained, fill {s['fill_rate']:.1%}, at most {s['max_documents_per_row']} "
         "documents a row",
     ]
+    if "length_buckets" in s:
+        b = s["length_buckets"]
+        saved = 1 - b["padding_tokens"] / max(b["padding_tokens_at_max_length"], 1)
+        lines.append(f"  length buckets (group_by_length): {b['buckets']} with {b['rows_per_bucket']} rows; padding "
+                     f"{b['padding_tokens']:,} tokens instead of {b['padding_tokens_at_max_length']:,} at "
+                     f"{s['row_length']} ({saved:.0%} less)")
     return "\n".join(lines)
 
 
@@ -530,6 +565,9 @@ def steps_per_epoch(prepared: PreparedDataset, global_rows_per_micro_batch: int,
     """Optimizer steps in one epoch. drop_remainder: the rows of a last partial step are dropped
     (`dropped_rows_per_epoch`); else that step is completed with empty rows (eval: every row counted once)."""
     step_rows = global_rows_per_micro_batch * accum_steps
+    if prepared.buckets is not None:  # each bucket's rows make their own steps
+        counts = np.bincount(buckets.bucket_of(prepared.row_lengths, prepared.buckets))
+        return int(sum(c // step_rows if drop_remainder else -(-c // step_rows) for c in counts))
     return prepared.num_rows // step_rows if drop_remainder else -(-prepared.num_rows // step_rows)
 
 
@@ -561,12 +599,31 @@ def batch_dataset(prepared: PreparedDataset, rows_per_micro_batch: int, accum_st
             f"{prepared.num_rows} rows cannot fill one optimizer step of {step_rows} rows (rows_per_micro_batch "
             f"{rows_per_micro_batch} x processes {process_count} x accum_steps {accum_steps}): lower the batch size"
         )
-    ds = grain.MapDataset.range(prepared.num_rows)
-    if shuffle:
-        ds = ds.shuffle(seed=seed % 2**32)
-    ds = ds.batch(step_rows, drop_remainder=drop_remainder).repeat(num_epochs)
+    if prepared.buckets is not None:
+        ds = _bucketed_steps(prepared, step_rows, seed, num_epochs, shuffle, drop_remainder)
+    else:
+        ds = grain.MapDataset.range(prepared.num_rows)
+        if shuffle:
+            ds = ds.shuffle(seed=seed % 2**32)
+        ds = ds.batch(step_rows, drop_remainder=drop_remainder).repeat(num_epochs)
     return ds.map(partial(_process_step, prepared=prepared, rows_per_micro_batch=rows_per_micro_batch,
                           accum_steps=accum_steps, process_index=process_index, process_count=process_count))
+
+
+def _bucketed_steps(prepared: PreparedDataset, step_rows: int, seed: int, num_epochs, shuffle: bool,
+                    drop_remainder: bool):
+    """A grain.MapDataset of steps' row ids, each step from one length bucket, reshuffled every epoch."""
+    import grain
+
+    row_buckets = buckets.bucket_of(prepared.row_lengths, prepared.buckets)
+    epoch_steps = steps_per_epoch(prepared, step_rows, 1, drop_remainder)
+
+    @functools.lru_cache(maxsize=2)
+    def plan(epoch: int) -> np.ndarray:
+        return buckets.bucketed_steps(row_buckets, step_rows, seed, epoch, shuffle, drop_remainder)
+
+    ds = grain.MapDataset.range(epoch_steps).repeat(num_epochs)
+    return ds.map_with_index(lambda index, _: plan(index // epoch_steps)[index % epoch_steps])
 
 
 def batch_iterator(prepared: PreparedDataset, rows_per_micro_batch: int, accum_steps: int, seed: int,

@@ -1,4 +1,6 @@
-"""jsft.data.batched.prepare_examples gives exactly prepare_example's examples and errors, row by row."""
+"""The one row -> example path (jsft.data.examples over jsft.data.batched): a chunk of rows gives each row the example
+and error it gets alone (a batch of one), in its place; a failing batch pins the failing row; the span, BOS and
+completion-start rules. (TRL parity of the examples themselves: test_trl_parity_data.py.)"""
 
 import warnings
 
@@ -7,7 +9,7 @@ import pytest
 
 from jsft import fixtures
 from jsft.config import ConfigError, DataConfig
-from jsft.data import batched, formats
+from jsft.data import batched, examples, formats
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def one_by_one(rows, tokenizer, config):
     out = []
     for i, row in enumerate(rows):
         try:
-            out.append(formats.prepare_example(row, tokenizer, config, row_index=i))
+            out.append(examples.prepare_example(row, tokenizer, config, row_index=i))
         except formats.BadRowError as e:
             out.append(e)
     return out
@@ -59,11 +61,7 @@ def test_batched_equals_one_by_one_on_every_fixture_format(tokenizer, bos_tokeni
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a prompt that is not a token prefix warns once, on either side
         want = one_by_one(rows, tok, config)
-        one_row = formats.prepare_example
-        alone = []
-        monkeypatch.setattr(formats, "prepare_example", lambda row, *a, **k: alone.append(row) or one_row(row, *a, **k))
-        assert_same(batched.prepare_examples(rows, tok, config), want)
-    assert len(alone) == sum(isinstance(w, Exception) for w in want)  # only the bad rows went one by one
+        assert_same(examples.prepare_examples(rows, tok, config), want)
 
 
 def test_mixed_and_bad_rows_keep_their_place_and_their_errors(tokenizer):
@@ -79,7 +77,7 @@ def test_mixed_and_bad_rows_keep_their_place_and_their_errors(tokenizer):
         good[2],
     ]
     config = DataConfig(assistant_only_loss=True, max_length=None)
-    got = batched.prepare_examples(rows, tokenizer, config, first_index=0)
+    got = examples.prepare_examples(rows, tokenizer, config, first_index=0)
     assert_same(got, one_by_one(rows, tokenizer, config))
     assert isinstance(got[1], formats.BadRowError) and isinstance(got[2], formats.BadRowError)
     assert isinstance(got[6], formats.BadRowError)
@@ -107,28 +105,63 @@ def test_bad_and_edge_text_and_prompt_completion_rows(tokenizer, bos_tokenizer, 
         config = DataConfig(completion_only_loss=completion_only, max_length=None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            assert_same(batched.prepare_examples(rows, tok, config, first_index=0), one_by_one(rows, tok, config))
+            assert_same(examples.prepare_examples(rows, tok, config, first_index=0), one_by_one(rows, tok, config))
 
 
 def test_the_prompt_not_a_prefix_warning_still_shows(tokenizer, monkeypatch):
-    monkeypatch.setattr(formats, "_warned_prompt_not_prefix", False)
+    monkeypatch.setattr(batched, "_warned_prompt_not_prefix", False)
     rows = [{"prompt": "spell: 4 =", "completion": "> four"}] * 3
     with pytest.warns(UserWarning, match="not a prefix") as caught:
-        batched.prepare_examples(rows, tokenizer, DataConfig(max_length=None))
+        examples.prepare_examples(rows, tokenizer, DataConfig(max_length=None))
     assert len([w for w in caught if "not a prefix" in str(w.message)]) == 1
 
 
 def test_config_errors_still_raise(tokenizer):
     with pytest.raises(ConfigError, match="assistant_only_loss=True needs conversational rows"):
-        batched.prepare_examples([{"text": "a"}], tokenizer, DataConfig(assistant_only_loss=True, max_length=None))
+        examples.prepare_examples([{"text": "a"}], tokenizer, DataConfig(assistant_only_loss=True, max_length=None))
 
 
-def test_truncating_config_goes_row_by_row(tokenizer):
-    """max_length without packing truncates inside prepare_example: the batched path stays out of it."""
+def test_truncation_without_packing_is_per_row(tokenizer):
+    """max_length without packing truncates each row's example after the batch (keep_end here)."""
     rows = fixtures.make_rows("prompt_completion", 40, 1) + fixtures.make_rows("messages", 40, 1)
     config = DataConfig(max_length=12, truncation_mode="keep_end")
-    assert not batched.batchable(tokenizer, config)
-    assert_same(batched.prepare_examples(rows, tokenizer, config), one_by_one(rows, tokenizer, config))
+    got = examples.prepare_examples(rows, tokenizer, config)
+    full = examples.prepare_examples(rows, tokenizer, DataConfig(max_length=None))
+    for g, f in zip(got, full):
+        if isinstance(g, Exception):
+            assert "truncation" in str(g) and not f["loss_mask"][-12:][1:].any()
+            continue
+        np.testing.assert_array_equal(g["input_ids"], f["input_ids"][-12:])
+    assert_same(got, one_by_one(rows, tokenizer, config))
+
+
+def test_a_failing_batch_pins_the_failing_row_and_says_why(tokenizer_dir):
+    """One conversation the template refuses among good ones: only that row is bad, its error says why (the
+    template's own message); the others get the examples they get alone."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = ("{% for m in messages %}{% if m['content'] == 'boom' %}{{ raise_exception('no boom here') }}"
+                         "{% endif %}{% endfor %}" + tok.chat_template)
+    rows = fixtures.make_rows("messages", 12, 2)
+    rows[5] = {"messages": [{"role": "user", "content": "boom"}, {"role": "assistant", "content": "x"}]}
+    for assistant_only in (False, True):
+        config = DataConfig(assistant_only_loss=assistant_only, max_length=None)
+        got = examples.prepare_examples(rows, tok, config, first_index=100)
+        assert isinstance(got[5], formats.BadRowError) and "row 105" in str(got[5]) and "no boom here" in str(got[5])
+        assert all(not isinstance(g, Exception) for k, g in enumerate(got) if k != 5)
+        assert_same(got, [examples.prepare_examples([r], tok, config, first_index=100 + k)[0]
+                          for k, r in enumerate(rows)])
+
+
+def test_an_error_outside_the_template_is_not_swallowed(tokenizer, monkeypatch):
+    """No silent per-row fallback: a failure that is no row's (here the encoder) propagates."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("encoder broke")
+
+    monkeypatch.setattr(batched, "_encode", broken)
+    with pytest.raises(RuntimeError, match="encoder broke"):
+        examples.prepare_examples(fixtures.make_rows("messages", 4, 0), tokenizer, DataConfig(max_length=None))
 
 
 def _deleting_tokenizer():
@@ -183,26 +216,23 @@ def test_templates_without_markers_infer_the_same_masks_batched(bos_tokenizer_di
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         want = one_by_one(rows, tok, config)
-        one_row = formats.prepare_example
-        alone = []
-        monkeypatch.setattr(formats, "prepare_example", lambda row, *a, **k: alone.append(row) or one_row(row, *a, **k))
-        got = batched.prepare_examples(rows, tok, config)
+        got = examples.prepare_examples(rows, tok, config)
     assert_same(got, want)
-    assert len(alone) == 1 and isinstance(want[-1], formats.BadRowError)
+    assert isinstance(want[-1], formats.BadRowError)
     assert sum(int(w["loss_mask"].sum()) for w in want[:-1]) > 0
 
 
-def test_a_template_inference_refuses_names_its_first_row_batched(bos_tokenizer_dir):
-    from test_templates import DROPS_EARLIER_REASONING, THINKING
+def test_a_template_inference_refuses_names_its_first_row(bos_tokenizer_dir):
+    from test_templates import THINKING, THINKING_GENERATION_PROMPT
     from transformers import AutoTokenizer
 
     from jsft.data.chat import ChatTemplateError
 
     tok = AutoTokenizer.from_pretrained(bos_tokenizer_dir)
-    tok.chat_template = DROPS_EARLIER_REASONING
-    rows = [{"messages": THINKING[:2]}] * 3 + [{"messages": THINKING}] * 2  # one assistant turn: nothing to rewrite
-    with pytest.raises(ChatTemplateError, match="row 13: .*changes earlier turns"):
-        batched.prepare_examples(rows, tok, DataConfig(assistant_only_loss=True, max_length=None), first_index=10)
+    tok.chat_template = THINKING_GENERATION_PROMPT
+    rows = [{"messages": THINKING[:1]}] * 3 + [{"messages": THINKING}] * 2  # no assistant turn: nothing to infer
+    with pytest.raises(ChatTemplateError, match="row 13: .*generation prompt is not how it opens that turn"):
+        examples.prepare_examples(rows, tok, DataConfig(assistant_only_loss=True, max_length=None), first_index=10)
 
 
 @pytest.mark.parametrize("markers", [True, False])
@@ -237,15 +267,12 @@ def test_rows_with_tools_and_template_kwargs_are_batched_by_equal_values(tokeniz
     for assistant_only in (False, True):
         config = DataConfig(assistant_only_loss=assistant_only, max_length=None)
         want = one_by_one(rows, tok, config)
-        one_row = formats.prepare_example
-        alone = []
-        monkeypatch.setattr(formats, "prepare_example", lambda row, *a, **k: alone.append(row) or one_row(row, *a, **k))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            got = batched.prepare_examples(rows, tok, config)
+            got = examples.prepare_examples(rows, tok, config)
         monkeypatch.undo()
         assert_same(got, want)
-        assert len(alone) == 2 and isinstance(want[7], formats.BadRowError) and isinstance(want[8], formats.BadRowError)
+        assert isinstance(want[7], formats.BadRowError) and isinstance(want[8], formats.BadRowError)
         text = tok.decode(got[0]["input_ids"].tolist())
         assert "tool_0" in text and "hello 0" in text
 
@@ -275,12 +302,12 @@ def test_messages_with_reasoning_or_non_string_fields_render_as_apply_chat_templ
         elif i % 3 == 1:
             row["messages"][-1] = {**answer, "score": i}
     config = DataConfig(assistant_only_loss=True, max_length=None)
-    got, want = batched.prepare_examples(rows, tok, config), one_by_one(rows, tok, config)
+    got, want = examples.prepare_examples(rows, tok, config), one_by_one(rows, tok, config)
     assert_same(got, want)
     assert "<think>think 0</think>" in tok.decode(got[0]["input_ids"].tolist())
     assert tok.decode(got[1]["input_ids"][got[1]["loss_mask"]].tolist()).startswith("1")
     strings_only = rows[::3] + rows[2::3]  # reasoning rows among plain ones, every value a string
-    assert_same(batched.prepare_examples(strings_only, tok, config), one_by_one(strings_only, tok, config))
+    assert_same(examples.prepare_examples(strings_only, tok, config), one_by_one(strings_only, tok, config))
 
 
 def test_rows_whose_tools_differ_only_in_key_order_render_their_own_tools(tokenizer_dir):
@@ -297,6 +324,16 @@ def test_rows_whose_tools_differ_only_in_key_order_render_their_own_tools(tokeni
             {"messages": messages, "tools": [{"type": "function", "function": {"name": "f"}}],
              "chat_template_kwargs": {"b": "2", "a": "1"}}]
     config = DataConfig(max_length=None)
-    got = batched.prepare_examples(rows, tok, config)
+    got = examples.prepare_examples(rows, tok, config)
     assert_same(got, one_by_one(rows, tok, config))
     assert not np.array_equal(got[0]["input_ids"], got[1]["input_ids"])
+
+
+def test_a_template_that_does_not_compile_is_a_config_error_not_a_bad_row(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = "{% for m in messages %}{{ m.content }"
+    with pytest.raises(ConfigError, match="chat template does not compile"):
+        examples.prepare_examples(fixtures.make_rows("messages", 3, 0), tok,
+                                  DataConfig(max_length=None, skip_bad_rows=True))
