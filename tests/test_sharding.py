@@ -140,7 +140,7 @@ def test_full_finetune_equals_single_device(base_model, reference, shape):
     init = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(base_model, nnx.Param))}
     run = train(base_model, shape, lora=False)
     assert_same_run(run, reference[False], init)
-    gate = run[3].layers[0].mlp.gate_proj.kernel[...]
+    gate = run[3].layer(0).mlp.gate_proj.kernel[...]
     assert gate.sharding.is_equivalent_to(jax.NamedSharding(mesh_of(shape), P("fsdp", "tensor")), 2)
 
 
@@ -153,7 +153,7 @@ def test_lora_equals_single_device(base_model, reference, shape):
     init = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(init_model, nnx.LoRAParam))}
     assert_same_run(run, ref, init)
     model = run[3]
-    lora_b = model.layers[0].mlp.down_proj.lora_b[...]  # [r, embed]: ("lora_rank", "embed")
+    lora_b = model.layer(0).mlp.down_proj.lora_b[...]  # [r, embed]: ("lora_rank", "embed")
     assert lora_b.sharding.is_equivalent_to(jax.NamedSharding(mesh_of(shape), P(None, "fsdp")), 2)
 
 
@@ -233,7 +233,7 @@ def test_optimizer_state_is_built_in_its_shards(base_model):
 def test_data_parallel_replicates_params_and_splits_batch(base_model):
     mesh = mesh_of((8, 1, 1))
     model = sharding.shard_model(nnx.clone(base_model), mesh)
-    kernel = model.layers[0].mlp.gate_proj.kernel[...]
+    kernel = model.layer(0).mlp.gate_proj.kernel[...]
     assert kernel.is_fully_replicated
     batch = sharding.shard_batch(packed_batch(), mesh)
     ids = batch["input_ids"]
@@ -407,7 +407,7 @@ def test_checkpoint_saved_on_8_devices_restores_on_2(base_model, tmp_path):
     optimizer2 = nnx.Optimizer(model2, optax.adamw(1e-2), wrt=nnx.Param)
     nnx.update(model2, restored["model"])
     nnx.update(optimizer2, restored["optimizer"])
-    kernel = model2.layers[0].mlp.gate_proj.kernel[...]
+    kernel = model2.layer(0).mlp.gate_proj.kernel[...]
     assert kernel.sharding.device_set == set(jax.devices()[:2]) and kernel.addressable_shards[0].data.shape == (32, 128)
     assert int(optimizer2.step[...]) == 1
     with jax.set_mesh(small):

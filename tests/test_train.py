@@ -57,7 +57,7 @@ def test_run_learns_a_repeated_batch_logs_saves_and_exports(tokenizer_dir, small
     assert summary["plan"]["params"] > 0 and summary["plan"]["trainable_params"] == summary["plan"]["params"]
     assert summary["plan"]["attention_impl"] == "xla"  # auto on CPU
     # packing=False: one document a row, so the attention bound handed to the model is 1
-    assert summary["model"].layers[0].self_attn.max_segments == 1
+    assert summary["model"].layer(0).self_attn.max_segments == 1
 
 
 def test_lora_run_keeps_frozen_base_weights_bit_for_bit(tokenizer_dir, small_data, tmp_path):
@@ -235,7 +235,7 @@ def test_the_plan_says_which_attention_runs_and_why_the_probed_candidates_before
     assert plan_line.startswith("plan: attention working (probe passed: max rel err ")
     assert plan_line.endswith("; not broken: its probe failed: RuntimeError: no kernel image is available for "
                               "execution on the device); model.attention_impl='auto', at most "
-                              f"{summary['model'].layers[0].self_attn.max_segments} documents a row")
+                              f"{summary['model'].layer(0).self_attn.max_segments} documents a row")
 
 
 def test_an_explicit_attention_that_cannot_run_here_stops_at_the_plan_with_the_reason(tokenizer_dir, small_data,
