@@ -30,7 +30,7 @@ Every parameter carries logical axis names in its metadata (`var.get_metadata()[
     norm.scale                                            [H]             ("norm",)
     lm_head.kernel (absent when tied)                     [H, V]          ("embed", "vocab")
     <proj>.lora_a / <proj>.lora_b (LoRA, lora.py)        [N, in, r] / [N, r, out]
-                                                          ("layers", in axis, "lora_rank") / ("layers", "lora_rank", out)
+                                                          ("layers", in, "lora_rank") / ("layers", "lora_rank", out)
 
 The N decoder layers are ONE DecoderLayer whose parameters carry a leading layer axis ("layers", never sharded):
 the forward pass scans over it (Llama.run_layers), so a step lowers one layer whatever N is. Llama.layer(i) is a
@@ -443,7 +443,9 @@ class Llama(nnx.Module):
                 (x, rngs), out = one_layer((x, rngs), jax.tree.map(lambda a: a[i], (weights, tuple(per_layer))))
                 outs.append(out)
             outs = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        nnx.update(self.layers, rngs)
+        dropouts = [m for _, m in nnx.iter_modules(self.layers) if isinstance(m, nnx.Dropout)]
+        if any(not m.deterministic and m.rate > 0 for m in dropouts):
+            nnx.update(self.layers, rngs)  # only then advanced: an eval-mode model (generate's loop) stays untouched
         return x, outs
 
     def _check_window(self, length: int):
