@@ -72,14 +72,19 @@ class TrainingConfig:
     max_steps: int = -1
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
-    lr_scheduler_type: str = "linear"  # linear | cosine | cosine_with_min_lr | constant | constant_with_warmup
-    lr_scheduler_kwargs: dict = field(default_factory=dict)  # cosine: num_cycles; cosine_with_min_lr: + min_lr(_rate)
+    lr_scheduler_type: str = "linear"  # transformers' names: linear | cosine | cosine_with_min_lr | polynomial |
+    #   cosine_with_restarts | constant | constant_with_warmup | inverse_sqrt | warmup_stable_decay
+    lr_scheduler_kwargs: dict = field(default_factory=dict)  # each schedule's options: jsft.config.SCHEDULE_KWARGS
     weight_decay: float = 0.0
+    optim: str = "adamw_torch"  # transformers' names: adamw_torch | adafactor | sgd | lion_32bit | muon (optax)
+    optim_args: dict = field(default_factory=dict)  # sgd: momentum, nesterov; muon: beta, ns_steps, nesterov
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     loss_type: str = "nll"  # nll | dft
+    label_smoothing_factor: float = 0.0  # transformers' LabelSmoother (nll only), in training and eval loss
+    neftune_noise_alpha: float | None = None  # NEFTune noise on the input embeddings while training (TRL's formula)
     loss_chunk_size: int = 1024  # tokens per chunk of the lm_head + cross-entropy
     master_weights_fp32: bool = False  # full fine-tuning with bf16 params: keep fp32 master weights in the optimizer
     optimizer_state_dtype: str = "float32"  # float32 | bfloat16
@@ -116,7 +121,10 @@ class LoggingConfig:
     save_steps: int = 500
     save_strategy: str = "steps"  # steps: every save_steps and at the end | epoch: every epoch | no: only on Ctrl-C
     save_total_limit: int | None = 3
-    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + wandb, trackio, mlflow;
+    #   "all": every one installed; "none": nothing
+    run_name: str | None = None  # the run's name in wandb / trackio / mlflow
+    project: str = "huggingface"  # the wandb / trackio project (TRL's default; WANDB_PROJECT overrides for wandb)
     resume_from_checkpoint: bool | None = None  # None: resume when output_dir holds a checkpoint
     export_formats: list[str] = field(default_factory=lambda: ["auto"])  # auto | full | merged | adapter
     num_eval_generations: int = 3
@@ -200,8 +208,10 @@ CHOICES = {
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
     ("data", "train_sampling_strategy"): ("random", "sequential"),
     ("logging", "save_strategy"): ("steps", "epoch", "no"),
-    ("training", "lr_scheduler_type"): ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup"),
+    ("training", "lr_scheduler_type"): ("linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial",
+                                        "constant", "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay"),
     ("training", "loss_type"): ("nll", "dft"),
+    ("training", "optim"): ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "lion_32bit", "muon"),
     ("training", "optimizer_state_dtype"): ("float32", "bfloat16"),
 }
 
@@ -294,6 +304,23 @@ def _validate_ranges(config: SFTConfig) -> None:
         need(("min_lr" in options) != ("min_lr_rate" in options), "training.lr_scheduler_kwargs", options,
              "cosine_with_min_lr needs exactly one of min_lr (the final learning rate) or min_lr_rate (its ratio to "
              "learning_rate)")
+    need(0.0 <= t.label_smoothing_factor < 1.0, "training.label_smoothing_factor", t.label_smoothing_factor,
+         "must be in [0, 1)")
+    need(not (t.label_smoothing_factor and t.loss_type != "nll"), "training.label_smoothing_factor",
+         t.label_smoothing_factor, f"smooths the nll loss only; loss_type={t.loss_type!r} (TRL ignores it there; "
+         "jsft refuses rather than ignore it)")
+    need(t.neftune_noise_alpha is None or t.neftune_noise_alpha >= 0, "training.neftune_noise_alpha",
+         t.neftune_noise_alpha, "must be >= 0 or None")
+    accepted = OPTIM_ARGS.get(t.optim, ())
+    unknown = sorted(set(t.optim_args) - set(accepted))
+    need(not unknown, "training.optim_args", t.optim_args, f"{', '.join(unknown)} is not an argument of "
+         f"optim={t.optim!r} (its arguments: {', '.join(accepted) or 'none'})")
+    if t.lr_scheduler_type == "warmup_stable_decay":
+        need("num_decay_steps" in options, "training.lr_scheduler_kwargs", options,
+             "warmup_stable_decay needs num_decay_steps (steps of the final decay), as transformers' get_wsd_schedule")
+        for key in ("warmup_type", "decay_type"):
+            need(options.get(key, "linear") in ("linear", "cosine", "1-sqrt"), "training.lr_scheduler_kwargs",
+                 options, f"{key} must be one of linear, cosine, 1-sqrt")
     if t.master_weights_fp32 and config.model.dtype == "float32":
         raise ConfigError(
             "training.master_weights_fp32=True with model.dtype='float32': the params already are float32 master "
@@ -323,14 +350,39 @@ def _validate_ranges(config: SFTConfig) -> None:
          "to None)")
     need(lg.save_total_limit is None or lg.save_total_limit >= 1, "logging.save_total_limit", lg.save_total_limit,
          "must be >= 1 or None (keep all)")
-    bad = [r for r in lg.report_to if r not in ("jsonl", "tensorboard")]
-    need(not bad, "logging.report_to", lg.report_to, "choose from jsonl, tensorboard")
+    if isinstance(lg.report_to, str):
+        lg.report_to = [lg.report_to]
+    if "none" in lg.report_to:
+        need(lg.report_to == ["none"], "logging.report_to", lg.report_to, "'none' stands alone")
+        lg.report_to = []
+    if "all" in lg.report_to:  # transformers' "all": every integration installed
+        from jsft.trackers import TRACKERS, installed
+
+        lg.report_to = ["jsonl", "tensorboard"] + [name for name in TRACKERS if installed(name)]
+    bad = [r for r in lg.report_to if r not in REPORT_TO]
+    need(not bad, "logging.report_to", lg.report_to, f"choose from {', '.join(REPORT_TO)}, all, none")
+    from jsft.trackers import installed
+
+    for name in lg.report_to:
+        need(name in ("jsonl", "tensorboard") or installed(name), "logging.report_to", lg.report_to,
+             f"{name} is not installed: pip install 'jsft[{name}]' (or leave it out of report_to)")
     bad = [f for f in lg.export_formats if f not in ("auto", "full", "merged", "adapter")]
     need(not bad, "logging.export_formats", lg.export_formats, "choose from auto, full, merged, adapter")
 
 
 # lr_scheduler_kwargs each schedule takes (transformers' names); jsft.optim.schedule_options reads them.
-SCHEDULE_KWARGS = {"cosine": ("num_cycles",), "cosine_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate")}
+SCHEDULE_KWARGS = {
+    "cosine": ("num_cycles",),
+    "cosine_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate"),
+    "cosine_with_restarts": ("num_cycles",),
+    "polynomial": ("lr_end", "power"),
+    "inverse_sqrt": ("timescale",),
+    "warmup_stable_decay": ("num_decay_steps", "num_stable_steps", "warmup_type", "decay_type", "min_lr_ratio",
+                            "num_cycles"),
+}
+# optim_args each optimizer takes (transformers' optim_args names); jsft.optim reads them.
+OPTIM_ARGS = {"sgd": ("momentum", "nesterov"), "muon": ("beta", "ns_steps", "nesterov")}
+REPORT_TO = ("jsonl", "tensorboard", "wandb", "trackio", "mlflow")
 # The projections LoRA can target (jsft.model.lora.LINEAR_NAMES, kept here so config checks need no JAX).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -519,9 +571,23 @@ def _config_code_error(path: Path, error: Exception) -> ConfigError:
                        "correct the config file there (JSFT_TRACEBACK=1 shows the traceback)")
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> SFTConfig:
-    """Config file + --set overrides, validated."""
-    config = load_config_file(path)
+def load(path: str | Path | None, overrides: list[str] = (), trl_flags: dict | None = None) -> SFTConfig:
+    """Config file + TRL flags (`--learning_rate 1e-4`, jsft.trl_config.parse_flags) + --set overrides, validated.
+
+    A TRL YAML/JSON and the flags are one set of TRL fields (flags win); on a jsft .py config the flags change only
+    what they name. No file: the flags alone are the TRL config, as with `trl sft --model_name_or_path ...`."""
+    from jsft import trl_config
+
+    trl_flags = trl_flags or {}
+    if path is None:
+        config = trl_config.from_trl_dict(trl_flags)
+    elif Path(path).suffix in (".yaml", ".yml", ".json") and Path(path).exists():
+        try:
+            config = trl_config.from_trl_dict({**trl_config.read_trl_file(path), **trl_flags})
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    else:
+        config = trl_config.apply_trl_flags(load_config_file(path), trl_flags)
     for text in overrides:
         apply_override(config, text)
     return validate(config)

@@ -37,23 +37,30 @@ def resolve_formats(config: SFTConfig, formats=None) -> list[str]:
     return resolved
 
 
-def export(model, tokenizer, config: SFTConfig, formats=None, out_dir=None, trained_embeddings=False) -> dict[str, Path]:
+def export(model, tokenizer, config: SFTConfig, formats=None, out_dir=None, trained_embeddings=False,
+           into_out_dir=False) -> dict[str, Path]:
     """Write each format; returns {format: directory}. trained_embeddings: the LoRA run also trained the whole
     embedding and lm_head (new tokens from a cloned chat template, or a grown vocabulary); the adapter then carries
-    them, as PEFT's modules_to_save, so PEFT loads the trained rows."""
+    them, as PEFT's modules_to_save, so PEFT loads the trained rows. into_out_dir: one format, written into
+    out_dir itself (as TRL's save_model(dir) does) instead of out_dir/export or out_dir/adapter."""
     from jsft import hf
 
     out = Path(out_dir) if out_dir is not None else Path(config.logging.output_dir)
+    formats = resolve_formats(config, formats)
+    if into_out_dir and len(formats) != 1:
+        raise ConfigError(f"export into one directory takes one format, got {formats}")
+    where = {"full": "export", "merged": "export", "adapter": "adapter"}
     written = {}
-    for fmt in resolve_formats(config, formats):
+    for fmt in formats:
+        target = out if into_out_dir else out / where[fmt]
         if fmt == "full":
-            written[fmt] = hf.save_model(model, out / "export", tokenizer=tokenizer)
+            written[fmt] = hf.save_model(model, target, tokenizer=tokenizer)
         elif fmt == "merged":
-            written[fmt] = hf.save_merged(model, out / "export", tokenizer=tokenizer)
+            written[fmt] = hf.save_merged(model, target, tokenizer=tokenizer)
         else:
             lc = config.lora
             base = config.model.model_name_or_path or "(random init: model.init_from_scratch)"
-            written[fmt] = hf.save_peft_adapter(model, out / "adapter", base, lc.lora_r, lc.lora_alpha,
+            written[fmt] = hf.save_peft_adapter(model, target, base, lc.lora_r, lc.lora_alpha,
                                                 lc.lora_dropout, lc.lora_target_modules,
                                                 save_embeddings=trained_embeddings)
             padded = _with_dummy_tokens(tokenizer, model.cfg.vocab_size) if trained_embeddings else tokenizer

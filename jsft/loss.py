@@ -7,6 +7,8 @@ divides once by the number of trained tokens in the whole optimizer step (`norma
 Token loss (`loss_type`), with p = softmax(h @ W)[target]:
     nll: -log p
     dft: -stop_gradient(p) * log p        (TRL's DFT, https://huggingface.co/papers/2508.05629)
+    label smoothing eps (nll only, transformers' LabelSmoother, which TRL uses for nll):
+         (1 - eps) * -log p  +  eps * mean over the vocabulary of -log softmax(h @ W)
 Metrics, over trained tokens only (TRL's definitions):
     entropy:  H(softmax(logits)) = logsumexp(z) - sum_v p_v z_v   (no gradient: it is only logged)
     correct:  argmax(logits) == target, where argmax picks the FIRST maximum (a tie with an earlier id is wrong)
@@ -31,14 +33,22 @@ SUM_KEYS = ("loss_sum", "num_trained", "num_correct", "entropy_sum")
 # ----------------------------------------------------------------------------------------------- per-token math
 
 
-def _token_stats(logits, targets, mask, loss_type: str):
-    """logits [N, V] float32, targets [N] int, mask [N] bool -> the four float32 sums over masked tokens."""
+def _check(loss_type: str, smoothing: float) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+    if smoothing and loss_type != "nll":
+        raise ValueError(f"label smoothing {smoothing} with loss_type={loss_type!r}: smoothing applies to nll only")
+
+
+def _token_stats(logits, targets, mask, loss_type: str, smoothing: float = 0.0):
+    """logits [N, V] float32, targets [N] int, mask [N] bool -> the four float32 sums over masked tokens."""
+    _check(loss_type, smoothing)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
     logp = target_logit - log_z
     token_loss = -logp if loss_type == "nll" else -jax.lax.stop_gradient(jnp.exp(logp)) * logp
+    if smoothing:
+        token_loss = (1.0 - smoothing) * token_loss + smoothing * (log_z - jnp.mean(logits, axis=-1))
     probs = jax.lax.stop_gradient(jnp.exp(logits - log_z[:, None]))
     entropy = jax.lax.stop_gradient(log_z) - jnp.sum(probs * jax.lax.stop_gradient(logits), axis=-1)
     correct = jnp.argmax(logits, axis=-1) == targets
@@ -64,14 +74,16 @@ def _flatten(hidden, targets, loss_mask):
 # ----------------------------------------------------------------------------------------------- the losses
 
 
-def unchunked_loss(hidden, lm_head_weight, targets, loss_mask, loss_type: str = "nll", chunk_size: int = 1024):
+def unchunked_loss(hidden, lm_head_weight, targets, loss_mask, loss_type: str = "nll", chunk_size: int = 1024,
+                   smoothing: float = 0.0):
     """Reference: the same sums as `chunked_loss`, with the full [B*L, V] logits in memory. For tests only."""
     del chunk_size
     h, t, m = _flatten(hidden, targets, loss_mask)
-    return _token_stats(_logits(h, lm_head_weight), t, m, loss_type)
+    return _token_stats(_logits(h, lm_head_weight), t, m, loss_type, smoothing)
 
 
-def chunked_loss(hidden, lm_head_weight, targets, loss_mask, loss_type: str = "nll", chunk_size: int = 1024):
+def chunked_loss(hidden, lm_head_weight, targets, loss_mask, loss_type: str = "nll", chunk_size: int = 1024,
+                 smoothing: float = 0.0):
     """Sums of token loss, trained tokens, correct argmaxes and entropy, never holding [B, L, V] logits.
 
     hidden [B, L, H] (final-normed), lm_head_weight [H, V], targets [B, L] int, loss_mask [B, L] bool/float.
@@ -83,10 +95,9 @@ def chunked_loss(hidden, lm_head_weight, targets, loss_mask, loss_type: str = "n
     it in the weight's dtype, which in bf16 loses about 1 % over a few hundred chunks.
 
     Returns float32 scalars {"loss_sum", "num_trained", "num_correct", "entropy_sum"}; divide with `normalize`.
-    Only loss_sum carries a gradient (entropy and the counts are metrics).
+    Only loss_sum carries a gradient (entropy and the counts are metrics). `smoothing`: label smoothing (nll).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+    _check(loss_type, smoothing)
     h, t, m = _flatten(hidden, targets, loss_mask)
     n = h.shape[0]
     chunk = max(1, min(int(chunk_size), n))
@@ -98,15 +109,15 @@ def chunked_loss(hidden, lm_head_weight, targets, loss_mask, loss_type: str = "n
         m = jnp.pad(m, (0, pad))  # padded tokens are masked out
     return _chunked_sums(
         h.reshape(num_chunks, chunk, -1), lm_head_weight, t.reshape(num_chunks, chunk),
-        m.reshape(num_chunks, chunk), loss_type,
+        m.reshape(num_chunks, chunk), loss_type, float(smoothing),
     )
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_sums(h_chunks, w, t_chunks, m_chunks, loss_type):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_sums(h_chunks, w, t_chunks, m_chunks, loss_type, smoothing):
     def step(carry, x):
         h_c, t_c, m_c = x
-        sums = _token_stats(_logits(h_c, w), t_c, m_c, loss_type)
+        sums = _token_stats(_logits(h_c, w), t_c, m_c, loss_type, smoothing)
         return {k: carry[k] + sums[k] for k in SUM_KEYS}, None
 
     init = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
@@ -114,13 +125,14 @@ def _chunked_sums(h_chunks, w, t_chunks, m_chunks, loss_type):
     return sums
 
 
-def _chunked_sums_fwd(h_chunks, w, t_chunks, m_chunks, loss_type):
-    return _chunked_sums(h_chunks, w, t_chunks, m_chunks, loss_type), (h_chunks, w, t_chunks, m_chunks)
+def _chunked_sums_fwd(h_chunks, w, t_chunks, m_chunks, loss_type, smoothing):
+    return _chunked_sums(h_chunks, w, t_chunks, m_chunks, loss_type, smoothing), (h_chunks, w, t_chunks, m_chunks)
 
 
-def _chunked_sums_bwd(loss_type, residuals, cotangents):
+def _chunked_sums_bwd(loss_type, smoothing, residuals, cotangents):
     """d loss_sum / d logits = g * mask * c * (softmax - onehot(target)), c = 1 (nll) or p(target) (dft, whose
-    weight is a constant). Then d hidden = dlogits @ W^T per chunk, d W = sum over chunks of h^T @ dlogits."""
+    weight is a constant); with label smoothing eps the target is (1 - eps) * onehot + eps / V instead of onehot.
+    Then d hidden = dlogits @ W^T per chunk, d W = sum over chunks of h^T @ dlogits."""
     h_chunks, w, t_chunks, m_chunks = residuals
     g = cotangents["loss_sum"]
     dtype = jnp.result_type(h_chunks.dtype, w.dtype)  # the matmul dtype (bf16 when both are bf16)
@@ -131,6 +143,8 @@ def _chunked_sums_bwd(loss_type, residuals, cotangents):
         log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
         probs = jnp.exp(logits - log_z)
         onehot = jax.nn.one_hot(t_c, logits.shape[-1], dtype=jnp.float32)
+        if smoothing:
+            onehot = (1.0 - smoothing) * onehot + smoothing / logits.shape[-1]
         coef = g * m_c.astype(jnp.float32)
         if loss_type == "dft":
             coef = coef * jnp.sum(probs * onehot, axis=-1)

@@ -39,9 +39,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jsft.config import ConfigError, TrainingConfig
+from jsft.config import CHOICES, ConfigError, TrainingConfig
 
-SCHEDULES = ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup")
+SCHEDULES = ("linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial", "constant",
+             "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay")
 
 # transformers.Trainer.get_decay_parameter_names: no weight decay on biases and norm weights.
 NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
@@ -61,21 +62,51 @@ def num_warmup_steps(training: TrainingConfig, total_steps: int) -> int:
     return math.ceil(total_steps * training.warmup_ratio)
 
 
-def schedule_options(training: TrainingConfig) -> dict:
-    """lr_lambda's options from lr_scheduler_kwargs (checked by jsft.config.validate), transformers' defaults filled
-    in: num_cycles 0.5; min_lr_rate, or min_lr turned into min_lr / learning_rate."""
-    kwargs = training.lr_scheduler_kwargs or {}
-    options = {"num_cycles": float(kwargs.get("num_cycles", 0.5))}
-    if training.lr_scheduler_type == "cosine_with_min_lr":
+def schedule_options(training: TrainingConfig, total_steps: int) -> dict:
+    """lr_lambda's options from lr_scheduler_kwargs (checked by jsft.config.validate), with transformers' defaults:
+    num_cycles 0.5 (1 for cosine_with_restarts); min_lr_rate, or min_lr turned into min_lr / learning_rate;
+    polynomial: lr_end 1e-7 and power 1.0, lr_end as a ratio of learning_rate; inverse_sqrt: timescale
+    (default num_warmup_steps or 10_000); warmup_stable_decay: num_decay_steps (required), num_stable_steps
+    (default: what is left of total_steps), warmup_type linear, decay_type cosine, min_lr_ratio 0."""
+    kwargs, name = training.lr_scheduler_kwargs or {}, training.lr_scheduler_type
+    warmup = num_warmup_steps(training, total_steps)
+    options = {"num_cycles": float(kwargs.get("num_cycles", 1 if name == "cosine_with_restarts" else 0.5))}
+    if name == "cosine_with_min_lr":
         rate = kwargs["min_lr"] / training.learning_rate if "min_lr" in kwargs else kwargs["min_lr_rate"]
         options["min_lr_rate"] = float(rate)
+    if name == "polynomial":
+        lr_end = float(kwargs.get("lr_end", 1e-7))
+        if not training.learning_rate > lr_end:
+            raise ConfigError(f"training.lr_scheduler_kwargs: lr_end ({lr_end}) must be smaller than "
+                              f"training.learning_rate ({training.learning_rate}) for lr_scheduler_type='polynomial'")
+        options.update(min_lr_rate=lr_end / training.learning_rate, power=float(kwargs.get("power", 1.0)))
+    if name == "inverse_sqrt":
+        options["timescale"] = int(kwargs.get("timescale") or warmup or 10_000)
+    if name == "warmup_stable_decay":
+        decay = int(kwargs["num_decay_steps"])
+        options.update(num_decay_steps=decay,
+                       num_stable_steps=int(kwargs.get("num_stable_steps", total_steps - warmup - decay)),
+                       warmup_type=kwargs.get("warmup_type", "linear"), decay_type=kwargs.get("decay_type", "cosine"),
+                       min_lr_rate=float(kwargs.get("min_lr_ratio", 0.0)))
     return options
 
 
-def lr_lambda(name: str, step, warmup: int, total: int, num_cycles: float = 0.5, min_lr_rate: float = 0.0):
+def _shape(kind: str, progress):
+    """transformers' warmup/decay shapes for warmup_stable_decay: progress in [0, 1] -> factor."""
+    if kind == "linear":
+        return progress
+    if kind == "cosine":
+        return 0.5 * (1.0 - jnp.cos(jnp.pi * progress))
+    return 1.0 - jnp.sqrt(1.0 - progress)  # 1-sqrt
+
+
+def lr_lambda(name: str, step, warmup: int, total: int, num_cycles: float = 0.5, min_lr_rate: float = 0.0,
+              power: float = 1.0, timescale: int = 10_000, num_decay_steps: int = 0, num_stable_steps: int = 0,
+              warmup_type: str = "linear", decay_type: str = "cosine"):
     """transformers' lr_lambda for `name` at optimizer step `step` (a multiplier of learning_rate), in jnp."""
     step = jnp.asarray(step, jnp.float32)
     warm = step / max(1.0, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
     if name == "constant":
         return jnp.ones_like(step)
     if name == "constant_with_warmup":
@@ -83,9 +114,26 @@ def lr_lambda(name: str, step, warmup: int, total: int, num_cycles: float = 0.5,
     elif name == "linear":
         after = jnp.maximum(0.0, (total - step) / max(1, total - warmup))
     elif name in ("cosine", "cosine_with_min_lr"):  # num_cycles = 0.5: one half cosine from 1 to min_lr_rate
-        progress = (step - warmup) / max(1, total - warmup)
         cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * num_cycles * 2.0 * progress))
         after = jnp.maximum(0.0, cosine * (1.0 - min_lr_rate) + min_lr_rate)
+    elif name == "cosine_with_restarts":  # num_cycles hard restarts, 0 from the last step on
+        cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.mod(num_cycles * progress, 1.0)))
+        after = jnp.where(progress >= 1.0, 0.0, jnp.maximum(0.0, cosine))
+    elif name == "polynomial":  # from 1 to lr_end / learning_rate (= min_lr_rate) as (1 - progress) ** power
+        remaining = jnp.maximum(0.0, 1.0 - progress)
+        after = jnp.where(step > total, min_lr_rate, (1.0 - min_lr_rate) * remaining**power + min_lr_rate)
+    elif name == "inverse_sqrt":
+        after = 1.0 / jnp.sqrt((step + timescale - warmup) / timescale)
+    elif name == "warmup_stable_decay":  # warmup from min_lr_rate, stable at 1, decay to min_lr_rate, then flat
+        up = _shape(warmup_type, jnp.clip(warm, 0.0, 1.0)) * (1.0 - min_lr_rate) + min_lr_rate
+        decay_progress = jnp.clip((step - warmup - num_stable_steps) / max(1, num_decay_steps), 0.0, 1.0)
+        down = 1.0 - decay_progress if decay_type == "linear" else (
+            0.5 * (1.0 + jnp.cos(jnp.pi * num_cycles * 2.0 * decay_progress)) if decay_type == "cosine"
+            else 1.0 - jnp.sqrt(decay_progress))
+        down = jnp.maximum(0.0, down * (1.0 - min_lr_rate) + min_lr_rate)
+        after = jnp.where(step < warmup + num_stable_steps, 1.0,
+                          jnp.where(step < warmup + num_stable_steps + num_decay_steps, down, min_lr_rate))
+        return jnp.where(step < warmup, jnp.maximum(0.0, up), after)
     else:
         raise ConfigError(f"training.lr_scheduler_type={name!r}: choose one of {', '.join(SCHEDULES)}")
     return jnp.where(step < warmup, warm, after)
@@ -96,7 +144,7 @@ def make_schedule(training: TrainingConfig, total_steps: int):
     warmup = num_warmup_steps(training, total_steps)
     name, lr = training.lr_scheduler_type, training.learning_rate
     lr_lambda(name, 0, warmup, total_steps)  # unknown names fail here, not inside jit
-    options = schedule_options(training)
+    options = schedule_options(training, total_steps)
 
     def schedule(step):
         return (lr * lr_lambda(name, step, warmup, total_steps, **options)).astype(jnp.float32)
@@ -166,18 +214,66 @@ def make_optimizer(training: TrainingConfig, total_steps: int):
         raise ConfigError(f"total_steps={total_steps}: need at least one optimizer step (check training.max_steps, "
                           "training.num_train_epochs and the dataset size)")
     schedule = make_schedule(training, total_steps)
-    mu_dtype = jnp.bfloat16 if training.optimizer_state_dtype == "bfloat16" else jnp.float32
     parts = []
     if training.max_grad_norm and training.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(training.max_grad_norm))
-    parts.append(_scale_by_adam_fp32_nu(training.adam_beta1, training.adam_beta2, training.adam_epsilon, mu_dtype))
-    if training.weight_decay:
-        parts.append(optax.add_decayed_weights(training.weight_decay, mask=decay_mask))
-    parts.append(optax.scale_by_learning_rate(schedule))
+    parts.extend(_update_rule(training, schedule))
     tx = optax.chain(*parts)
     if training.master_weights_fp32:
         tx = with_fp32_master_weights(tx)
     return tx, schedule
+
+
+def _update_rule(training: TrainingConfig, schedule) -> list:
+    """The optimizer after clipping, as optax parts (weight decay only where `decays`).
+
+    adamw_torch(_fused): torch.optim.AdamW, decoupled decay.
+    adafactor:  transformers' Adafactor as its Trainer makes it (scale_parameter=False, relative_step=False,
+                no first moment, eps 1e-30, update clipped to RMS 1, decay rate step**-0.8, every matrix factored);
+                decay p -= lr * weight_decay * p.
+    sgd:        torch.optim.SGD: weight decay added to the gradient (L2, coupled) before momentum
+                (optim_args momentum, default 0; nesterov, default False), dampening 0.
+    lion_32bit: bitsandbytes' Lion with betas (adam_beta1, adam_beta2), decoupled decay.
+    muon:       optax.contrib.muon (Newton-Schulz orthogonalized momentum on every matrix, its Adam on the rest,
+                batch axes in front, reduction axis -2, output axis -1); decoupled decay.
+    """
+    name, wd, args = training.optim, training.weight_decay, training.optim_args or {}
+    decay = [optax.add_decayed_weights(wd, mask=decay_mask)] if wd else []
+    lr = [optax.scale_by_learning_rate(schedule)]
+    if name in ("adamw_torch", "adamw_torch_fused"):
+        mu_dtype = jnp.bfloat16 if training.optimizer_state_dtype == "bfloat16" else jnp.float32
+        return [_scale_by_adam_fp32_nu(training.adam_beta1, training.adam_beta2, training.adam_epsilon, mu_dtype),
+                *decay, *lr]
+    if name == "adafactor":
+        return [optax.scale_by_factored_rms(factored=True, decay_rate=0.8, min_dim_size_to_factor=1, epsilon=1e-30),
+                optax.clip_by_block_rms(1.0), *decay, *lr]
+    if name == "sgd":
+        momentum = float(args.get("momentum", 0.0))
+        nesterov = str(args.get("nesterov", "false")).lower() in ("true", "1", "yes")
+        return [*decay, *([optax.trace(momentum, nesterov=nesterov)] if momentum else []), *lr]
+    if name == "lion_32bit":
+        return [optax.scale_by_lion(b1=training.adam_beta1, b2=training.adam_beta2), *decay, *lr]
+    if name == "muon":
+        from optax.contrib import muon  # a whole optimizer (its own lr and decay): used as the update rule
+
+        return [muon(schedule, beta=float(args.get("beta", 0.95)), ns_steps=int(args.get("ns_steps", 5)),
+                     nesterov=str(args.get("nesterov", "true")).lower() in ("true", "1", "yes"),
+                     weight_decay=wd, weight_decay_mask=decay_mask, adam_b1=training.adam_beta1,
+                     adam_b2=training.adam_beta2, eps=training.adam_epsilon, adam_weight_decay=wd,
+                     muon_weight_dimension_numbers=_muon_dimensions)]
+    raise ConfigError(f"training.optim={name!r}: choose one of {', '.join(CHOICES['training', 'optim'])}")
+
+
+def _muon_dimensions(params):
+    """Muon's axes for each param: matrices (ndim >= 2, stacked layers in front) orthogonalized over their last two
+    axes; vectors (norms, biases) None, so Muon's Adam updates them. Embedding and lm_head rows are matrices too, as
+    in optax's default; users who want them on Adam can say so in a future knob."""
+    from optax.contrib import MuonDimensionNumbers
+
+    def dims(p):
+        return MuonDimensionNumbers(reduction_axis=p.ndim - 2, output_axis=p.ndim - 1) if p.ndim >= 2 else None
+
+    return jax.tree.map(dims, params)
 
 
 def _scale_by_adam_fp32_nu(b1, b2, eps, mu_dtype) -> optax.GradientTransformation:

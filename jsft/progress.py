@@ -20,10 +20,12 @@ from tqdm.auto import tqdm
 
 class MetricsWriter:
     def __init__(self, output_dir, report_to=("jsonl", "tensorboard"), resume_step: int | None = None,
-                 enabled: bool = True):
+                 enabled: bool = True, trackers: list | None = None):
+        """trackers: open jsft.trackers (wandb, trackio, mlflow) that get every record too."""
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.tensorboard = None
+        self.trackers = list(trackers or [])
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,10 +52,14 @@ class MetricsWriter:
                 if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
                     self.tensorboard.add_scalar(key, value, step)
             self.tensorboard.flush()
+        for tracker in self.trackers:
+            tracker.log(int(step), record)
 
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _plain(value):

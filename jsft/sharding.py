@@ -157,16 +157,19 @@ def model_specs(state, mesh):
     """An nnx.State (or a graph node: model, optimizer) -> the same tree with a PartitionSpec in each Variable.
 
     Works on abstract state (from nnx.eval_shape) as well as real arrays, and on an abstract mesh. Variables
-    without logical axes (step counters, rng keys, scalars) are replicated: P().
+    without logical axes (step counters, rng keys, scalars) are replicated: P(). So is optimizer state whose
+    shape is not its param's (Adafactor's factored row/column statistics, placeholders): a vector per matrix.
     """
     if not isinstance(state, nnx.State):
         state = nnx.state(state)
 
     def one(path, variable):
         names = _logical_names(variable)
-        if names is None:
+        shape = np.shape(variable.get_value())
+        optimizer_stat = bool(path) and str(getattr(path[0], "key", path[0])) == "opt_state"
+        if names is None or (optimizer_stat and (len(names) != len(shape) or math.prod(shape) == 1)):
             return variable.replace(PartitionSpec())
-        return variable.replace(logical_to_spec(tuple(names), np.shape(variable.get_value()), mesh, _path_name(path)))
+        return variable.replace(logical_to_spec(tuple(names), shape, mesh, _path_name(path)))
 
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

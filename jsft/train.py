@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jsft import checkpoint, progress, sharding, step
+from jsft import trackers as trackers_lib
 from jsft.config import ConfigError, SFTConfig, load, validate
 from jsft.loss import effective_seq_len, flops_per_token, lora_frozen_params, mfu, normalize, peak_tflops
 
@@ -257,8 +258,7 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
     try:
         with jax.set_mesh(mesh):
             compiled = step.train_step.lower(model, optimizer, _abstract_batch(batch, mesh, L),
-                                             loss_type=config.training.loss_type,
-                                             chunk_size=config.training.loss_chunk_size, schedule=schedule).compile()
+                                             **step.train_options(config.training), schedule=schedule).compile()
         mem = compiled.memory_analysis()
         if mem is not None:
             gib = lambda n: n / 2**30  # noqa: E731
@@ -294,7 +294,8 @@ def evaluate(config, model, eval_data, mesh, rows_per_micro_batch: int) -> dict:
             length = eval_data.step_length(np.arange(start, min(start + global_rows, eval_data.num_rows)))
             batch = _padded_rows(eval_data, mine[mine < eval_data.num_rows], rows_per_micro_batch, length)
             sums = step.eval_step(model, sharding.shard_batch(batch, mesh), loss_type=config.training.loss_type,
-                                  chunk_size=config.training.loss_chunk_size)
+                                  chunk_size=config.training.loss_chunk_size,
+                                  label_smoothing=config.training.label_smoothing_factor)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     means = normalize(totals, totals["num_trained"])
     return {f"eval_{k}": float(v) for k, v in means.items()}
@@ -385,7 +386,7 @@ def resume_hint(lc) -> str:
     return "Resume with the same command (or --resume)."
 
 
-def run(config: SFTConfig) -> dict:
+def run(config: SFTConfig, callbacks=()) -> dict:
     """Train as the config says; returns a summary: steps, last logged metrics, the plan, export paths, demo
     results, and "model" (the trained model object, for callers in the same process)."""
     # ---- config and devices
@@ -463,14 +464,15 @@ def run(config: SFTConfig) -> dict:
         window = meta.get("log_window", [])  # the steps since the last log: the next log covers them too
         tokens_seen -= sum(m["num_tokens"] for m in window)
         print(f"resume: checkpoint {start_step} from {checkpoint.checkpoint_dir(out)}")
-    writer = progress.MetricsWriter(out, lc.report_to, resume_step=start_step, enabled=is_main)
+    trackers = trackers_lib.open_trackers(lc.report_to, lc.project, lc.run_name, dataclasses.asdict(config), out) \
+        if is_main else []
+    writer = progress.MetricsWriter(out, lc.report_to, resume_step=start_step, enabled=is_main, trackers=trackers)
 
     # ---- the plan
     first = next(data_it)
     plan, compiled = print_plan(config, model, optimizer, wrt, first, mesh, total_steps, start_step, schedule,
                                 train_data)
-    train_step = PlannedStep(compiled, train_data.max_length, loss_type=tc.loss_type, chunk_size=tc.loss_chunk_size,
-                             schedule=schedule)
+    train_step = PlannedStep(compiled, train_data.max_length, **step.train_options(tc), schedule=schedule)
     peak = peak_tflops(override=tc.peak_tflops)
     hf_cfg = model.cfg.hf_config
     flop_counts = {}  # LoRA: MFU counts no gradient for the frozen weights (jsft.loss.flops_per_token)
@@ -479,6 +481,9 @@ def run(config: SFTConfig) -> dict:
                            frozen_params=lora_frozen_params(hf_cfg, head_trains=wrt_embeddings))
 
     # ---- the loop
+    from jsft.callbacks import Callbacks
+
+    run_callbacks, last_eval = Callbacks(callbacks), {}
     interrupt = _Interrupt()
     bar = progress.progress_bar(total_steps, start_step, disable=lc.disable_tqdm or not is_main)
     throughput = progress.Throughput()
@@ -507,16 +512,18 @@ def run(config: SFTConfig) -> dict:
                     util = mfu(rate, flops_per_token(hf_cfg, seq, **flop_counts), jax.device_count(), peak)
                     last_metrics = _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util)
                     writer.write(step_no, last_metrics)
+                    run_callbacks.log(step_no, last_metrics)
                     bar.set_postfix(progress.bar_postfix(last_metrics, rate, util))
                     window = []
                 if eval_data is not None and lc.eval_steps and step_no % lc.eval_steps == 0:
-                    _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
+                    last_eval = _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
+                    run_callbacks.log(step_no, last_eval)
                     throughput = progress.Throughput()  # tokens/s counts training time only
                 if should_save(lc, step_no, epoch_steps) or interrupt.requested:
                     checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
                                     _progress_state(window, tokens_seen, config))
                     saved_step = step_no
-                if interrupt.requested:
+                if interrupt.requested or run_callbacks.stop_requested:
                     break
     finally:
         interrupt.restore()
@@ -528,13 +535,18 @@ def run(config: SFTConfig) -> dict:
     manager.close()
 
     summary = {"steps": step_no, "total_steps": total_steps, "interrupted": interrupt.requested, "plan": plan,
-               "last_metrics": last_metrics, "output_dir": str(out), "exports": {}, "model": model}
+               "last_metrics": last_metrics, "output_dir": str(out), "exports": {}, "model": model,
+               "tokenizer": tokenizer, "trained_embeddings": wrt_embeddings, "stopped_by_callback":
+               run_callbacks.stop_requested}
     if interrupt.requested:
         print(f"stopped at step {step_no}; checkpoint saved. {resume_hint(lc)}")
         writer.close()
         return summary
     if eval_data is not None and not (lc.eval_steps and step_no % lc.eval_steps == 0):
-        summary["eval"] = _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, None)
+        last_eval = _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, None)
+        run_callbacks.log(step_no, last_eval)
+    if eval_data is not None:
+        summary["eval"] = last_eval
 
     # ---- export
     from jsft.export import export
@@ -549,6 +561,7 @@ def run(config: SFTConfig) -> dict:
         with eval_mode(model):
             summary["demo"] = demo.after_training(model, tokenizer, config, summary, demo_before)
     writer.close()
+    run_callbacks.train_end(summary)
     return summary
 
 
@@ -587,6 +600,22 @@ def eval_mode(model):
         model.train()
 
 
+def evaluate_only(config: SFTConfig) -> dict:
+    """The eval metrics of the configured model as it is (no training): the Python API's evaluate() before
+    train()."""
+    from jsft.data.pipeline import prepare_dataset
+
+    sharding.initialize_distributed(config.sharding)
+    mesh = sharding.create_mesh(config.sharding)
+    tokenizer, _ = build_tokenizer(config)
+    eval_data = prepare_dataset(config, tokenizer, "eval")
+    model, _ = build_model(config, tokenizer, mesh)
+    model.set_max_segments(eval_data.stats["max_documents_per_row"])
+    rows = config.training.per_device_eval_batch_size * math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    with eval_mode(model):
+        return evaluate(config, model, eval_data, mesh, rows // sharding.data_process_split(mesh)[1])
+
+
 def _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar) -> dict:
     rows = config.training.per_device_eval_batch_size * math.prod(mesh.shape[a] for a in ("data", "fsdp"))
     with eval_mode(model):
@@ -605,17 +634,26 @@ def _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar) -
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jsft.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="a configs/<name>.py file (or a TRL SFTConfig YAML/JSON)")
+    parser.add_argument("--config", default=None, help="a configs/<name>.py file (or a TRL SFTConfig YAML/JSON)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field (repeatable)")
     parser.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint")
-    return parser.parse_args(argv)
+    parser.epilog = ("Any TRL SFTConfig/ModelConfig/ScriptArguments field is also a flag, as `trl sft` takes it: "
+                     "--learning_rate 1e-4 --max_length 4096 --packing (applied over --config; without --config "
+                     "they are the whole TRL config).")
+    args, rest = parser.parse_known_args(argv)
+    from jsft.trl_config import parse_flags
+
+    args.trl_flags = parse_flags(rest)
+    if args.config is None and not args.trl_flags:
+        parser.error("give --config FILE, or TRL flags such as --model_name_or_path and --dataset_name")
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     overrides = list(args.set) + (["logging.resume_from_checkpoint=true"] if args.resume else [])
-    config = load(args.config, overrides)
+    config = load(args.config, overrides, args.trl_flags)
     started = time.perf_counter()
     summary = run(config)
     if summary["interrupted"]:

@@ -94,13 +94,11 @@ def _eval(value, values):
 
 
 def _report_to(value, values):
+    """TRL report_to -> logging.report_to, metrics.jsonl always kept (jsft's resume reads it); 'all' is
+    resolved by jsft.config.validate (every tracker installed)."""
     names = [] if value in (None, "none") else [value] if isinstance(value, str) else list(value)
     names = [n for n in names if n != "none"]
-    unsupported = [n for n in names if n != "tensorboard"]
-    if unsupported:
-        raise ConfigError(f"TRL report_to={value!r}: jsft logs to a jsonl file and tensorboard only; "
-                          f"{', '.join(unsupported)} is not supported")
-    return {"logging.report_to": ["jsonl"] + names}
+    return {"logging.report_to": ["jsonl"] + [n for n in names if n != "jsonl"]}
 
 
 def _resume(value, values):
@@ -152,6 +150,27 @@ def _one_of(accepted, why):
 
     convert.accepted = accepted
     return convert
+
+
+def _optim(value, values):
+    """TRL optim -> training.optim: jsft has adamw_torch(_fused), adafactor, sgd, lion_32bit (also spelled
+    paged_lion_32bit: no paging on accelerators with one memory) and muon."""
+    name = {"paged_lion_32bit": "lion_32bit", "adamw_torch_fused": "adamw_torch"}.get(value, value)
+    return {"training.optim": name}
+
+
+def _optim_args(value, values):
+    """TRL's optim_args string "momentum=0.9,nesterov=True" -> training.optim_args {"momentum": "0.9", ...}."""
+    if not value:
+        return {}
+    if isinstance(value, dict):
+        return {"training.optim_args": value}
+    try:
+        pairs = dict(item.split("=") for item in value.replace(" ", "").split(","))
+    except ValueError:
+        raise ConfigError(f"TRL optim_args={value!r}: write it as key=value pairs separated by commas, as "
+                          "transformers parses it (e.g. 'momentum=0.9,nesterov=True')") from None
+    return {"training.optim_args": pairs}
 
 
 def _pad_to_multiple_of(value, values):
@@ -247,10 +266,8 @@ TRL_FIELDS: dict[str, tuple] = {
     "lr_scheduler_kwargs": (None, _scheduler_kwargs, ""),
     "warmup_steps": (0, _warmup, ""),
     "warmup_ratio": (0.0, _with("warmup_steps"), ""),  # transformers < 5
-    "optim": ("adamw_torch_fused", _one_of(("adamw_torch_fused", "adamw_torch"), "TRL optim: jsft's optimizer "
-                                           "is AdamW (optax), the same as adamw_torch(_fused); others are not "
-                                           "supported"), ""),
-    "optim_args": (None, NO_KNOB, "optimizer arguments beyond AdamW's are not supported"),
+    "optim": ("adamw_torch_fused", _optim, ""),
+    "optim_args": (None, _optim_args, ""),
     "optim_target_modules": (None, NO_KNOB, "GaLore-style optimizers are not supported"),
     "weight_decay": (0.0, "training.weight_decay", ""),
     "adam_beta1": (0.9, "training.adam_beta1", ""),
@@ -265,8 +282,8 @@ TRL_FIELDS: dict[str, tuple] = {
     "seed": (42, "training.seed", ""),
     "loss_type": ("nll", _renamed("training.loss_type", {"chunked_nll": "nll"}), ""),
     "average_tokens_across_devices": (True, NO_KNOB, "jsft always divides by the trained tokens of all devices"),
-    "label_smoothing_factor": (0.0, NO_KNOB, "label smoothing is not supported"),
-    "neftune_noise_alpha": (None, NO_KNOB, "NEFTune is not supported"),
+    "label_smoothing_factor": (0.0, "training.label_smoothing_factor", ""),
+    "neftune_noise_alpha": (None, "training.neftune_noise_alpha", ""),
     "router_aux_loss_coef": (None, NO_KNOB, "MoE models are not supported"),
     "auto_find_batch_size": (False, NO_KNOB, "set per_device_train_batch_size explicitly"),
     "full_determinism": (False, NO_EFFECT, "jsft runs are deterministic for a seed on a given device"),
@@ -300,8 +317,8 @@ TRL_FIELDS: dict[str, tuple] = {
     "include_num_input_tokens_seen": ("no", NO_EFFECT, "jsft always logs num_tokens"),
     "disable_tqdm": (None, _default_none("logging.disable_tqdm", False), ""),
     "report_to": ("none", _report_to, ""),
-    "run_name": (None, NO_EFFECT, "a logging-backend name"),
-    "project": ("huggingface", NO_EFFECT, "a logging-backend name"),
+    "run_name": (None, "logging.run_name", ""),
+    "project": ("huggingface", "logging.project", ""),
     "trackio_space_id": (None, NO_EFFECT, "a logging-backend setting"),
     "trackio_bucket_id": (None, NO_EFFECT, "a logging-backend setting"),
     "trackio_static_space_id": (None, NO_EFFECT, "a logging-backend setting"),
@@ -374,42 +391,118 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-def from_trl_dict(values: dict) -> SFTConfig:
-    """Flat TRL fields -> SFTConfig (see the module docstring). Raises ConfigError naming the field."""
+def _renamed_fields(values: dict) -> dict:
     values = dict(values)
     for old, new in RENAMED.items():
         if old in values:
             if new in values:
                 raise ConfigError(f"TRL config has both {old!r} and its new name {new!r}: keep only {new!r}")
             values[new] = values.pop(old)
-    unknown = [k for k in values if k not in TRL_FIELDS]
-    if unknown:
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, list(TRL_FIELDS), n=2)
-            hints.append(f"{name!r}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
-        raise ConfigError(f"unknown TRL config field(s): {', '.join(hints)}. jsft reads the fields of TRL's "
-                          "SFTConfig, ModelConfig and ScriptArguments.")
+    return values
 
-    merged = {name: default for name, (default, _, _) in TRL_FIELDS.items()}
-    merged.update(values)
-    config = SFTConfig()
+
+def _unknown_fields(values: dict) -> list[str]:
+    problems = []
+    for name in values:
+        if name not in TRL_FIELDS:
+            close = difflib.get_close_matches(name, list(TRL_FIELDS), n=2)
+            problems.append(f"unknown TRL field {name!r}" + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                            + "; jsft reads the fields of TRL's SFTConfig, ModelConfig and ScriptArguments")
+    return problems
+
+
+def _conversions(merged: dict) -> tuple[dict, list[str]]:
+    """Every TRL field of `merged` through the table -> ({TRL field: {jsft dotted path: value}}, [each refusal])."""
+    converted, problems = {}, []
     for name, (default, target, why) in TRL_FIELDS.items():
         value = merged[name]
         if target == NO_EFFECT:
             continue
         if target == NO_KNOB:
             if not _equal(value, default):
-                raise ConfigError(f"TRL {name}={value!r} is not supported by jsft ({why}). "
-                                  f"Remove it or set it to TRL's default {default!r}.")
+                problems.append(f"TRL {name}={value!r} is not supported by jsft ({why}). "
+                                f"Remove it or set it to TRL's default {default!r}.")
             continue
-        updates = {target: value} if isinstance(target, str) else target(value, merged)
+        try:
+            converted[name] = {target: value} if isinstance(target, str) else target(value, merged)
+        except ConfigError as e:
+            problems.append(f"TRL {name}={value!r}: {e}")
+    return converted, problems
+
+
+def _apply(config: SFTConfig, converted: dict, merged: dict, problems: list[str]) -> SFTConfig:
+    for name, updates in converted.items():
         for path, new in updates.items():
             try:
                 set_field(config, path, new)
             except ConfigError as e:  # its message starts with the jsft field
-                raise ConfigError(f"TRL {name}={value!r} -> {e}") from None
+                problems.append(f"TRL {name}={merged[name]!r} -> {e}")
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems, fix them all:\n  - " + "\n  - ".join(problems))
     return config
+
+
+def _defaults() -> dict:
+    return {name: default for name, (default, _, _) in TRL_FIELDS.items()}
+
+
+def from_trl_dict(values: dict) -> SFTConfig:
+    """Flat TRL fields -> SFTConfig (see the module docstring). Raises one ConfigError naming EVERY refused field
+    (a typical TRL recipe should not take one edit-and-rerun per refusal)."""
+    values = _renamed_fields(values)
+    merged = {**_defaults(), **{k: v for k, v in values.items() if k in TRL_FIELDS}}
+    converted, refused = _conversions(merged)
+    return _apply(SFTConfig(), converted, merged, _unknown_fields(values) + refused)
+
+
+def apply_trl_flags(config: SFTConfig, flags: dict) -> SFTConfig:
+    """TRL fields given as flags (`--learning_rate 1e-4`) on top of a jsft config: only what those fields change.
+    The table converts them with TRL's defaults for the other fields; a field whose conversion then differs from
+    its conversion of the defaults (warmup_steps, when --warmup_ratio is given) is applied whole, the others not."""
+    flags = _renamed_fields(flags)
+    merged = {**_defaults(), **{k: v for k, v in flags.items() if k in TRL_FIELDS}}
+    base, _ = _conversions(_defaults())
+    converted, refused = _conversions(merged)
+    changed = {name: updates for name, updates in converted.items() if name in flags or updates != base.get(name)}
+    return _apply(config, changed, merged, _unknown_fields(flags) + refused)
+
+
+def parse_flags(argv: list[str]) -> dict:
+    """TRL's flat flags, as `trl sft` (HfArgumentParser) takes them -> {field: value}.
+
+    `--learning_rate 1e-4`, `--max_length=4096`; a boolean field alone is true (`--packing`), `--no_packing` false;
+    several words are a list (`--lora_target_modules q_proj v_proj`). Values parse like --set values."""
+    from jsft.config import parse_value
+
+    flags, i = {}, 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"unexpected argument {token!r}: TRL flags look like --field value (or --field=value)")
+        name, eq, raw = token[2:].partition("=")
+        i += 1
+        words = [raw] if eq else []
+        while not eq and i < len(argv) and not argv[i].startswith("--"):
+            words.append(argv[i])
+            i += 1
+        negated = name.startswith("no_") and name not in TRL_FIELDS and name[3:] in TRL_FIELDS
+        field_name = name[3:] if negated else name
+        default = TRL_FIELDS.get(RENAMED.get(field_name, field_name), (None,))[0]
+        if negated:
+            if words:
+                raise ConfigError(f"--{name} takes no value (it sets {field_name} to false)")
+            flags[field_name] = False
+        elif not words:
+            if not isinstance(default, bool):
+                raise ConfigError(f"--{name} needs a value" + ("" if field_name in TRL_FIELDS or field_name in RENAMED
+                                                              else " (and is not a TRL field)"))
+            flags[field_name] = True
+        else:
+            values = [parse_value(w) for w in words]
+            flags[field_name] = values[0] if len(values) == 1 else values
+    return flags
 
 
 def read_trl_file(path: str | Path) -> dict:

@@ -15,8 +15,11 @@ class StandinLM(nnx.Module):
         self.mix = nnx.Linear(2 * hidden, hidden, rngs=rngs)
         self.head = nnx.Param(nnx.initializers.normal(0.5)(rngs.params(), (hidden, vocab)))
 
-    def hidden_states(self, input_ids, positions, segment_ids):
-        x = self.embed(input_ids) + self.pos(positions)
+    def hidden_states(self, input_ids, positions, segment_ids, embed_noise=None):
+        x = self.embed(input_ids)
+        if embed_noise is not None:
+            x = x + embed_noise(x)
+        x = x + self.pos(positions)
         L = input_ids.shape[-1]
         causal = jnp.tril(jnp.ones((L, L), bool))
         same = segment_ids[..., :, None] == segment_ids[..., None, :]

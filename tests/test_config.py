@@ -166,7 +166,7 @@ def test_set_without_equals_is_an_error(tmp_path):
     ({"training": {"loss_type": "chunked_nll"}}, "training.loss_type"),
     ({"lora": {"use_peft": True, "lora_target_modules": ["qkv"]}}, "lora.lora_target_modules"),
     ({"lora": {"use_peft": True, "lora_dropout": 1.0}}, "lora.lora_dropout"),
-    ({"logging": {"report_to": ["wandb"]}}, "logging.report_to"),
+    ({"logging": {"report_to": ["comet_ml"]}}, "logging.report_to"),
     ({"logging": {"eval_steps": 0}}, "logging.eval_steps"),
     ({"logging": {"eval_steps": 10}}, "evaluates data.dataset_test_split, which is None"),
     ({"sharding": {"mesh_shape": {"pipeline": 2}}}, "sharding.mesh_shape"),
@@ -335,11 +335,9 @@ def test_full_default_trl_dump_loads(tmp_path):
 
 
 @pytest.mark.parametrize("field_name, value, needle", [
-    ("neftune_noise_alpha", 5.0, "NEFTune"),
     ("fp16", True, "fp16"),
-    ("label_smoothing_factor", 0.1, "label smoothing"),
-    ("optim", "adafactor", "AdamW"),
-    ("report_to", ["wandb"], "wandb"),
+    ("optim", "adamw_8bit", "training.optim"),
+    ("report_to", ["comet_ml"], "comet_ml"),
     ("eval_strategy", "epoch", "eval_strategy"),
     ("use_dora", True, "DoRA"),
     ("lr_scheduler_kwargs", {"num_cycles": 2}, "lr_scheduler_kwargs"),
@@ -368,7 +366,7 @@ def test_trl_default_values_of_missing_knobs_are_accepted(tmp_path):
 def test_unknown_and_wrongly_typed_trl_fields_are_errors(tmp_path):
     path = tmp_path / "trl.json"
     path.write_text(json.dumps({"model_name_or_path": "ckpt", "learning_rat": 1e-4}))
-    with pytest.raises(ConfigError, match=r"unknown TRL config field.*'learning_rat'.*learning_rate"):
+    with pytest.raises(ConfigError, match=r"unknown TRL field 'learning_rat'.*learning_rate"):
         C.load(path)
     path.write_text(json.dumps({"model_name_or_path": "ckpt", "learning_rate": "fast"}))
     with pytest.raises(ConfigError, match=r"learning_rate.*expected float"):
@@ -437,3 +435,62 @@ def test_save_strategy(tmp_path):
     path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "save_strategy": "best"}))
     with pytest.raises(ConfigError, match="save_strategy='best'.*steps, epoch, no"):
         C.load(path)
+
+
+# ----------------------------------------------------------------------------------------------- TRL flat flags
+
+
+def test_trl_flags_parse_as_trl_sft_takes_them():
+    from jsft.trl_config import parse_flags
+
+    flags = parse_flags(["--learning_rate", "1e-4", "--max_length=4096", "--packing", "--no_shuffle_dataset",
+                         "--lora_target_modules", "q_proj", "v_proj", "--output_dir", "out/run1"])
+    assert flags == {"learning_rate": 1e-4, "max_length": 4096, "packing": True, "shuffle_dataset": False,
+                     "lora_target_modules": ["q_proj", "v_proj"], "output_dir": "out/run1"}
+    with pytest.raises(ConfigError, match="--learning_rate needs a value"):
+        parse_flags(["--learning_rate", "--packing"])
+    with pytest.raises(ConfigError, match="unexpected argument 'stray'"):
+        parse_flags(["stray"])
+
+
+def test_trl_flags_override_a_trl_file_and_stand_alone(tmp_path):
+    path = tmp_path / "trl.yaml"
+    path.write_text("model_name_or_path: ckpt\ndataset_name: d.jsonl\nlearning_rate: 2.0e-5\nmax_length: 128\n")
+    cfg = C.load(path, [], {"learning_rate": 1e-4, "packing": False})
+    assert cfg.training.learning_rate == 1e-4 and cfg.data.max_length == 128 and cfg.data.packing is False
+    alone = C.load(None, [], {"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "use_peft": True})
+    assert alone.lora.use_peft and alone.training.num_train_epochs == 3.0  # TRL's defaults for the rest
+
+
+def test_trl_flags_on_a_jsft_config_change_only_what_they_name(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("from jsft.config import SFTConfig\nconfig = SFTConfig()\n"
+                    "config.model.model_name_or_path = 'ckpt'\nconfig.data.dataset_name = 'd.jsonl'\n"
+                    "config.training.num_train_epochs = 1.0\nconfig.training.warmup_steps = 7\n")
+    cfg = C.load(path, ["training.seed=3"], {"learning_rate": 1e-4, "max_length": 256, "warmup_ratio": 0.1})
+    assert cfg.training.learning_rate == 1e-4 and cfg.data.max_length == 256 and cfg.training.seed == 3
+    assert cfg.training.num_train_epochs == 1.0  # not TRL's default 3: the flags did not name it
+    assert cfg.training.warmup_ratio == 0.1
+
+
+def test_every_refusal_of_a_trl_config_is_reported_at_once(tmp_path):
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "fp16": True,
+                                "use_liger_kernel": True, "report_to": ["wandb_typo"], "learnig_rate": 1e-4}))
+    with pytest.raises(ConfigError) as err:
+        C.load(path)
+    message = str(err.value)
+    assert "problems, fix them all" in message
+    for needle in ("fp16", "use_liger_kernel", "learnig_rate", "did you mean learning_rate"):
+        assert needle in message, needle
+
+
+def test_the_jsft_command_runs_each_module_and_says_its_usage(capsys):
+    from jsft import command
+
+    with pytest.raises(SystemExit) as exit_:
+        command.main(["fly"])
+    assert exit_.value.code == 2 and "unknown command 'fly'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        command.main(["train", "--help"])
+    assert exit_.value.code == 0 and "--learning_rate 1e-4" in capsys.readouterr().out

@@ -327,3 +327,38 @@ def test_hardware_flops_match_xla_s_count_of_the_compiled_train_step(mode, remat
     assert hardware == pytest.approx(xla_flops, rel=0.03)
     if mode == "lora":
         assert xla_flops < 0.85 * L.hardware_flops_per_token(hf, length, remat=remat, lora_params=adapters)
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.3])
+def test_label_smoothing_equals_transformers_label_smoother(smoothing):
+    """transformers' LabelSmoother (what TRL's SFTTrainer uses for nll with label_smoothing_factor), on the same
+    logits, labels -100 where untrained; and the chunked loss's gradient equals autodiff of the unchunked one."""
+    import torch
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    hidden, w, targets, mask = _inputs()
+    logits = np.asarray(jnp.einsum("blh,hv->blv", hidden, w))
+    # LabelSmoother shifts: logits[:, :-1] predict labels[:, 1:]; build labels so that label[t+1] = target[t].
+    labels = np.full((hidden.shape[0], hidden.shape[1] + 1), -100)
+    labels[:, 1:] = np.where(np.asarray(mask), np.asarray(targets), -100)
+    padded = np.concatenate([logits, np.zeros_like(logits[:, :1])], axis=1)
+    expected = LabelSmoother(epsilon=smoothing)({"logits": torch.tensor(padded, dtype=torch.float64)},
+                                                torch.tensor(labels), shift_labels=True)
+    for fn in (L.unchunked_loss, L.chunked_loss):
+        sums = fn(hidden, w, targets, mask, chunk_size=5, smoothing=smoothing)
+        np.testing.assert_allclose(float(L.normalize(sums, sums["num_trained"])["loss"]), float(expected),
+                                   rtol=1e-5)
+    plain = L.chunked_loss(hidden, w, targets, mask, chunk_size=5)
+    assert abs(float(plain["loss_sum"]) - float(sums["loss_sum"])) > 1e-3  # smoothing changed the loss
+
+    def loss_of(fn):
+        return lambda h, w: fn(h, w, targets, mask, chunk_size=5, smoothing=smoothing)["loss_sum"]
+
+    for got, ref in zip(jax.grad(loss_of(L.chunked_loss), argnums=(0, 1))(hidden, w),
+                        jax.grad(loss_of(L.unchunked_loss), argnums=(0, 1))(hidden, w)):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_label_smoothing_with_dft_is_refused():
+    with pytest.raises(ValueError, match="nll only"):
+        L.chunked_loss(*_inputs(), loss_type="dft", smoothing=0.1)

@@ -44,6 +44,18 @@ def test_schedule_equals_transformers_get_scheduler(name, warmup):
     ("cosine_with_min_lr", {"min_lr_rate": 0.1}),
     ("cosine_with_min_lr", {"min_lr": 3e-5, "num_cycles": 0.75}),
     ("cosine", {"num_cycles": 1.5}),
+    ("cosine_with_restarts", {}),
+    ("cosine_with_restarts", {"num_cycles": 3}),
+    ("polynomial", {}),
+    ("polynomial", {"lr_end": 1e-5, "power": 2.0}),
+    ("inverse_sqrt", {}),
+    ("inverse_sqrt", {"timescale": 7}),
+    ("warmup_stable_decay", {"num_decay_steps": 10}),
+    ("warmup_stable_decay", {"num_decay_steps": 8, "num_stable_steps": 12, "warmup_type": "cosine",
+                             "decay_type": "linear", "min_lr_ratio": 0.1}),
+    ("warmup_stable_decay", {"num_decay_steps": 8, "warmup_type": "1-sqrt", "decay_type": "1-sqrt",
+                             "min_lr_ratio": 0.05}),
+    ("warmup_stable_decay", {"num_decay_steps": 8, "num_stable_steps": 5}),  # ends before total: min_lr_ratio
 ])
 def test_scheduler_kwargs_equal_transformers(name, kwargs):
     from transformers import get_scheduler
@@ -66,6 +78,8 @@ def test_scheduler_kwargs_equal_transformers(name, kwargs):
     ("cosine_with_min_lr", {}, "exactly one of min_lr"),
     ("cosine_with_min_lr", {"min_lr": 1e-6, "min_lr_rate": 0.1}, "exactly one of min_lr"),
     ("linear", {"num_cycles": 2}, "num_cycles is not an option of lr_scheduler_type='linear'"),
+    ("warmup_stable_decay", {}, "needs num_decay_steps"),
+    ("warmup_stable_decay", {"num_decay_steps": 3, "decay_type": "exp"}, "decay_type must be one of"),
 ])
 def test_scheduler_kwargs_are_checked_before_any_compute(name, kwargs, message):
     from jsft.config import SFTConfig, validate
@@ -79,7 +93,9 @@ def test_scheduler_kwargs_are_checked_before_any_compute(name, kwargs, message):
 
 def test_unknown_schedule_and_no_steps_are_errors():
     with pytest.raises(ConfigError, match="lr_scheduler_type"):
-        optim.make_optimizer(TrainingConfig(lr_scheduler_type="polynomial"), 10)
+        optim.make_optimizer(TrainingConfig(lr_scheduler_type="reduce_lr_on_plateau"), 10)
+    with pytest.raises(ConfigError, match="lr_end"):
+        optim.make_optimizer(TrainingConfig(lr_scheduler_type="polynomial", learning_rate=1e-8), 10)
     with pytest.raises(ConfigError, match="total_steps"):
         optim.make_optimizer(TrainingConfig(), 0)
 
@@ -138,8 +154,13 @@ def _run_jsft(training, steps=3, dtype=jnp.float32):
     return model, optimizer
 
 
-def _run_torch(training, steps=3):
-    """What HF's Trainer does: two param groups (decay / no decay), clip_grad_norm_, AdamW.step, scheduler.step."""
+def _torch_adamw(groups, training):
+    return torch.optim.AdamW(groups, lr=training.learning_rate, betas=(training.adam_beta1, training.adam_beta2),
+                             eps=training.adam_epsilon)
+
+
+def _run_torch(training, steps=3, make_optimizer=_torch_adamw):
+    """What HF's Trainer does: two param groups (decay / no decay), clip_grad_norm_, optimizer.step, scheduler.step."""
     from transformers import get_scheduler
 
     init = Tiny()
@@ -154,8 +175,7 @@ def _run_torch(training, steps=3):
         {"params": [p for n, p in params.items() if not optim.decays(n)], "weight_decay": 0.0},
     ]
     assert len(groups[0]["params"]) == 1  # only the kernel decays
-    opt = torch.optim.AdamW(groups, lr=training.learning_rate, betas=(training.adam_beta1, training.adam_beta2),
-                            eps=training.adam_epsilon)
+    opt = make_optimizer(groups, training)
     warmup = optim.num_warmup_steps(training, 10)
     sched = get_scheduler(training.lr_scheduler_type, opt, num_warmup_steps=warmup, num_training_steps=10)
     for step in range(steps):
@@ -185,6 +205,71 @@ def test_adamw_steps_equal_torch_adamw_with_weight_decay_mask():
     expected = _run_torch(training)
     _assert_same(model, expected)
     assert not np.allclose(model.up_proj.kernel[...], Tiny().up_proj.kernel[...])  # it did train
+
+
+class _TorchLion(torch.optim.Optimizer):
+    """bitsandbytes' Lion (32-bit), which transformers' lion_32bit builds: decoupled decay, sign of the
+    interpolated momentum, then the momentum update with beta2."""
+
+    def __init__(self, params, lr, betas, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(torch.sign(m * b1 + p.grad * (1 - b1)), alpha=-group["lr"])
+                m.mul_(b2).add_(p.grad, alpha=1 - b2)
+
+
+@pytest.mark.parametrize("optim_name, optim_args, make_torch", [
+    ("sgd", {}, lambda groups, t: torch.optim.SGD(groups, lr=t.learning_rate)),
+    ("sgd", {"momentum": "0.9"}, lambda groups, t: torch.optim.SGD(groups, lr=t.learning_rate, momentum=0.9)),
+    ("sgd", {"momentum": "0.8", "nesterov": "True"},
+     lambda groups, t: torch.optim.SGD(groups, lr=t.learning_rate, momentum=0.8, nesterov=True)),
+    ("adafactor", {}, lambda groups, t: __import__("transformers").Adafactor(
+        groups, lr=t.learning_rate, scale_parameter=False, relative_step=False)),
+    ("lion_32bit", {}, lambda groups, t: _TorchLion(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2))),
+])
+def test_other_optimizers_equal_their_torch_versions(optim_name, optim_args, make_torch):
+    """transformers' Trainer with optim=<name> (and optim_args) vs training.optim: same params after 4 steps of a
+    linear schedule with warmup, with weight decay on the kernel only."""
+    training = TrainingConfig(**{**ADAMW, "optim": optim_name, "optim_args": optim_args, "learning_rate": 0.01})
+    model, _ = _run_jsft(training, steps=4)
+    _assert_same(model, _run_torch(training, steps=4, make_optimizer=make_torch))
+    adamw, _ = _run_jsft(TrainingConfig(**{**ADAMW, "learning_rate": 0.01}), steps=4)
+    assert not np.allclose(adamw.up_proj.kernel[...], model.up_proj.kernel[...], rtol=1e-4)
+
+
+def test_muon_orthogonalizes_matrix_updates_and_adams_the_rest():
+    """optax's Muon: a matrix's first update (no decay, lr 1) has its singular values pushed towards one (Newton-
+    Schulz, about 0.7-1.2 after 5 steps); vectors get its (Nesterov) Adam's first update, which is
+    -lr * sign(g) * (1 + b1 (1 - b1) / (1 - b1^2))."""
+    training = TrainingConfig(optim="muon", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0)
+    model, _ = _run_jsft(training, steps=1)
+    start = Tiny()
+    update = np.asarray(model.up_proj.kernel[...] - start.up_proj.kernel[...])
+    singular = np.linalg.svd(update, compute_uv=False)
+    assert singular.min() > 0.5 and singular.max() < 1.5, singular
+    b1 = training.adam_beta1
+    np.testing.assert_allclose(np.asarray(model.up_proj.bias[...] - start.up_proj.bias[...]),
+                               -np.sign(_grads(0)["up_proj.bias"]) * (1 + b1 * (1 - b1) / (1 - b1**2)), rtol=1e-4)
+
+
+def test_optimizer_names_and_arguments_are_checked():
+    from jsft.config import SFTConfig, validate
+
+    config = SFTConfig()
+    config.model.model_name_or_path, config.data.dataset_name = "ckpt", "d.jsonl"
+    config.training.optim = "adamw_8bit"
+    with pytest.raises(ConfigError, match="training.optim"):
+        validate(config)
+    config.training.optim, config.training.optim_args = "adafactor", {"momentum": "0.9"}
+    with pytest.raises(ConfigError, match="momentum is not an argument of optim='adafactor'"):
+        validate(config)
 
 
 def test_gradient_clipping_equals_torch_clip_grad_norm():

@@ -446,3 +446,14 @@ def test_hf_weights_load_straight_into_shards(base_model, tmp_path):
             assert array.sharding.spec == spec_of(path, suffix), path
         assert len(array.sharding.device_set) == 8
         np.testing.assert_array_equal(np.asarray(array), np.asarray(plain_params[path]), err_msg=path)
+
+
+def test_adafactor_factored_state_is_replicated_on_an_fsdp_mesh():
+    """Adafactor keeps a row and a column vector per matrix (and a (1,) placeholder per vector): shapes that are
+    not their param's, so they are replicated instead of failing the param's logical axes (ShardingError before)."""
+    mesh = sharding.create_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    tx = optax.scale_by_factored_rms(min_dim_size_to_factor=1)
+    optimizer = sharding.create_sharded_optimizer(make_model(), tx, nnx.Param, mesh)
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(optimizer.opt_state))[0]
+    rows = [v for path, v in leaves if "v_row" in jax.tree_util.keystr(path) and "up_proj" in jax.tree_util.keystr(path)]
+    assert len(rows) == 1 and rows[0].ndim == 1 and rows[0].sharding.spec == P()

@@ -176,3 +176,24 @@ def test_eval_step_runs_with_remat(remat):
             for r in ("none", remat)]
     for k in sums[0]:
         np.testing.assert_allclose(float(sums[1][k]), float(sums[0][k]), rtol=1e-6, err_msg=k)
+
+
+def test_neftune_noise_is_transformers_uniform_and_only_in_training():
+    """NEFTune: noise uniform in +-alpha/sqrt(L*H) (transformers' neftune_post_forward_hook) on the input
+    embeddings in train_step (eval_step has no such option); the same noise for the same optimizer step (exact resume), other noise at the
+    next step."""
+    noise = step_lib.neftune_noise(jax.random.key(1), (4, 16, 32), 5.0)
+    bound = 5.0 / np.sqrt(16 * 32)
+    assert float(jnp.max(jnp.abs(noise))) <= bound and float(jnp.max(jnp.abs(noise))) > 0.95 * bound
+    assert abs(float(jnp.mean(noise))) < 0.05 * bound
+
+    batch = micro(pack_rows(np.random.default_rng(0), 4), 2)
+    losses = {}
+    for alpha in (None, 50.0):
+        for run in range(2):
+            model, optimizer = fresh(optax.sgd(0.0))
+            losses[alpha, run] = float(step_lib.train_step(model, optimizer, batch, neftune_noise_alpha=alpha)["loss"])
+            second = float(step_lib.train_step(model, optimizer, batch, neftune_noise_alpha=alpha)["loss"])
+    assert losses[50.0, 0] == losses[50.0, 1]  # deterministic per step
+    assert losses[50.0, 0] != losses[None, 0]  # the noise reached the embeddings
+    assert second != losses[50.0, 0]  # a new draw at the next optimizer step (lr 0: same params)

@@ -302,3 +302,34 @@ def test_the_compilation_cache_dir_holds_the_runs_compiled_steps(tokenizer_dir, 
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
         jax.config.update("jax_compilation_cache_dir", None)
         compilation_cache.reset_cache()
+
+
+@pytest.mark.parametrize("training", [
+    {"optim": "adafactor", "lr_scheduler_type": "warmup_stable_decay", "warmup_steps": 1,
+     "lr_scheduler_kwargs": {"num_decay_steps": 2}, "learning_rate": 3e-2},
+    {"optim": "lion_32bit", "learning_rate": 1e-3, "label_smoothing_factor": 0.1, "neftune_noise_alpha": 5.0},
+])
+def test_other_optimizers_schedules_smoothing_and_neftune_train_end_to_end(tokenizer_dir, small_data, tmp_path,
+                                                                            training):
+    config = tiny_config(tokenizer_dir, small_data, tmp_path / "run", training={**training, "max_steps": 4},
+                         data={"packing": False, "padding_free": False, "shuffle_dataset": False},
+                         logging={"save_strategy": "no"})
+    train.run(config)
+    losses = [r["loss"] for r in progress.read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+
+
+def test_trl_flags_on_the_command_line_reach_the_run(tokenizer_dir, small_data, tmp_path):
+    """`jsft train --config c.py --learning_rate 3e-3 --max_steps 2 --lr_scheduler_type linear`: TRL's flat flags
+    over a jsft config, through the command's own argument parsing."""
+    from pathlib import Path
+
+    from train_configs import write_config_file
+
+    config_file = write_config_file(tmp_path / "c.py", Path(__file__).parent, tokenizer_dir, small_data,
+                                    tmp_path / "run", data={"packing": False, "padding_free": False},
+                                    logging={"save_strategy": "no"})
+    summary = train.main(["--config", str(config_file), "--learning_rate", "3e-3", "--max_steps", "2",
+                          "--lr_scheduler_type", "linear", "--warmup_steps", "1"])
+    records = [r for r in progress.read_metrics(tmp_path / "run") if "loss" in r]
+    assert summary["steps"] == 2 and [r["learning_rate"] for r in records] == [0.0, pytest.approx(3e-3)]

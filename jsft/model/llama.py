@@ -458,10 +458,13 @@ class Llama(nnx.Module):
         """[B, L] int32 -> [B, L, H] token embeddings in the compute dtype."""
         return jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(self.compute_dtype)
 
-    def hidden_states(self, input_ids, positions, segment_ids):
-        """[B, L] int32 each -> [B, L, H] final-normed hidden states in the compute dtype (no lm_head)."""
+    def hidden_states(self, input_ids, positions, segment_ids, embed_noise=None):
+        """[B, L] int32 each -> [B, L, H] final-normed hidden states in the compute dtype (no lm_head).
+        embed_noise: input embeddings [B, L, H] -> noise added to them (NEFTune, jsft.step), or None."""
         self._check_window(input_ids.shape[1])
         x = self.embed(input_ids)
+        if embed_noise is not None:
+            x = x + embed_noise(x).astype(x.dtype)
         rope = rope_table(positions, jnp.asarray(self.cfg.inv_freq()))
 
         x, _ = self.run_layers(lambda layer, x: (layer(x, rope, segment_ids), None), x, remat=True)
