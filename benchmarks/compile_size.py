@@ -1,6 +1,6 @@
 """StableHLO size and lowering / CPU compile time of jsft's train step, scanned vs unrolled layers.
 
-    python benchmarks/compile_size.py [--layers 4 32] [--compile-layers 4] [--length 512]
+    python benchmarks/compile_size.py [--layers 4 32] [--compile-layers 4] [--length 512] [--variants scan] [--tag T]
     # writes benchmarks/results/compile_size-cpu-<date>.json
 
 Llama-3-8B shapes, abstract (nnx.eval_shape: no weights anywhere), bf16 params, remat "full", one device, the step
@@ -74,12 +74,15 @@ def main():
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 32])
     parser.add_argument("--compile-layers", type=int, nargs="*", default=[4])
     parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--variants", nargs="+", default=["unrolled", "scan"], choices=["unrolled", "scan"])
+    parser.add_argument("--tag", default="")
     args = parser.parse_args()
     load_before = os.getloadavg()
     rows = [measure(n, scan, lora, args.length, n in args.compile_layers)
-            for lora in (True, False) for scan in (False, True) for n in args.layers]
+            for lora in (True, False) for scan in (False, True) for n in args.layers
+            if ("scan" if scan else "unrolled") in args.variants]
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    out = Path(__file__).parent / "results" / f"compile_size-cpu-{date}.json"
+    out = Path(__file__).parent / "results" / f"compile_size-cpu-{date}{'-' + args.tag if args.tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), date=date, commit=git_commit(),
                   jax=jax.__version__, device=jax.devices()[0].device_kind, cpus=os.cpu_count(),
