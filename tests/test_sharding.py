@@ -456,4 +456,4 @@ def test_adafactor_factored_state_is_replicated_on_an_fsdp_mesh():
     optimizer = sharding.create_sharded_optimizer(make_model(), tx, nnx.Param, mesh)
     leaves = jax.tree_util.tree_flatten_with_path(nnx.state(optimizer.opt_state))[0]
     rows = [v for path, v in leaves if "v_row" in jax.tree_util.keystr(path) and "up_proj" in jax.tree_util.keystr(path)]
-    assert len(rows) == 1 and rows[0].ndim == 1 and rows[0].sharding.spec == P()
+    assert len(rows) == 1 and rows[0].ndim == 2 and rows[0].sharding.spec == P()  # [layers, rows]
