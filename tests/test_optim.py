@@ -119,6 +119,9 @@ def test_decay_mask_equals_transformers_decay_parameter_names():
     assert optim.decays("layers.0.mlp.up_proj.kernel") and optim.decays("embed_tokens.embedding")
     assert not optim.decays("layers.0.input_layernorm.scale") and not optim.decays("norm.scale")
     assert not optim.decays("layers.3.self_attn.q_norm.scale") and not optim.decays("layers.0.self_attn.k_proj.bias")
+    # the stacked layers' paths (jsft.model.llama: one path for all N layers)
+    assert optim.decays("layers.mlp.up_proj.kernel") and not optim.decays("layers.input_layernorm.scale")
+    assert not optim.decays("layers.self_attn.k_norm.scale") and not optim.decays("layers.self_attn.q_proj.bias")
 
 
 class Tiny(nnx.Module):
