@@ -178,26 +178,6 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: decays(path_name(path)), params)
 
 
-def per_layer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """tx applied to each decoder layer's slice of the stacked params (those under `layers.`, leading layer axis),
-    as on an unstacked model: for per-matrix rules (Adafactor's factored moments and RMS clipping), which would
-    otherwise treat N layers as one tensor. Other params get tx as is. (optax has no per-slice wrapper.)"""
-    def init(params):
-        return jax.vmap(tx.init)(params) if jax.tree.leaves(params) else tx.init(params)  # no stacked params: as is
-
-    def update(updates, state, params=None):
-        return jax.vmap(tx.update)(updates, state, params) if jax.tree.leaves(updates) else tx.update(
-            updates, state, params)
-
-    stacked = optax.GradientTransformation(init, update)
-
-    def labels(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: "layers" if path_name(path).startswith("layers.") else "other", params)
-
-    return optax.multi_transform({"layers": stacked, "other": tx}, labels)
-
-
 # ----------------------------------------------------------------------------------------------- master weights
 
 
@@ -265,10 +245,8 @@ def _update_rule(training: TrainingConfig, schedule) -> list:
         return [_scale_by_adam_fp32_nu(training.adam_beta1, training.adam_beta2, training.adam_epsilon, mu_dtype),
                 *decay, *lr]
     if name == "adafactor":
-        adafactor = optax.chain(
-            optax.scale_by_factored_rms(factored=True, decay_rate=0.8, min_dim_size_to_factor=1, epsilon=1e-30),
-            optax.clip_by_block_rms(1.0))
-        return [per_layer(adafactor), *decay, *lr]
+        return [optax.scale_by_factored_rms(factored=True, decay_rate=0.8, min_dim_size_to_factor=1, epsilon=1e-30),
+                optax.clip_by_block_rms(1.0), *decay, *lr]
     if name == "sgd":
         momentum = float(args.get("momentum", 0.0))
         nesterov = str(args.get("nesterov", "false")).lower() in ("true", "1", "yes")
