@@ -22,7 +22,7 @@ from jsft.model.lora import apply_lora
 ROOT = Path(__file__).parent.parent
 IDS = np.array([[5, 17, 42, 99, 7, 3, 250, 11, 64, 2]], np.int32)
 POS = np.arange(IDS.shape[1], dtype=np.int32)[None]
-PROJECTIONS = 7 * 2  # q k v o gate up down, 2 layers
+PROJECTIONS = 7  # q k v o gate up down, each one kernel stacked over the 2 layers
 
 
 def logits(model):
@@ -44,7 +44,7 @@ def test_quantized_base_keeps_embeddings_head_norms_and_stays_close(checkpoint_d
     kernels = quant.quantized_kernels(model)
     assert len(kernels) == PROJECTIONS and all(k.quant_type == quant_type for k in kernels.values())
     params = hf.base_params(model)
-    assert {"embed_tokens.embedding", "lm_head.kernel", "norm.scale", "layers.0.input_layernorm.scale"} <= set(params)
+    assert {"embed_tokens.embedding", "lm_head.kernel", "norm.scale", "layers.input_layernorm.scale"} <= set(params)
     assert not any(p.endswith("_proj.kernel") for p in params)  # every projection's kernel is quantized
     by_dtype = quant.bytes_by_dtype(model)
     dense_bytes = quant.bytes_by_dtype(dense)["float32"]
@@ -64,12 +64,14 @@ def test_sharded_quantized_loading_on_8_devices(checkpoint_dir):
         model, _ = hf.load_model(checkpoint_dir, dtype="float32", quantization=q,
                                  shardings=train._variable_sharding(mesh))
     plain, _ = hf.load_model(checkpoint_dir, dtype="float32", quantization=q)
-    up = model.layers[0].mlp.up_proj.kernel  # kernel [64, 128] ("embed", "mlp") -> codes [128, 32] ("mlp", "embed")
-    assert up.codes.shape == (128, 32)
-    assert up.codes.get_value().sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-    assert len(up.codes.get_value().addressable_shards[0].data.reshape(-1)) == 128 * 32 // 8
-    down = model.layers[1].mlp.down_proj.kernel  # [128, 64] ("mlp", "embed") -> absmax codes [64, 2] ("embed", "mlp")
-    assert down.absmax_codes.get_value().sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    # kernel [2, 64, 128] ("layers", "embed", "mlp") -> codes [2, 128, 32] ("layers", "mlp", "embed")
+    up = model.layers.mlp.up_proj.kernel
+    assert up.codes.shape == (2, 128, 32)
+    assert up.codes.get_value().sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+    assert len(up.codes.get_value().addressable_shards[0].data.reshape(-1)) == 2 * 128 * 32 // 8
+    down = model.layers.mlp.down_proj.kernel  # [2, 128, 64] -> absmax codes [2, 64, 2] ("layers", "embed", "mlp")
+    assert down.absmax_codes.get_value().sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert down.offset.shape == (2,) and down.absmax2.shape[0] == 2  # nested scales: one set per layer
     for path, kernel in quant.quantized_kernels(plain).items():
         sharded = quant.quantized_kernels(model)[path]
         for key, value in kernel.arrays().items():

@@ -184,12 +184,15 @@ class QuantizedKernel(nnx.Module):
     def array_names(self) -> tuple[str, ...]:
         return tuple(shapes((2, BLOCKSIZE), self.quant_type, self.nested))
 
-    def arrays(self) -> dict:
-        return {key: getattr(self, key)[...] for key in self.array_names()}
+    def arrays(self, layer: int | None = None) -> dict:
+        """The quantized arrays; layer=i: their slices of layer i (each array's leading axis)."""
+        pick = (lambda a: a) if layer is None else (lambda a: a[layer])
+        return {key: pick(getattr(self, key)[...]) for key in self.array_names()}
 
-    def dequantize(self, dtype=None):
-        """The kernel [..., in, out] in `dtype` (default: self.dtype)."""
-        w = dequantize(self.arrays(), self.quant_type, dtype or self.dtype)
+    def dequantize(self, dtype=None, layer: int | None = None):
+        """The kernel [..., in, out] in `dtype` (default: self.dtype); layer=i: layer i's [in, out] only (a stacked
+        kernel's export dequantizes one layer at a time)."""
+        w = dequantize(self.arrays(layer), self.quant_type, dtype or self.dtype)
         return jnp.swapaxes(w, -1, -2)
 
     def __getitem__(self, index):
