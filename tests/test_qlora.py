@@ -54,6 +54,36 @@ def test_quantized_base_keeps_embeddings_head_norms_and_stays_close(checkpoint_d
     assert 0 < np.abs(got - want).max() < tolerance * np.abs(want).max()
 
 
+def test_stacked_quantized_load_is_each_layer_quantized_and_exports_one_layer_at_a_time(checkpoint_dir,
+                                                                                       monkeypatch):
+    """One stacked QuantizedKernel per projection: slice j of every array (codes, nested scales) is layer j's HF
+    weight quantized on its own; merged_params dequantizes layer j only, equal to slice j of the whole kernel."""
+    from safetensors.numpy import load_file
+
+    from jsft.model.lora import merged_params
+
+    tensors = {}
+    for f in Path(checkpoint_dir).glob("*.safetensors"):
+        tensors.update(load_file(f))
+    model, cfg = hf.load_model(checkpoint_dir, dtype="float32", quantization={"quant_type": "nf4", "nested": True})
+    kernel = quant.quantized_kernels(model)["layers.mlp.down_proj.kernel"]
+    assert kernel.shape == (cfg.num_layers, cfg.intermediate_size, cfg.hidden_size)
+    for key, value in kernel.arrays().items():
+        layers = [quant.quantize(tensors[f"model.layers.{j}.mlp.down_proj.weight"], "nf4", True)[key]
+                  for j in range(cfg.num_layers)]
+        np.testing.assert_array_equal(np.asarray(value), np.stack(layers), err_msg=key)
+    values = merged_params(apply_lora(model, r=2, alpha=4, dropout=0.0))
+    whole = np.asarray(kernel.dequantize())
+    dequantize, seen = quant.dequantize, []
+    monkeypatch.setattr(quant, "dequantize", lambda arrays, *a: seen.append(arrays["codes"].shape) or
+                        dequantize(arrays, *a))
+    for j in range(cfg.num_layers):
+        one = np.asarray(values[f"layers.{j}.mlp.down_proj.kernel"]())
+        assert one.shape == (cfg.intermediate_size, cfg.hidden_size)
+        np.testing.assert_array_equal(one, whole[j])  # lora_b is zero: the merge adds nothing
+    assert seen == [(cfg.hidden_size, cfg.intermediate_size // 2)] * cfg.num_layers  # one layer's codes each time
+
+
 def test_sharded_quantized_loading_on_8_devices(checkpoint_dir):
     """Each quantized array is placed on the mesh by the logical axes of its original (HF order); values equal the
     unsharded load."""
