@@ -213,7 +213,9 @@ def test_pad_to_multiple_of_trains_the_same_as_rows_of_max_length(tokenizer_dir,
         summary = train.run(config)
         runs[name] = (progress.read_metrics(tmp_path / name), step.train_step.jitted_fn._cache_size(), summary)
     (static, static_compiles, _), (buckets, bucket_compiles, summary) = runs["static"], runs["buckets"]
-    assert static_compiles == 1 and 1 < bucket_compiles <= len(summary["plan"]["step_lengths"])
+    # jit compiles: none for rows of max_length (the plan's compiled step runs them), one per other length used:
+    # the 3 bucketed steps have 2 lengths, 64 and a shorter one
+    assert static_compiles == 0 and bucket_compiles == 1, (static_compiles, bucket_compiles)
     assert summary["plan"]["step_lengths"] == [16, 32, 48, 64]
     for a, b in zip(static, buckets):
         for key in ("loss", "eval_loss", "grad_norm", "num_tokens"):
