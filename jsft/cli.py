@@ -20,10 +20,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from jsft.hf import CheckpointError
     from jsft.model.attention import AttentionUnavailable
     from jsft.model.llama import ModelConfigError
+    from jsft.outdir import OutputDirError
     from jsft.sharding import ShardingError
 
     return ConfigError, BadRowError, ChatTemplateError, CheckpointError, ModelConfigError, ShardingError, \
-        AttentionUnavailable, Diverged
+        AttentionUnavailable, Diverged, OutputDirError
 
 
 def run(main, argv=None):

@@ -8,14 +8,26 @@
 The train loop calls `export(model, tokenizer, config)` at the end. From a checkpoint:
 
     python -m jsft.export --config configs/<name>.py [--checkpoint STEP] --format full|merged|adapter [--out DIR]
+
+Each format is written to `<dir>.partial` and renamed over `<dir>` only when complete, so a failed export (a full
+disk: one error naming the directory and the space) leaves the previous export as it was and nothing half-written.
+A checkpoint is checked against its manifest first (jsft.checkpoint): a damaged one is named, and without
+--checkpoint the newest intact one is exported. Exporting into the run's own output_dir takes its lock
+(jsft.outdir): not while a run trains there (export elsewhere with --out).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 from pathlib import Path
 
+import jax
+import numpy as np
+from flax import nnx
+
+from jsft import outdir
 from jsft.config import ConfigError, SFTConfig, load
 
 FORMATS = ("auto", "full", "merged", "adapter")
@@ -54,18 +66,74 @@ def export(model, tokenizer, config: SFTConfig, formats=None, out_dir=None, trai
     for fmt in formats:
         target = out if into_out_dir else out / where[fmt]
         if fmt == "full":
-            written[fmt] = hf.save_model(model, target, tokenizer=tokenizer)
+            write = lambda d: hf.save_model(model, d, tokenizer=tokenizer)  # noqa: E731
         elif fmt == "merged":
-            written[fmt] = hf.save_merged(model, target, tokenizer=tokenizer)
+            write = lambda d: hf.save_merged(model, d, tokenizer=tokenizer)  # noqa: E731
         else:
-            lc = config.lora
-            base = config.model.model_name_or_path or "(random init: model.init_from_scratch)"
-            written[fmt] = hf.save_peft_adapter(model, target, base, lc.lora_r, lc.lora_alpha,
-                                                lc.lora_dropout, lc.lora_target_modules,
-                                                save_embeddings=trained_embeddings)
-            padded = _with_dummy_tokens(tokenizer, model.cfg.vocab_size) if trained_embeddings else tokenizer
-            padded.save_pretrained(written[fmt])
+            def write(d):
+                lc = config.lora
+                base = config.model.model_name_or_path or "(random init: model.init_from_scratch)"
+                hf.save_peft_adapter(model, d, base, lc.lora_r, lc.lora_alpha, lc.lora_dropout,
+                                     lc.lora_target_modules, save_embeddings=trained_embeddings)
+                padded = _with_dummy_tokens(tokenizer, model.cfg.vocab_size) if trained_embeddings else tokenizer
+                padded.save_pretrained(d)
+        written[fmt] = write_complete(target, write, fmt, _export_bytes(model, fmt, trained_embeddings),
+                                      replace=not into_out_dir)
     return written
+
+
+def _export_bytes(model, fmt: str, trained_embeddings: bool) -> int:
+    """About what a format writes: the model's parameters (an adapter: the LoRA ones, plus embedding and head when
+    it carries them)."""
+    size = lambda leaves: sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)  # noqa: E731
+    if fmt != "adapter":
+        return size(jax.tree.leaves(nnx.state(model, nnx.Param)))
+    heads = [value[...] for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param))
+             if trained_embeddings and str(path[0]) in ("embed_tokens", "lm_head")]
+    return size(jax.tree.leaves(nnx.state(model, nnx.LoRAParam))) + size(heads)
+
+
+def write_complete(target: Path, write, what: str, needed: int, replace: bool = True) -> Path:
+    """write(<target>.partial), then replace target with it; a full disk is one OutputDirError (the partial files
+    removed, the previous target untouched). The free space is checked first against `needed` bytes.
+    replace=False (a directory of the user's, export into_out_dir): the files are moved into target one by one
+    instead, leaving its other files."""
+    target = Path(target)
+    outdir.make_dir(target.parent, "the export directory")
+    partial, old = target.with_name(target.name + ".partial"), target.with_name(target.name + ".old")
+    shutil.rmtree(partial, ignore_errors=True)
+    free = outdir.free_bytes(target.parent)
+    if free < needed:
+        raise outdir.OutputDirError(_disk_full(what, target, free, needed))
+    try:
+        write(partial)
+    except Exception as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        if outdir.is_disk_full(e):
+            raise outdir.OutputDirError(_disk_full(what, target, outdir.free_bytes(target.parent), needed)) from None
+        raise
+    if not replace:
+        target.mkdir(parents=True, exist_ok=True)
+        for path in sorted(partial.iterdir()):
+            destination = target / path.name
+            if destination.is_dir() and not destination.is_symlink():
+                shutil.rmtree(destination)
+            path.replace(destination)
+        partial.rmdir()
+        return target
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    partial.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _disk_full(what: str, target: Path, free: int, needed: int) -> str:
+    kept = "; the export already there is unchanged" if target.exists() else ""
+    return (f"disk full writing the {what} export to {target}: {outdir.human(free)} free, it needs about "
+            f"{outdir.human(needed)} (nothing half-written is left{kept}). Fix: free space on that disk, or export "
+            "elsewhere: python -m jsft.export --config ... --out DIR (the checkpoints are intact)")
 
 
 def _with_dummy_tokens(tokenizer, vocab_size: int):
@@ -86,16 +154,18 @@ def export_checkpoint(config: SFTConfig, step: int | None = None, formats=None, 
     from jsft.optim import trainable_filter
 
     output_dir = config.logging.output_dir
-    step = checkpoint.check_step(checkpoint.checkpoint_dir(output_dir), step, checkpoint.steps(output_dir))
-    mesh = sharding.create_mesh(config.sharding)
-    tokenizer, added = train.build_tokenizer(config)
-    model, grew = train.build_model(config, tokenizer, mesh)
-    trained_embeddings = bool(added) or grew
-    wrt = trainable_filter(config.lora.use_peft, new_token_rows=trained_embeddings)
-    with checkpoint.make_manager(output_dir, config.logging.save_total_limit, async_save=False) as manager:
-        step = checkpoint.restore_params(manager, model, wrt, step, config)
-    print(f"export: checkpoint {step} of {config.logging.output_dir}")
-    return export(model, tokenizer, config, formats, out_dir, trained_embeddings)
+    checkpoint.check_step(checkpoint.checkpoint_dir(output_dir), step, checkpoint.steps(output_dir))
+    into_run = out_dir is None or Path(out_dir).absolute() == Path(output_dir).absolute()
+    with outdir.claim(output_dir, enabled=into_run and jax.process_index() == 0):
+        mesh = sharding.create_mesh(config.sharding)
+        tokenizer, added = train.build_tokenizer(config)
+        model, grew = train.build_model(config, tokenizer, mesh)
+        trained_embeddings = bool(added) or grew
+        wrt = trainable_filter(config.lora.use_peft, new_token_rows=trained_embeddings)
+        with checkpoint.make_manager(output_dir, config.logging.save_total_limit, async_save=False) as manager:
+            step = checkpoint.restore_params_intact(manager, model, wrt, step, config)
+        print(f"export: checkpoint {step} of {config.logging.output_dir}")
+        return export(model, tokenizer, config, formats, out_dir, trained_embeddings)
 
 
 def main(argv=None):

@@ -5,7 +5,8 @@
                                  `tensorboard --logdir <output_dir>/tensorboard` shows them
 
 On resume, metrics.jsonl keeps the lines up to the restored step and drops later ones (written by the interrupted
-run after its last checkpoint), so the file reads as one uninterrupted run.
+run after its last checkpoint), so the file reads as one uninterrupted run. A half-written last line (a run killed
+while writing it) is cut off with a warning.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -31,8 +33,7 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line, record in _records(self.path) if record.get("step", 0) <= resume_step]
         self.path.write_text("".join(line + "\n" for line in kept))
         self.jsonl = "jsonl" in report_to
         if "tensorboard" in report_to:
@@ -66,6 +67,26 @@ def _plain(value):
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         return value.item()
     return value
+
+
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of each readable line of metrics.jsonl. A line that is not a JSON object (the last one half
+    written by a run killed mid-write, or a damaged one) is left out with a warning naming it: a resume keeps going."""
+    kept, lines = [], path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            what = "its last line is incomplete (a run stopped while writing it)" if number == len(lines) else \
+                f"line {number} is not a JSON record"
+            warnings.warn(f"{path}: {what}: cut off ({line[:80]!r})", UserWarning, stacklevel=3)
+            continue
+        kept.append((line, record))
+    return kept
 
 
 def read_metrics(output_dir) -> list[dict]:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jsft import checkpoint, peers, progress, sharding, step
+from jsft import checkpoint, outdir, peers, progress, sharding, step
 from jsft import trackers as trackers_lib
 from jsft.config import ConfigError, SFTConfig, load, quantization, validate
 from jsft.guard import Diverged, DivergenceGuard
@@ -368,7 +368,8 @@ def resume_hint(lc) -> str:
 
 def run(config: SFTConfig, callbacks=()) -> dict:
     """Train as the config says; returns a summary: steps, last logged metrics, the plan, export paths, demo
-    results, and "model" (the trained model object, for callers in the same process)."""
+    results, and "model" (the trained model object, for callers in the same process). The output directory is
+    locked for the run (jsft.outdir): a second run on it fails at once."""
     # ---- config and devices
     from jsft.export import resolve_formats
 
@@ -382,7 +383,8 @@ def run(config: SFTConfig, callbacks=()) -> dict:
     signals = StopSignals(lc.save_on_sigterm)  # after jax.distributed, whose preemption notifier would take SIGTERM
     peers.start(jax.process_index(), jax.process_count())  # several processes: a failure stops them all (jsft.peers)
     try:
-        summary = _train(config, signals, callbacks)
+        with outdir.claim(out, enabled=jax.process_index() == 0):  # creates it; a clear error when a run holds it
+            summary = _train(config, signals, callbacks)
     finally:
         signals.restore()
     peers.stop()
@@ -395,7 +397,7 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     mesh = sharding.create_mesh(config.sharding)
     data_index, data_count = sharding.data_process_split(mesh)
     is_main = jax.process_index() == 0
-    out.mkdir(parents=True, exist_ok=True)
+    outdir.make_dir(out)  # process 0's lock made it; a clear error for a file in the way on the others
     if is_main:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
@@ -405,6 +407,7 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     tokenizer, added_tokens = build_tokenizer(config)
     train_data = prepare_dataset(config, tokenizer, "train")
     print(format_stats(train_data.stats))
+    fingerprint = checkpoint.data_fingerprint(train_data)  # saved in each checkpoint, compared on resume
     eval_data = None
     if config.data.dataset_test_split is not None:
         eval_data = prepare_dataset(config, tokenizer, "eval")
@@ -449,9 +452,10 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
               f"{checkpoint.set_aside(out)} (the set there before is gone)")
         manager, existing = checkpoint.make_manager(out, lc.save_total_limit), None
     if existing is not None:
-        meta = checkpoint.restore(manager, model, optimizer, existing, config)
+        manager, meta = checkpoint.restore_newest_intact(manager, model, optimizer, config, fingerprint)
         data_it.set_state(meta["data_iterator"])
         start_step, tokens_seen = int(meta["step"]), float(meta.get("num_tokens", 0.0))
+        existing = start_step  # the newest intact checkpoint (a damaged newer one was set aside)
         window = meta.get("log_window", [])  # the steps since the last log: the next log covers them too
         tokens_seen -= sum(m["num_tokens"] for m in window)
         print(f"resume: checkpoint {start_step} from {checkpoint.checkpoint_dir(out)}")
@@ -526,13 +530,13 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
                     check(unchecked)
                     unchecked = None
                     checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
-                                    _progress_state(window, tokens_seen, config))
+                                    _progress_state(window, tokens_seen, config, fingerprint))
                     saved_step = step_no
                 if stop or run_callbacks.stop_requested:
                     break
             check(unchecked)
     except Diverged:
-        manager.wait_until_finished()  # the good checkpoints being written are kept
+        checkpoint.wait(manager)  # the good checkpoints being written are kept
         manager.close()
         writer.close()
         raise
@@ -540,8 +544,8 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
         bar.close()
     if saved_step != step_no and lc.save_strategy != "no":  # the end of the run
         checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
-                        _progress_state(window, tokens_seen, config), force=True)
-    manager.wait_until_finished()
+                        _progress_state(window, tokens_seen, config, fingerprint), force=True)
+    checkpoint.wait(manager)
     manager.close()
 
     stopped = signals.requested is not None
@@ -577,12 +581,13 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     return summary
 
 
-def _progress_state(window, tokens_seen, config) -> dict:
+def _progress_state(window, tokens_seen, config, data_fingerprint=None) -> dict:
     """What a checkpoint keeps besides the arrays: tokens seen (logged ones plus the window's), each step's metrics
-    since the last log (a resumed run logs the same means as an uninterrupted one), the config."""
+    since the last log (a resumed run logs the same means as an uninterrupted one), the config, the data's
+    fingerprint (checkpoint.data_fingerprint)."""
     window = [{key: float(value) for key, value in m.items()} for m in jax.device_get(window)]
     return {"num_tokens": tokens_seen + sum(m["num_tokens"] for m in window), "log_window": window,
-            "config": config.to_dict()}
+            "config": config.to_dict(), "data_fingerprint": data_fingerprint}
 
 
 def _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util) -> dict:
