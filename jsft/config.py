@@ -136,10 +136,18 @@ class ShardingConfig:
 @dataclass
 class LoggingConfig:
     output_dir: str = "output"
-    logging_steps: int = 10
-    eval_steps: int | None = None
-    save_steps: int = 500
-    save_strategy: str = "steps"  # steps: every save_steps and at the end | epoch: every epoch | no: only on Ctrl-C
+    # logging/eval/save steps: a step count, or a ratio of the total steps when < 1 (transformers: ceil(ratio * total))
+    logging_steps: int | float = 10
+    logging_first_step: bool = False  # also log the first step
+    eval_strategy: str = "steps"  # steps: every eval_steps (when set) | epoch: each epoch's end | no; and at the end
+    eval_steps: int | float | None = None
+    eval_on_start: bool = False  # evaluate before the first step (a sanity check of the eval path and the base)
+    save_steps: int | float = 500
+    save_strategy: str = "steps"  # steps: every save_steps and at the end | epoch: every epoch | best: each new best
+    #   eval metric | no: only on Ctrl-C / SIGTERM
+    load_best_model_at_end: bool = False  # export (and return) the checkpoint with the best eval metric
+    metric_for_best_model: str | None = None  # None: "loss" (eval_loss) with load_best_model_at_end or save "best"
+    greater_is_better: bool | None = None  # None: False for a loss, True for anything else (transformers' rule)
     save_total_limit: int | None = 3
     report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + wandb, trackio, mlflow;
     #   "all": every one installed; "none": nothing
@@ -230,7 +238,8 @@ CHOICES = {
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
     ("data", "split_conversations"): ("auto", "never"),
     ("data", "train_sampling_strategy"): ("random", "sequential", "group_by_length"),
-    ("logging", "save_strategy"): ("steps", "epoch", "no"),
+    ("logging", "save_strategy"): ("steps", "epoch", "best", "no"),
+    ("logging", "eval_strategy"): ("steps", "epoch", "no"),
     ("training", "lr_scheduler_type"): ("linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial",
                                         "constant", "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay"),
     ("training", "loss_type"): ("nll", "dft"),
@@ -461,9 +470,28 @@ def _validate_ranges(config: SFTConfig) -> None:
                 f"lora.lora_target_modules={lo.lora_target_modules!r}: use 'all-linear' or a list of "
                 f"{', '.join(LORA_TARGETS)}" + (f" ({', '.join(map(repr, unknown))} is not one)" if unknown else "")
             )
-    need(lg.logging_steps >= 1, "logging.logging_steps", lg.logging_steps, "must be >= 1")
-    need(lg.save_steps >= 1, "logging.save_steps", lg.save_steps, "must be >= 1")
-    need(lg.eval_steps is None or lg.eval_steps >= 1, "logging.eval_steps", lg.eval_steps, "must be >= 1 or None")
+    for name in ("logging_steps", "save_steps", "eval_steps"):
+        value = getattr(lg, name)
+        need(value is None and name == "eval_steps" or value is not None and (
+             0 < value < 1 or value >= 1 and float(value).is_integer()), f"logging.{name}", value,
+             "must be a whole number of steps >= 1, or a ratio of the total steps in (0, 1)"
+             + (", or None" if name == "eval_steps" else ""))
+    evaluates = lg.eval_strategy == "epoch" or lg.eval_strategy == "steps" and lg.eval_steps is not None
+    need(not (lg.eval_on_start or lg.eval_strategy == "epoch") or d.dataset_test_split is not None,
+         "logging.eval_strategy", lg.eval_strategy, "evaluates data.dataset_test_split, which is None: set it to a "
+         "split name or an eval file (or eval_strategy='no', eval_on_start=False)")
+    if lg.load_best_model_at_end or lg.save_strategy == "best":
+        need(evaluates, "logging.load_best_model_at_end" if lg.load_best_model_at_end else "logging.save_strategy",
+             True, "selects by the eval metric: set logging.eval_strategy ('steps' with eval_steps, or 'epoch')")
+    if lg.load_best_model_at_end and lg.save_strategy not in ("best", "no"):
+        need(lg.save_strategy == lg.eval_strategy, "logging.load_best_model_at_end", True,
+             f"needs checkpoints where it evaluates (transformers' rule): save_strategy={lg.save_strategy!r} and "
+             f"eval_strategy={lg.eval_strategy!r} must match")
+        if lg.save_strategy == "steps" and lg.eval_steps is not None and lg.save_steps >= 1 and lg.eval_steps >= 1:
+            need(lg.save_steps % lg.eval_steps == 0, "logging.save_steps", lg.save_steps,
+                 f"must be a multiple of logging.eval_steps={lg.eval_steps} with load_best_model_at_end")
+    need(not (lg.load_best_model_at_end and lg.save_strategy == "no"), "logging.load_best_model_at_end", True,
+         "needs checkpoints: set logging.save_strategy to 'steps', 'epoch' or 'best'")
     need(lg.eval_steps is None or d.dataset_test_split is not None, "logging.eval_steps", lg.eval_steps,
          "evaluates data.dataset_test_split, which is None: set it to a split name or an eval file (or eval_steps "
          "to None)")

@@ -81,23 +81,28 @@ def _jit_checkpoint(value, values):
 
 def _steps(path):
     def convert(value, values):
-        if value is not None and (not float(value).is_integer() or value < 1):
-            raise ConfigError(f"TRL {path.split('.')[1]}={value}: jsft needs a whole number of steps >= 1 "
-                              "(a ratio of the total steps is not supported)")
-        return {path: None if value is None else int(value)}
+        if value is not None and not (0 < value < 1 or value >= 1 and float(value).is_integer()):
+            raise ConfigError(f"TRL {path.split('.')[1]}={value}: a whole number of steps >= 1, or a ratio of the "
+                              "total steps in (0, 1)")
+        return {path: None if value is None else value if value < 1 else int(value)}
 
     return convert
 
 
 def _eval(value, values):
-    """eval_strategy + eval_steps (+ logging_steps, dataset_test_split) -> logging.eval_steps, data.dataset_test_split."""
+    """eval_strategy + eval_steps (+ logging_steps, dataset_test_split) -> logging.eval_strategy, logging.eval_steps,
+    data.dataset_test_split. transformers: eval_steps defaults to logging_steps."""
     if value == "no":
-        return {"logging.eval_steps": None, "data.dataset_test_split": None}
+        return {"logging.eval_strategy": "no", "logging.eval_steps": None,
+                "data.dataset_test_split": None if not values.get("eval_on_start") else values["dataset_test_split"]}
     if value == "steps":
         steps = values["eval_steps"] if values["eval_steps"] is not None else values["logging_steps"]
-        return {**_steps("logging.eval_steps")(steps, values), "data.dataset_test_split": values["dataset_test_split"]}
-    raise ConfigError(f"TRL eval_strategy={value!r}: jsft evaluates every logging.eval_steps steps; "
-                      "use eval_strategy='steps' with eval_steps, or 'no'")
+        return {"logging.eval_strategy": "steps", **_steps("logging.eval_steps")(steps, values),
+                "data.dataset_test_split": values["dataset_test_split"]}
+    if value == "epoch":
+        return {"logging.eval_strategy": "epoch", "logging.eval_steps": None,
+                "data.dataset_test_split": values["dataset_test_split"]}
+    raise ConfigError(f"TRL eval_strategy={value!r}: choose steps, epoch or no")
 
 
 def _mixture(value, values):
@@ -331,7 +336,7 @@ TRL_FIELDS: dict[str, tuple] = {
     "output_dir": (None, _default_none("logging.output_dir", "trainer_output"), ""),
     "logging_strategy": ("steps", NO_KNOB, "jsft logs every logging_steps steps"),
     "logging_steps": (10, _steps("logging.logging_steps"), ""),
-    "logging_first_step": (False, NO_EFFECT, "a logging detail"),
+    "logging_first_step": (False, "logging.logging_first_step", ""),
     "logging_nan_inf_filter": (True, NO_EFFECT, "a logging detail"),
     "log_on_each_node": (True, NO_EFFECT, "a logging detail"),
     "log_level": ("passive", NO_EFFECT, "a logging detail"),
@@ -347,7 +352,7 @@ TRL_FIELDS: dict[str, tuple] = {
     "eval_strategy": ("no", _eval, ""),
     "eval_steps": (None, _with("eval_strategy"), ""),
     "eval_delay": (0, NO_KNOB, "evaluation starts at step eval_steps"),
-    "eval_on_start": (False, NO_KNOB, "evaluation before the first step is not supported"),
+    "eval_on_start": (False, "logging.eval_on_start", ""),
     "prediction_loss_only": (False, NO_EFFECT, "jsft evaluates loss, entropy and token accuracy"),
     "eval_do_concat_batches": (True, NO_EFFECT, "an eval-loop detail"),
     "eval_use_gather_object": (False, NO_EFFECT, "an eval-loop detail"),
@@ -360,9 +365,9 @@ TRL_FIELDS: dict[str, tuple] = {
     "save_only_model": (False, NO_KNOB, "checkpoints always hold the optimizer and data state (exact resume)"),
     "save_on_each_node": (False, NO_EFFECT, "Orbax writes one checkpoint for all hosts"),
     "enable_jit_checkpoint": (False, _jit_checkpoint, ""),
-    "load_best_model_at_end": (False, NO_KNOB, "best-model selection is not supported"),
-    "metric_for_best_model": (None, NO_KNOB, "best-model selection is not supported"),
-    "greater_is_better": (None, NO_KNOB, "best-model selection is not supported"),
+    "load_best_model_at_end": (False, "logging.load_best_model_at_end", ""),
+    "metric_for_best_model": (None, "logging.metric_for_best_model", ""),
+    "greater_is_better": (None, "logging.greater_is_better", ""),
     "resume_from_checkpoint": (None, _resume, ""),
     "ignore_data_skip": (False, NO_KNOB, "resuming always restores the data iterator exactly"),
     "restore_callback_states_from_checkpoint": (False, NO_EFFECT, "jsft has no callbacks"),

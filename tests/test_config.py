@@ -119,7 +119,7 @@ def test_wrong_type_names_the_field(tmp_path):
         C.validate(_valid(data={"packing": 1}))
     with pytest.raises(ConfigError, match=r"data\.max_length: expected int or None, got float 12\.5"):
         C.load(_py_file(tmp_path), ["data.max_length=12.5"])
-    with pytest.raises(ConfigError, match=r"logging\.eval_steps: expected int or None, got str 'often'"):
+    with pytest.raises(ConfigError, match=r"logging\.eval_steps: expected int or float or None, got str 'often'"):
         C.load(_py_file(tmp_path), ["logging.eval_steps=often"])
 
 
@@ -338,10 +338,10 @@ def test_full_default_trl_dump_loads(tmp_path):
     ("fp16", True, "fp16"),
     ("optim", "adamw_8bit", "training.optim"),
     ("report_to", ["comet_ml"], "comet_ml"),
-    ("eval_strategy", "epoch", "eval_strategy"),
+    ("eval_strategy", "sometimes", "eval_strategy"),
     ("use_dora", True, "DoRA"),
     ("lr_scheduler_kwargs", {"num_cycles": 2}, "lr_scheduler_kwargs"),
-    ("logging_steps", 0.1, "logging_steps"),
+    ("logging_steps", 1.5, "logging_steps"),
     ("dtype", "auto", "dtype"),
     ("resume_from_checkpoint", "out/checkpoint-10", "resume_from_checkpoint"),
 ])
@@ -435,7 +435,10 @@ def test_save_strategy(tmp_path):
     path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "save_strategy": "no"}))
     assert C.load(path).logging.save_strategy == "no"
     path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "save_strategy": "best"}))
-    with pytest.raises(ConfigError, match="save_strategy='best'.*steps, epoch, no"):
+    with pytest.raises(ConfigError, match="save_strategy.*selects by the eval metric"):
+        C.load(path)  # "best" needs evaluation
+    path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "save_strategy": "bestest"}))
+    with pytest.raises(ConfigError, match="save_strategy='bestest'.*steps, epoch, best, no"):
         C.load(path)
 
 
@@ -496,3 +499,28 @@ def test_the_jsft_command_runs_each_module_and_says_its_usage(capsys):
     with pytest.raises(SystemExit) as exit_:
         command.main(["train", "--help"])
     assert exit_.value.code == 0 and "--learning_rate 1e-4" in capsys.readouterr().out
+
+
+def test_best_model_settings_follow_transformers_rules(tmp_path):
+    from jsft.best import BestCheckpoint
+
+    path = tmp_path / "trl.json"
+    base = {"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "dataset_test_split": "e.jsonl",
+            "eval_strategy": "epoch", "save_strategy": "epoch", "load_best_model_at_end": True,
+            "eval_on_start": True, "logging_first_step": True, "save_steps": 0.25}
+    path.write_text(json.dumps(base))
+    cfg = C.load(path)
+    lg = cfg.logging
+    assert lg.eval_strategy == "epoch" and lg.load_best_model_at_end and lg.eval_on_start and lg.save_steps == 0.25
+    best = BestCheckpoint.from_config(lg)
+    assert best.metric == "eval_loss" and best.greater is False
+    assert best.is_better({"eval_loss": 2.0}) and (best.record(4, {"eval_loss": 2.0}) or True)
+    assert not best.is_better({"eval_loss": 2.5}) and best.is_better({"eval_loss": 1.5})
+    lg.metric_for_best_model = "mean_token_accuracy"
+    assert BestCheckpoint.from_config(lg).greater is True
+    path.write_text(json.dumps({**base, "save_strategy": "steps"}))
+    with pytest.raises(ConfigError, match="save_strategy='steps' and eval_strategy='epoch' must match"):
+        C.load(path)
+    path.write_text(json.dumps({**base, "eval_strategy": "no", "save_strategy": "best"}))
+    with pytest.raises(ConfigError, match="selects by the eval metric"):
+        C.load(path)
