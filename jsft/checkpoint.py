@@ -38,7 +38,7 @@ from etils import epath
 from flax import nnx
 
 from jsft import manifest, outdir
-from jsft.hf import CheckpointError
+from jsft.errors import CheckpointError
 
 # The settings whose change gives other parameter shapes or names (the model, its vocabulary, LoRA); compared with
 # the checkpoint's when a restore finds other shapes. Settings of these sections that never change a shape are left out.

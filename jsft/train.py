@@ -25,7 +25,8 @@ from flax import nnx
 from jsft import checkpoint, outdir, peers, progress, sharding, step
 from jsft import trackers as trackers_lib
 from jsft.best import BestCheckpoint
-from jsft.config import ConfigError, SFTConfig, load, quantization, validate
+from jsft.config import ConfigError, SFTConfig, quantization, validate
+from jsft.config_files import load
 from jsft.guard import Diverged, DivergenceGuard
 from jsft.signals import StopSignals
 from jsft.loss import effective_seq_len, flops_per_token, lora_frozen_params, mfu, normalize, peak_tflops

@@ -553,7 +553,7 @@ def read_trl_file(path: str | Path) -> dict:
 
 
 def from_trl_file(path: str | Path) -> SFTConfig:
-    """A TRL config saved as YAML or JSON -> jsft SFTConfig (call jsft.config.validate, or use jsft.config.load)."""
+    """A TRL config saved as YAML or JSON -> jsft SFTConfig (call jsft.config.validate, or use jsft.config_files.load)."""
     try:
         return from_trl_dict(read_trl_file(path))
     except ConfigError as e:
