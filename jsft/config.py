@@ -129,6 +129,7 @@ class ShardingConfig:
     coordinator_address: str | None = None  # multi-host: host:port of process 0 (None: auto-detect or single)
     num_processes: int | None = None
     process_id: int | None = None
+    use_cpu: bool = False  # TRL's use_cpu: the CPU even where a GPU is present (JAX_PLATFORMS=cpu does the same)
 
 
 @dataclass

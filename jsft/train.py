@@ -146,6 +146,17 @@ def warn_past_max_positions(cfg, datasets, max_length) -> None:
                 "and max_position_embeddings in config.json)", UserWarning, stacklevel=2)
 
 
+def check_model_config(config: SFTConfig) -> None:
+    """The checkpoint's config.json as jsft reads it (architecture, RoPE type, sizes): ModelConfigError naming the
+    problem, before any data is prepared. Random init checks its own config when it builds."""
+    if config.model.init_from_scratch:
+        return
+    from jsft.hf import read_config
+    from jsft.model.llama import LlamaConfig
+
+    LlamaConfig.from_hf(read_config(config.model.model_name_or_path))
+
+
 def build_model(config: SFTConfig, tokenizer, mesh):
     """The model, placed on the mesh: loaded from model.model_name_or_path (each device reads only its shards) or
     random-initialized from model.init_from_scratch; the vocabulary grown when the tokenizer has more tokens;
@@ -425,6 +436,7 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     from jsft.data.pipeline import batch_iterator, format_stats, prepare_dataset, steps_per_epoch
 
     tokenizer, added_tokens = build_tokenizer(config)
+    check_model_config(config)  # an unsupported architecture or RoPE type fails before tokenizing, not after
     train_data = prepare_dataset(config, tokenizer, "train")
     print(format_stats(train_data.stats))
     fingerprint = checkpoint.data_fingerprint(train_data)  # saved in each checkpoint, compared on resume

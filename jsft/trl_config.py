@@ -178,6 +178,19 @@ def _one_of(accepted, why):
     return convert
 
 
+def _eval_packing(value, values):
+    """eval_packing None (= packing) or equal to packing: jsft prepares eval rows as training rows."""
+    if value is None or value == values["packing"]:
+        return {}
+    raise ConfigError(f"TRL eval_packing={value!r} with packing={values['packing']!r}: jsft prepares eval rows like "
+                      "training rows (data.packing); unset eval_packing")
+
+
+# transformers' AcceleratorConfig defaults, as TrainingArguments.to_dict() writes them
+ACCELERATOR_DEFAULTS = {"split_batches": False, "dispatch_batches": None, "even_batches": True,
+                        "use_seedable_sampler": True, "non_blocking": False, "gradient_accumulation_kwargs": None}
+
+
 def _optim(value, values):
     """TRL optim -> training.optim: jsft has adamw_torch(_fused), adafactor, sgd, lion_32bit (also spelled
     paged_lion_32bit: no paging on accelerators with one memory) and muon."""
@@ -239,7 +252,8 @@ TRL_FIELDS: dict[str, tuple] = {
     "dtype": ("float32", _param_dtype, ""),
     "attn_implementation": (None, NO_EFFECT, "jsft picks its own packed attention (model.attention_impl)"),
     "trust_remote_code": (False, NO_KNOB, "jsft builds Llama-family models itself; no remote code runs"),
-    "model_init_kwargs": (None, NO_KNOB, "set model.dtype instead"),
+    "model_init_kwargs": (None, _one_of((None, {}), "jsft builds the model from its config.json; "
+                                          "set model.dtype (TRL's dtype) instead"), ""),
     "use_peft": (False, "lora.use_peft", ""),
     "lora_r": (16, "lora.lora_r", ""),
     "lora_alpha": (32, "lora.lora_alpha", ""),
@@ -267,7 +281,8 @@ TRL_FIELDS: dict[str, tuple] = {
                   "streaming: true, the rows are then read whole)"),
     "test_split_size": (None, _with("datasets"), ""),
     "dataset_text_field": ("text", "data.dataset_text_field", ""),
-    "dataset_kwargs": (None, NO_KNOB, "skip_prepare_dataset and other preparation kwargs are not supported"),
+    "dataset_kwargs": (None, _one_of((None, {}), "skip_prepare_dataset and other preparation "
+                                       "kwargs are not supported"), ""),
     "dataset_num_proc": (None, "data.dataset_num_proc", ""),
     "max_length": (1024, "data.max_length", ""),
     "truncation_mode": ("keep_start", "data.truncation_mode", ""),
@@ -276,7 +291,7 @@ TRL_FIELDS: dict[str, tuple] = {
     "packing_strategy": ("bfd", _renamed("data.packing_strategy", {"bfd-requeue": "bfd_split"}), ""),
     "padding_free": (False, "data.padding_free", ""),
     "pad_to_multiple_of": ("auto", _pad_to_multiple_of, ""),
-    "eval_packing": (None, NO_KNOB, "eval rows are prepared like training rows (data.packing)"),
+    "eval_packing": (None, _eval_packing, ""),
     "completion_only_loss": (None, "data.completion_only_loss", ""),
     "assistant_only_loss": (False, "data.assistant_only_loss", ""),
     "chat_template_path": (None, "data.chat_template_path", ""),
@@ -319,7 +334,8 @@ TRL_FIELDS: dict[str, tuple] = {
     "fp16": (False, NO_KNOB, "jsft computes in bfloat16 or float32 (fp16 needs loss scaling); use bf16"),
     "bf16_full_eval": (False, NO_KNOB, "eval runs in model.compute_dtype"),
     "fp16_full_eval": (False, NO_KNOB, "fp16 is not supported"),
-    "tf32": (None, NO_EFFECT, "XLA chooses matmul precision"),
+    "tf32": (None, _one_of((None, True), "jsft leaves float32 matmul precision to XLA (TF32 on "
+                                         "Ampere and newer GPUs); full float32 matmuls are not supported"), ""),
     "gradient_checkpointing": (True, _remat, ""),
     "activation_checkpointing": (None, _with("gradient_checkpointing"), ""),
     "activation_offloading": (False, _with("gradient_checkpointing"), ""),
@@ -337,7 +353,9 @@ TRL_FIELDS: dict[str, tuple] = {
     "logging_strategy": ("steps", NO_KNOB, "jsft logs every logging_steps steps"),
     "logging_steps": (10, _steps("logging.logging_steps"), ""),
     "logging_first_step": (False, "logging.logging_first_step", ""),
-    "logging_nan_inf_filter": (True, NO_EFFECT, "a logging detail"),
+    "logging_nan_inf_filter": (True, _one_of((True,), "jsft never logs a "
+                                             "non-finite step into a mean (a NaN step stops the run, or is skipped and "
+                                             "counted with training.max_nonfinite_steps)"), ""),
     "log_on_each_node": (True, NO_EFFECT, "a logging detail"),
     "log_level": ("passive", NO_EFFECT, "a logging detail"),
     "log_level_replica": ("warning", NO_EFFECT, "a logging detail"),
@@ -379,8 +397,10 @@ TRL_FIELDS: dict[str, tuple] = {
     "hub_always_push": (False, NO_EFFECT, "unused without push_to_hub"),
     "hub_revision": (None, NO_EFFECT, "unused without push_to_hub"),
     # --- devices and data loading (torch/accelerate) ---
-    "use_cpu": (False, NO_EFFECT, "JAX picks the backend (JAX_PLATFORMS=cpu forces the CPU)"),
-    "accelerator_config": (None, NO_EFFECT, "accelerate's data-loader distribution; jsft shards with sharding.*"),
+    "use_cpu": (False, "sharding.use_cpu", ""),
+    "accelerator_config": (None, _one_of((None, {}, ACCELERATOR_DEFAULTS), "accelerate's "
+                                         "data-loader settings (split_batches, even_batches, ...) other than its "
+                                         "defaults change what a batch is; jsft shards batches with sharding.*"), ""),
     "parallelism_config": (None, NO_KNOB, "set sharding.mesh_shape instead"),
     "fsdp": (None, _one_of((None, "", []), "TRL fsdp: set sharding.mesh_shape (fsdp axis) instead"), ""),
     "fsdp_config": (None, NO_KNOB, "set sharding.mesh_shape instead"),
@@ -548,6 +568,12 @@ def read_trl_file(path: str | Path) -> dict:
         raise ConfigError(f"{where}not valid YAML: {' '.join(str(getattr(e, 'problem', None) or e).split())}") from e
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a TRL config file must hold one mapping of field: value")
+    if path.suffix != ".json":  # YAML 1.1 reads an unquoted no / off / yes as a bool
+        unquoted = [f"{k}: {v}" for k, v in values.items()
+                    if isinstance(v, bool) and k in TRL_FIELDS and isinstance(TRL_FIELDS[k][0], str)]
+        if unquoted:
+            raise ConfigError(f"{path}: {', '.join(unquoted)}: YAML reads an unquoted no/yes/off as a boolean; "
+                              "quote the word, e.g. eval_strategy: 'no'")
     # YAML 1.1 reads 2e-5 (no dot) as a string; TRL's argument parser reads it as the float it is
     return {k: float(v) if isinstance(v, str) and YAML_EXPONENT_FLOAT.match(v) else v for k, v in values.items()}
 

@@ -525,3 +525,37 @@ def test_best_model_settings_follow_transformers_rules(tmp_path):
     path.write_text(json.dumps({**base, "eval_strategy": "no", "save_strategy": "best"}))
     with pytest.raises(ConfigError, match="selects by the eval metric"):
         load_config(path)
+
+
+def test_silently_ignored_trl_fields_are_honoured_or_refused(tmp_path):
+    """use_cpu maps; tf32, logging_nan_inf_filter, accelerator_config, model_init_kwargs, dataset_kwargs and
+    eval_packing accept TRL's defaults (and equivalent spellings) and refuse what would change the run."""
+    import trl
+
+    from jsft.trainer import _jsft_config
+
+    args = trl.SFTConfig(output_dir=str(tmp_path / "o"), use_cpu=True, bf16=False, report_to="none")
+    cfg = _jsft_config(args)  # every field of a real trl.SFTConfig dump, accelerator_config as its defaults dict
+    assert cfg.sharding.use_cpu is True
+    path = tmp_path / "trl.json"
+    base = {"model_name_or_path": "ckpt", "dataset_name": "d.jsonl"}
+    for fields in ({"model_init_kwargs": {}}, {"dataset_kwargs": {}}, {"eval_packing": True, "packing": True},
+                   {"tf32": True}, {"accelerator_config": {}}):
+        path.write_text(json.dumps({**base, **fields}))
+        load_config(path)
+    for fields, needle in (({"tf32": False}, "float32 matmul"), ({"logging_nan_inf_filter": False}, "non-finite"),
+                           ({"accelerator_config": {"split_batches": True}}, "change what a batch is"),
+                           ({"eval_packing": False, "packing": True}, "eval_packing"),
+                           ({"model_init_kwargs": {"dtype": "bfloat16"}}, "model.dtype")):
+        path.write_text(json.dumps({**base, **fields}))
+        with pytest.raises(ConfigError, match=needle):
+            load_config(path)
+
+
+def test_an_unquoted_yaml_no_gets_a_hint(tmp_path):
+    path = tmp_path / "trl.yaml"
+    path.write_text("model_name_or_path: ckpt\ndataset_name: d.jsonl\neval_strategy: no\n")
+    with pytest.raises(ConfigError, match="eval_strategy: False: YAML reads an unquoted no"):
+        load_config(path)
+    path.write_text("model_name_or_path: ckpt\ndataset_name: d.jsonl\neval_strategy: 'no'\n")
+    assert load_config(path).logging.eval_strategy == "no"

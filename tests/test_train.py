@@ -334,3 +334,22 @@ def test_load_best_model_at_end_exports_the_best_checkpoint_and_keeps_it_from_ro
 
     assert checkpoint.steps(tmp_path / "run") == sorted({best_step, 8})
     assert summary["eval"]["eval_loss"] == pytest.approx(evals[best_step], rel=1e-5)
+
+
+def test_an_unsupported_architecture_fails_before_the_data_is_tokenized(tokenizer_dir, checkpoint_dir, tmp_path,
+                                                                         monkeypatch):
+    import shutil
+
+    from jsft.data import pipeline
+    from jsft.model.llama import ModelConfigError
+
+    model = tmp_path / "gpt2"
+    shutil.copytree(checkpoint_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    data = fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 8, seed=5), tmp_path / "pc.jsonl")
+    config = tiny_config(tokenizer_dir, data, tmp_path / "run")
+    config.model.init_from_scratch, config.model.model_name_or_path = None, str(model)
+    monkeypatch.setattr(pipeline, "prepare_dataset", lambda *a, **k: pytest.fail("tokenized before the model check"))
+    with pytest.raises(ModelConfigError, match="'GPT2LMHeadModel' is not supported"):
+        train.run(config)
