@@ -8,6 +8,9 @@ fixture's 2,000 `messages` chat rows with assistant-only loss, float32 everywher
 AdamW at a constant learning rate, gradient clipping 1.0, one micro-batch of `--batch` rows per step. Cases:
 
     nopack   packing=False (TRL pads each batch to its longest row; jsft pads to max_length)
+    grouped  packing=False, train_sampling_strategy="group_by_length" on both sides (jsft: each step from one of 8
+             length buckets, one compile per bucket; TRL: its length-grouped sampler, each batch padded to its
+             longest row)
     nopack64 packing=False, pad_to_multiple_of=64 on both sides (each batch padded to its longest row rounded up to
              64; jsft compiles once per length: steps that compiled are left out of the rates and counted)
     bfd      packing=True, bfd, padding_free=True (TRL: one flattened row per batch; jsft: [B, L] rows)
@@ -51,6 +54,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 CASES = {
     "nopack": dict(packing=False, packing_strategy="bfd", padding_free=False, lora=False),
+    "grouped": dict(packing=False, packing_strategy="bfd", padding_free=False, lora=False,
+                    train_sampling_strategy="group_by_length"),
     "nopack64": dict(packing=False, packing_strategy="bfd", padding_free=False, lora=False, pad_to_multiple_of=64),
     "bfd": dict(packing=True, packing_strategy="bfd", padding_free=True, lora=False),
     "wrapped": dict(packing=True, packing_strategy="wrapped", padding_free=False, lora=False),
@@ -77,6 +82,7 @@ def run_jsft(case: dict, args, work: Path) -> dict:
                         packing=case["packing"], packing_strategy=case["packing_strategy"],
                         padding_free=case["padding_free"], assistant_only_loss=True, shuffle_dataset=True,
                         pad_to_multiple_of=case.get("pad_to_multiple_of"),
+                        train_sampling_strategy=case.get("train_sampling_strategy", "random"),
                         cache_dir=str(work / f"jsft-cache-{args.case}")),
         training=TrainingConfig(learning_rate=args.lr, per_device_train_batch_size=args.batch, max_steps=args.steps,
                                 lr_scheduler_type="constant", max_grad_norm=1.0, seed=0),
@@ -145,6 +151,7 @@ def run_trl(case: dict, args, work: Path) -> dict:
         max_grad_norm=1.0, seed=0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
         gradient_checkpointing=False, disable_tqdm=True, dataloader_num_workers=0,
         pad_to_multiple_of=case.get("pad_to_multiple_of"),
+        train_sampling_strategy=case.get("train_sampling_strategy", "random"),
     )
     peft_config = None
     if case["lora"]:

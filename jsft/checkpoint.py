@@ -38,7 +38,7 @@ from etils import epath
 from flax import nnx
 
 from jsft import manifest, outdir
-from jsft.hf import CheckpointError
+from jsft.errors import CheckpointError
 
 # The settings whose change gives other parameter shapes or names (the model, its vocabulary, LoRA); compared with
 # the checkpoint's when a restore finds other shapes. Settings of these sections that never change a shape are left out.
@@ -62,17 +62,34 @@ DAMAGED_DIR = "checkpoints.damaged"
 _saving: dict[str, tuple[int, int]] = {}
 
 
-def make_manager(output_dir, save_total_limit: int | None = 3, async_save: bool = True) -> ocp.CheckpointManager:
+class KeepStep:
+    """An Orbax preservation policy that keeps one step, changed as the run goes (the best checkpoint, kept from
+    rotation as transformers keeps it): `keep.step = 40`."""
+
+    def __init__(self, step: int | None = None):
+        self.step = step
+
+    def should_preserve(self, checkpoints, *, context):
+        return [info.step == self.step for info in checkpoints]
+
+
+def make_manager(output_dir, save_total_limit: int | None = 3, async_save: bool = True,
+                 keep: KeepStep | None = None) -> ocp.CheckpointManager:
     """Orbax's manager of <output_dir>/checkpoints. Always Orbax's asynchronous checkpointer: only it runs a callback
     after the files are written and before the rename that completes a checkpoint, where jsft writes the manifest;
-    async_save=False makes `save` wait for the write instead."""
+    async_save=False makes `save` wait for the write instead. keep: a step kept whatever save_total_limit says."""
+    from orbax.checkpoint import checkpoint_managers as policies
+
     directory = checkpoint_dir(output_dir)
     _quiet_disk_full_logs()
     async_options = ocp.AsyncOptions(post_finalization_callback=lambda: _write_manifest(directory))
-    options = ocp.CheckpointManagerOptions(max_to_keep=save_total_limit, enable_async_checkpointing=True,
-                                           async_options=async_options, create=True)
+    rotation = dict(max_to_keep=save_total_limit) if keep is None else dict(
+        preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(n=save_total_limit), keep]))
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=True, async_options=async_options, create=True,
+                                           **rotation)
     manager = ocp.CheckpointManager(directory, options=options)
     manager.jsft_async_save, manager.jsft_save_total_limit = async_save, save_total_limit  # for a new one alike
+    manager.jsft_keep = keep
     return manager
 
 
@@ -363,7 +380,8 @@ def restore_newest_intact(manager: ocp.CheckpointManager, model, optimizer, conf
     moved = _move_damaged(directory, damaged)
     if moved is not None:
         manager.close()
-        manager = make_manager(directory.parent, manager.jsft_save_total_limit, manager.jsft_async_save)
+        manager = make_manager(directory.parent, manager.jsft_save_total_limit, manager.jsft_async_save,
+                               manager.jsft_keep)
         print(f"resume: damaged checkpoint(s) {', '.join(str(d) for d, _ in damaged)} moved to {moved} (delete them "
               f"when you have looked); resuming checkpoint {step}, the newest intact one")
     return manager, meta

@@ -20,9 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the field and the fix."""
+from jsft.errors import ConfigError
 
 
 @dataclass
@@ -135,15 +133,24 @@ class ShardingConfig:
     coordinator_address: str | None = None  # multi-host: host:port of process 0 (None: auto-detect or single)
     num_processes: int | None = None
     process_id: int | None = None
+    use_cpu: bool = False  # TRL's use_cpu: the CPU even where a GPU is present (JAX_PLATFORMS=cpu does the same)
 
 
 @dataclass
 class LoggingConfig:
     output_dir: str = "output"
-    logging_steps: int = 10
-    eval_steps: int | None = None
-    save_steps: int = 500
-    save_strategy: str = "steps"  # steps: every save_steps and at the end | epoch: every epoch | no: only on Ctrl-C
+    # logging/eval/save steps: a step count, or a ratio of the total steps when < 1 (transformers: ceil(ratio * total))
+    logging_steps: int | float = 10
+    logging_first_step: bool = False  # also log the first step
+    eval_strategy: str = "steps"  # steps: every eval_steps (when set) | epoch: each epoch's end | no; and at the end
+    eval_steps: int | float | None = None
+    eval_on_start: bool = False  # evaluate before the first step (a sanity check of the eval path and the base)
+    save_steps: int | float = 500
+    save_strategy: str = "steps"  # steps: every save_steps and at the end | epoch: every epoch | best: each new best
+    #   eval metric | no: only on Ctrl-C / SIGTERM
+    load_best_model_at_end: bool = False  # export (and return) the checkpoint with the best eval metric
+    metric_for_best_model: str | None = None  # None: "loss" (eval_loss) with load_best_model_at_end or save "best"
+    greater_is_better: bool | None = None  # None: False for a loss, True for anything else (transformers' rule)
     save_total_limit: int | None = 3
     report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + wandb, trackio, mlflow;
     #   "all": every one installed; "none": nothing
@@ -234,7 +241,8 @@ CHOICES = {
     ("data", "truncation_mode"): ("keep_start", "keep_end"),
     ("data", "split_conversations"): ("auto", "never"),
     ("data", "train_sampling_strategy"): ("random", "sequential", "group_by_length"),
-    ("logging", "save_strategy"): ("steps", "epoch", "no"),
+    ("logging", "save_strategy"): ("steps", "epoch", "best", "no"),
+    ("logging", "eval_strategy"): ("steps", "epoch", "no"),
     ("training", "lr_scheduler_type"): ("linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial",
                                         "constant", "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay"),
     ("training", "loss_type"): ("nll", "dft"),
@@ -465,9 +473,28 @@ def _validate_ranges(config: SFTConfig) -> None:
                 f"lora.lora_target_modules={lo.lora_target_modules!r}: use 'all-linear' or a list of "
                 f"{', '.join(LORA_TARGETS)}" + (f" ({', '.join(map(repr, unknown))} is not one)" if unknown else "")
             )
-    need(lg.logging_steps >= 1, "logging.logging_steps", lg.logging_steps, "must be >= 1")
-    need(lg.save_steps >= 1, "logging.save_steps", lg.save_steps, "must be >= 1")
-    need(lg.eval_steps is None or lg.eval_steps >= 1, "logging.eval_steps", lg.eval_steps, "must be >= 1 or None")
+    for name in ("logging_steps", "save_steps", "eval_steps"):
+        value = getattr(lg, name)
+        need(value is None and name == "eval_steps" or value is not None and (
+             0 < value < 1 or value >= 1 and float(value).is_integer()), f"logging.{name}", value,
+             "must be a whole number of steps >= 1, or a ratio of the total steps in (0, 1)"
+             + (", or None" if name == "eval_steps" else ""))
+    evaluates = lg.eval_strategy == "epoch" or lg.eval_strategy == "steps" and lg.eval_steps is not None
+    need(not (lg.eval_on_start or lg.eval_strategy == "epoch") or d.dataset_test_split is not None,
+         "logging.eval_strategy", lg.eval_strategy, "evaluates data.dataset_test_split, which is None: set it to a "
+         "split name or an eval file (or eval_strategy='no', eval_on_start=False)")
+    if lg.load_best_model_at_end or lg.save_strategy == "best":
+        need(evaluates, "logging.load_best_model_at_end" if lg.load_best_model_at_end else "logging.save_strategy",
+             True, "selects by the eval metric: set logging.eval_strategy ('steps' with eval_steps, or 'epoch')")
+    if lg.load_best_model_at_end and lg.save_strategy not in ("best", "no"):
+        need(lg.save_strategy == lg.eval_strategy, "logging.load_best_model_at_end", True,
+             f"needs checkpoints where it evaluates (transformers' rule): save_strategy={lg.save_strategy!r} and "
+             f"eval_strategy={lg.eval_strategy!r} must match")
+        if lg.save_strategy == "steps" and lg.eval_steps is not None and lg.save_steps >= 1 and lg.eval_steps >= 1:
+            need(lg.save_steps % lg.eval_steps == 0, "logging.save_steps", lg.save_steps,
+                 f"must be a multiple of logging.eval_steps={lg.eval_steps} with load_best_model_at_end")
+    need(not (lg.load_best_model_at_end and lg.save_strategy == "no"), "logging.load_best_model_at_end", True,
+         "needs checkpoints: set logging.save_strategy to 'steps', 'epoch' or 'best'")
     need(lg.eval_steps is None or d.dataset_test_split is not None, "logging.eval_steps", lg.eval_steps,
          "evaluates data.dataset_test_split, which is None: set it to a split name or an eval file (or eval_steps "
          "to None)")
@@ -645,72 +672,3 @@ def _accepts_str(config: SFTConfig, dotted: str) -> bool:
     section_name, _, name = dotted.partition(".")
     annotation = _section_types(type(getattr(config, section_name))).get(name) if section_name in SECTIONS else None
     return annotation is str or str in typing.get_args(annotation)
-
-
-def load_config_file(path: str | Path) -> SFTConfig:
-    """A Python file defining `config` (an SFTConfig), or a TRL SFTConfig saved as YAML/JSON."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    if path.suffix in (".yaml", ".yml", ".json"):
-        from jsft.trl_config import from_trl_file
-
-        return from_trl_file(path)
-    namespace: dict = {"__file__": str(path), "__name__": "jsft_config"}
-    try:
-        exec(compile(path.read_text(), str(path), "exec"), namespace)
-    except ConfigError:
-        raise
-    except SyntaxError as e:  # the file does not parse: its line and Python's one-line reason
-        raise ConfigError(f"{path}, line {e.lineno}: {type(e).__name__}: {e.msg}" +
-                          (f": {e.text.strip()}" if e.text and e.text.strip() else "")) from e
-    except Exception as e:  # noqa: BLE001 (the config's own code failed: name its line, not a traceback)
-        raise _config_code_error(path, e) from e
-    config = namespace.get("config")
-    if not isinstance(config, SFTConfig):
-        raise ConfigError(f"{path} must define `config = SFTConfig(...)`; found {type(config).__name__}")
-    return config
-
-
-def _config_code_error(path: Path, error: Exception) -> ConfigError:
-    """A config file whose code raised: SectionConfig(unknown_field=...) names the field (and what is close); any
-    other error names the file's line where it happened and the error's one-line message."""
-    match = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(error))
-    if isinstance(error, TypeError) and match:
-        cls, name = match.groups()
-        section = {c.__name__: n for n, c in SECTIONS.items()}.get(cls)
-        if cls == "SFTConfig":
-            return ConfigError(f"{path}: unknown config section {name!r}{did_you_mean(name)}: use one of "
-                               f"{', '.join(SECTIONS)}")
-        if section is not None:
-            return ConfigError(f"{path}: unknown field {section}.{name}{did_you_mean(section, name)}")
-    import traceback
-
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename) == path]
-    where = f", line {frames[-1].lineno}" if frames else ""
-    code = f" (in: {frames[-1].line.strip()})" if frames and frames[-1].line else ""
-    message = " ".join(str(error).split())
-    return ConfigError(f"{path}{where}: {type(error).__name__}{': ' + message if message else ''}{code}. Fix: "
-                       "correct the config file there (JSFT_TRACEBACK=1 shows the traceback)")
-
-
-def load(path: str | Path | None, overrides: list[str] = (), trl_flags: dict | None = None) -> SFTConfig:
-    """Config file + TRL flags (`--learning_rate 1e-4`, jsft.trl_config.parse_flags) + --set overrides, validated.
-
-    A TRL YAML/JSON and the flags are one set of TRL fields (flags win); on a jsft .py config the flags change only
-    what they name. No file: the flags alone are the TRL config, as with `trl sft --model_name_or_path ...`."""
-    from jsft import trl_config
-
-    trl_flags = trl_flags or {}
-    if path is None:
-        config = trl_config.from_trl_dict(trl_flags)
-    elif Path(path).suffix in (".yaml", ".yml", ".json") and Path(path).exists():
-        try:
-            config = trl_config.from_trl_dict({**trl_config.read_trl_file(path), **trl_flags})
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-    else:
-        config = trl_config.apply_trl_flags(load_config_file(path), trl_flags)
-    for text in overrides:
-        apply_override(config, text)
-    return validate(config)

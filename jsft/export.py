@@ -28,7 +28,8 @@ import numpy as np
 from flax import nnx
 
 from jsft import outdir
-from jsft.config import ConfigError, SFTConfig, load
+from jsft.config import ConfigError, SFTConfig
+from jsft.config_files import load
 
 FORMATS = ("auto", "full", "merged", "adapter")
 

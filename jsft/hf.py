@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jsft import hub
+from jsft.errors import CheckpointError
 from jsft.hub import check_local_or_hub, hub_unreachable, one_line
 from jsft.model import quant
 from jsft.model.llama import ARCHITECTURES, Llama, LlamaConfig
@@ -52,10 +53,6 @@ _FIELDS = {"i": r"\d+", "proj": r"[a-z]+_proj", "norm": r"[a-z_]*norm"}
 # Tensors some checkpoints carry that the model recomputes or shares: skipped on load.
 IGNORED = (r".*rotary_emb\.inv_freq",)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message names the tensor or field."""
 
 
 def _regex(template: str) -> re.Pattern:

@@ -341,6 +341,14 @@ _AUTO_ENV = {
 }
 
 
+def use_cpu() -> None:
+    """TRL's use_cpu=True: run on the CPU even where an accelerator is present (before JAX starts a backend)."""
+    jax.config.update("jax_platforms", "cpu")
+    if jax.devices()[0].platform != "cpu":  # a backend had already started
+        raise ShardingError("sharding.use_cpu=True, but JAX already runs on "
+                            f"{jax.devices()[0].platform}: set JAX_PLATFORMS=cpu in the environment instead")
+
+
 def initialize_distributed(sharding_config) -> tuple[int, int]:
     """Start multi-process JAX when the run spans several processes; returns (process_index, process_count).
 
@@ -351,6 +359,8 @@ def initialize_distributed(sharding_config) -> tuple[int, int]:
     Under SLURM, JAX gives each task the one GPU of index SLURM_LOCALID (launch one task per GPU); with
     --ntasks-per-node=1 the task gets every GPU of its node (SLURM_GPUS_ON_NODE) instead.
     """
+    if getattr(sharding_config, "use_cpu", False):
+        use_cpu()
     if jax.distributed.is_initialized():
         return jax.process_index(), jax.process_count()
     address = getattr(sharding_config, "coordinator_address", None)

@@ -24,7 +24,9 @@ from flax import nnx
 
 from jsft import checkpoint, outdir, peers, progress, sharding, step
 from jsft import trackers as trackers_lib
-from jsft.config import ConfigError, SFTConfig, load, quantization, validate
+from jsft.best import BestCheckpoint
+from jsft.config import ConfigError, SFTConfig, quantization, validate
+from jsft.config_files import load
 from jsft.guard import Diverged, DivergenceGuard
 from jsft.signals import StopSignals
 from jsft.loss import effective_seq_len, flops_per_token, lora_frozen_params, mfu, normalize, peak_tflops
@@ -45,10 +47,28 @@ def tokenizer_path(config: SFTConfig) -> str:
 
 def should_save(logging, step: int, epoch_steps: int) -> bool:
     """A checkpoint after this optimizer step? logging.save_strategy: every save_steps, at each epoch's end, or never
-    (a stop by Ctrl-C still saves; 'steps' and 'epoch' also save at the end of the run)."""
+    (a stop by Ctrl-C still saves; 'steps' and 'epoch' also save at the end of the run; 'best' saves where an eval
+    finds a new best, decided in the loop)."""
     if logging.save_strategy == "steps":
         return step % logging.save_steps == 0
     return logging.save_strategy == "epoch" and step % epoch_steps == 0
+
+
+def should_eval(logging, step: int, epoch_steps: int) -> bool:
+    """An eval after this optimizer step? logging.eval_strategy: every eval_steps (if set), each epoch's end, or no."""
+    if logging.eval_strategy == "steps":
+        return bool(logging.eval_steps) and step % logging.eval_steps == 0
+    return logging.eval_strategy == "epoch" and step % epoch_steps == 0
+
+
+def with_step_counts(logging, total_steps: int):
+    """logging_steps / eval_steps / save_steps given as ratios (< 1) of the total steps -> step counts, as
+    transformers: ceil(ratio * total_steps). E.g. save_steps 0.25 of 90 steps -> every 23 steps."""
+    counts = {}
+    for name in ("logging_steps", "eval_steps", "save_steps"):
+        value = getattr(logging, name)
+        counts[name] = value if value is None else max(1, math.ceil(value * total_steps)) if value < 1 else int(value)
+    return dataclasses.replace(logging, **counts)
 
 
 def build_tokenizer(config: SFTConfig):
@@ -124,6 +144,17 @@ def warn_past_max_positions(cfg, datasets, max_length) -> None:
                 "tokens), so they train at positions the model was never trained at. transformers and TRL accept "
                 f"this silently. Fix: set data.max_length <= {limit}, or extend the context on purpose (rope scaling "
                 "and max_position_embeddings in config.json)", UserWarning, stacklevel=2)
+
+
+def check_model_config(config: SFTConfig) -> None:
+    """The checkpoint's config.json as jsft reads it (architecture, RoPE type, sizes): ModelConfigError naming the
+    problem, before any data is prepared. Random init checks its own config when it builds."""
+    if config.model.init_from_scratch:
+        return
+    from jsft.hf import read_config
+    from jsft.model.llama import LlamaConfig
+
+    LlamaConfig.from_hf(read_config(config.model.model_name_or_path))
 
 
 def build_model(config: SFTConfig, tokenizer, mesh):
@@ -440,6 +471,7 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     from jsft.data.pipeline import batch_iterator, format_stats, prepare_dataset, steps_per_epoch
 
     tokenizer, added_tokens = build_tokenizer(config)
+    check_model_config(config)  # an unsupported architecture or RoPE type fails before tokenizing, not after
     train_data = prepare_dataset(config, tokenizer, "train")
     print(format_stats(train_data.stats))
     fingerprint = checkpoint.data_fingerprint(train_data)  # saved in each checkpoint, compared on resume
@@ -453,6 +485,7 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     epoch_steps = steps_per_epoch(train_data, rows_per_micro * data_count, tc.gradient_accumulation_steps,
                                   drop_remainder=False)
     total_steps = total_steps_for(config, epoch_steps)
+    lc = with_step_counts(lc, total_steps)
     num_epochs = None if tc.max_steps > 0 else math.ceil(tc.num_train_epochs)
 
     # ---- model, LoRA, optimizer
@@ -475,7 +508,9 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
             demo_before = demo.accuracy(model, tokenizer, config, label="before training")
 
     # ---- resume
-    manager = checkpoint.make_manager(out, lc.save_total_limit)
+    best = BestCheckpoint.from_config(lc)  # load_best_model_at_end / save_strategy "best"
+    keep = best.keep if best is not None else None
+    manager = checkpoint.make_manager(out, lc.save_total_limit, keep=keep)
     data_it = batch_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, tc.seed, num_epochs,
                              config.data.train_sampling_strategy != "sequential", data_index, data_count,
                              drop_remainder=False)
@@ -485,13 +520,15 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
         manager.close()
         print(f"logging.resume_from_checkpoint=False: starting fresh; the old checkpoints are now in "
               f"{checkpoint.set_aside(out)} (the set there before is gone)")
-        manager, existing = checkpoint.make_manager(out, lc.save_total_limit), None
+        manager, existing = checkpoint.make_manager(out, lc.save_total_limit, keep=keep), None
     if existing is not None:
         manager, meta = checkpoint.restore_newest_intact(manager, model, optimizer, config, fingerprint)
         data_it.set_state(meta["data_iterator"])
         start_step, tokens_seen = int(meta["step"]), float(meta.get("num_tokens", 0.0))
         existing = start_step  # the newest intact checkpoint (a damaged newer one was set aside)
         window = meta.get("log_window", [])  # the steps since the last log: the next log covers them too
+        if best is not None:
+            best.restore(meta.get("best"))
         tokens_seen -= sum(m["num_tokens"] for m in window)
         print(f"resume: checkpoint {start_step} from {checkpoint.checkpoint_dir(out)}")
     trackers = trackers_lib.open_trackers(lc.report_to, lc.project, lc.run_name, dataclasses.asdict(config), out) \
@@ -521,6 +558,8 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     throughput = progress.Throughput()
     last_metrics, saved_step, batch = {}, existing, first
     step_no, unchecked = start_step, None  # the step whose loss the guard has not read yet (one behind: no stall)
+    if eval_data is not None and lc.eval_on_start and start_step == 0:
+        run_callbacks.log(0, _run_eval(config, model, tokenizer, eval_data, mesh, writer, 0, bar))
 
     def check(pending):
         if pending is not None:
@@ -545,7 +584,8 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
                 window.append(metrics)
                 throughput.add(local_tokens * data_count)
                 bar.update(1)
-                if step_no % lc.logging_steps == 0 or step_no == total_steps:
+                if step_no % lc.logging_steps == 0 or step_no == total_steps or (
+                        lc.logging_first_step and step_no == 1):
                     check(unchecked)
                     unchecked = None
                     window = jax.device_get(window)
@@ -557,16 +597,21 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
                     run_callbacks.log(step_no, last_metrics)
                     bar.set_postfix(progress.bar_postfix(last_metrics, rate, util))
                     window = []
-                if eval_data is not None and lc.eval_steps and step_no % lc.eval_steps == 0:
+                new_best = False
+                if eval_data is not None and should_eval(lc, step_no, epoch_steps):
                     last_eval = _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
                     run_callbacks.log(step_no, last_eval)
+                    new_best = best is not None and best.is_better(last_eval)
                     throughput = progress.Throughput()  # tokens/s counts training time only
                 stop = signals.agreed_stop(step_no, multi_process)
-                if should_save(lc, step_no, epoch_steps) or stop:
+                saving = should_save(lc, step_no, epoch_steps) or (lc.save_strategy == "best" and new_best)
+                if saving or stop:
                     check(unchecked)
                     unchecked = None
+                    if saving and new_best:  # transformers: the best is chosen among saved checkpoints
+                        best.record(step_no, last_eval)
                     checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
-                                    _progress_state(window, tokens_seen, config, fingerprint))
+                                    _progress_state(window, tokens_seen, config, fingerprint, best))
                     saved_step = step_no
                 if stop or run_callbacks.stop_requested:
                     break
@@ -578,9 +623,9 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
         raise
     finally:
         bar.close()
-    if saved_step != step_no and lc.save_strategy != "no":  # the end of the run
+    if saved_step != step_no and lc.save_strategy not in ("no", "best"):  # the end of the run
         checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
-                        _progress_state(window, tokens_seen, config, fingerprint), force=True)
+                        _progress_state(window, tokens_seen, config, fingerprint, best), force=True)
     checkpoint.wait(manager)
     manager.close()
 
@@ -594,9 +639,18 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
               f"{resume_hint(lc)}", flush=True)
         writer.close()
         return summary
-    if eval_data is not None and not (lc.eval_steps and step_no % lc.eval_steps == 0):
+    if eval_data is not None and not should_eval(lc, step_no, epoch_steps):
         last_eval = _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, None)
         run_callbacks.log(step_no, last_eval)
+    if lc.load_best_model_at_end and best.step is not None and best.step != step_no:
+        with checkpoint.make_manager(out, lc.save_total_limit, async_save=False) as reader:
+            checkpoint.restore_params(reader, model, wrt, best.step, config)
+        print(f"load_best_model_at_end: checkpoint {best.step} ({best.metric} {best.value:.4f}) is the model exported")
+        if eval_data is not None:
+            with eval_mode(model):
+                last_eval = evaluate(config, model, eval_data, mesh, _eval_rows(config, mesh))
+    if best is not None:
+        summary["best_checkpoint"] = best.state()
     if eval_data is not None:
         summary["eval"] = last_eval
 
@@ -617,13 +671,14 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     return summary
 
 
-def _progress_state(window, tokens_seen, config, data_fingerprint=None) -> dict:
+def _progress_state(window, tokens_seen, config, data_fingerprint=None, best=None) -> dict:
     """What a checkpoint keeps besides the arrays: tokens seen (logged ones plus the window's), each step's metrics
     since the last log (a resumed run logs the same means as an uninterrupted one), the config, the data's
-    fingerprint (checkpoint.data_fingerprint)."""
+    fingerprint (checkpoint.data_fingerprint), the best checkpoint so far (jsft.best)."""
     window = [{key: float(value) for key, value in m.items()} for m in jax.device_get(window)]
     return {"num_tokens": tokens_seen + sum(m["num_tokens"] for m in window), "log_window": window,
-            "config": config.to_dict(), "data_fingerprint": data_fingerprint}
+            "config": config.to_dict(), "data_fingerprint": data_fingerprint,
+            "best": None if best is None else best.state()}
 
 
 def _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util) -> dict:
@@ -667,15 +722,19 @@ def evaluate_only(config: SFTConfig) -> dict:
     eval_data = prepare_dataset(config, tokenizer, "eval")
     model, _ = build_model(config, tokenizer, mesh)
     model.set_max_segments(eval_data.stats["max_documents_per_row"])
-    rows = config.training.per_device_eval_batch_size * math.prod(mesh.shape[a] for a in ("data", "fsdp"))
     with eval_mode(model):
-        return evaluate(config, model, eval_data, mesh, rows // sharding.data_process_split(mesh)[1])
+        return evaluate(config, model, eval_data, mesh, _eval_rows(config, mesh))
+
+
+def _eval_rows(config, mesh) -> int:
+    """This process's eval rows per batch."""
+    rows = config.training.per_device_eval_batch_size * math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    return rows // sharding.data_process_split(mesh)[1]
 
 
 def _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar) -> dict:
-    rows = config.training.per_device_eval_batch_size * math.prod(mesh.shape[a] for a in ("data", "fsdp"))
     with eval_mode(model):
-        result = evaluate(config, model, eval_data, mesh, rows // sharding.data_process_split(mesh)[1])
+        result = evaluate(config, model, eval_data, mesh, _eval_rows(config, mesh))
         samples = eval_generations(config, model, tokenizer, config.logging.num_eval_generations)
     say = bar.write if bar is not None else print
     say(f"eval @ {step_no}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))

@@ -81,23 +81,28 @@ def _jit_checkpoint(value, values):
 
 def _steps(path):
     def convert(value, values):
-        if value is not None and (not float(value).is_integer() or value < 1):
-            raise ConfigError(f"TRL {path.split('.')[1]}={value}: jsft needs a whole number of steps >= 1 "
-                              "(a ratio of the total steps is not supported)")
-        return {path: None if value is None else int(value)}
+        if value is not None and not (0 < value < 1 or value >= 1 and float(value).is_integer()):
+            raise ConfigError(f"TRL {path.split('.')[1]}={value}: a whole number of steps >= 1, or a ratio of the "
+                              "total steps in (0, 1)")
+        return {path: None if value is None else value if value < 1 else int(value)}
 
     return convert
 
 
 def _eval(value, values):
-    """eval_strategy + eval_steps (+ logging_steps, dataset_test_split) -> logging.eval_steps, data.dataset_test_split."""
+    """eval_strategy + eval_steps (+ logging_steps, dataset_test_split) -> logging.eval_strategy, logging.eval_steps,
+    data.dataset_test_split. transformers: eval_steps defaults to logging_steps."""
     if value == "no":
-        return {"logging.eval_steps": None, "data.dataset_test_split": None}
+        return {"logging.eval_strategy": "no", "logging.eval_steps": None,
+                "data.dataset_test_split": None if not values.get("eval_on_start") else values["dataset_test_split"]}
     if value == "steps":
         steps = values["eval_steps"] if values["eval_steps"] is not None else values["logging_steps"]
-        return {**_steps("logging.eval_steps")(steps, values), "data.dataset_test_split": values["dataset_test_split"]}
-    raise ConfigError(f"TRL eval_strategy={value!r}: jsft evaluates every logging.eval_steps steps; "
-                      "use eval_strategy='steps' with eval_steps, or 'no'")
+        return {"logging.eval_strategy": "steps", **_steps("logging.eval_steps")(steps, values),
+                "data.dataset_test_split": values["dataset_test_split"]}
+    if value == "epoch":
+        return {"logging.eval_strategy": "epoch", "logging.eval_steps": None,
+                "data.dataset_test_split": values["dataset_test_split"]}
+    raise ConfigError(f"TRL eval_strategy={value!r}: choose steps, epoch or no")
 
 
 def _mixture(value, values):
@@ -173,6 +178,19 @@ def _one_of(accepted, why):
     return convert
 
 
+def _eval_packing(value, values):
+    """eval_packing None (= packing) or equal to packing: jsft prepares eval rows as training rows."""
+    if value is None or value == values["packing"]:
+        return {}
+    raise ConfigError(f"TRL eval_packing={value!r} with packing={values['packing']!r}: jsft prepares eval rows like "
+                      "training rows (data.packing); unset eval_packing")
+
+
+# transformers' AcceleratorConfig defaults, as TrainingArguments.to_dict() writes them
+ACCELERATOR_DEFAULTS = {"split_batches": False, "dispatch_batches": None, "even_batches": True,
+                        "use_seedable_sampler": True, "non_blocking": False, "gradient_accumulation_kwargs": None}
+
+
 def _optim(value, values):
     """TRL optim -> training.optim: jsft has adamw_torch(_fused), adafactor, sgd, lion_32bit (also spelled
     paged_lion_32bit: no paging on accelerators with one memory) and muon."""
@@ -234,7 +252,8 @@ TRL_FIELDS: dict[str, tuple] = {
     "dtype": ("float32", _param_dtype, ""),
     "attn_implementation": (None, NO_EFFECT, "jsft picks its own packed attention (model.attention_impl)"),
     "trust_remote_code": (False, NO_KNOB, "jsft builds Llama-family models itself; no remote code runs"),
-    "model_init_kwargs": (None, NO_KNOB, "set model.dtype instead"),
+    "model_init_kwargs": (None, _one_of((None, {}), "jsft builds the model from its config.json; "
+                                          "set model.dtype (TRL's dtype) instead"), ""),
     "use_peft": (False, "lora.use_peft", ""),
     "lora_r": (16, "lora.lora_r", ""),
     "lora_alpha": (32, "lora.lora_alpha", ""),
@@ -262,7 +281,8 @@ TRL_FIELDS: dict[str, tuple] = {
                   "streaming: true, the rows are then read whole)"),
     "test_split_size": (None, _with("datasets"), ""),
     "dataset_text_field": ("text", "data.dataset_text_field", ""),
-    "dataset_kwargs": (None, NO_KNOB, "skip_prepare_dataset and other preparation kwargs are not supported"),
+    "dataset_kwargs": (None, _one_of((None, {}), "skip_prepare_dataset and other preparation "
+                                       "kwargs are not supported"), ""),
     "dataset_num_proc": (None, "data.dataset_num_proc", ""),
     "max_length": (1024, "data.max_length", ""),
     "truncation_mode": ("keep_start", "data.truncation_mode", ""),
@@ -271,7 +291,7 @@ TRL_FIELDS: dict[str, tuple] = {
     "packing_strategy": ("bfd", _renamed("data.packing_strategy", {"bfd-requeue": "bfd_split"}), ""),
     "padding_free": (False, "data.padding_free", ""),
     "pad_to_multiple_of": ("auto", _pad_to_multiple_of, ""),
-    "eval_packing": (None, NO_KNOB, "eval rows are prepared like training rows (data.packing)"),
+    "eval_packing": (None, _eval_packing, ""),
     "completion_only_loss": (None, "data.completion_only_loss", ""),
     "assistant_only_loss": (False, "data.assistant_only_loss", ""),
     "chat_template_path": (None, "data.chat_template_path", ""),
@@ -314,7 +334,8 @@ TRL_FIELDS: dict[str, tuple] = {
     "fp16": (False, NO_KNOB, "jsft computes in bfloat16 or float32 (fp16 needs loss scaling); use bf16"),
     "bf16_full_eval": (False, NO_KNOB, "eval runs in model.compute_dtype"),
     "fp16_full_eval": (False, NO_KNOB, "fp16 is not supported"),
-    "tf32": (None, NO_EFFECT, "XLA chooses matmul precision"),
+    "tf32": (None, _one_of((None, True), "jsft leaves float32 matmul precision to XLA (TF32 on "
+                                         "Ampere and newer GPUs); full float32 matmuls are not supported"), ""),
     "gradient_checkpointing": (True, _remat, ""),
     "activation_checkpointing": (None, _with("gradient_checkpointing"), ""),
     "activation_offloading": (False, _with("gradient_checkpointing"), ""),
@@ -331,8 +352,10 @@ TRL_FIELDS: dict[str, tuple] = {
     "output_dir": (None, _default_none("logging.output_dir", "trainer_output"), ""),
     "logging_strategy": ("steps", NO_KNOB, "jsft logs every logging_steps steps"),
     "logging_steps": (10, _steps("logging.logging_steps"), ""),
-    "logging_first_step": (False, NO_EFFECT, "a logging detail"),
-    "logging_nan_inf_filter": (True, NO_EFFECT, "a logging detail"),
+    "logging_first_step": (False, "logging.logging_first_step", ""),
+    "logging_nan_inf_filter": (True, _one_of((True,), "jsft never logs a "
+                                             "non-finite step into a mean (a NaN step stops the run, or is skipped and "
+                                             "counted with training.max_nonfinite_steps)"), ""),
     "log_on_each_node": (True, NO_EFFECT, "a logging detail"),
     "log_level": ("passive", NO_EFFECT, "a logging detail"),
     "log_level_replica": ("warning", NO_EFFECT, "a logging detail"),
@@ -347,7 +370,7 @@ TRL_FIELDS: dict[str, tuple] = {
     "eval_strategy": ("no", _eval, ""),
     "eval_steps": (None, _with("eval_strategy"), ""),
     "eval_delay": (0, NO_KNOB, "evaluation starts at step eval_steps"),
-    "eval_on_start": (False, NO_KNOB, "evaluation before the first step is not supported"),
+    "eval_on_start": (False, "logging.eval_on_start", ""),
     "prediction_loss_only": (False, NO_EFFECT, "jsft evaluates loss, entropy and token accuracy"),
     "eval_do_concat_batches": (True, NO_EFFECT, "an eval-loop detail"),
     "eval_use_gather_object": (False, NO_EFFECT, "an eval-loop detail"),
@@ -360,9 +383,9 @@ TRL_FIELDS: dict[str, tuple] = {
     "save_only_model": (False, NO_KNOB, "checkpoints always hold the optimizer and data state (exact resume)"),
     "save_on_each_node": (False, NO_EFFECT, "Orbax writes one checkpoint for all hosts"),
     "enable_jit_checkpoint": (False, _jit_checkpoint, ""),
-    "load_best_model_at_end": (False, NO_KNOB, "best-model selection is not supported"),
-    "metric_for_best_model": (None, NO_KNOB, "best-model selection is not supported"),
-    "greater_is_better": (None, NO_KNOB, "best-model selection is not supported"),
+    "load_best_model_at_end": (False, "logging.load_best_model_at_end", ""),
+    "metric_for_best_model": (None, "logging.metric_for_best_model", ""),
+    "greater_is_better": (None, "logging.greater_is_better", ""),
     "resume_from_checkpoint": (None, _resume, ""),
     "ignore_data_skip": (False, NO_KNOB, "resuming always restores the data iterator exactly"),
     "restore_callback_states_from_checkpoint": (False, NO_EFFECT, "jsft has no callbacks"),
@@ -374,8 +397,10 @@ TRL_FIELDS: dict[str, tuple] = {
     "hub_always_push": (False, NO_EFFECT, "unused without push_to_hub"),
     "hub_revision": (None, NO_EFFECT, "unused without push_to_hub"),
     # --- devices and data loading (torch/accelerate) ---
-    "use_cpu": (False, NO_EFFECT, "JAX picks the backend (JAX_PLATFORMS=cpu forces the CPU)"),
-    "accelerator_config": (None, NO_EFFECT, "accelerate's data-loader distribution; jsft shards with sharding.*"),
+    "use_cpu": (False, "sharding.use_cpu", ""),
+    "accelerator_config": (None, _one_of((None, {}, ACCELERATOR_DEFAULTS), "accelerate's "
+                                         "data-loader settings (split_batches, even_batches, ...) other than its "
+                                         "defaults change what a batch is; jsft shards batches with sharding.*"), ""),
     "parallelism_config": (None, NO_KNOB, "set sharding.mesh_shape instead"),
     "fsdp": (None, _one_of((None, "", []), "TRL fsdp: set sharding.mesh_shape (fsdp axis) instead"), ""),
     "fsdp_config": (None, NO_KNOB, "set sharding.mesh_shape instead"),
@@ -543,12 +568,18 @@ def read_trl_file(path: str | Path) -> dict:
         raise ConfigError(f"{where}not valid YAML: {' '.join(str(getattr(e, 'problem', None) or e).split())}") from e
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a TRL config file must hold one mapping of field: value")
+    if path.suffix != ".json":  # YAML 1.1 reads an unquoted no / off / yes as a bool
+        unquoted = [f"{k}: {v}" for k, v in values.items()
+                    if isinstance(v, bool) and k in TRL_FIELDS and isinstance(TRL_FIELDS[k][0], str)]
+        if unquoted:
+            raise ConfigError(f"{path}: {', '.join(unquoted)}: YAML reads an unquoted no/yes/off as a boolean; "
+                              "quote the word, e.g. eval_strategy: 'no'")
     # YAML 1.1 reads 2e-5 (no dot) as a string; TRL's argument parser reads it as the float it is
     return {k: float(v) if isinstance(v, str) and YAML_EXPONENT_FLOAT.match(v) else v for k, v in values.items()}
 
 
 def from_trl_file(path: str | Path) -> SFTConfig:
-    """A TRL config saved as YAML or JSON -> jsft SFTConfig (call jsft.config.validate, or use jsft.config.load)."""
+    """A TRL config saved as YAML or JSON -> jsft SFTConfig (call jsft.config.validate, or use jsft.config_files.load)."""
     try:
         return from_trl_dict(read_trl_file(path))
     except ConfigError as e:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from jsft.config_files import load as load_config
 from jsft import config as C
 from jsft import trl_config as T
 from jsft.config import ConfigError
@@ -40,21 +41,21 @@ def _py_file(tmp_path, training="learning_rate=1e-4"):
 
 
 def test_python_config_file_loads_with_overrides(tmp_path):
-    cfg = C.load(_py_file(tmp_path), ["training.max_steps=7", "data.packing_strategy=wrapped"])
+    cfg = load_config(_py_file(tmp_path), ["training.max_steps=7", "data.packing_strategy=wrapped"])
     assert cfg.training.learning_rate == 1e-4 and cfg.training.max_steps == 7
     assert cfg.data.max_length == 128 and cfg.data.packing_strategy == "wrapped"
 
 
 def test_unknown_field_in_python_file_names_it(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown field training\.learning_rat .*learning_rate"):
-        C.load(_py_file(tmp_path, training="learning_rat=1e-4"))
+        load_config(_py_file(tmp_path, training="learning_rat=1e-4"))
 
 
 def test_unknown_field_or_section_in_set_names_it(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown field 'training\.learning_rat'.*learning_rate"):
-        C.load(_py_file(tmp_path), ["training.learning_rat=1e-5"])
+        load_config(_py_file(tmp_path), ["training.learning_rat=1e-5"])
     with pytest.raises(ConfigError, match="unknown config section 'trainer'"):
-        C.load(_py_file(tmp_path), ["trainer.learning_rate=1e-5"])
+        load_config(_py_file(tmp_path), ["trainer.learning_rate=1e-5"])
     with pytest.raises(ConfigError, match="unknown config section 'optimizer'"):
         C.from_dict({"optimizer": {"lr": 1}})
 
@@ -68,7 +69,7 @@ def test_unknown_field_or_section_in_set_names_it(tmp_path):
 ])
 def test_mistyped_set_overrides_get_a_did_you_mean(tmp_path, override, hint):
     with pytest.raises(ConfigError) as err:
-        C.load(_py_file(tmp_path), [override])
+        load_config(_py_file(tmp_path), [override])
     assert hint in str(err.value), str(err.value)
 
 
@@ -78,12 +79,12 @@ def test_mistyped_names_in_config_files_get_a_did_you_mean(tmp_path):
     path = tmp_path / "section.py"
     path.write_text("from jsft.config import SFTConfig, TrainingConfig\nconfig = SFTConfig(trainng=TrainingConfig())\n")
     with pytest.raises(ConfigError, match=r"section\.py: unknown config section 'trainng' \(did you mean training\?\)"):
-        C.load(path)
+        load_config(path)
     path = _py_file(tmp_path)
     path.write_text(path.read_text() + "config.training.learnig_rate = 1e-3\n")
     with pytest.raises(ConfigError, match=r"unknown field training\.learnig_rate \(did you mean "
                                           r"training\.learning_rate\?\)"):
-        C.load(path)
+        load_config(path)
     with pytest.raises(ConfigError, match=r"unknown field 'logging\.save_step' \(did you mean logging\.save_steps"):
         C.from_dict({"logging": {"save_step": 10}})
 
@@ -98,29 +99,29 @@ def test_an_error_in_a_python_config_file_names_its_line(tmp_path, code, line, e
     path = tmp_path / "broken.py"
     path.write_text(code)
     with pytest.raises(ConfigError, match=rf"broken\.py, line {line}: {error}"):
-        C.load(path)
+        load_config(path)
 
 
 def test_a_trl_file_that_does_not_parse_names_its_line(tmp_path):
     (tmp_path / "trl.yaml").write_text("learning_rate: 1e-4\n  max_length: [1\n")
     with pytest.raises(ConfigError, match=r"trl\.yaml: line 2: not valid YAML: mapping values are not allowed here"):
-        C.load(tmp_path / "trl.yaml")
+        load_config(tmp_path / "trl.yaml")
     (tmp_path / "trl.json").write_text('{"learning_rate": 1e-4,\n}')
     with pytest.raises(ConfigError, match=r"trl\.json: line 2: not valid JSON: Expecting property name"):
-        C.load(tmp_path / "trl.json")
+        load_config(tmp_path / "trl.json")
 
 
 def test_wrong_type_names_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"training\.learning_rate: expected float, got str 'fast'"):
-        C.load(_py_file(tmp_path), ["training.learning_rate=fast"])
+        load_config(_py_file(tmp_path), ["training.learning_rate=fast"])
     with pytest.raises(ConfigError, match=r"training\.per_device_train_batch_size: expected int"):
-        C.load(_py_file(tmp_path, training="per_device_train_batch_size='8'"))
+        load_config(_py_file(tmp_path, training="per_device_train_batch_size='8'"))
     with pytest.raises(ConfigError, match=r"data\.packing: expected bool"):
         C.validate(_valid(data={"packing": 1}))
     with pytest.raises(ConfigError, match=r"data\.max_length: expected int or None, got float 12\.5"):
-        C.load(_py_file(tmp_path), ["data.max_length=12.5"])
-    with pytest.raises(ConfigError, match=r"logging\.eval_steps: expected int or None, got str 'often'"):
-        C.load(_py_file(tmp_path), ["logging.eval_steps=often"])
+        load_config(_py_file(tmp_path), ["data.max_length=12.5"])
+    with pytest.raises(ConfigError, match=r"logging\.eval_steps: expected int or float or None, got str 'often'"):
+        load_config(_py_file(tmp_path), ["logging.eval_steps=often"])
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -141,7 +142,7 @@ def test_wrong_type_names_the_field(tmp_path):
     ("data.eos_token=<|im_end|>", "<|im_end|>"),
 ])
 def test_set_overrides_parse(tmp_path, text, expected):
-    cfg = C.load(_py_file(tmp_path), [text])
+    cfg = load_config(_py_file(tmp_path), [text])
     section, _, name = text.split("=", 1)[0].partition(".")
     assert getattr(getattr(cfg, section), name) == expected
     assert type(getattr(getattr(cfg, section), name)) is type(expected)
@@ -149,7 +150,7 @@ def test_set_overrides_parse(tmp_path, text, expected):
 
 def test_set_without_equals_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="expected section.field=value"):
-        C.load(_py_file(tmp_path), ["data.packing"])
+        load_config(_py_file(tmp_path), ["data.packing"])
 
 
 # ----------------------------------------------------------------------------------------------- combinations
@@ -285,7 +286,7 @@ def test_real_trl_config_maps_field_by_field(tmp_path, suffix):
     sft, model, script, values = _trl_dict(**SFT_KWARGS)
     path = tmp_path / f"trl{suffix}"
     path.write_text(json.dumps(values) if suffix == ".json" else yaml.safe_dump(values))
-    cfg = C.load(path)  # validated too
+    cfg = load_config(path)  # validated too
     for objects, table in ((sft, SAME), (model, SAME_MODEL), (script, SAME_SCRIPT)):
         for trl_name, jsft_path in table.items():
             assert _get(cfg, jsft_path) == getattr(objects, trl_name), trl_name
@@ -302,7 +303,7 @@ def test_trl_defaults_apply_to_missing_fields(tmp_path):
     shuffling before packing, gradient checkpointing, PEFT's default LoRA targets for Llama."""
     path = tmp_path / "trl.yaml"
     path.write_text("model_name_or_path: ckpt\ndataset_name: data.jsonl\nuse_peft: true\n")
-    cfg = C.load(path)
+    cfg = load_config(path)
     assert cfg.training.num_train_epochs == 3.0 and cfg.training.learning_rate == 2e-5
     assert cfg.model.dtype == "float32" and cfg.model.compute_dtype == "bfloat16"
     assert cfg.data.shuffle_dataset is False and cfg.model.remat_policy == "full"
@@ -330,7 +331,7 @@ def test_full_default_trl_dump_loads(tmp_path):
     _, _, _, values = _trl_dict()
     path = tmp_path / "trl.json"
     path.write_text(json.dumps(values))
-    cfg = C.load(path)
+    cfg = load_config(path)
     assert cfg.lora.use_peft is True and cfg.training.num_train_epochs == 3.0
 
 
@@ -338,10 +339,10 @@ def test_full_default_trl_dump_loads(tmp_path):
     ("fp16", True, "fp16"),
     ("optim", "adamw_8bit", "training.optim"),
     ("report_to", ["comet_ml"], "comet_ml"),
-    ("eval_strategy", "epoch", "eval_strategy"),
+    ("eval_strategy", "sometimes", "eval_strategy"),
     ("use_dora", True, "DoRA"),
     ("lr_scheduler_kwargs", {"num_cycles": 2}, "lr_scheduler_kwargs"),
-    ("logging_steps", 0.1, "logging_steps"),
+    ("logging_steps", 1.5, "logging_steps"),
     ("dtype", "auto", "dtype"),
     ("resume_from_checkpoint", "out/checkpoint-10", "resume_from_checkpoint"),
 ])
@@ -349,7 +350,7 @@ def test_unsupported_trl_values_are_refused_by_name(tmp_path, field_name, value,
     path = tmp_path / "trl.json"
     path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", field_name: value}))
     with pytest.raises(ConfigError) as err:
-        C.load(path)
+        load_config(path)
     assert field_name in str(err.value) and needle in str(err.value)
 
 
@@ -359,7 +360,7 @@ def test_trl_default_values_of_missing_knobs_are_accepted(tmp_path):
               "label_smoothing_factor": 0.0, "report_to": "none", "optim": "adamw_torch", "use_cpu": True,
               "torch_compile": True, "pad_to_multiple_of": None, "loss_type": "chunked_nll", "max_seq_length": 64}
     path.write_text(json.dumps(fields))
-    cfg = C.load(path)
+    cfg = load_config(path)
     assert cfg.training.loss_type == "nll" and cfg.data.max_length == 64 and cfg.logging.report_to == ["jsonl"]
 
 
@@ -367,10 +368,10 @@ def test_unknown_and_wrongly_typed_trl_fields_are_errors(tmp_path):
     path = tmp_path / "trl.json"
     path.write_text(json.dumps({"model_name_or_path": "ckpt", "learning_rat": 1e-4}))
     with pytest.raises(ConfigError, match=r"unknown TRL field 'learning_rat'.*learning_rate"):
-        C.load(path)
+        load_config(path)
     path.write_text(json.dumps({"model_name_or_path": "ckpt", "learning_rate": "fast"}))
     with pytest.raises(ConfigError, match=r"learning_rate.*expected float"):
-        C.load(path)
+        load_config(path)
 
 
 def test_cli_prints_a_config_error_without_traceback_and_exits_2(tmp_path):
@@ -390,7 +391,7 @@ def test_cli_prints_a_config_error_without_traceback_and_exits_2(tmp_path):
 def test_trl_pad_to_multiple_of_maps_to_step_length_buckets(tmp_path, value, want):
     path = tmp_path / "trl.json"
     path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "pad_to_multiple_of": value}))
-    assert C.load(path).data.pad_to_multiple_of == want
+    assert load_config(path).data.pad_to_multiple_of == want
 
 
 def test_trl_yaml_exponent_floats_without_a_dot_are_floats(tmp_path):
@@ -398,29 +399,29 @@ def test_trl_yaml_exponent_floats_without_a_dot_are_floats(tmp_path):
     path = tmp_path / "trl.yaml"
     path.write_text("model_name_or_path: ckpt\ndataset_name: d.jsonl\nlearning_rate: 2e-5\nadam_epsilon: 1e-8\n"
                     "output_dir: 1e5x\n")
-    config = C.load(path)
+    config = load_config(path)
     assert config.training.learning_rate == 2e-5 and config.training.adam_epsilon == 1e-8
     assert config.logging.output_dir == "1e5x"
     path.write_text("model_name_or_path: ckpt\npad_to_multiple_of: abc\n")
     with pytest.raises(ConfigError, match=r"pad_to_multiple_of='abc' -> data.pad_to_multiple_of: expected int"):
-        C.load(path)
+        load_config(path)
 
 
 def test_trl_train_sampling_strategy_and_drop_last(tmp_path):
     path = tmp_path / "trl.json"
     base = {"model_name_or_path": "ckpt", "dataset_name": "d.jsonl"}
     path.write_text(json.dumps({**base, "train_sampling_strategy": "sequential"}))
-    assert C.load(path).data.train_sampling_strategy == "sequential"
+    assert load_config(path).data.train_sampling_strategy == "sequential"
     path.write_text(json.dumps(base))
-    assert C.load(path).data.train_sampling_strategy == "random" and C.load(path).data.shuffle_dataset is False
+    assert load_config(path).data.train_sampling_strategy == "random" and load_config(path).data.shuffle_dataset is False
     path.write_text(json.dumps({**base, "train_sampling_strategy": "group_by_length"}))
-    assert C.load(path).data.train_sampling_strategy == "group_by_length"  # TRL's default: no packing
+    assert load_config(path).data.train_sampling_strategy == "group_by_length"  # TRL's default: no packing
     path.write_text(json.dumps({**base, "train_sampling_strategy": "shortest_first"}))
     with pytest.raises(ConfigError, match="train_sampling_strategy='shortest_first'.*random, sequential"):
-        C.load(path)
+        load_config(path)
     path.write_text(json.dumps({**base, "dataloader_drop_last": True}))
     with pytest.raises(ConfigError, match="dataloader_drop_last"):
-        C.load(path)
+        load_config(path)
 
 
 def test_save_strategy(tmp_path):
@@ -433,10 +434,13 @@ def test_save_strategy(tmp_path):
     assert not any(should_save(LoggingConfig(save_strategy="no"), s, 4) for s in range(1, 10))
     path = tmp_path / "trl.json"
     path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "save_strategy": "no"}))
-    assert C.load(path).logging.save_strategy == "no"
+    assert load_config(path).logging.save_strategy == "no"
     path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "save_strategy": "best"}))
-    with pytest.raises(ConfigError, match="save_strategy='best'.*steps, epoch, no"):
-        C.load(path)
+    with pytest.raises(ConfigError, match="save_strategy.*selects by the eval metric"):
+        load_config(path)  # "best" needs evaluation
+    path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "save_strategy": "bestest"}))
+    with pytest.raises(ConfigError, match="save_strategy='bestest'.*steps, epoch, best, no"):
+        load_config(path)
 
 
 # ----------------------------------------------------------------------------------------------- TRL flat flags
@@ -458,9 +462,9 @@ def test_trl_flags_parse_as_trl_sft_takes_them():
 def test_trl_flags_override_a_trl_file_and_stand_alone(tmp_path):
     path = tmp_path / "trl.yaml"
     path.write_text("model_name_or_path: ckpt\ndataset_name: d.jsonl\nlearning_rate: 2.0e-5\nmax_length: 128\n")
-    cfg = C.load(path, [], {"learning_rate": 1e-4, "packing": False})
+    cfg = load_config(path, [], {"learning_rate": 1e-4, "packing": False})
     assert cfg.training.learning_rate == 1e-4 and cfg.data.max_length == 128 and cfg.data.packing is False
-    alone = C.load(None, [], {"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "use_peft": True})
+    alone = load_config(None, [], {"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "use_peft": True})
     assert alone.lora.use_peft and alone.training.num_train_epochs == 3.0  # TRL's defaults for the rest
 
 
@@ -469,7 +473,7 @@ def test_trl_flags_on_a_jsft_config_change_only_what_they_name(tmp_path):
     path.write_text("from jsft.config import SFTConfig\nconfig = SFTConfig()\n"
                     "config.model.model_name_or_path = 'ckpt'\nconfig.data.dataset_name = 'd.jsonl'\n"
                     "config.training.num_train_epochs = 1.0\nconfig.training.warmup_steps = 7\n")
-    cfg = C.load(path, ["training.seed=3"], {"learning_rate": 1e-4, "max_length": 256, "warmup_ratio": 0.1})
+    cfg = load_config(path, ["training.seed=3"], {"learning_rate": 1e-4, "max_length": 256, "warmup_ratio": 0.1})
     assert cfg.training.learning_rate == 1e-4 and cfg.data.max_length == 256 and cfg.training.seed == 3
     assert cfg.training.num_train_epochs == 1.0  # not TRL's default 3: the flags did not name it
     assert cfg.training.warmup_ratio == 0.1
@@ -480,7 +484,7 @@ def test_every_refusal_of_a_trl_config_is_reported_at_once(tmp_path):
     path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "fp16": True,
                                 "use_liger_kernel": True, "report_to": ["wandb_typo"], "learnig_rate": 1e-4}))
     with pytest.raises(ConfigError) as err:
-        C.load(path)
+        load_config(path)
     message = str(err.value)
     assert "problems, fix them all" in message
     for needle in ("fp16", "use_liger_kernel", "learnig_rate", "did you mean learning_rate"):
@@ -496,3 +500,62 @@ def test_the_jsft_command_runs_each_module_and_says_its_usage(capsys):
     with pytest.raises(SystemExit) as exit_:
         command.main(["train", "--help"])
     assert exit_.value.code == 0 and "--learning_rate 1e-4" in capsys.readouterr().out
+
+
+def test_best_model_settings_follow_transformers_rules(tmp_path):
+    from jsft.best import BestCheckpoint
+
+    path = tmp_path / "trl.json"
+    base = {"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "dataset_test_split": "e.jsonl",
+            "eval_strategy": "epoch", "save_strategy": "epoch", "load_best_model_at_end": True,
+            "eval_on_start": True, "logging_first_step": True, "save_steps": 0.25}
+    path.write_text(json.dumps(base))
+    cfg = load_config(path)
+    lg = cfg.logging
+    assert lg.eval_strategy == "epoch" and lg.load_best_model_at_end and lg.eval_on_start and lg.save_steps == 0.25
+    best = BestCheckpoint.from_config(lg)
+    assert best.metric == "eval_loss" and best.greater is False
+    assert best.is_better({"eval_loss": 2.0}) and (best.record(4, {"eval_loss": 2.0}) or True)
+    assert not best.is_better({"eval_loss": 2.5}) and best.is_better({"eval_loss": 1.5})
+    lg.metric_for_best_model = "mean_token_accuracy"
+    assert BestCheckpoint.from_config(lg).greater is True
+    path.write_text(json.dumps({**base, "save_strategy": "steps"}))
+    with pytest.raises(ConfigError, match="save_strategy='steps' and eval_strategy='epoch' must match"):
+        load_config(path)
+    path.write_text(json.dumps({**base, "eval_strategy": "no", "save_strategy": "best"}))
+    with pytest.raises(ConfigError, match="selects by the eval metric"):
+        load_config(path)
+
+
+def test_silently_ignored_trl_fields_are_honoured_or_refused(tmp_path):
+    """use_cpu maps; tf32, logging_nan_inf_filter, accelerator_config, model_init_kwargs, dataset_kwargs and
+    eval_packing accept TRL's defaults (and equivalent spellings) and refuse what would change the run."""
+    import trl
+
+    from jsft.trainer import _jsft_config
+
+    args = trl.SFTConfig(output_dir=str(tmp_path / "o"), use_cpu=True, bf16=False, report_to="none")
+    cfg = _jsft_config(args)  # every field of a real trl.SFTConfig dump, accelerator_config as its defaults dict
+    assert cfg.sharding.use_cpu is True
+    path = tmp_path / "trl.json"
+    base = {"model_name_or_path": "ckpt", "dataset_name": "d.jsonl"}
+    for fields in ({"model_init_kwargs": {}}, {"dataset_kwargs": {}}, {"eval_packing": True, "packing": True},
+                   {"tf32": True}, {"accelerator_config": {}}):
+        path.write_text(json.dumps({**base, **fields}))
+        load_config(path)
+    for fields, needle in (({"tf32": False}, "float32 matmul"), ({"logging_nan_inf_filter": False}, "non-finite"),
+                           ({"accelerator_config": {"split_batches": True}}, "change what a batch is"),
+                           ({"eval_packing": False, "packing": True}, "eval_packing"),
+                           ({"model_init_kwargs": {"dtype": "bfloat16"}}, "model.dtype")):
+        path.write_text(json.dumps({**base, **fields}))
+        with pytest.raises(ConfigError, match=needle):
+            load_config(path)
+
+
+def test_an_unquoted_yaml_no_gets_a_hint(tmp_path):
+    path = tmp_path / "trl.yaml"
+    path.write_text("model_name_or_path: ckpt\ndataset_name: d.jsonl\neval_strategy: no\n")
+    with pytest.raises(ConfigError, match="eval_strategy: False: YAML reads an unquoted no"):
+        load_config(path)
+    path.write_text("model_name_or_path: ckpt\ndataset_name: d.jsonl\neval_strategy: 'no'\n")
+    assert load_config(path).logging.eval_strategy == "no"

@@ -390,3 +390,17 @@ def test_a_file_mixing_formats_takes_each_row_by_its_own_columns(tokenizer):
 def test_a_nested_input_ids_row_is_named_nested():
     with pytest.raises(BadRowError, match=r"expected a flat list of integers, got a nested list \(2 dimensions\)"):
         prepare_example({"input_ids": [[5, 6], [7, 8]]}, None, DataConfig(), row_index=3)
+
+
+def test_a_single_compressed_jsonl_file_reads_like_the_plain_one(tmp_path):
+    import gzip
+
+    from jsft.config import DataConfig
+    from jsft.data.sources import load_rows
+
+    rows = fixtures.make_rows("prompt_completion", 5, seed=1)
+    plain = fixtures.write_jsonl(rows, tmp_path / "rows.jsonl")
+    packed = tmp_path / "rows.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    got = load_rows(DataConfig(dataset_name=str(packed)), "train")
+    assert got.to_list() == load_rows(DataConfig(dataset_name=str(plain)), "train").to_list()

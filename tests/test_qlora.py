@@ -14,6 +14,7 @@ import pytest
 import torch
 from flax import nnx
 
+from jsft.config_files import load as load_config
 from jsft import config as C
 from jsft import export, fixtures, hf, progress, sharding, train
 from jsft.model import quant
@@ -115,18 +116,18 @@ def test_quantization_settings_from_trl_and_their_refusals(tmp_path):
     base = "model_name_or_path: ckpt\ndataset_name: d.jsonl\n"
     path.write_text(base + "use_peft: true\nload_in_4bit: true\nbnb_4bit_quant_type: fp4\nuse_bnb_nested_quant: true\n"
                     "bnb_4bit_quant_storage: bfloat16\n")
-    cfg = C.load(path)
+    cfg = load_config(path)
     m = cfg.model
     assert (m.load_in_4bit, m.bnb_4bit_quant_type, m.use_bnb_nested_quant) == (True, "fp4", True)
     assert C.quantization(cfg) == {"quant_type": "fp4", "nested": True}
     path.write_text(base + "use_peft: true\nload_in_8bit: true\n")
-    assert C.quantization(C.load(path)) == {"quant_type": "int8", "nested": False}
+    assert C.quantization(load_config(path)) == {"quant_type": "int8", "nested": False}
     for text, needle in (("load_in_4bit: true\n", "needs lora.use_peft=True"),
                          ("use_peft: true\nload_in_4bit: true\nload_in_8bit: true\n", "choose one"),
                          ("use_peft: true\nload_in_4bit: true\nbnb_4bit_quant_type: int4\n", "nf4, fp4")):
         path.write_text(base + text)
         with pytest.raises(C.ConfigError, match=needle):
-            C.load(path)
+            load_config(path)
 
 
 TRL_YAML = """\
@@ -183,7 +184,7 @@ def test_qlora_trains_from_a_trl_yaml_like_lora(qlora_run):
     qlora = [r["loss"] for r in progress.read_metrics(qlora_run["out"]) if "loss" in r]
     lora_yaml = root / "lora.yaml"
     lora_yaml.write_text(TRL_YAML.format(model=qlora_run["model"], data=qlora_run["data"], out=root / "lora", quant=""))
-    train.run(C.load(lora_yaml))
+    train.run(load_config(lora_yaml))
     lora = [r["loss"] for r in progress.read_metrics(root / "lora") if "loss" in r]
     curves = f"qlora {np.round(qlora, 3).tolist()} lora {np.round(lora, 3).tolist()}"
     assert len(qlora) == len(lora) == 24, curves
@@ -205,7 +206,7 @@ def test_qlora_adapter_loads_in_peft_and_matches_the_merged_export(qlora_run, tm
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    config = C.load(qlora_run["yaml"])
+    config = load_config(qlora_run["yaml"])
     written = export.export_checkpoint(config, formats=["adapter", "merged"], out_dir=tmp_path)
     merged = AutoModelForCausalLM.from_pretrained(written["merged"], dtype=torch.float32)
     want = torch_logits(merged)

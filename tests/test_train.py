@@ -348,3 +348,62 @@ def test_trl_flags_on_the_command_line_reach_the_run(tokenizer_dir, small_data, 
                           "--lr_scheduler_type", "linear", "--warmup_steps", "1"])
     records = [r for r in progress.read_metrics(tmp_path / "run") if "loss" in r]
     assert summary["steps"] == 2 and [r["learning_rate"] for r in records] == [0.0, pytest.approx(3e-3)]
+
+
+def test_eval_each_epoch_on_start_first_step_and_ratio_steps(tokenizer_dir, small_data, tmp_path):
+    """eval_strategy='epoch' + eval_on_start, logging_first_step, save_steps as a ratio of the total steps."""
+    config = tiny_config(tokenizer_dir, small_data, tmp_path / "run",
+                         data={"packing": False, "padding_free": False, "dataset_test_split": str(small_data)},
+                         training={"max_steps": -1, "num_train_epochs": 3.0, "per_device_train_batch_size": 1},
+                         logging={"eval_strategy": "epoch", "eval_on_start": True, "logging_steps": 2,
+                                  "logging_first_step": True, "save_steps": 0.5, "save_total_limit": None})
+    summary = train.run(config)
+    assert summary["steps"] == 3  # 8 rows, 8 rows a step: one step an epoch
+    records = progress.read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 1, 2, 3]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # first step, every 2, the last
+    from jsft import checkpoint
+
+    assert checkpoint.steps(tmp_path / "run") == [2, 3]  # save_steps 0.5 of 3 steps -> every 2, and the end
+
+
+def test_load_best_model_at_end_exports_the_best_checkpoint_and_keeps_it_from_rotation(tokenizer_dir, tmp_path):
+    """metric_for_best_model=loss with greater_is_better=True picks the checkpoint with the HIGHEST eval loss: an
+    early one while the loss falls, whatever the run's dynamics. With save_total_limit 1 that checkpoint is kept
+    anyway beside the newest, restored at the end, and its eval loss is the run's final eval."""
+    data = fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 8, seed=5), tmp_path / "pc.jsonl")
+    config = tiny_config(tokenizer_dir, data, tmp_path / "run",
+                         data={"packing": False, "padding_free": False, "shuffle_dataset": False,
+                               "dataset_test_split": str(data)},
+                         training={"max_steps": 8, "lr_scheduler_type": "constant"},
+                         logging={"eval_strategy": "steps", "eval_steps": 2, "save_steps": 2, "save_total_limit": 1,
+                                  "load_best_model_at_end": True, "metric_for_best_model": "loss",
+                                  "greater_is_better": True})
+    summary = train.run(config)
+    records = progress.read_metrics(tmp_path / "run")
+    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r and r["step"] in (2, 4, 6, 8)}
+    best_step = max(evals, key=evals.get)
+    assert summary["best_checkpoint"]["step"] == best_step and best_step != 8, evals
+    from jsft import checkpoint
+
+    assert checkpoint.steps(tmp_path / "run") == sorted({best_step, 8})
+    assert summary["eval"]["eval_loss"] == pytest.approx(evals[best_step], rel=1e-5)
+
+
+def test_an_unsupported_architecture_fails_before_the_data_is_tokenized(tokenizer_dir, checkpoint_dir, tmp_path,
+                                                                         monkeypatch):
+    import shutil
+
+    from jsft.data import pipeline
+    from jsft.model.llama import ModelConfigError
+
+    model = tmp_path / "gpt2"
+    shutil.copytree(checkpoint_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    data = fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 8, seed=5), tmp_path / "pc.jsonl")
+    config = tiny_config(tokenizer_dir, data, tmp_path / "run")
+    config.model.init_from_scratch, config.model.model_name_or_path = None, str(model)
+    monkeypatch.setattr(pipeline, "prepare_dataset", lambda *a, **k: pytest.fail("tokenized before the model check"))
+    with pytest.raises(ModelConfigError, match="'GPT2LMHeadModel' is not supported"):
+        train.run(config)

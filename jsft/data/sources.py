@@ -26,6 +26,7 @@ from jsft.hub import hub_unreachable, looks_local, nearby, no_such_path
 # data directory must not change the key it is stored under.
 CACHE_FILE = re.compile(r"\.?examples-(train|eval)-\w+\.npz(\.\d+\.tmp\.npz)?")
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")  # rows.jsonl.gz and the like: datasets reads them
 
 
 def load_rows(data: DataConfig, split: str = "train"):
@@ -256,9 +257,17 @@ def _load_file(path: Path, skip_bad_rows: bool = False, field: str = "data.datas
     import datasets
 
     kind = DATA_FILE_TYPES.get(path.suffix)
+    inner = DATA_FILE_TYPES.get(Path(path.stem).suffix) if path.suffix in COMPRESSED else None
+    if inner is not None:  # rows.jsonl.gz: datasets decompresses it, as it does a directory of such shards
+        try:
+            return datasets.load_dataset(inner, data_files=str(path), split="train"), []
+        except Exception as e:  # noqa: BLE001 (one line naming the file, not datasets' traceback)
+            raise ConfigError(f"{field}={str(path)!r}: datasets cannot read this compressed {inner} file: "
+                              f"{' '.join(str(e).split())[:300]}. Fix: check it decompresses (e.g. `zcat {path.name} "
+                              "| head`)") from e
     if kind is None:
         raise ConfigError(f"{field}={str(path)!r}: unknown data file type; use one of {', '.join(DATA_FILE_TYPES)} "
-                          "(decompress a .gz file first)")
+                          f"(or one of them compressed: {', '.join(COMPRESSED)})")
     if _is_blank(path, kind):
         raise ConfigError(f"{field}={str(path)!r}: the file is empty (no rows, only blank lines or 0 bytes). Fix: "
                           f"point {field} at a file with rows (was it written completely?)")
