@@ -112,6 +112,10 @@ class TrainingConfig:
     seed: int = 42
     peak_tflops: float | None = None  # device peak for MFU; None: looked up from the device kind
     max_nonfinite_steps: int = 0  # NaN/inf steps to skip (no update) before the run stops; 0: stop (jsft.guard)
+    # jax's persistent compilation cache, so a resume or a rerun loads its compiled steps instead of compiling them:
+    # "auto": <output_dir>/jax_cache | "none": off | a directory (may be shared by runs: one per user, e.g.
+    # ~/.cache/jsft/jax; the cache is trusted code, never share it with users you do not trust)
+    compilation_cache_dir: str = "auto"
 
 
 @dataclass

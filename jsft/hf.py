@@ -5,6 +5,11 @@ weights are [out, in]; jsft kernels are [in, out], hence `transpose`:
 
     model.layers.3.self_attn.q_proj.weight  [Hq*D, H]   <->  layers.3.self_attn.q_proj.kernel  [H, Hq*D]
 
+The model holds its decoder layers stacked (jsft.model.llama: layers.mlp.up_proj.kernel [N, H, F]); RULES name
+one layer's slice, layers.{i}.mlp.up_proj.kernel, which `layer_slices` turns into (stacked path, i):
+
+    model.layers.3.mlp.up_proj.weight  [F, H]  <->  layers.3.mlp.up_proj.kernel  =  layers.mlp.up_proj.kernel[3]
+
 Loading reads one tensor at a time (safetensors safe_open, numpy + ml_dtypes for bf16) into an abstractly
 initialised model, so host memory never holds two copies of the weights. With `shardings`, each device reads only
 its own slice (jax.make_array_from_callback over safetensors slices).
@@ -75,6 +80,35 @@ def jsft_to_hf(path: str) -> tuple[str, bool]:
         if m := rx.match(path):
             return template.format(**m.groupdict()), transpose
     raise KeyError(f"jsft parameter {path!r} has no HF name in jsft.hf.RULES")
+
+
+STACKED = "layers."  # parameters under this prefix carry a leading layer axis
+
+
+def layer_slices(path: str, num_layers: int) -> list[tuple[str, int | None]]:
+    """A model parameter path -> the RULES paths of its slices: 'layers.mlp.up_proj.kernel' ->
+    [('layers.0.mlp.up_proj.kernel', 0), ..., ('layers.{N-1}...', N-1)]; 'norm.scale' -> [('norm.scale', None)]."""
+    if not path.startswith(STACKED):
+        return [(path, None)]
+    rest = path.removeprefix(STACKED)
+    return [(f"{STACKED}{i}.{rest}", i) for i in range(num_layers)]
+
+
+def stacked_path(path: str) -> tuple[str, int | None]:
+    """The inverse of layer_slices: 'layers.3.mlp.up_proj.kernel' -> ('layers.mlp.up_proj.kernel', 3)."""
+    if m := re.match(re.escape(STACKED) + r"(\d+)\.(.+)$", path):
+        return STACKED + m.group(2), int(m.group(1))
+    return path, None
+
+
+def layer_values(model: nnx.Module) -> dict:
+    """{RULES path: zero-argument function -> that tensor}: every base parameter, stacked ones slice by slice
+    (lazy: an export takes one layer's slice at a time)."""
+    values = {}
+    for p, var in base_params(model).items():
+        for name, i in layer_slices(p, model.cfg.num_layers):
+            values[name] = var.get_value if i is None else (lambda v=var, i=i: v.get_value()[i])
+    return values
 
 
 def path_str(path: tuple) -> str:
@@ -215,32 +249,38 @@ def load_model(path, dtype=jnp.bfloat16, compute_dtype=None, attention_impl="aut
                                          attention_impl=attention_impl, remat_policy=remat_policy))
     quantized = {} if quantization is None else quant.abstract_quantized(model, **quantization)
     targets = {**base_params(model), **quantized}
+    slices = {name: (p, i) for p in targets for name, i in layer_slices(p, cfg.num_layers)}
 
-    wanted = {}  # jsft path -> (hf name, transpose)
+    wanted = {}  # RULES path (one layer's slice) -> (hf name, transpose)
     for name in sorted(files):
         mapped = hf_to_jsft(name)
-        if mapped is None or mapped[0] not in targets:
+        if mapped is None or mapped[0] not in slices:
             if any(re.fullmatch(rx, name) for rx in IGNORED) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
                 continue
             raise CheckpointError(f"{path}: unexpected tensor {name!r}: the {cfg.model_type} model built from "
                                   "config.json has no parameter for it (does config.json match the weights?)")
         wanted[mapped[0]] = (name, mapped[1])
-    for p in targets:
+    for p in slices:
         if p not in wanted:
             raise CheckpointError(f"{path}: missing tensor {jsft_to_hf(p)[0]!r} (jsft parameter {p})")
 
     sharding_for = _sharding_lookup(shardings)
     handles = {}
+
+    def source(name):  # (safetensors handle, tensor name, file) of one HF tensor
+        if files[name] not in handles:
+            handles[files[name]] = open_safetensors(files[name])
+        return handles[files[name]], name, files[name]
+
     try:
         for p, var in targets.items():
-            name, transpose = wanted[p]
-            file = files[name]
-            if file not in handles:
-                handles[file] = open_safetensors(file)
+            parts = [wanted[name] for name, _ in layer_slices(p, cfg.num_layers)]
+            sources = [source(name) for name, _ in parts]
+            stack = p.startswith(STACKED)
             if p in quantized:
-                _read_quantized(handles[file], name, p, var, sharding_for, file)
+                _read_quantized(sources if stack else sources[0], p, var, sharding_for)
             else:
-                var.set_value(_read(handles[file], name, transpose, var, dtype, sharding_for(p, var), file))
+                var.set_value(_read(sources if stack else sources[0], parts[0][1], var, dtype, sharding_for(p, var)))
     finally:
         handles.clear()
     for p, var in nnx.to_flat_state(nnx.state(model)):  # nothing abstract may survive the load
@@ -261,22 +301,44 @@ def _sharding_lookup(shardings):
     return shardings
 
 
-def _read(handle, name, transpose, var, dtype, sharding, file=None):
-    """One tensor from the file, transposed/cast to the jsft layout; only the device's slices when sharded. Each
-    block read is checked for NaN/inf (check_finite)."""
-    shape = tuple(var.shape)
-    hf_slice = handle.get_slice(name)
-    hf_shape = tuple(hf_slice.get_shape())
-    expected = shape[::-1] if transpose else shape
-    if hf_shape != expected:
-        raise CheckpointError(f"tensor {name!r} has shape {list(hf_shape)} in the checkpoint but the model expects "
-                              f"{list(expected)} (jsft parameter shape {list(shape)})")
+def _read(source, transpose, var, dtype, sharding):
+    """One parameter from the files, transposed/cast to the jsft layout; only the device's slices when sharded.
 
-    def read(index):
-        index = tuple(index) if index else tuple(slice(None) for _ in shape)
+    source: (handle, HF name, file) of one tensor, or a list of them, one per layer, for a stacked parameter
+    [N, ...]: each HF tensor is read into its layer's slice of the block, one tensor at a time (the host holds one
+    parameter's block, never the model twice). Each block read is checked for NaN/inf (check_finite)."""
+    shape = tuple(var.shape)
+    layers = source if isinstance(source, list) else None
+    one_shape = shape[1:] if layers else shape
+    expected = one_shape[::-1] if transpose else one_shape
+    hf_slices = []
+    for handle, name, file in layers or [source]:
+        hf_slice = handle.get_slice(name)
+        hf_shape = tuple(hf_slice.get_shape())
+        if hf_shape != expected:
+            raise CheckpointError(f"tensor {name!r} has shape {list(hf_shape)} in the checkpoint but the model "
+                                  f"expects {list(expected)} (jsft parameter shape {list(shape)})")
+        hf_slices.append((hf_slice, name, file))
+
+    def read_one(k, index):
+        hf_slice, name, file = hf_slices[k]
         block = hf_slice[index[::-1] if transpose else index]
         block = np.ascontiguousarray((block.T if transpose else block).astype(dtype))
         check_finite(block, name, file)
+        return block
+
+    def read(index):
+        index = tuple(index) if index else tuple(slice(None) for _ in shape)
+        if not layers:
+            return read_one(0, index)
+        first, *rest = index
+        picked = range(len(layers))[first]
+        block = None
+        for j, k in enumerate(picked):
+            one = read_one(k, tuple(rest))
+            if block is None:
+                block = np.empty((len(picked), *one.shape), one.dtype)
+            block[j] = one
         return block
 
     if sharding is None:
@@ -284,17 +346,32 @@ def _read(handle, name, transpose, var, dtype, sharding, file=None):
     return jax.make_array_from_callback(shape, sharding, read)
 
 
-def _read_quantized(handle, name, path, kernel, sharding_for, file):
-    """One HF weight [out, in], whole on the host (one tensor at a time), quantized into `kernel`'s arrays, each
-    placed like its Variable's logical axes say (every process quantizes the same tensor: the same values)."""
-    hf_slice = handle.get_slice(name)
-    expected = tuple(kernel.shape[:-2]) + tuple(kernel.shape[-2:][::-1])
-    if tuple(hf_slice.get_shape()) != expected:
-        raise CheckpointError(f"tensor {name!r} has shape {list(hf_slice.get_shape())} in the checkpoint but the "
-                              f"model expects {list(expected)} (jsft parameter shape {list(kernel.shape)})")
-    block = hf_slice[:]
-    check_finite(block, name, file)
-    for key, value in quant.quantize(block, kernel.quant_type, kernel.nested, name).items():
+def _read_quantized(source, path, kernel, sharding_for):
+    """One projection's HF weights, quantized into `kernel`'s arrays, each placed like its Variable's logical axes
+    say (every process quantizes the same tensors: the same values).
+
+    source: (handle, HF name, file) of one weight [out, in], or a list of them, one per layer, for a stacked kernel
+    [N, in, out]: layer j's weight is read whole (one tensor at a time), checked for NaN/inf and quantized into
+    slice j of the host arrays (quant.shapes with the leading N), so the host holds one layer's weight in bf16 and
+    one projection's quantized arrays, never the model twice."""
+    layers = source if isinstance(source, list) else None
+    hf_shape = tuple(kernel.shape[:-2]) + tuple(kernel.shape[-2:][::-1])
+    one_shape = hf_shape[1:] if layers else hf_shape
+    arrays = {key: np.empty(shape, dtype) for key, (shape, dtype, _) in
+              quant.shapes(hf_shape, kernel.quant_type, kernel.nested).items()}
+    for j, (handle, name, file) in enumerate(layers or [source]):
+        hf_slice = handle.get_slice(name)
+        if tuple(hf_slice.get_shape()) != one_shape:
+            raise CheckpointError(f"tensor {name!r} has shape {list(hf_slice.get_shape())} in the checkpoint but the "
+                                  f"model expects {list(one_shape)} (jsft parameter shape {list(kernel.shape)})")
+        block = hf_slice[:]
+        check_finite(block, name, file)
+        for key, value in quant.quantize(block, kernel.quant_type, kernel.nested, name).items():
+            if layers:
+                arrays[key][j] = value
+            else:
+                arrays[key] = value
+    for key, value in arrays.items():
         var = getattr(kernel, key)
         sharding = sharding_for(f"{path}.{key}", var)
         if sharding is None:
@@ -304,6 +381,10 @@ def _read_quantized(handle, name, path, kernel, sharding_for, file):
 
 
 # ----------------------------------------------------------------------------------------------- saving
+
+
+def _layer(value, i):
+    return value if i is None else value[i]
 
 
 def _dtype_name(dtype) -> str:
@@ -420,9 +501,10 @@ def save_peft_adapter(model: Llama, out_dir, base_model_name_or_path: str, r: in
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for path, module in modules.items():
-        prefix = "base_model.model." + jsft_to_hf(f"{path}.kernel")[0].removesuffix(".weight")
-        tensors[f"{prefix}.lora_A.weight"] = (module.lora_a[...], True)
-        tensors[f"{prefix}.lora_B.weight"] = (module.lora_b[...], True)
+        for kernel, i in layer_slices(f"{path}.kernel", model.cfg.num_layers):
+            prefix = "base_model.model." + jsft_to_hf(kernel)[0].removesuffix(".weight")
+            tensors[f"{prefix}.lora_A.weight"] = (lambda m=module, i=i: _layer(m.lora_a.get_value(), i), True)
+            tensors[f"{prefix}.lora_B.weight"] = (lambda m=module, i=i: _layer(m.lora_b.get_value(), i), True)
     modules_to_save, trainable_tokens = None, None
     if save_embeddings and added_token_ids is not None:
         raise ValueError("save_peft_adapter: pass added_token_ids (only those rows trained) or save_embeddings=True "

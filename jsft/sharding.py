@@ -53,6 +53,7 @@ RULES: Mapping[str, str | tuple[str, ...] | None] = MappingProxyType({
     "kv_heads": "tensor",
     "head_dim": None,
     "norm": None,
+    "layers": None,  # the stacked decoder layers' leading axis: every device holds every layer (scanned over)
     "lora_rank": None,
 })
 

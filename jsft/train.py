@@ -221,9 +221,41 @@ def _abstract_batch(batch, mesh, length: int):
             for k, v in batch.items()}
 
 
-def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_step, schedule, train_data) -> dict:
+def use_compilation_cache(training, output_dir) -> Path | None:
+    """Point jax's persistent compilation cache at training.compilation_cache_dir ("auto": <output_dir>/jax_cache,
+    "none": off); returns the directory. jax opens the cache at its first compile and keeps it for the process, so
+    a second run in the same process keeps the first one's directory."""
+    setting = training.compilation_cache_dir
+    if setting == "none":
+        return None
+    cache = Path(output_dir) / "jax_cache" if setting == "auto" else Path(setting).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    return cache
+
+
+class PlannedStep:
+    """The train step: the plan's AOT-compiled executable for batches of the planned shapes (so a run compiles the
+    step once, not once for the plan and again at the first step), jsft.step.train_step (compiled per shape by
+    jit) for others, e.g. a step whose rows are padded shorter (data.pad_to_multiple_of)."""
+
+    def __init__(self, compiled, length: int | None, **static):
+        self.compiled, self.length, self.static = compiled, length, static
+
+    def __call__(self, model, optimizer, batch):
+        if self.compiled is not None and batch["input_ids"].shape[-1] == self.length:
+            try:
+                return self.compiled(model, optimizer, batch)
+            except (TypeError, ValueError) as e:  # argument shapes/shardings unlike the plan's (checked before it runs)
+                print(f"plan: the compiled step does not take this batch ({type(e).__name__}: {e}); compiling again")
+                self.compiled = None
+        return step.train_step(model, optimizer, batch, **self.static)
+
+
+def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_step, schedule,
+               train_data) -> tuple[dict, object]:
     """What the run will do, before the first step: sizes, tokens per step, the compiled memory per device (for the
-    longest rows a step can have)."""
+    longest rows a step can have). Returns (plan, the compiled step for those rows, or None)."""
     total, trainable = count_params(model, wrt)
     A, B, _ = batch["input_ids"].shape
     L = max(train_data.lengths())  # the longest rows a step can have
@@ -270,6 +302,7 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
     plan.update(entries)
     for line in lines:
         print(f"plan: {line}")
+    compiled = None
     try:
         with jax.set_mesh(mesh):
             compiled = step.train_step.lower(model, optimizer, _abstract_batch(batch, mesh, L),
@@ -291,7 +324,7 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
                   "data.max_length.")
     except Exception as e:  # the estimate is advice; the run itself reports real failures
         print(f"plan: no compiled memory estimate ({type(e).__name__}: {e})")
-    return plan
+    return plan, compiled
 
 
 def _quantization_note(config) -> str:
@@ -429,8 +462,10 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     data_index, data_count = sharding.data_process_split(mesh)
     is_main = jax.process_index() == 0
     outdir.make_dir(out)  # process 0's lock made it; a clear error for a file in the way on the others
+    cache = use_compilation_cache(tc, out)
     if is_main:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        print(f"compilation cache: {cache or 'off (training.compilation_cache_dir=none)'}")
 
     # ---- tokenizer and data
     from jsft.data.pipeline import batch_iterator, format_stats, prepare_dataset, steps_per_epoch
@@ -502,7 +537,9 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
 
     # ---- the plan
     first = next(data_it)
-    plan = print_plan(config, model, optimizer, wrt, first, mesh, total_steps, start_step, schedule, train_data)
+    plan, compiled = print_plan(config, model, optimizer, wrt, first, mesh, total_steps, start_step, schedule,
+                                train_data)
+    train_step = PlannedStep(compiled, train_data.max_length, **step.train_options(tc), schedule=schedule)
     peak = peak_tflops(override=tc.peak_tflops)
     hf_cfg = model.cfg.hf_config
     flop_counts = {}  # LoRA: MFU counts no gradient for the frozen weights (jsft.loss.flops_per_token)
@@ -539,8 +576,7 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
                 step.check_batch(batch, step_no + 1)
                 _, local_tokens = step.host_token_counts(batch)
                 seq = effective_seq_len(batch["segment_ids"][0])
-                metrics = step.train_step(model, optimizer, sharding.shard_batch(batch, mesh),
-                                          **step.train_options(tc), schedule=schedule)
+                metrics = train_step(model, optimizer, sharding.shard_batch(batch, mesh))
                 batch = None
                 step_no += 1
                 check(unchecked)  # the step before this one: done by now, or nearly

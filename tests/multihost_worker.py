@@ -71,7 +71,7 @@ def run(meshes=MESHES, steps=3):
         assert batch["input_ids"].shape == (A, B, L)
         with jax.set_mesh(mesh):
             metrics = [pinned_step(model, optimizer, batch) for _ in range(steps)]
-        kernel = model.layers[0].mlp.gate_proj.kernel[...]
+        kernel = model.layer(0).mlp.gate_proj.kernel[...]
         results["x".join(map(str, shape))] = {
             "loss": [float(m["loss"]) for m in metrics],
             "grad_norm": [float(m["grad_norm"]) for m in metrics],

@@ -191,7 +191,7 @@ def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path):
     for path, value in nnx.to_flat_state(nnx.state(other, nnx.Param)):
         np.testing.assert_array_equal(np.asarray(value[...]), np.asarray(saved[path][...]))
         assert len(value[...].sharding.device_set) <= 2
-    kernel = other.layers[0].mlp.up_proj.kernel[...]
+    kernel = other.layer(0).mlp.up_proj.kernel[...]
     assert kernel.sharding.mesh.shape["fsdp"] == 2 and not kernel.sharding.is_fully_replicated
 
 
@@ -215,7 +215,7 @@ def test_a_lora_model_with_dropout_restores(tmp_path):
         return model, nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.LoRAParam)
 
     model, optimizer = build(0)
-    model.layers[0].mlp.down_proj.dropout.rngs()  # advance one stream: its count must come back
+    model.layers.mlp.down_proj.dropout.rngs()  # advance one stream: its count must come back
     manager = checkpoint.make_manager(tmp_path, async_save=False)
     checkpoint.save(manager, 3, model, optimizer, {"next_index": 8})
     manager.close()

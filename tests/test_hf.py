@@ -125,7 +125,7 @@ def test_loading_with_shardings_places_each_tensor(checkpoint_dir):
 
     plain, _ = load_model(checkpoint_dir, dtype=jnp.float32)
     sharded, _ = load_model(checkpoint_dir, dtype=jnp.float32, shardings=sharding)
-    kernel = sharded.layers[0].mlp.down_proj.kernel.get_value()  # [mlp 128, embed 64]
+    kernel = sharded.layer(0).mlp.down_proj.kernel.get_value()  # [mlp 128, embed 64]
     assert kernel.sharding == NamedSharding(mesh, PartitionSpec("tensor", "fsdp"))
     assert kernel.addressable_shards[0].data.shape == (32, 32)
     for (p, a), b in zip(base_params(plain).items(), base_params(sharded).values()):
@@ -283,8 +283,8 @@ def test_non_finite_weights_are_named_with_the_tensor_and_file(checkpoint_dir, m
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"))
     with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.self_attn\.o_proj\.weight' holds [0-9,]+ "
                                               r"non-finite value\(s\) \(NaN or inf\) of (1,024|512|256)"):  # a slice
-        load_model(noise, shardings=lambda p, v: NamedSharding(mesh, PartitionSpec("fsdp", "tensor")
-                                                               if len(v.shape) == 2 else PartitionSpec()))
+        load_model(noise, shardings=lambda p, v: NamedSharding(mesh, PartitionSpec(None, "fsdp", "tensor")
+                                                               if len(v.shape) == 3 else PartitionSpec()))
 
     huge = broken_copy(checkpoint_dir, tmp_path / "huge", set_value("model.norm.weight", slice(0, 2), 3.4e38))
     model, _ = load_model(huge, dtype=jnp.float32)  # finite in float32 (their sum is not)

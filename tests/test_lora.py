@@ -49,7 +49,7 @@ def test_zero_b_leaves_logits_unchanged_and_init_follows_peft(checkpoint_dir):
     before = np.asarray(forward(base, ids))
     model = lora_model(checkpoint_dir, randomize=False)
     np.testing.assert_array_equal(np.asarray(forward(model, ids)), before)
-    q = model.layers[0].self_attn.q_proj
+    q = model.layer(0).self_attn.q_proj
     assert isinstance(q, LoRALinear) and q.scale == ALPHA / R
     assert q.lora_a.shape == (64, R) and q.lora_b.shape == (R, 64)
     assert np.all(np.asarray(q.lora_b.get_value()) == 0)
@@ -61,13 +61,14 @@ def test_lora_params_are_the_trainable_set_and_carry_logical_axes(checkpoint_dir
     model = lora_model(checkpoint_dir, targets=["q_proj", "down_proj"], randomize=False)
     flat = nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
     paths = sorted(".".join(map(str, p)) for p, _ in flat)
-    assert paths == sorted(f"layers.{i}.{m}.{w}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")
-                           for w in ("lora_a", "lora_b"))
+    assert paths == sorted(f"layers.{m}.{w}" for m in ("self_attn.q_proj", "mlp.down_proj")
+                           for w in ("lora_a", "lora_b"))  # stacked: [layers, ...]
     axes = {".".join(map(str, p)): v.get_metadata()["out_sharding"] for p, v in flat}
-    assert axes["layers.0.self_attn.q_proj.lora_a"] == ("embed", "lora_rank")
-    assert axes["layers.0.self_attn.q_proj.lora_b"] == ("lora_rank", "q_heads")
-    assert axes["layers.1.mlp.down_proj.lora_a"] == ("mlp", "lora_rank")
-    assert not isinstance(model.layers[0].self_attn.k_proj, LoRALinear)
+    assert axes["layers.self_attn.q_proj.lora_a"] == ("layers", "embed", "lora_rank")
+    assert axes["layers.self_attn.q_proj.lora_b"] == ("layers", "lora_rank", "q_heads")
+    assert axes["layers.mlp.down_proj.lora_a"] == ("layers", "mlp", "lora_rank")
+    assert model.layers.mlp.down_proj.lora_a.shape == (2, 128, 4)  # [layers, mlp, r]
+    assert not isinstance(model.layer(0).self_attn.k_proj, LoRALinear)
     assert not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(nnx.state(model.lm_head)))
     with pytest.raises(ValueError, match="lm_head"):
         apply_lora(model, r=2, alpha=4, dropout=0.0, target_modules=["lm_head"])
@@ -135,11 +136,11 @@ def test_lora_gradients_match_peft(peft_pair):
     named = dict(peft_model.named_parameters())
     checked = 0
     for path, g in nnx.to_flat_state(grads):
-        layer, block, proj, which = path[1], path[2], path[3], path[4]
-        key = f"base_model.model.model.layers.{layer}.{block}.{proj}.lora_{which[-1].upper()}.default.weight"
-        np.testing.assert_allclose(np.asarray(g.get_value()), named[key].grad.numpy().T, atol=1e-5, rtol=1e-3,
-                                   err_msg=key)
-        checked += 1
+        block, proj, which = path[1], path[2], path[3]  # layers.<block>.<proj>.lora_a: [layers, ...]
+        for layer, g_layer in enumerate(np.asarray(g.get_value())):
+            key = f"base_model.model.model.layers.{layer}.{block}.{proj}.lora_{which[-1].upper()}.default.weight"
+            np.testing.assert_allclose(g_layer, named[key].grad.numpy().T, atol=1e-5, rtol=1e-3, err_msg=key)
+            checked += 1
     assert checked == 2 * 7 * 2
 
 

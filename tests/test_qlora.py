@@ -23,7 +23,7 @@ from jsft.model.lora import apply_lora
 ROOT = Path(__file__).parent.parent
 IDS = np.array([[5, 17, 42, 99, 7, 3, 250, 11, 64, 2]], np.int32)
 POS = np.arange(IDS.shape[1], dtype=np.int32)[None]
-PROJECTIONS = 7 * 2  # q k v o gate up down, 2 layers
+PROJECTIONS = 7  # q k v o gate up down, each one kernel stacked over the 2 layers
 
 
 def logits(model):
@@ -45,7 +45,7 @@ def test_quantized_base_keeps_embeddings_head_norms_and_stays_close(checkpoint_d
     kernels = quant.quantized_kernels(model)
     assert len(kernels) == PROJECTIONS and all(k.quant_type == quant_type for k in kernels.values())
     params = hf.base_params(model)
-    assert {"embed_tokens.embedding", "lm_head.kernel", "norm.scale", "layers.0.input_layernorm.scale"} <= set(params)
+    assert {"embed_tokens.embedding", "lm_head.kernel", "norm.scale", "layers.input_layernorm.scale"} <= set(params)
     assert not any(p.endswith("_proj.kernel") for p in params)  # every projection's kernel is quantized
     by_dtype = quant.bytes_by_dtype(model)
     dense_bytes = quant.bytes_by_dtype(dense)["float32"]
@@ -53,6 +53,36 @@ def test_quantized_base_keeps_embeddings_head_norms_and_stays_close(checkpoint_d
     assert sum(by_dtype.values()) < 0.6 * dense_bytes
     want, got = logits(dense), logits(model)
     assert 0 < np.abs(got - want).max() < tolerance * np.abs(want).max()
+
+
+def test_stacked_quantized_load_is_each_layer_quantized_and_exports_one_layer_at_a_time(checkpoint_dir,
+                                                                                       monkeypatch):
+    """One stacked QuantizedKernel per projection: slice j of every array (codes, nested scales) is layer j's HF
+    weight quantized on its own; merged_params dequantizes layer j only, equal to slice j of the whole kernel."""
+    from safetensors.numpy import load_file
+
+    from jsft.model.lora import merged_params
+
+    tensors = {}
+    for f in Path(checkpoint_dir).glob("*.safetensors"):
+        tensors.update(load_file(f))
+    model, cfg = hf.load_model(checkpoint_dir, dtype="float32", quantization={"quant_type": "nf4", "nested": True})
+    kernel = quant.quantized_kernels(model)["layers.mlp.down_proj.kernel"]
+    assert kernel.shape == (cfg.num_layers, cfg.intermediate_size, cfg.hidden_size)
+    for key, value in kernel.arrays().items():
+        layers = [quant.quantize(tensors[f"model.layers.{j}.mlp.down_proj.weight"], "nf4", True)[key]
+                  for j in range(cfg.num_layers)]
+        np.testing.assert_array_equal(np.asarray(value), np.stack(layers), err_msg=key)
+    values = merged_params(apply_lora(model, r=2, alpha=4, dropout=0.0))
+    whole = np.asarray(kernel.dequantize())
+    dequantize, seen = quant.dequantize, []
+    monkeypatch.setattr(quant, "dequantize", lambda arrays, *a: seen.append(arrays["codes"].shape) or
+                        dequantize(arrays, *a))
+    for j in range(cfg.num_layers):
+        one = np.asarray(values[f"layers.{j}.mlp.down_proj.kernel"]())
+        assert one.shape == (cfg.intermediate_size, cfg.hidden_size)
+        np.testing.assert_array_equal(one, whole[j])  # lora_b is zero: the merge adds nothing
+    assert seen == [(cfg.hidden_size, cfg.intermediate_size // 2)] * cfg.num_layers  # one layer's codes each time
 
 
 def test_sharded_quantized_loading_on_8_devices(checkpoint_dir):
@@ -65,12 +95,14 @@ def test_sharded_quantized_loading_on_8_devices(checkpoint_dir):
         model, _ = hf.load_model(checkpoint_dir, dtype="float32", quantization=q,
                                  shardings=train._variable_sharding(mesh))
     plain, _ = hf.load_model(checkpoint_dir, dtype="float32", quantization=q)
-    up = model.layers[0].mlp.up_proj.kernel  # kernel [64, 128] ("embed", "mlp") -> codes [128, 32] ("mlp", "embed")
-    assert up.codes.shape == (128, 32)
-    assert up.codes.get_value().sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-    assert len(up.codes.get_value().addressable_shards[0].data.reshape(-1)) == 128 * 32 // 8
-    down = model.layers[1].mlp.down_proj.kernel  # [128, 64] ("mlp", "embed") -> absmax codes [64, 2] ("embed", "mlp")
-    assert down.absmax_codes.get_value().sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    # kernel [2, 64, 128] ("layers", "embed", "mlp") -> codes [2, 128, 32] ("layers", "mlp", "embed")
+    up = model.layers.mlp.up_proj.kernel
+    assert up.codes.shape == (2, 128, 32)
+    assert up.codes.get_value().sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+    assert len(up.codes.get_value().addressable_shards[0].data.reshape(-1)) == 2 * 128 * 32 // 8
+    down = model.layers.mlp.down_proj.kernel  # [2, 128, 64] -> absmax codes [2, 64, 2] ("layers", "embed", "mlp")
+    assert down.absmax_codes.get_value().sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert down.offset.shape == (2,) and down.absmax2.shape[0] == 2  # nested scales: one set per layer
     for path, kernel in quant.quantized_kernels(plain).items():
         sharded = quant.quantized_kernels(model)[path]
         for key, value in kernel.arrays().items():

@@ -144,14 +144,18 @@ def test_quantize_model_swaps_every_projection_and_keeps_the_rest():
     from jsft.model.llama import Llama, LlamaConfig
 
     cfg = LlamaConfig.from_hf(dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     model = Llama(cfg, rngs=nnx.Rngs(0))
     ids = jnp.arange(8, dtype=jnp.int32)[None]
     want = np.asarray(model(ids, ids, jnp.ones_like(ids)))
     quant.quantize_model(model, "int8")
-    assert sorted(quant.quantized_kernels(model)) == sorted(
-        f"layers.0.{m}.{p}.kernel" for m, ps in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+    kernels = quant.quantized_kernels(model)  # one stacked kernel per projection, every array with the layer axis
+    assert sorted(kernels) == sorted(
+        f"layers.{m}.{p}.kernel" for m, ps in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
         for p in (f"{x}_proj" for x in ps))
+    up = kernels["layers.mlp.up_proj.kernel"]
+    assert up.shape == (2, 64, 128) and up.arrays()["codes"].shape == (2, 128, 64)
+    assert up.arrays()["scale"].shape == (2, 128)
     assert isinstance(model.lm_head.kernel, nnx.Param)
     got = np.asarray(model(ids, ids, jnp.ones_like(ids)))
     assert 0 < np.abs(got - want).max() < 0.02 * np.abs(want).max()

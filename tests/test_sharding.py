@@ -140,7 +140,7 @@ def test_full_finetune_equals_single_device(base_model, reference, shape):
     init = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(base_model, nnx.Param))}
     run = train(base_model, shape, lora=False)
     assert_same_run(run, reference[False], init)
-    gate = run[3].layers[0].mlp.gate_proj.kernel[...]
+    gate = run[3].layer(0).mlp.gate_proj.kernel[...]
     assert gate.sharding.is_equivalent_to(jax.NamedSharding(mesh_of(shape), P("fsdp", "tensor")), 2)
 
 
@@ -153,7 +153,7 @@ def test_lora_equals_single_device(base_model, reference, shape):
     init = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(init_model, nnx.LoRAParam))}
     assert_same_run(run, ref, init)
     model = run[3]
-    lora_b = model.layers[0].mlp.down_proj.lora_b[...]  # [r, embed]: ("lora_rank", "embed")
+    lora_b = model.layer(0).mlp.down_proj.lora_b[...]  # [r, embed]: ("lora_rank", "embed")
     assert lora_b.sharding.is_equivalent_to(jax.NamedSharding(mesh_of(shape), P(None, "fsdp")), 2)
 
 
@@ -177,6 +177,18 @@ SPECS = {"embed_tokens.embedding": P("tensor", "fsdp"), "q_proj.kernel": P("fsdp
          "input_layernorm.scale": P(), "norm.scale": P(), "lm_head.kernel": P("fsdp", "tensor")}
 
 
+def spec_of(path, suffix):
+    """SPECS[suffix], with the stacked layers' leading axis (never sharded) for parameters under layers."""
+    spec = (None, *SPECS[suffix]) if path.startswith("layers.") else tuple(SPECS[suffix])
+    while spec and spec[-1] is None:
+        spec = spec[:-1]
+    return P(*spec)
+
+
+def shard_shape_of(path, shard_shape, layers=TINY["num_hidden_layers"]):
+    return (layers, *shard_shape) if path.startswith("layers.") else shard_shape
+
+
 def _flat_params(node, kind=nnx.Param):
     return {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(nnx.state(node, kind))}
 
@@ -191,17 +203,17 @@ def test_params_and_optimizer_state_are_really_sharded(base_model, shape):
     for path, array in params.items():
         for suffix, shard_shape in SHARD_SHAPES[shape].items():
             if path == suffix or path.endswith("." + suffix):
-                assert array.sharding.is_equivalent_to(jax.NamedSharding(mesh, SPECS[suffix]), array.ndim), path
+                assert array.sharding.is_equivalent_to(jax.NamedSharding(mesh, spec_of(path, suffix)), array.ndim), path
                 if shape == (1, 4, 2):  # no axis of size 1: the spec is literally the table's
-                    assert array.sharding.spec == SPECS[suffix], path
-                assert {s.data.shape for s in array.addressable_shards} == {shard_shape}, path
+                    assert array.sharding.spec == spec_of(path, suffix), path
+                assert {s.data.shape for s in array.addressable_shards} == {shard_shape_of(path, shard_shape)}, path
                 assert len(array.addressable_shards) == 8
                 checked.add(suffix)
     assert checked == set(SHARD_SHAPES[shape])
     # adam moments inherit the params' placement
-    mu = optimizer.opt_state[0].mu["layers"][0]["mlp"]["gate_proj"]["kernel"][...]
-    assert mu.sharding.spec == params["layers.0.mlp.gate_proj.kernel"].sharding.spec
-    assert mu.addressable_shards[0].data.shape == SHARD_SHAPES[shape]["gate_proj.kernel"]
+    mu = optimizer.opt_state[0].mu["layers"]["mlp"]["gate_proj"]["kernel"][...]
+    assert mu.sharding.spec == params["layers.mlp.gate_proj.kernel"].sharding.spec
+    assert mu.addressable_shards[0].data.shape == (TINY["num_hidden_layers"], *SHARD_SHAPES[shape]["gate_proj.kernel"])
     # per-device bytes: everything but the norms is split 8 ways
     total = sum(a.nbytes for a in params.values())
     norms = sum(a.nbytes for p, a in params.items() if p.endswith("scale"))
@@ -233,7 +245,7 @@ def test_optimizer_state_is_built_in_its_shards(base_model):
 def test_data_parallel_replicates_params_and_splits_batch(base_model):
     mesh = mesh_of((8, 1, 1))
     model = sharding.shard_model(nnx.clone(base_model), mesh)
-    kernel = model.layers[0].mlp.gate_proj.kernel[...]
+    kernel = model.layer(0).mlp.gate_proj.kernel[...]
     assert kernel.is_fully_replicated
     batch = sharding.shard_batch(packed_batch(), mesh)
     ids = batch["input_ids"]
@@ -249,7 +261,7 @@ def test_create_sharded_model_builds_straight_into_shards():
     for path, array in _flat_params(model).items():
         suffix = next((s for s in SPECS if path == s or path.endswith("." + s)), None)
         if suffix:
-            assert array.sharding.spec == SPECS[suffix], path
+            assert array.sharding.spec == spec_of(path, suffix), path
         np.testing.assert_allclose(np.asarray(array), np.asarray(reference[path]), rtol=1e-6, err_msg=path)
 
 
@@ -259,9 +271,9 @@ def test_model_shardings_work_on_abstract_llama_8b():
     abstract = nnx.eval_shape(lambda: Llama(LlamaConfig.from_hf(hf), rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16))
     targets = sharding.abstract_with_shardings(abstract, mesh_of((1, 4, 2)))
     flat = {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(targets)}
-    k_proj = flat["layers.0.self_attn.k_proj.kernel"]
-    assert isinstance(k_proj, jax.ShapeDtypeStruct) and k_proj.shape == (4096, 1024)
-    assert k_proj.sharding.shard_shape(k_proj.shape) == (1024, 512)
+    k_proj = flat["layers.self_attn.k_proj.kernel"]
+    assert isinstance(k_proj, jax.ShapeDtypeStruct) and k_proj.shape == (2, 4096, 1024)
+    assert k_proj.sharding.shard_shape(k_proj.shape) == (2, 1024, 512)  # every device holds every layer
     assert flat["embed_tokens.embedding"].sharding.shard_shape((128256, 4096)) == (64128, 1024)
 
 
@@ -407,7 +419,7 @@ def test_checkpoint_saved_on_8_devices_restores_on_2(base_model, tmp_path):
     optimizer2 = nnx.Optimizer(model2, optax.adamw(1e-2), wrt=nnx.Param)
     nnx.update(model2, restored["model"])
     nnx.update(optimizer2, restored["optimizer"])
-    kernel = model2.layers[0].mlp.gate_proj.kernel[...]
+    kernel = model2.layer(0).mlp.gate_proj.kernel[...]
     assert kernel.sharding.device_set == set(jax.devices()[:2]) and kernel.addressable_shards[0].data.shape == (32, 128)
     assert int(optimizer2.step[...]) == 1
     with jax.set_mesh(small):
@@ -431,7 +443,7 @@ def test_hf_weights_load_straight_into_shards(base_model, tmp_path):
     for path, array in sharded_params.items():
         suffix = next((s for s in SPECS if path == s or path.endswith("." + s)), None)
         if suffix:
-            assert array.sharding.spec == SPECS[suffix], path
+            assert array.sharding.spec == spec_of(path, suffix), path
         assert len(array.sharding.device_set) == 8
         np.testing.assert_array_equal(np.asarray(array), np.asarray(plain_params[path]), err_msg=path)
 
@@ -444,4 +456,4 @@ def test_adafactor_factored_state_is_replicated_on_an_fsdp_mesh():
     optimizer = sharding.create_sharded_optimizer(make_model(), tx, nnx.Param, mesh)
     leaves = jax.tree_util.tree_flatten_with_path(nnx.state(optimizer.opt_state))[0]
     rows = [v for path, v in leaves if "v_row" in jax.tree_util.keystr(path) and "up_proj" in jax.tree_util.keystr(path)]
-    assert len(rows) == 1 and rows[0].ndim == 1 and rows[0].sharding.spec == P()
+    assert len(rows) == 1 and rows[0].ndim == 2 and rows[0].sharding.spec == P()  # [layers, rows]

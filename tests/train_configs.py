@@ -13,7 +13,8 @@ def tiny_config(tokenizer_dir, dataset, output_dir, **sections) -> SFTConfig:
                           compute_dtype="float32", remat_policy="none"),
         data=DataConfig(dataset_name=str(dataset), max_length=64, packing=True, padding_free=True),
         training=TrainingConfig(learning_rate=1e-2, per_device_train_batch_size=1, max_steps=6,
-                                lr_scheduler_type="constant", loss_chunk_size=128, seed=0),
+                                lr_scheduler_type="constant", loss_chunk_size=128, seed=0,
+                                compilation_cache_dir="none"),  # jax keeps one cache per process: tests opt in
         lora=LoraConfig(),
         logging=LoggingConfig(output_dir=str(output_dir), logging_steps=1, save_steps=3, save_total_limit=2,
                               report_to=["jsonl"], disable_tqdm=True),

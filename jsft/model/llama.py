@@ -20,17 +20,21 @@ Every parameter carries logical axis names in its metadata (`var.get_metadata()[
 
     parameter (path in the model)                         shape           logical axes
     embed_tokens.embedding                                [V, H]          ("vocab", "embed")
-    layers.N.self_attn.q_proj.kernel / .bias              [H, Hq*D] / .   ("embed", "q_heads") / ("q_heads",)
-    layers.N.self_attn.{k,v}_proj.kernel / .bias          [H, Hkv*D] / .  ("embed", "kv_heads") / ("kv_heads",)
-    layers.N.self_attn.o_proj.kernel / .bias              [Hq*D, H] / .   ("q_heads", "embed") / ("embed",)
-    layers.N.self_attn.{q,k}_norm.scale                   [D]             ("head_dim",)
-    layers.N.mlp.{gate,up}_proj.kernel / .bias            [H, F] / .      ("embed", "mlp") / ("mlp",)
-    layers.N.mlp.down_proj.kernel / .bias                 [F, H] / .      ("mlp", "embed") / ("embed",)
-    layers.N.{input,post_attention}_layernorm.scale       [H]             ("norm",)
+    layers.self_attn.q_proj.kernel / .bias                [N, H, Hq*D] /  ("layers", "embed", "q_heads") / ...
+    layers.self_attn.{k,v}_proj.kernel / .bias            [N, H, Hkv*D]   ("layers", "embed", "kv_heads")
+    layers.self_attn.o_proj.kernel / .bias                [N, Hq*D, H]    ("layers", "q_heads", "embed")
+    layers.self_attn.{q,k}_norm.scale                     [N, D]          ("layers", "head_dim")
+    layers.mlp.{gate,up}_proj.kernel / .bias              [N, H, F]       ("layers", "embed", "mlp")
+    layers.mlp.down_proj.kernel / .bias                   [N, F, H]       ("layers", "mlp", "embed")
+    layers.{input,post_attention}_layernorm.scale         [N, H]          ("layers", "norm")
     norm.scale                                            [H]             ("norm",)
     lm_head.kernel (absent when tied)                     [H, V]          ("embed", "vocab")
-    <proj>.lora_a / <proj>.lora_b (LoRA, lora.py)        [in, r] / [r, out]
-                                                          (in axis, "lora_rank") / ("lora_rank", out axis)
+    <proj>.lora_a / <proj>.lora_b (LoRA, lora.py)        [N, in, r] / [N, r, out]
+                                                          ("layers", in, "lora_rank") / ("layers", "lora_rank", out)
+
+The N decoder layers are ONE DecoderLayer whose parameters carry a leading layer axis ("layers", never sharded):
+the forward pass scans over it (Llama.run_layers), so a step lowers one layer whatever N is. Llama.layer(i) is a
+view of layer i (its slices); jsft/hf.py maps layers.<param> [N, ...] to HF's model.layers.<i>.<param>.
 
 "q_heads"/"kv_heads" name the flattened heads*head_dim axis: splitting it in n equal blocks splits whole heads
 when the head count divides by n. Params are created with `eager_sharding=False`: names are metadata only, so the
@@ -211,13 +215,23 @@ def param(value, names: tuple) -> nnx.Param:
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
-class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); kernel [in, out] in param dtype, matmul in compute dtype."""
+def stacked(shape: tuple, names: tuple, stack: int | None) -> tuple[tuple, tuple]:
+    """(shape, names) with a leading layer axis of `stack` entries ("layers") when stack is not None."""
+    return (shape, names) if stack is None else ((stack, *shape), ("layers", *names))
 
-    def __init__(self, in_features, out_features, names, *, bias, param_dtype, compute_dtype, rngs):
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] in param dtype, matmul in compute dtype.
+
+    stack=N: kernel [N, in, out] (and bias [N, out]), one slice per decoder layer; called on one slice (the
+    Llama.run_layers body), where kernel[...] is [in, out]."""
+
+    def __init__(self, in_features, out_features, names, *, bias, param_dtype, compute_dtype, rngs, stack=None):
         init = nnx.initializers.normal(0.02)
-        self.kernel = param(init(rngs.params(), (in_features, out_features), param_dtype), names)
-        self.bias = param(jnp.zeros((out_features,), param_dtype), names[1:]) if bias else None
+        shape, kernel_names = stacked((in_features, out_features), names, stack)
+        self.kernel = param(init(rngs.params(), shape, param_dtype), kernel_names)
+        shape, bias_names = stacked((out_features,), names[1:], stack)
+        self.bias = param(jnp.zeros(shape, param_dtype), bias_names) if bias else None
         self.compute_dtype = compute_dtype
 
     def __call__(self, x):
@@ -237,8 +251,9 @@ class Embed(nnx.Module):
 class RMSNorm(nnx.Module):
     """x / rms(x) in float32, cast back to the compute dtype, times scale (as transformers does)."""
 
-    def __init__(self, size, names, *, eps, param_dtype, compute_dtype):
-        self.scale = param(jnp.ones((size,), param_dtype), names)
+    def __init__(self, size, names, *, eps, param_dtype, compute_dtype, stack=None):
+        shape, names = stacked((size,), names, stack)
+        self.scale = param(jnp.ones(shape, param_dtype), names)
         self.eps, self.compute_dtype = eps, compute_dtype
 
     def __call__(self, x):
@@ -261,10 +276,10 @@ def apply_rope(x, rope):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, param_dtype, compute_dtype, attention_impl, rngs):
+    def __init__(self, cfg: LlamaConfig, *, param_dtype, compute_dtype, attention_impl, rngs, stack=None):
         H, D = cfg.hidden_size, cfg.head_dim
         q_out, kv_out = cfg.num_heads * D, cfg.num_kv_heads * D
-        dt = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
+        dt = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, stack=stack)
         self.q_proj = Linear(H, q_out, ("embed", "q_heads"), bias=cfg.qkv_bias, rngs=rngs, **dt)
         self.k_proj = Linear(H, kv_out, ("embed", "kv_heads"), bias=cfg.qkv_bias, rngs=rngs, **dt)
         self.v_proj = Linear(H, kv_out, ("embed", "kv_heads"), bias=cfg.qkv_bias, rngs=rngs, **dt)
@@ -309,8 +324,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: LlamaConfig, *, param_dtype, compute_dtype, rngs):
-        H, F, dt = cfg.hidden_size, cfg.intermediate_size, dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
+    def __init__(self, cfg: LlamaConfig, *, param_dtype, compute_dtype, rngs, stack=None):
+        H, F = cfg.hidden_size, cfg.intermediate_size
+        dt = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, stack=stack)
         self.gate_proj = Linear(H, F, ("embed", "mlp"), bias=cfg.mlp_bias, rngs=rngs, **dt)
         self.up_proj = Linear(H, F, ("embed", "mlp"), bias=cfg.mlp_bias, rngs=rngs, **dt)
         self.down_proj = Linear(F, H, ("mlp", "embed"), bias=cfg.mlp_bias, rngs=rngs, **dt)
@@ -320,12 +336,14 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, param_dtype, compute_dtype, attention_impl, rngs):
+    """One decoder layer; stack=N: all N layers' parameters, each with a leading layer axis (Llama.layers)."""
+
+    def __init__(self, cfg: LlamaConfig, *, param_dtype, compute_dtype, attention_impl, rngs, stack=None):
         dt = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, ("norm",), eps=cfg.rms_norm_eps, **dt)
-        self.self_attn = Attention(cfg, attention_impl=attention_impl, rngs=rngs, **dt)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, ("norm",), eps=cfg.rms_norm_eps, **dt)
-        self.mlp = MLP(cfg, rngs=rngs, **dt)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, ("norm",), eps=cfg.rms_norm_eps, stack=stack, **dt)
+        self.self_attn = Attention(cfg, attention_impl=attention_impl, rngs=rngs, stack=stack, **dt)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, ("norm",), eps=cfg.rms_norm_eps, stack=stack, **dt)
+        self.mlp = MLP(cfg, rngs=rngs, stack=stack, **dt)
 
     def __call__(self, x, rope, segment_ids):
         x = x + self.self_attn(self.input_layernorm(x), rope, segment_ids)
@@ -361,27 +379,28 @@ def checkpoint_policy(name: str):
 class KVCache(NamedTuple):
     """Keys and values of every token run so far, for decoding (Llama.init_cache, Llama.decode).
 
-    k, v: one [B, S, Hkv, D] array per layer (S = max_len slots, fixed: one compile per (B, S)); valid [B, S] bool:
+    k, v: [N, B, S, Hkv, D], layer n's at [n] (S = max_len slots, fixed: one compile per (B, S)); valid [B, S] bool:
     the slot holds a real token (not padding, already written); index: int32 scalar, the next slot to write (the
     same for every row; each row's RoPE position is its own).
     """
 
-    k: tuple
-    v: tuple
+    k: jax.Array
+    v: jax.Array
     valid: jax.Array
     index: jax.Array
 
 
 class Llama(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, compute_dtype=jnp.float32,
-                 attention_impl: str = "auto", remat_policy: str = "none"):
+                 attention_impl: str = "auto", remat_policy: str = "none", scan_layers: bool = True):
+        """scan_layers=False runs the same stacked layers in a Python loop (N layers in the lowered program): the
+        reference the scan is tested against (tests/test_scan.py) and benchmarks/compile_size.py's "before"."""
         policy = checkpoint_policy(remat_policy)  # validates the name early
         dt = dict(param_dtype=param_dtype, compute_dtype=compute_dtype)
         self.cfg, self.param_dtype, self.compute_dtype = cfg, param_dtype, compute_dtype
-        self.remat, self._checkpoint_policy = remat_policy, policy
+        self.remat, self._checkpoint_policy, self.scan_layers = remat_policy, policy, scan_layers
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List(
-            [DecoderLayer(cfg, attention_impl=attention_impl, rngs=rngs, **dt) for _ in range(cfg.num_layers)])
+        self.layers = DecoderLayer(cfg, attention_impl=attention_impl, rngs=rngs, stack=cfg.num_layers, **dt)
         self.norm = RMSNorm(cfg.hidden_size, ("norm",), eps=cfg.rms_norm_eps, **dt)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, rngs=rngs, **dt)
@@ -390,8 +409,48 @@ class Llama(nnx.Module):
         """The most documents any packed row holds (the data side counts them). cuDNN's packed attention needs this
         static bound, and attention_impl="auto" picks cuDNN on a GPU only when it is known (a guessed bound too
         small would turn rows into NaN). Call before the first step; changing it recompiles."""
-        for layer in self.layers:
-            layer.self_attn.max_segments = None if max_segments is None else int(max_segments)
+        self.layers.self_attn.max_segments = None if max_segments is None else int(max_segments)
+
+    def layer(self, i: int) -> DecoderLayer:
+        """A copy of decoder layer i: its slices of the stacked parameters (reading; writes do not come back)."""
+        graphdef, rngs, weights = nnx.split(self.layers, nnx.RngState, ...)  # RNG state is not stacked
+        return nnx.merge(graphdef, rngs, jax.tree.map(lambda a: a[i], weights))
+
+    def run_layers(self, body, x, per_layer=(), remat: bool = False):
+        """x through the N decoder layers: x, out_i = body(layer_i, x, *per_layer_i) for i = 0 .. N-1.
+
+        The one place that reads per-layer parameters: the stacked state of `self.layers` (everything but RNG
+        state: params, LoRA params, any other stacked variable) is sliced on its leading axis and merged into a
+        DecoderLayer holding layer i's slices, which `body` calls. RNG state (LoRA dropout streams) is one per
+        projection, not per layer: it goes through the layers as part of the carry (each layer advances it).
+        per_layer: arrays with a leading layer axis (the KV cache), sliced alike; the outs are stacked back.
+        Written over jax.lax.scan rather than nnx.scan, whose Carry cannot hold part of a module's state (the RNG).
+        remat: rematerialize each layer in the backward pass with the model's remat policy.
+        Returns (x, stacked outs).
+        """
+        graphdef, rngs, weights = nnx.split(self.layers, nnx.RngState, ...)
+
+        def one_layer(carry, slices):
+            x, rngs = carry
+            weights_i, per_layer_i = slices
+            layer = nnx.merge(graphdef, rngs, weights_i, copy=True)
+            x, out = body(layer, x, *per_layer_i)
+            return (x, nnx.state(layer, nnx.RngState)), out
+
+        if remat and self._checkpoint_policy is not None:
+            one_layer = jax.checkpoint(one_layer, policy=self._checkpoint_policy, prevent_cse=not self.scan_layers)
+        if self.scan_layers:
+            (x, rngs), outs = jax.lax.scan(one_layer, (x, rngs), (weights, tuple(per_layer)))
+        else:
+            outs = []
+            for i in range(self.cfg.num_layers):
+                (x, rngs), out = one_layer((x, rngs), jax.tree.map(lambda a: a[i], (weights, tuple(per_layer))))
+                outs.append(out)
+            outs = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        dropouts = [m for _, m in nnx.iter_modules(self.layers) if isinstance(m, nnx.Dropout)]
+        if any(not m.deterministic and m.rate > 0 for m in dropouts):
+            nnx.update(self.layers, rngs)  # only then advanced: an eval-mode model (generate's loop) stays untouched
+        return x, outs
 
     def _check_window(self, length: int):
         if self.cfg.sliding_window is not None and length > self.cfg.sliding_window:
@@ -412,13 +471,7 @@ class Llama(nnx.Module):
             x = x + embed_noise(x).astype(x.dtype)
         rope = rope_table(positions, jnp.asarray(self.cfg.inv_freq()))
 
-        def run_layer(layer, x, rope, segment_ids):
-            return layer(x, rope, segment_ids)
-
-        if self._checkpoint_policy is not None:  # rematerialize each decoder layer in the backward pass
-            run_layer = nnx.remat(run_layer, policy=self._checkpoint_policy, prevent_cse=True)
-        for layer in self.layers:
-            x = run_layer(layer, x, rope, segment_ids)
+        x, _ = self.run_layers(lambda layer, x: (layer(x, rope, segment_ids), None), x, remat=True)
         return self.norm(x)
 
     def lm_head_weight(self):
@@ -440,7 +493,7 @@ class Llama(nnx.Module):
         """An empty KV cache: max_len slots per row, keys/values in the compute dtype, nothing valid, index 0."""
         self._check_window(max_len)
         shape = (batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim)
-        empty = tuple(jnp.zeros(shape, self.compute_dtype) for _ in self.layers)
+        empty = jnp.zeros((self.cfg.num_layers, *shape), self.compute_dtype)
         return KVCache(k=empty, v=empty, valid=jnp.zeros((batch, max_len), bool), index=jnp.asarray(0, jnp.int32))
 
     def decode(self, input_ids, positions, mask, cache: KVCache, *, last_only: bool = False):
@@ -463,13 +516,14 @@ class Llama(nnx.Module):
         attend = (valid[:, None, :] & causal[None])[:, None]  # [B, 1, T, S]
         x = self.embed(input_ids)
         rope = rope_table(positions, jnp.asarray(self.cfg.inv_freq()))
-        ks, vs = [], []
-        for layer, k, v in zip(self.layers, cache.k, cache.v):
+
+        def body(layer, x, k, v):
             x, k, v = layer.cached(x, rope, k, v, cache.index, attend)
-            ks.append(k)
-            vs.append(v)
+            return x, (k, v)
+
+        x, (ks, vs) = self.run_layers(body, x, per_layer=(cache.k, cache.v))
         x = x[:, -1:] if last_only else x
-        return self.logits(self.norm(x)), KVCache(tuple(ks), tuple(vs), valid, cache.index + T)
+        return self.logits(self.norm(x)), KVCache(ks, vs, valid, cache.index + T)
 
     def resize_vocab(self, new_size: int, rngs: nnx.Rngs | None = None):
         """Grow the embedding (and an untied lm_head) to new_size rows; new rows are the mean of the old rows.

@@ -2,7 +2,9 @@
 
 `apply_lora` swaps each targeted `Linear` for a `LoRALinear` that shares its kernel and bias Variables and adds
 `lora_a` [in, r] and `lora_b` [r, out] as `nnx.LoRAParam` (so `nnx.LoRAParam` is the trainable filter). Paths of
-the base params do not change (layers.0.self_attn.q_proj.kernel stays), so jsft.hf reads and writes them as before.
+the base params do not change (layers.self_attn.q_proj.kernel stays), so jsft.hf reads and writes them as before.
+On the stacked decoder layers (kernel [N, in, out]) the LoRA params are stacked too: lora_a [N, in, r], lora_b
+[N, r, out], one slice per layer; each layer's call sees its slices (Llama.run_layers).
 
     PEFT (torch layout)                                  jsft
     ...q_proj.lora_A.weight  [r, in]                     ...q_proj.lora_a  [in, r]   (transposed)
@@ -29,13 +31,13 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class LoRALinear(Linear):
     def __init__(self, base: Linear, r: int, alpha: float, dropout: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.kernel, self.bias, self.compute_dtype = base.kernel, base.bias, base.compute_dtype
-        in_features, out_features = base.kernel.shape
-        in_axis, out_axis = base.kernel.get_metadata()["out_sharding"]
+        *stack, in_features, out_features = base.kernel.shape  # stack: [N] for the stacked decoder layers
+        *stack_axes, in_axis, out_axis = base.kernel.get_metadata()["out_sharding"]
         bound = 1.0 / math.sqrt(in_features)  # PEFT: kaiming_uniform_(a=sqrt(5)) on [r, in]
-        a = jax.random.uniform(rngs.params(), (in_features, r), dtype, -bound, bound)
-        self.lora_a = nnx.LoRAParam(a, out_sharding=(in_axis, "lora_rank"), eager_sharding=False)
-        self.lora_b = nnx.LoRAParam(jnp.zeros((r, out_features), dtype), out_sharding=("lora_rank", out_axis),
-                                    eager_sharding=False)
+        a = jax.random.uniform(rngs.params(), (*stack, in_features, r), dtype, -bound, bound)
+        self.lora_a = nnx.LoRAParam(a, out_sharding=(*stack_axes, in_axis, "lora_rank"), eager_sharding=False)
+        self.lora_b = nnx.LoRAParam(jnp.zeros((*stack, r, out_features), dtype),
+                                    out_sharding=(*stack_axes, "lora_rank", out_axis), eager_sharding=False)
         self.r, self.alpha, self.scale = r, alpha, alpha / r
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
@@ -46,8 +48,8 @@ class LoRALinear(Linear):
         return y + jnp.dot(h, self.lora_b[...].astype(cd)) * jnp.asarray(self.scale, cd)
 
     def delta(self):
-        """scale * A @ B in float32: what merging adds to the kernel [in, out]."""
-        return self.scale * jnp.dot(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
+        """scale * A @ B in float32: what merging adds to the kernel [in, out] (stacked: [N, in, out])."""
+        return self.scale * jnp.matmul(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
 
 
 def resolve_targets(target_modules) -> tuple[str, ...]:
@@ -90,23 +92,40 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules="all-
 
 
 def lora_modules(model) -> dict[str, LoRALinear]:
-    """{'layers.0.self_attn.q_proj': LoRALinear, ...}"""
+    """{'layers.self_attn.q_proj': LoRALinear, ...} (one module holding every layer's stacked LoRA params)"""
     return {path: getattr(parent, name) for parent, name, path in _linears(model, LoRALinear)}
 
 
 def merged_params(model) -> dict:
-    """{jsft path: zero-argument function -> array} of every base parameter, LoRA deltas added to their kernels.
+    """{RULES path: zero-argument function -> array} of every base parameter (stacked ones one layer at a time:
+    'layers.3.mlp.up_proj.kernel'), LoRA deltas added to their kernels.
 
-    Lazy, so an export merges one tensor at a time (never a second copy of the model); the model is unchanged.
+    Lazy, so an export merges one layer's tensor at a time (never a second copy of the model); the model is
+    unchanged.
     """
-    from jsft.hf import base_params
+    from jsft.hf import layer_slices, layer_values
     from jsft.model.quant import quantized_kernels
 
-    values = {p: v.get_value for p, v in base_params(model).items()}
-    values.update({p: kernel.dequantize for p, kernel in quantized_kernels(model).items()})  # QLoRA: dequantized
+    values = layer_values(model)
+    for path, kernel in quantized_kernels(model).items():  # QLoRA: dequantized, one layer at a time
+        for name, i in layer_slices(path, model.cfg.num_layers):
+            values[name] = lambda k=kernel, i=i: k.dequantize(layer=i)
     for path, module in lora_modules(model).items():
-        values[f"{path}.kernel"] = lambda m=module: (m.kernel[...] + m.delta()).astype(m.kernel.dtype)
+        for kernel, i in layer_slices(f"{path}.kernel", model.cfg.num_layers):
+            values[kernel] = lambda m=module, i=i: _merged(m, i)
     return values
+
+
+def _merged(module: LoRALinear, i: int | None):
+    """Layer i's kernel (i None: an unstacked one) + scale * A @ B, in the kernel's dtype."""
+    pick = (lambda a: a) if i is None else (lambda a: a[i])
+    if isinstance(module.kernel, QuantizedKernel):  # QLoRA: only layer i dequantized
+        kernel = module.kernel.dequantize(layer=i)
+    else:
+        kernel = pick(module.kernel[...])
+    a, b = pick(module.lora_a[...]), pick(module.lora_b[...])
+    delta = module.scale * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
+    return (kernel + delta).astype(kernel.dtype)
 
 
 def merge_lora(model):
@@ -125,10 +144,10 @@ def merge_lora(model):
 
 def _plain_linear(module: LoRALinear) -> Linear:
     """A Linear holding the same kernel and bias Variables (built abstractly, then given the real ones)."""
-    in_features, out_features = module.kernel.shape
-    names = module.kernel.get_metadata()["out_sharding"]
+    *stack, in_features, out_features = module.kernel.shape
+    names = module.kernel.get_metadata()["out_sharding"][-2:]
     plain = nnx.eval_shape(lambda: Linear(in_features, out_features, names, bias=module.bias is not None,
                                           param_dtype=module.kernel.dtype, compute_dtype=module.compute_dtype,
-                                          rngs=nnx.Rngs(0)))
+                                          rngs=nnx.Rngs(0), stack=stack[0] if stack else None))
     plain.kernel, plain.bias = module.kernel, module.bias
     return plain

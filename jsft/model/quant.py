@@ -166,6 +166,9 @@ class QuantizedKernel(nnx.Module):
 
     shape / dtype / get_metadata() answer as the kernel Param did (dtype: what `kernel[...]` dequantizes to);
     `matmul(x, compute_dtype)` is x @ kernel. Build abstract (values None: jax.ShapeDtypeStruct) and `set_arrays`.
+    On the stacked decoder layers every array has the leading layer axis; `shape` is static (the stacked shape),
+    while Llama.run_layers hands each layer's call the arrays' slices, so matmul / dequantize go by the arrays'
+    own shapes.
     """
 
     def __init__(self, shape: tuple, names: tuple, quant_type: str, nested: bool, dtype, values: dict | None = None):
@@ -184,12 +187,15 @@ class QuantizedKernel(nnx.Module):
     def array_names(self) -> tuple[str, ...]:
         return tuple(shapes((2, BLOCKSIZE), self.quant_type, self.nested))
 
-    def arrays(self) -> dict:
-        return {key: getattr(self, key)[...] for key in self.array_names()}
+    def arrays(self, layer: int | None = None) -> dict:
+        """The quantized arrays; layer=i: their slices of layer i (each array's leading axis)."""
+        pick = (lambda a: a) if layer is None else (lambda a: a[layer])
+        return {key: pick(getattr(self, key)[...]) for key in self.array_names()}
 
-    def dequantize(self, dtype=None):
-        """The kernel [..., in, out] in `dtype` (default: self.dtype)."""
-        w = dequantize(self.arrays(), self.quant_type, dtype or self.dtype)
+    def dequantize(self, dtype=None, layer: int | None = None):
+        """The kernel [..., in, out] in `dtype` (default: self.dtype); layer=i: layer i's [in, out] only (a stacked
+        kernel's export dequantizes one layer at a time)."""
+        w = dequantize(self.arrays(layer), self.quant_type, dtype or self.dtype)
         return jnp.swapaxes(w, -1, -2)
 
     def __getitem__(self, index):
@@ -220,7 +226,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 def abstract_quantized(model, quant_type: str, nested: bool) -> dict[str, QuantizedKernel]:
     """In an abstract model (nnx.eval_shape): swap each projection's kernel Param for an abstract QuantizedKernel
-    of the same shape, axes and dtype. Returns {'layers.0.mlp.up_proj.kernel': QuantizedKernel, ...} to fill."""
+    of the same shape, axes and dtype. Returns {'layers.mlp.up_proj.kernel': QuantizedKernel, ...} to fill
+    (stacked: one per projection, every array with the leading layer axis)."""
     swapped = {}
     for path, node in list(nnx.iter_graph(model)):
         kernel = getattr(node, "kernel", None)
@@ -243,7 +250,7 @@ def quantize_model(model, quant_type: str, nested: bool = False):
 
 
 def quantized_kernels(model) -> dict[str, QuantizedKernel]:
-    """{'layers.0.mlp.up_proj.kernel': QuantizedKernel, ...} of a model."""
+    """{'layers.mlp.up_proj.kernel': QuantizedKernel, ...} of a model (stacked: one per projection)."""
     return {".".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, QuantizedKernel)}
 
 
