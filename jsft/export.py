@@ -151,7 +151,7 @@ def _with_dummy_tokens(tokenizer, vocab_size: int):
 
 def export_checkpoint(config: SFTConfig, step: int | None = None, formats=None, out_dir=None) -> dict[str, Path]:
     """Rebuild the run's model (base weights + the checkpoint's trained params) and export it."""
-    from jsft import checkpoint, sharding, train
+    from jsft import build, checkpoint, sharding
     from jsft.optim import trainable_filter
 
     output_dir = config.logging.output_dir
@@ -159,8 +159,8 @@ def export_checkpoint(config: SFTConfig, step: int | None = None, formats=None, 
     into_run = out_dir is None or Path(out_dir).absolute() == Path(output_dir).absolute()
     with outdir.claim(output_dir, enabled=into_run and jax.process_index() == 0):
         mesh = sharding.create_mesh(config.sharding)
-        tokenizer, added = train.build_tokenizer(config)
-        model, grew = train.build_model(config, tokenizer, mesh)
+        tokenizer, added = build.build_tokenizer(config)
+        model, grew = build.build_model(config, tokenizer, mesh)
         trained_embeddings = bool(added) or grew
         wrt = trainable_filter(config.lora.use_peft, new_token_rows=trained_embeddings)
         with checkpoint.make_manager(output_dir, config.logging.save_total_limit, async_save=False) as manager:

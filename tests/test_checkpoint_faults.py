@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jsft import checkpoint, cli, fixtures, manifest, outdir, progress, train
+from jsft import build, checkpoint, cli, fixtures, manifest, outdir, progress, train
 from jsft.hf import CheckpointError
 from jsft.outdir import OutputDirError
 from train_configs import tiny_config
@@ -340,7 +340,7 @@ def test_the_data_fingerprint_is_the_tokenized_content(tokenizer_dir, data_32, t
     from jsft.data.pipeline import prepare_dataset
 
     config = tiny_config(tokenizer_dir, data_32, tmp_path / "a", data={"packing": False})
-    tokenizer, _ = train.build_tokenizer(config)
+    tokenizer, _ = build.build_tokenizer(config)
     first = checkpoint.data_fingerprint(prepare_dataset(config, tokenizer))
     copy = tmp_path / "copy.jsonl"
     shutil.copy(data_32, copy)  # another path and mtime, the same rows: the same data

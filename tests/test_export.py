@@ -7,7 +7,7 @@ import pytest
 import torch
 from flax import nnx
 
-from jsft import checkpoint, export, sharding, train
+from jsft import build, checkpoint, export, sharding, train
 from jsft.config import ConfigError
 from jsft.optim import trainable_filter
 from train_configs import tiny_config
@@ -35,8 +35,8 @@ def _perturb(model, filt, seed):
 
 def _model(config):
     mesh = sharding.create_mesh(config.sharding)
-    tokenizer, _ = train.build_tokenizer(config)
-    model, _ = train.build_model(config, tokenizer, mesh)
+    tokenizer, _ = build.build_tokenizer(config)
+    model, _ = build.build_model(config, tokenizer, mesh)
     return model, tokenizer
 
 
@@ -102,8 +102,8 @@ def test_lora_adapter_carries_the_embeddings_a_cloned_template_trained(tokenizer
                          lora={"use_peft": True, "lora_r": 4, "lora_alpha": 8})
     config.model.init_from_scratch, config.model.model_name_or_path = None, str(checkpoint_dir)
     mesh = sharding.create_mesh(config.sharding)
-    tokenizer, added = train.build_tokenizer(config)
-    model, grew = train.build_model(config, tokenizer, mesh)
+    tokenizer, added = build.build_tokenizer(config)
+    model, grew = build.build_model(config, tokenizer, mesh)
     assert len(added) == 2 and grew
     _perturb(model, trainable_filter(lora=True, new_token_rows=True), 2)  # LoRA params and the whole embedding / head "trained"
     written = export.export(model, tokenizer, config, formats=["adapter"], trained_embeddings=True)

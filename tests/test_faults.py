@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jsft import checkpoint, cli, fixtures, progress, step, train
+from jsft import build, checkpoint, cli, fixtures, progress, step, train
 from jsft.guard import Diverged
 from standin_model import StandinLM
 from test_step import micro, pack_rows
@@ -190,7 +190,7 @@ def test_wrapped_packing_of_the_fixture_chat_data_gives_no_step_without_trained_
 
     config = tiny_config(tokenizer_dir, data_dir / "conversational_prompt_completion.jsonl", tmp_path / "run",
                          data={"packing_strategy": "wrapped", "cache_dir": str(tmp_path / "cache")})
-    tokenizer, _ = train.build_tokenizer(config)
+    tokenizer, _ = build.build_tokenizer(config)
     prepared = prepare_dataset(config, tokenizer, "train")
     rows = prepared.rows
     per_row = np.add.reduceat(_trained_targets(prepared.examples, rows.example, rows.start, rows.stop),

@@ -18,7 +18,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from train_configs import tiny_config, write_config_file
 
-from jsft import cli, fixtures, hub, train
+from jsft import build, cli, fixtures, hub, train
 from jsft.data import BadRowError
 from jsft.data import load_tokenizer as load
 from jsft.data.pipeline import prepare_dataset
@@ -118,7 +118,7 @@ def test_rows_past_max_position_embeddings_are_warned_about(tmp_path, tokenizer_
                                    max_position_embeddings=4096))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        train.warn_past_max_positions(cfg, [prepared], 256)  # within the limit: no warning
+        build.warn_past_max_positions(cfg, [prepared], 256)  # within the limit: no warning
 
 
 # ----------------------------------------------------------------------------------------------- paths and the hub

@@ -15,7 +15,7 @@ import torch
 from flax import nnx
 
 from jsft.config_files import load as load_config
-from jsft import config as C
+from jsft import build, config as C
 from jsft import export, fixtures, hf, progress, sharding, train
 from jsft.model import quant
 from jsft.model.lora import apply_lora
@@ -93,7 +93,7 @@ def test_sharded_quantized_loading_on_8_devices(checkpoint_dir):
     q = {"quant_type": "nf4", "nested": True}
     with pytest.warns(UserWarning, match="not divisible"):  # [out, in/64] = [.., 1] scales: that dim replicated
         model, _ = hf.load_model(checkpoint_dir, dtype="float32", quantization=q,
-                                 shardings=train._variable_sharding(mesh))
+                                 shardings=build._variable_sharding(mesh))
     plain, _ = hf.load_model(checkpoint_dir, dtype="float32", quantization=q)
     # kernel [2, 64, 128] ("layers", "embed", "mlp") -> codes [2, 128, 32] ("layers", "mlp", "embed")
     up = model.layers.mlp.up_proj.kernel

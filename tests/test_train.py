@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jsft import fixtures, progress, sharding, step, train
+from jsft import build, fixtures, progress, sharding, step, train
 from jsft.config import ConfigError
 from jsft.hf import base_params
 from train_configs import tiny_config
@@ -96,8 +96,8 @@ def test_lora_run_keeps_frozen_base_weights_bit_for_bit(tokenizer_dir, small_dat
                          training={"max_steps": 3, "peak_tflops": 0.001},
                          data={"packing": False, "padding_free": False})
     mesh = sharding.create_mesh(config.sharding)
-    tokenizer, _ = train.build_tokenizer(config)
-    initial, _ = train.build_model(config, tokenizer, mesh)
+    tokenizer, _ = build.build_tokenizer(config)
+    initial, _ = build.build_model(config, tokenizer, mesh)
     before = {p: np.asarray(v[...]) for p, v in base_params(initial).items()}
     lora_before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(initial, nnx.LoRAParam))}
     summary = train.run(config)
@@ -172,8 +172,8 @@ def test_eval_generations_for_every_chat_format(tokenizer_dir, tmp_path, fmt):
                 for r in rows]
     path = fixtures.write_jsonl(rows, tmp_path / f"{fmt}.jsonl")
     config = tiny_config(tokenizer_dir, path, tmp_path / "run", data={"dataset_test_split": str(path), "max_length": 256})
-    tokenizer, _ = train.build_tokenizer(config)
-    model, _ = train.build_model(config, tokenizer, sharding.create_mesh(config.sharding))
+    tokenizer, _ = build.build_tokenizer(config)
+    model, _ = build.build_model(config, tokenizer, sharding.create_mesh(config.sharding))
     samples = train.eval_generations(config, model, tokenizer, 2)
     if fmt == "prompt_completion":
         assert samples == []
@@ -191,8 +191,8 @@ def test_eval_generations_pass_over_a_bad_row(tokenizer_dir, tmp_path):
     rows[0]["messages"][-1]["content"] = " "
     path = fixtures.write_jsonl(rows, tmp_path / "eval.jsonl")
     config = tiny_config(tokenizer_dir, path, tmp_path / "run", data={"dataset_test_split": str(path), "max_length": 256})
-    tokenizer, _ = train.build_tokenizer(config)
-    model, _ = train.build_model(config, tokenizer, sharding.create_mesh(config.sharding))
+    tokenizer, _ = build.build_tokenizer(config)
+    model, _ = build.build_model(config, tokenizer, sharding.create_mesh(config.sharding))
     samples = train.eval_generations(config, model, tokenizer, 2)
     assert len(samples) == 2 and all(s["reference"].strip() for s in samples)
 
@@ -233,7 +233,7 @@ def test_every_row_trains_each_epoch_in_a_new_order(tokenizer_dir, tmp_path):
     config = tiny_config(tokenizer_dir, data, tmp_path / "run", training={"max_steps": -1, "num_train_epochs": 2.0},
                          data={"packing": False, "padding_free": False, "shuffle_dataset": False})
     summary = train.run(config)
-    tokenizer, _ = train.build_tokenizer(config)
+    tokenizer, _ = build.build_tokenizer(config)
     row_tokens = prepare_dataset(config, tokenizer).stats["row_tokens"]
     records = [r for r in progress.read_metrics(tmp_path / "run") if "loss" in r]
     assert summary["steps"] == len(records) == 6

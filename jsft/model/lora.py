@@ -103,7 +103,7 @@ def merged_params(model) -> dict:
     Lazy, so an export merges one layer's tensor at a time (never a second copy of the model); the model is
     unchanged.
     """
-    from jsft.hf import layer_slices, layer_values
+    from jsft.model.params import layer_slices, layer_values
     from jsft.model.quant import quantized_kernels
 
     values = layer_values(model)
