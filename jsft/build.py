@@ -141,7 +141,7 @@ def build_model(config: SFTConfig, tokenizer, mesh):
         from jsft.model.lora import apply_lora
 
         lc = config.lora
-        apply_lora(model, lc.lora_r, lc.lora_alpha, lc.lora_dropout, lc.lora_target_modules,
+        apply_lora(model, lc.lora_r, lc.lora_alpha, lc.lora_dropout, lc.lora_target_modules, use_rslora=lc.use_rslora,
                    rngs=nnx.Rngs(config.training.seed + 1))
     sharding.shard_model(model, mesh)
     return model, grew

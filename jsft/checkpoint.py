@@ -44,6 +44,7 @@ from jsft.errors import CheckpointError
 # the checkpoint's when a restore finds other shapes. Settings of these sections that never change a shape are left out.
 SHAPE_SECTIONS = ("model", "lora", "data.chat_template_path")
 NO_SHAPE = ("model.dtype", "model.compute_dtype", "model.attention_impl", "model.remat_policy", "lora.lora_alpha",
+            "lora.use_rslora",
             "lora.lora_dropout", "model.load_in_4bit", "model.load_in_8bit", "model.bnb_4bit_quant_type",
             "model.use_bnb_nested_quant", "model.bnb_4bit_quant_storage")  # QLoRA: the base is not in checkpoints
 # The settings that decide which rows each step reads: a resume with others continues from a saved data position that

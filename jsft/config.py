@@ -125,6 +125,7 @@ class LoraConfig:  # TRL's ModelConfig names
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | str = "all-linear"
+    use_rslora: bool = False  # PEFT's rank-stabilized LoRA: scale alpha / sqrt(r) instead of alpha / r
 
 
 @dataclass

@@ -75,7 +75,8 @@ def export(model, tokenizer, config: SFTConfig, formats=None, out_dir=None, trai
                 lc = config.lora
                 base = config.model.model_name_or_path or "(random init: model.init_from_scratch)"
                 hf.save_peft_adapter(model, d, base, lc.lora_r, lc.lora_alpha, lc.lora_dropout,
-                                     lc.lora_target_modules, save_embeddings=trained_embeddings)
+                                     lc.lora_target_modules, save_embeddings=trained_embeddings,
+                                     use_rslora=lc.use_rslora)
                 padded = _with_dummy_tokens(tokenizer, model.cfg.vocab_size) if trained_embeddings else tokenizer
                 padded.save_pretrained(d)
         written[fmt] = write_complete(target, write, fmt, _export_bytes(model, fmt, trained_embeddings),

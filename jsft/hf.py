@@ -435,7 +435,8 @@ def save_merged(model: Llama, out_dir, tokenizer=None, max_shard_bytes: int = 5 
 
 
 def save_peft_adapter(model: Llama, out_dir, base_model_name_or_path: str, r: int, alpha: float, dropout: float,
-                      target_modules, added_token_ids=None, save_embeddings: bool = False) -> Path:
+                      target_modules, added_token_ids=None, save_embeddings: bool = False,
+                      use_rslora: bool = False) -> Path:
     """adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained(base, out_dir)` loads.
 
     Keys follow PEFT: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight [r, in] and .lora_B.weight
@@ -499,7 +500,7 @@ def save_peft_adapter(model: Llama, out_dir, base_model_name_or_path: str, r: in
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
-        "use_rslora": False,
+        "use_rslora": bool(use_rslora),
         "use_dora": False,
         "modules_to_save": modules_to_save,
         "trainable_token_indices": trainable_tokens,

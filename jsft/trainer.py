@@ -144,14 +144,14 @@ def _apply_peft_config(config: SFTConfig, peft_config) -> None:
 
     if type(peft_config).__name__ != "LoraConfig":
         raise ConfigError(f"peft_config: jsft trains LoRA adapters (peft.LoraConfig), got {type(peft_config).__name__}")
-    unsupported = {"use_dora": False, "use_rslora": False, "modules_to_save": None, "bias": "none"}
+    unsupported = {"use_dora": False, "modules_to_save": None, "bias": "none"}
     refused = [f"{k}={getattr(peft_config, k)!r}" for k, v in unsupported.items() if getattr(peft_config, k, v) != v]
     if refused:
         raise ConfigError(f"peft_config: {', '.join(refused)} is not supported by jsft (plain LoRA: r, lora_alpha, "
                           "lora_dropout, target_modules)")
     lora = config.lora
     lora.use_peft, lora.lora_r, lora.lora_alpha = True, int(peft_config.r), int(peft_config.lora_alpha)
-    lora.lora_dropout = float(peft_config.lora_dropout)
+    lora.lora_dropout, lora.use_rslora = float(peft_config.lora_dropout), bool(peft_config.use_rslora)
     targets = peft_config.target_modules
     lora.lora_target_modules = (PEFT_DEFAULT_TARGETS if targets is None else
                                 targets if isinstance(targets, str) else sorted(targets))

@@ -262,7 +262,7 @@ TRL_FIELDS: dict[str, tuple] = {
     "lora_target_parameters": (None, NO_KNOB, "LoRA on raw parameters (MoE experts) is not supported"),
     "lora_modules_to_save": (None, NO_KNOB, "jsft trains embed_tokens/lm_head itself when new tokens are added"),
     "lora_task_type": ("CAUSAL_LM", NO_KNOB, "jsft trains causal LMs only"),
-    "use_rslora": (False, NO_KNOB, "rank-stabilized LoRA scaling is not supported"),
+    "use_rslora": (False, "lora.use_rslora", ""),
     "use_dora": (False, NO_KNOB, "DoRA is not supported"),
     "load_in_8bit": (False, "model.load_in_8bit", ""),
     "load_in_4bit": (False, "model.load_in_4bit", ""),

@@ -58,12 +58,15 @@ def test_full_export_from_a_checkpoint_loads_in_transformers(tokenizer_dir, chec
     assert (written["full"] / "tokenizer_config.json").exists()
 
 
-def test_adapter_export_loads_in_peft_and_merged_in_transformers(tokenizer_dir, checkpoint_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_adapter_export_loads_in_peft_and_merged_in_transformers(tokenizer_dir, checkpoint_dir, data_dir, tmp_path,
+                                                                 use_rslora):
+    """use_rslora: PEFT's rank-stabilized scale alpha / sqrt(r) (4 here, against alpha / r = 2)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(tokenizer_dir, data_dir / "text.jsonl", tmp_path / "lora",
-                         lora={"use_peft": True, "lora_r": 4, "lora_alpha": 8})
+                         lora={"use_peft": True, "lora_r": 4, "lora_alpha": 8, "use_rslora": use_rslora})
     config.model.init_from_scratch, config.model.model_name_or_path = None, str(checkpoint_dir)
     model, tokenizer = _model(config)
     _perturb(model, nnx.LoRAParam, 1)

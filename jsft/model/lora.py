@@ -29,7 +29,8 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 class LoRALinear(Linear):
-    def __init__(self, base: Linear, r: int, alpha: float, dropout: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, base: Linear, r: int, alpha: float, dropout: float, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 use_rslora: bool = False):
         self.kernel, self.bias, self.compute_dtype = base.kernel, base.bias, base.compute_dtype
         *stack, in_features, out_features = base.kernel.shape  # stack: [N] for the stacked decoder layers
         *stack_axes, in_axis, out_axis = base.kernel.get_metadata()["out_sharding"]
@@ -38,7 +39,8 @@ class LoRALinear(Linear):
         self.lora_a = nnx.LoRAParam(a, out_sharding=(*stack_axes, in_axis, "lora_rank"), eager_sharding=False)
         self.lora_b = nnx.LoRAParam(jnp.zeros((*stack, r, out_features), dtype),
                                     out_sharding=(*stack_axes, "lora_rank", out_axis), eager_sharding=False)
-        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        # PEFT's scaling: alpha / r, or alpha / sqrt(r) for rank-stabilized LoRA (use_rslora)
+        self.r, self.alpha, self.scale = r, alpha, alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def __call__(self, x):
@@ -77,7 +79,7 @@ def _linears(model, cls=Linear):
 
 
 def apply_lora(model, r: int, alpha: float, dropout: float, target_modules="all-linear", rngs: nnx.Rngs = None,
-               dtype=jnp.float32):
+               dtype=jnp.float32, use_rslora: bool = False):
     """Add LoRA to the targeted projections in place; returns the model. LoRA params are float32 by default
     (PEFT keeps adapters in float32 too)."""
     if r < 1:
@@ -87,7 +89,7 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules="all-
     for parent, name, _ in _linears(model):
         base = getattr(parent, name)
         if name in targets and not isinstance(base, LoRALinear):
-            setattr(parent, name, LoRALinear(base, r, alpha, dropout, rngs=rngs, dtype=dtype))
+            setattr(parent, name, LoRALinear(base, r, alpha, dropout, rngs=rngs, dtype=dtype, use_rslora=use_rslora))
     return model
 
 
