@@ -15,16 +15,7 @@ Optional columns: `tools` (a list or a JSON string, passed to the template) and 
 ShareGPT messages `{"from": "human", "value": ...}` become `{"role": "user", "content": ...}` (gpt -> assistant);
 TRL only renames the keys, jsft also maps the role names so ChatML templates see user/assistant.
 
-TRL semantics:
-- text / prompt_completion: EOS appended as a string unless the text already ends with it; tokenized with the
-  tokenizer's special tokens (BOS where the tokenizer adds one). Text that already starts with the BOS string keeps
-  one BOS (TRL would give two).
-- prompt/completion: the completion starts where the tokenized prompt and the tokenized prompt+completion diverge.
-  Conversational: the prompt is rendered with add_generation_prompt=True.
-- completion_only_loss None: on for prompt/completion rows, off otherwise (a tokenized `completion_mask` is used only
-  when completion_only_loss=True). assistant_only_loss: the template's assistant mask (see jsft.data.chat).
-- Pre-tokenized `labels` are used as is (trained where != -100); otherwise `assistant_masks` always applies.
-- max_length without packing: truncation (keep_start / keep_end). With packing the full example is returned.
+How an example follows TRL (EOS, BOS, completion start, masks, truncation): jsft.data.examples.
 
 Bad rows raise BadRowError (row index + field + fix). A row must keep at least one trained token after its first
 position (the first token of a document is never a target); otherwise it is a bad row too. With
