@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -108,8 +109,8 @@ def warn_past_max_positions(cfg, datasets, max_length) -> None:
 def check_model_config(config: SFTConfig) -> None:
     """The checkpoint's config.json as jsft reads it (architecture, RoPE type, sizes): ModelConfigError naming the
     problem, before any data is prepared. Random init checks its own config when it builds."""
-    if config.model.init_from_scratch:
-        return
+    if config.model.init_from_scratch or not Path(config.model.model_name_or_path).is_dir():
+        return  # a hub name or a missing path: build_model's loader resolves it and names what is wrong
     from jsft.hf import read_config
     from jsft.model.llama import LlamaConfig
 
