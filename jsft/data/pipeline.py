@@ -67,11 +67,12 @@ import inspect
 import json
 import os
 import re
+import shutil
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -79,9 +80,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jsft.config import ConfigError, DataConfig, SFTConfig, check_data_compatibility
-from jsft.data import buckets, mixture, packing
+from jsft.data import buckets, mixture, packing, store
 from jsft.data.formats import BadRowError
 from jsft.data.sources import read_split, row_location, source_fingerprint, split_source
+from jsft.data.store import Examples
 
 CACHE_VERSION = 1
 PREPARE_CHUNK_ROWS = 128
@@ -94,22 +96,6 @@ BATCH_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
 
 
 # ----------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class Examples:
-    """Tokenized examples, flat: example e is tokens[offsets[e]:offsets[e + 1]] (what the cache holds)."""
-
-    tokens: np.ndarray  # int32 [T]
-    loss_mask: np.ndarray  # bool [T], unshifted: token i is a trained label
-    offsets: np.ndarray  # int64 [E + 1]
-    source_rows: np.ndarray  # int64 [E], the dataset row of each example
-    rows_read: int
-    bad_rows: dict[str, int] = field(default_factory=dict)  # reason -> count (skip_bad_rows)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
 
 
 @dataclass
@@ -260,8 +246,11 @@ def _tokenizer_threads_off():
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
 
 
-def tokenize_rows(dataset, tokenizer, data: DataConfig, desc: str = "tokenize") -> Examples:
-    """prepare_example over every row, untruncated, in row order.
+def tokenize_rows(dataset, tokenizer, data: DataConfig, desc: str = "tokenize",
+                  writer: store.StoreWriter | None = None) -> Examples:
+    """prepare_example over every row, untruncated, in row order. With a `writer` (jsft.data.store), each finished
+    chunk's tokens and mask are appended to the store's files and dropped, so only the per-example offsets and
+    source rows are held: the Examples returned then carry no tokens (empty arrays) until the store is opened.
 
     In-process, chunks are prepared by prepare_threads() threads: the tokenizer's batch call runs in Rust without the
     GIL, so one thread encodes while another renders templates and slices rows in Python (2,000 fixture chat rows:
@@ -282,10 +271,10 @@ def tokenize_rows(dataset, tokenizer, data: DataConfig, desc: str = "tokenize") 
         results = iter(ds.mp_prefetch(options, worker_init_fn=_mark_flags_parsed))
     elif prepare_threads() > 1 and len(chunks) > 1:
         pool = ThreadPoolExecutor(prepare_threads(), thread_name_prefix="jsft-prepare")
-        results = pool.map(work, chunks)  # in chunk order
+        results = _ordered_map(pool, work, chunks, ahead=4 * prepare_threads())
     else:
         results = map(work, chunks)
-    parts, bad = [], Counter()
+    parts, lengths, source_rows, bad = [], [], [], Counter()
     bar = tqdm(total=n, desc=desc, unit="rows", delay=2, dynamic_ncols=True, leave=False)
     try:
         with _tokenizer_threads_off() if pool is not None else nullcontext():
@@ -294,7 +283,12 @@ def tokenize_rows(dataset, tokenizer, data: DataConfig, desc: str = "tokenize") 
                     if not data.skip_bad_rows:
                         raise error
                     bad[bad_row_reason(error)] += 1
-                parts.append(part)
+                if writer is None:
+                    parts.append(part)
+                else:
+                    writer.append(part["tokens"], part["loss_mask"])
+                lengths.append(part["lengths"])
+                source_rows.append(part["rows"])
                 bar.update(part["size"])
     except RuntimeError as e:
         if pool is not None or "terminated unexpectedly" not in str(e):
@@ -310,44 +304,38 @@ def tokenize_rows(dataset, tokenizer, data: DataConfig, desc: str = "tokenize") 
         if pool is not None:
             pool.shutdown(cancel_futures=True)  # after an error: chunks not started are dropped
         getattr(results, "close", lambda: None)()  # stops Grain's workers and frees their shared memory
-    lengths = np.concatenate([p["lengths"] for p in parts]) if parts else np.zeros(0, np.int64)
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     return Examples(
         tokens=np.concatenate([p["tokens"] for p in parts]) if parts else np.zeros(0, np.int32),
         loss_mask=np.concatenate([p["loss_mask"] for p in parts]) if parts else np.zeros(0, bool),
         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        source_rows=np.concatenate([p["rows"] for p in parts]) if parts else np.zeros(0, np.int64),
+        source_rows=np.concatenate(source_rows) if source_rows else np.zeros(0, np.int64),
         rows_read=n,
         bad_rows=dict(sorted(bad.items())),
     )
 
 
-def _save_examples(path: Path, examples: Examples) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, tokens=examples.tokens, loss_mask=examples.loss_mask, offsets=examples.offsets,
-             source_rows=examples.source_rows, rows_read=examples.rows_read,
-             bad_rows=json.dumps(examples.bad_rows))
-    os.replace(tmp, path)
+def _ordered_map(pool: ThreadPoolExecutor, work, items: list, ahead: int):
+    """pool.map(work, items) in order, with at most `ahead` items submitted and not yet consumed (Executor.map
+    submits all at once, so finished chunks could pile up in memory; Python 3.14's buffersize does this)."""
+    pending = deque()
+    for item in items:
+        pending.append(pool.submit(work, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
-def _load_examples(path: Path) -> Examples:
-    with np.load(path) as z:
-        return Examples(z["tokens"], z["loss_mask"], z["offsets"], z["source_rows"], int(z["rows_read"]),
-                        json.loads(str(z["bad_rows"])))
-
-
-def _load_cached(path: Path) -> Examples | None:
-    """The cached examples, or None (with a warning, the file removed) when the cache file is unreadable: a cache is
+def _load_store(path: Path) -> Examples | None:
+    """The stored examples, or None (with a warning, the store removed) when the store is unreadable: a cache is
     disposable, so a truncated or damaged one is rebuilt rather than an error."""
     try:
-        examples = _load_examples(path)
-        if examples.offsets[-1] != len(examples.tokens) or len(examples.loss_mask) != len(examples.tokens):
-            raise ValueError("its arrays disagree in length")
-        return examples
-    except Exception as e:  # noqa: BLE001 (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError: all "damaged")
+        return store.open_store(path)
+    except Exception as e:  # noqa: BLE001 (OSError, ValueError, KeyError, JSONDecodeError: all "damaged")
         warnings.warn(f"token cache {path} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]}): "
                       "removing it and tokenizing again", UserWarning, stacklevel=3)
-        path.unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
         return None
 
 
@@ -374,21 +362,22 @@ def cached_examples(config: SFTConfig, tokenizer, split: str = "train") -> tuple
     source = None if mix is None else mixture.fingerprint(config.data, split, config.training.seed)
     key = cache_key(config.data, split, dataset, tokenizer, source)
     cache_dir = Path(config.data.cache_dir or Path(config.logging.output_dir) / "cache")
-    path = cache_dir / f"examples-{split}-{key}.npz"
+    path = cache_dir / f"examples-{split}-{key}"  # a token store directory (jsft.data.store)
     if path.exists():
-        cached = _load_cached(path)
+        cached = _load_store(path)
         if cached is not None:
             return cached, "hit", components
-    try:
-        examples = tokenize_rows(dataset, tokenizer, config.data, f"tokenize {split}")
-    except BadRowError as e:  # which split's rows the index counts (train and eval both start at row 0), which line
-        # (raised only without skip_bad_rows, so no malformed line was skipped: the index is the file's row)
-        source = split_source(config.data, split, row_location(config.data, split, e.row_index)) if mix is None \
-            else mix.source(e.row_index)
-        raise BadRowError(e.row_index, e.field, e.problem, e.fix, source) from e
-    examples = _count_unreadable(examples, unreadable, renumber=mix is None)
-    _save_examples(path, examples)
-    return examples, "miss", components
+    with store.StoreWriter(path) as writer:
+        try:
+            examples = tokenize_rows(dataset, tokenizer, config.data, f"tokenize {split}", writer)
+        except BadRowError as e:  # which split's rows the index counts (train and eval both start at row 0), which
+            # line (raised only without skip_bad_rows, so no malformed line was skipped: the index is the file's row)
+            source = split_source(config.data, split, row_location(config.data, split, e.row_index)) if mix is None \
+                else mix.source(e.row_index)
+            raise BadRowError(e.row_index, e.field, e.problem, e.fix, source) from e
+        examples = _count_unreadable(examples, unreadable, renumber=mix is None)
+        writer.commit(examples.offsets, examples.source_rows, examples.rows_read, examples.bad_rows)
+    return store.open_store(path), "miss", components
 
 
 def _count_unreadable(examples: Examples, unreadable: list[BadRowError], renumber: bool = True) -> Examples:
@@ -411,10 +400,24 @@ def _count_unreadable(examples: Examples, unreadable: list[BadRowError], renumbe
 
 
 def _trained_targets(examples: Examples, example, start, stop) -> np.ndarray:
-    """Trained targets of each slice: trained tokens in (start, stop) of its example (the first is never a target)."""
-    cum = np.concatenate([[0], np.cumsum(examples.loss_mask, dtype=np.int64)])
-    base = examples.offsets[example]
-    return cum[base + stop] - cum[np.minimum(base + start + 1, base + stop)]
+    """Trained targets of each slice: trained tokens in (start, stop) of its example (the first is never a target).
+    The mask is read a range of examples at a time (about store.READ_CHUNK tokens), so memory stays bounded."""
+    example, start, stop = (np.asarray(a, np.int64) for a in (example, start, stop))
+    order = np.argsort(example, kind="stable")
+    in_order = example[order]
+    offsets, out = examples.offsets, np.zeros(len(example), np.int64)
+    first = 0
+    while first < len(order):  # slices of examples [lo, hi), whose tokens span at most READ_CHUNK (or one example)
+        lo = int(in_order[first])
+        hi = max(lo + 1, int(np.searchsorted(offsets, offsets[lo] + store.READ_CHUNK, side="right")) - 1)
+        last = int(np.searchsorted(in_order, hi, side="left"))
+        mask = store.read_range(examples.loss_mask, int(offsets[lo]), int(offsets[hi]))
+        cum = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+        k = order[first:last]
+        base = offsets[example[k]] - offsets[lo]
+        out[k] = cum[base + stop[k]] - cum[np.minimum(base + start[k] + 1, base + stop[k])]
+        first = last
+    return out
 
 
 def build_rows(examples: Examples, data: DataConfig, seed: int) -> tuple[packing.Packed, int, dict]:
