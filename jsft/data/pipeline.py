@@ -573,7 +573,7 @@ def assemble_rows(prepared: PreparedDataset, row_ids: np.ndarray, length: int | 
     src = ex.offsets[rows.example[slices]][tok_slice] + start[tok_slice] + pos
     r, c = slot_row[tok_slice], row_offset[tok_slice] + pos
     has_next = pos < size[tok_slice] - 1
-    nxt = np.minimum(src + 1, len(ex.tokens) - 1)
+    nxt = np.where(has_next, src + 1, src)  # a slice's last token has no target: read nothing past it
 
     out = {
         "input_ids": np.full((B, L), prepared.pad_id, np.int32),
