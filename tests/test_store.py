@@ -34,12 +34,25 @@ def make_config(tmp_path, data_file, cache_dir, **data):
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory, data_dir):
-    """600 fixture chat rows, one of them bad (skipped and counted)."""
-    lines = open(data_dir / "messages.jsonl").readlines()[:600]
+    """300 fixture chat rows, one of them bad (skipped and counted)."""
+    lines = open(data_dir / "messages.jsonl").readlines()[:300]
     lines[100] = json.dumps({"messages": "not a list"}) + "\n"
     path = tmp_path_factory.mktemp("rows") / "rows.jsonl"
     path.write_text("".join(lines))
     return path
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, rows):
+    """(config, store cache directory) shared by the tests that only read the store."""
+    tmp = tmp_path_factory.mktemp("shared")
+    return tmp, tmp / "cache"
+
+
+@pytest.fixture(scope="module")
+def memory(shared, rows, tok):
+    """The examples in memory (the path before the store)."""
+    return in_memory(make_config(shared[0], rows, shared[1], skip_bad_rows=True), tok)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +74,7 @@ def store_dir(config):
 
 
 def test_a_store_written_chunk_by_chunk_equals_the_examples_in_memory(tmp_path, rows, tok, monkeypatch):
-    monkeypatch.setattr(pipeline, "PREPARE_CHUNK_ROWS", 50)  # 12 chunks appended one by one
+    monkeypatch.setattr(pipeline, "PREPARE_CHUNK_ROWS", 25)  # 12 chunks appended one by one
     config = make_config(tmp_path, rows, tmp_path / "cache", skip_bad_rows=True)
     appended = []
     append = store.StoreWriter.append
@@ -73,18 +86,16 @@ def test_a_store_written_chunk_by_chunk_equals_the_examples_in_memory(tmp_path, 
     for name in ARRAYS:
         np.testing.assert_array_equal(getattr(ex, name), getattr(mem, name), err_msg=name)
     assert (ex.rows_read, ex.bad_rows) == (mem.rows_read, mem.bad_rows)
-    assert ex.rows_read == 600 and sum(ex.bad_rows.values()) == 1
-    assert sum(appended) == len(ex.tokens) == ex.offsets[-1] > 100_000
+    assert ex.rows_read == 300 and sum(ex.bad_rows.values()) == 1
+    assert sum(appended) == len(ex.tokens) == ex.offsets[-1] > 50_000
     path = store_dir(config)
     assert sorted(p.name for p in path.iterdir()) == sorted(f"{n}.npy" for n in (*ARRAYS, "meta"))
     assert not list(path.parent.glob(".*"))  # the temporary directory was renamed into place
     assert prepare_dataset(config, tok).stats["cache"] == "hit"
 
 
-def test_trained_targets_read_in_pieces_equal_one_pass(rows, tok, tmp_path, monkeypatch):
-    config = make_config(tmp_path, rows, tmp_path / "cache", skip_bad_rows=True, packing_strategy="bfd_split",
-                         max_length=64)
-    ex = prepare_dataset(config, tok).examples
+def test_trained_targets_read_in_pieces_equal_one_pass(rows, tok, shared, monkeypatch):
+    ex = prepare_dataset(make_config(*shared[:1], rows, shared[1], skip_bad_rows=True), tok).examples
     rng = np.random.default_rng(0)
     example = rng.integers(0, len(ex.offsets) - 1, 5000)
     length = np.diff(ex.offsets)[example]
@@ -93,6 +104,7 @@ def test_trained_targets_read_in_pieces_equal_one_pass(rows, tok, tmp_path, monk
     cum = np.concatenate([[0], np.cumsum(np.asarray(ex.loss_mask), dtype=np.int64)])  # the one-pass formula
     base = ex.offsets[example]
     expected = cum[base + stop] - cum[np.minimum(base + start + 1, base + stop)]
+    assert (np.diff(ex.offsets) > 300).sum() > 3
     monkeypatch.setattr(store, "READ_CHUNK", 300)  # many pieces, several examples longer than one
     np.testing.assert_array_equal(pipeline._trained_targets(ex, example, start, stop), expected)
 
@@ -104,12 +116,10 @@ STRATEGIES = [dict(packing_strategy="bfd"), dict(packing_strategy="bfd_split", m
 
 
 @pytest.mark.parametrize("settings", STRATEGIES, ids=lambda s: "-".join(f"{v}" for v in s.values()))
-def test_batches_from_the_store_are_the_batches_from_memory(rows, tok, tmp_path_factory, settings, monkeypatch):
-    tmp = tmp_path_factory.mktemp("strategy")
-    config = make_config(tmp, rows, tmp_path_factory.getbasetemp() / "shared-cache", skip_bad_rows=True, **settings)
+def test_batches_from_the_store_are_the_batches_from_memory(rows, tok, shared, memory, settings, monkeypatch):
+    config = make_config(shared[0], rows, shared[1], skip_bad_rows=True, **settings)
     from_store = prepare_dataset(config, tok)
-    mem = in_memory(config, tok)
-    monkeypatch.setattr(pipeline, "cached_examples", lambda *a: (mem, "hit", None))
+    monkeypatch.setattr(pipeline, "cached_examples", lambda *a: (memory, "hit", None))
     from_memory = prepare_dataset(config, tok)
     assert isinstance(from_store.examples.tokens, np.memmap) and not isinstance(from_memory.examples.tokens, np.memmap)
     assert {k: v for k, v in from_store.stats.items() if k != "cache"} == \
@@ -124,8 +134,8 @@ def test_batches_from_the_store_are_the_batches_from_memory(rows, tok, tmp_path_
     assert steps == 2 * pipeline.steps_per_epoch(from_store, 4, 2, drop_remainder=False)
 
 
-def test_a_reopened_store_resumes_mid_epoch_with_the_identical_next_batches(tmp_path, rows, tok):
-    config = make_config(tmp_path, rows, tmp_path / "cache", skip_bad_rows=True)
+def test_a_reopened_store_resumes_mid_epoch_with_the_identical_next_batches(shared, rows, tok):
+    config = make_config(shared[0], rows, shared[1], skip_bad_rows=True)
     first = prepare_dataset(config, tok)
     args = dict(rows_per_micro_batch=2, accum_steps=2, seed=7, num_epochs=None, prefetch=2)
     it = batch_iterator(first, **args)
@@ -143,7 +153,7 @@ def test_a_reopened_store_resumes_mid_epoch_with_the_identical_next_batches(tmp_
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
-def test_a_store_from_an_interrupted_write_is_not_used(tmp_path, rows, tok, monkeypatch):
+def test_a_store_from_an_interrupted_write_is_not_used(tmp_path, rows, tok, memory, monkeypatch):
     config = make_config(tmp_path, rows, tmp_path / "cache", skip_bad_rows=True)
     append, calls = store.StoreWriter.append, []
 
@@ -162,7 +172,7 @@ def test_a_store_from_an_interrupted_write_is_not_used(tmp_path, rows, tok, monk
     # a killed run (no cleanup) leaves its temporary directory, half written: never read, removed by the next write
     killed = store.StoreWriter(tmp_path / "cache" / "examples-train-0123")
     killed.append(np.arange(10, dtype=np.int32), np.ones(10, bool))
-    mem = in_memory(config, tok)
+    mem = memory
     path = Path(config.data.cache_dir) / f"examples-train-{'x' * 20}"
     half = store.StoreWriter(path)
     half.append(mem.tokens[:1000], mem.loss_mask[:1000])
@@ -227,8 +237,8 @@ def trained_rows_tokens(prepared, row_ids):
                                                offsets[rows.example[s]] + rows.stop[s]) for s in slices]))
 
 
-def test_each_process_reads_only_the_rows_it_trains(tmp_path, rows, tok):
-    config = make_config(tmp_path, rows, tmp_path / "cache", skip_bad_rows=True)
+def test_each_process_reads_only_the_rows_it_trains(shared, rows, tok):
+    config = make_config(shared[0], rows, shared[1], skip_bad_rows=True)
     prepared = prepare_dataset(config, tok)
     args = dict(rows_per_micro_batch=2, accum_steps=2, seed=0, num_epochs=1, drop_remainder=True)
     read = [tokens_read(prepared, p, 2, **args)[0] for p in (0, 1)]
