@@ -21,9 +21,15 @@ Preparation (`prepare_dataset`):
    they pay off on large datasets only). 2,000 fixture chat rows take ~0.25 s on 2 cores, 2,000 prompt/completion
    rows ~0.05 s. A bar shows progress when it takes over 2 s. Rows that raise BadRowError stop the run, or with
    data.skip_bad_rows are counted per reason and skipped. The examples (one flat token array, one flat mask, offsets)
-   are cached in `<cache_dir>/examples-<split>-<key>.npz`, keyed by the data files (path, size, mtime), the
-   tokenizer (vocabulary, special tokens, chat template), the DataConfig fields that change tokens, and the source of
-   the code that tokenizes. Changing max_length, packing or truncation_mode reuses the cache: those steps run after it.
+   go to a token store on disk, `<cache_dir>/examples-<split>-<key>/` (jsft.data.store: memory-mapped .npy files):
+   each finished chunk's tokens and mask are appended to the files as it arrives, so preparation holds a few chunks
+   of tokens, never the split's; only the per-example offsets and source rows (16 bytes an example) stay in memory.
+   The store is written into a temporary directory and renamed into place when complete (a killed run leaves none
+   that is read); an unreadable store is warned about, removed and rebuilt. It is keyed by the data files (path,
+   size, mtime), the tokenizer (vocabulary, special tokens, chat template), the DataConfig fields that change
+   tokens, and the source of the code that tokenizes, and reused by later runs and by every host that sees the same
+   cache_dir. Changing max_length, packing or truncation_mode reuses it: those steps run after it, over the example
+   lengths (and the mask, read in bounded pieces, for the trained-token counts).
 3. Truncation. Without packing: data.truncation_mode (keep_start / keep_end) to max_length. `bfd` / `bfd_stream`: the
    first max_length tokens. `bfd_split`: overlong examples become fragments of max_length. `wrapped`: none.
    Truncated examples and tokens are counted.
@@ -42,7 +48,8 @@ Preparation (`prepare_dataset`):
 
 Batches (`batch_iterator`): a Grain MapDataset over row indices: shuffle (Grain's index shuffle, reseeded each epoch)
 -> batch into optimizer steps of accum_steps * rows_per_micro_batch * process_count rows -> repeat num_epochs (None:
-forever) -> assemble this process's rows. With drop_remainder=False (training and eval, as TRL's
+forever) -> assemble this process's rows (a .map that gathers their slices' tokens from the memory-mapped store:
+a process reads the pages of its own rows only). With drop_remainder=False (training and eval, as TRL's
 dataloader_drop_last=False) each epoch's last partial step is kept and completed with empty rows (padding, nothing
 trained), so every row counts once an epoch; with drop_remainder=True that step is dropped (`dropped_rows_per_epoch`).
 Processes: each micro-batch of the global step holds rows_per_micro_batch rows of each process, process p taking
