@@ -419,7 +419,8 @@ def _trained_targets(examples: Examples, example, start, stop) -> np.ndarray:
         hi = max(lo + 1, int(np.searchsorted(offsets, offsets[lo] + store.READ_CHUNK, side="right")) - 1)
         last = int(np.searchsorted(in_order, hi, side="left"))
         mask = store.read_range(examples.loss_mask, int(offsets[lo]), int(offsets[hi]))
-        cum = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+        cum = np.zeros(len(mask) + 1, np.int64)
+        np.cumsum(mask, out=cum[1:])
         k = order[first:last]
         base = offsets[example[k]] - offsets[lo]
         out[k] = cum[base + stop[k]] - cum[np.minimum(base + start[k] + 1, base + stop[k])]

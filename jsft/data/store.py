@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 STORE_VERSION = 1
-READ_CHUNK = 1 << 24  # elements per piece of a pass over a whole array (16M tokens: 64 MB of int32)
+READ_CHUNK = 1 << 22  # elements per piece of a pass over a whole array (4M tokens: 16 MiB of int32)
 ARRAYS = {"tokens": np.int32, "loss_mask": np.bool_, "offsets": np.int64, "source_rows": np.int64}
 
 
