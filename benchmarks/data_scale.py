@@ -1,6 +1,6 @@
 """Host memory and time of data preparation and of training at two dataset sizes: the token store vs the old path.
 
-    python benchmarks/data_scale.py --tokens 5e6 2e7 --old /tmp/jsft-old   # writes benchmarks/results/data_scale-*.json
+    python benchmarks/data_scale.py --tokens 5e6 2e7 5e7 --old /tmp/jsft-old   # writes benchmarks/results/data_scale-*.json
 
 For each size a synthetic chat dataset (jsonl, words drawn from a fixed list, the fixture tokenizer of jsft.fixtures)
 is written, then for each code path (this checkout, and `--old`: a checkout of the code before the store, e.g.
@@ -162,7 +162,7 @@ def main(argv=None):
                               dataset_mib=data.stat().st_size / 2**20, write_dataset_seconds=round(written, 2))
                 print(json.dumps(result), flush=True)
                 results.append(result)
-    out = {"benchmark": "data_scale", "commit": git_commit(), "old_code": str(args.old) if args.old else None,
+    out = {"benchmark": "data_scale", "command": "python " + " ".join(sys.argv), "commit": git_commit(), "old_code": str(args.old) if args.old else None,
            "cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
