@@ -277,7 +277,7 @@ TRL_FIELDS: dict[str, tuple] = {
     "dataset_streaming": (False, "data.dataset_streaming", ""),
     "ignore_bias_buffers": (False, NO_EFFECT, "a torch DDP workaround"),
     "datasets": ([], _mixture, ""),
-    "streaming": (False, NO_KNOB, "jsft reads a mixture's rows whole; streaming a mixture is not supported (drop "
+    "streaming": (False, NO_KNOB, "jsft reads a mixture's rows whole: a mixture's streaming is not supported (drop "
                   "streaming: true, the rows are then read whole; dataset_streaming streams a single dataset)"),
     "test_split_size": (None, _with("datasets"), ""),
     "dataset_text_field": ("text", "data.dataset_text_field", ""),

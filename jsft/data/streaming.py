@@ -63,6 +63,9 @@ from jsft.hub import looks_local, no_such_path
 CHUNK_ROWS = 128  # rows tokenized together (prepare_examples batches them by format)
 SHUFFLE_BUFFER = 1000  # datasets' IterableDataset.shuffle default buffer_size
 STATE_VERSION = 1
+# the running counts an iterator keeps (its state's "counts"; build_rows' stats of the same names for what is read)
+COUNTS = ("passes", "rows_read", "examples", "tokens", "truncated_examples", "truncated_tokens",
+          "dropped_no_trained_token", "dropped_tokens", "rows", "row_tokens")
 
 
 @dataclass
@@ -196,7 +199,7 @@ class StreamRowsIterator(grain.DatasetIterator):
         super().__init__()
         self.streamed = streamed
         self.data = dataclasses.replace(streamed.data, max_length=None)  # untruncated examples (step 2)
-        self.counts, self.bad = Counter(), Counter()  # running counts (the report); bad rows by reason
+        self.counts, self.bad = Counter(dict.fromkeys(COUNTS, 0)), Counter()  # running counts (the report); bad rows by reason
         self.ready: deque[list[tuple[int, int]]] = deque()  # rows to go: lists of (pass, item)
         self.held: dict[tuple[int, int], tuple] = {}  # (pass, item) -> (row, doc, start, stop, ids, mask)
         self._start_pass(0)
@@ -258,12 +261,15 @@ class StreamRowsIterator(grain.DatasetIterator):
         c["examples"] += 1
         c["tokens"] += len(ids)
         spans, truncated = pieces(ids, mask, self.streamed.data)
-        c["truncated_examples"] += truncated
-        c["truncated_tokens"] += len(ids) - (spans[0][1] - spans[0][0]) if truncated else 0
-        for start, stop in spans:
-            if not trains(mask, start, stop):
+        kept = [trains(mask, start, stop) for start, stop in spans]
+        if truncated and kept[0]:  # counted as build_rows counts them: truncated examples that are kept
+            c["truncated_examples"] += 1
+            c["truncated_tokens"] += len(ids) - (spans[0][1] - spans[0][0])
+        for (start, stop), keep in zip(spans, kept):
+            if not keep:
                 c["dropped_no_trained_token"] += 1
-                c["dropped_tokens"] += stop - start if len(spans) > 1 else len(ids)
+                c["dropped_tokens"] += stop - start if self.streamed.data.packing_strategy == "bfd_split" and \
+                    self.streamed.data.packing else len(ids)
                 continue
             key = (self.epoch, self.items_made)
             self.items_made += 1
