@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from jsft import fixtures, progress, train
+from jsft import checkpoint, fixtures, progress, train
 from jsft.config import ConfigError, SFTConfig, validate
 from jsft.data import load_tokenizer, streaming
 from jsft.data.pipeline import format_stats, prepare_dataset
@@ -212,11 +212,14 @@ def test_a_streamed_run_trains_and_resumes_exactly(tokenizer_dir, tmp_path):
     rows = fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 48, seed=2), tmp_path / "pc.jsonl")
     out = tmp_path / "run"
     config = tiny_config(tokenizer_dir, rows, out, data={"dataset_streaming": True, "packing_buffer_size": 4},
-                         training={"max_steps": 8}, logging={"save_steps": 5})
+                         training={"max_steps": 8, "compilation_cache_dir": str(tmp_path / "jax")},
+                         logging={"save_steps": 5})
     summary = train.run(config)
     want = {r["step"]: r["loss"] for r in progress.read_metrics(out) if "loss" in r}
     assert summary["steps"] == 8 and sorted(want) == list(range(1, 9))
     assert want[8] < 0.8 * want[1]
+    position = checkpoint.read_meta(out, 5)["data_iterator"]
+    assert position["held"] and position["rows_read"] > 0  # mid-pass: the packer holds examples
     shutil.rmtree(out / "checkpoints" / "8")  # as if killed after the checkpoint at step 5
     train.run(config)
     got = {r["step"]: r["loss"] for r in progress.read_metrics(out) if "loss" in r}
