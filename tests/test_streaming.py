@@ -11,7 +11,7 @@ import yaml
 
 from jsft import checkpoint, fixtures, progress, train
 from jsft.config import ConfigError, SFTConfig, validate
-from jsft.data import load_tokenizer, streaming
+from jsft.data import formats, load_tokenizer, streaming
 from jsft.data.pipeline import format_stats, prepare_dataset
 from jsft.trl_config import from_trl_file
 from train_configs import tiny_config
@@ -226,3 +226,22 @@ def test_a_streamed_run_trains_and_resumes_exactly(tokenizer_dir, tmp_path):
     assert sorted(got) == list(range(1, 9))
     for s in range(6, 9):
         assert got[s] == pytest.approx(want[s], rel=1e-6), s
+
+
+def test_bad_rows_are_named_or_counted_and_unreadable_lines_stop_with_the_place(tmp_path, tokenizer_dir):
+    rows = fixtures.make_rows("prompt_completion", 20, seed=1)
+    rows[13]["completion"] = ""
+    path = fixtures.write_jsonl(rows, tmp_path / "pc.jsonl")
+    config, tokenizer = make(tmp_path, tokenizer_dir, path, assistant_only_loss=False, shuffle_dataset=False)
+    with pytest.raises(formats.BadRowError, match=r"streamed train split .*: row 13, field 'completion': empty"):
+        next(streaming.stream_iterator(streaming.prepare_stream(config, tokenizer), 1, 1))
+    config.data.skip_bad_rows = True
+    it = streaming.stream_iterator(streaming.prepare_stream(config, tokenizer), 1, 1)
+    next(it)
+    assert it.get_state()["bad_rows"] == {"completion: empty completion": 1}
+    assert it.get_state()["counts"]["examples"] == 19
+    path.write_text(path.read_text() + '{"prompt": "p", "completion": "broken\n')
+    with pytest.raises(ConfigError, match=r"cannot be read after row \d+ of pass 1: .*Fix: repair"):
+        it = streaming.stream_iterator(streaming.prepare_stream(config, tokenizer), 1, 1)
+        for _ in range(25):
+            next(it)

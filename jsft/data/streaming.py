@@ -90,7 +90,7 @@ class StreamedDataset:
         blob = json.dumps([self.source, dataclasses.asdict(self.data)], sort_keys=True, default=str)
         return {"streamed": True, "source": self.source, "hash": hashlib.sha256(blob.encode()).hexdigest()}
 
-    def rows(self, epoch: int):
+    def read_pass(self, epoch: int):
         """The rows of pass `epoch` (0, 1, ...) as dicts, in stream order (shuffled as the module doc says)."""
         dataset = open_stream(self.data, "train")
         if self.data.shuffle_dataset:
@@ -133,6 +133,26 @@ def open_stream(data: DataConfig, split: str = "train"):
     return datasets.load_dataset(data.dataset_name, data.dataset_config, split=name, streaming=True)
 
 
+def read_rows(source, count: int, where: str, rows_read: int, epoch: int) -> list[dict]:
+    """The next `count` rows of a stream (fewer at its end); a row datasets cannot read is a ConfigError naming
+    where the stream stopped (a malformed JSON line: datasets' streaming reader gives no line number)."""
+    chunk = []
+    try:
+        for row in source:
+            chunk.append(row)
+            if len(chunk) == count:
+                break
+    except (ConfigError, BadRowError):
+        raise
+    except Exception as e:  # noqa: BLE001 (pyarrow's ArrowInvalid, datasets' errors: one message naming the place)
+        raise ConfigError(
+            f"the streamed train split ({where}) cannot be read after row {rows_read + len(chunk)} of pass "
+            f"{epoch + 1}: {type(e).__name__}: {' '.join(str(e).split())[:300]}. Fix: repair the data (a malformed "
+            "JSON line? data.dataset_streaming=False names the line); skip_bad_rows cannot skip a row the stream "
+            "cannot read") from e
+    return chunk
+
+
 def source_identity(data: DataConfig, split: str = "train") -> dict:
     """Every local file's path, size and mtime, else the hub name (what a checkpoint compares on resume)."""
     name = data.dataset_train_split if split == "train" else data.dataset_test_split
@@ -151,7 +171,7 @@ def prepare_stream(config: SFTConfig, tokenizer, split: str = "train") -> Stream
         raise ValueError("only the train split streams (the eval split is prepared whole: pipeline.prepare_dataset)")
     if tokenizer.pad_token_id is None:
         raise ConfigError("the tokenizer has no pad token: load it with jsft.data.load_tokenizer (sets one)")
-    first = next(iter(open_stream(data, split)), None)
+    first = next(iter(read_rows(iter(open_stream(data, split)), 1, data.dataset_name, 0, 0)), None)
     if first is None:
         raise ConfigError(f"data.dataset_streaming=True: the train split of data.dataset_name={data.dataset_name!r} "
                           "has no rows")
@@ -207,17 +227,12 @@ class StreamRowsIterator(grain.DatasetIterator):
     # -- reading
     def _start_pass(self, epoch: int):
         self.epoch, self.rows_read, self.items_made = epoch, 0, 0
-        self.source = self.streamed.rows(epoch)
+        self.source = self.streamed.read_pass(epoch)
         d = self.streamed.data
         self.packer = StreamPacker(d.max_length, d.packing_buffer_size) if d.packing else None
 
     def _read_chunk(self) -> list[dict]:
-        chunk = []
-        for row in self.source:
-            chunk.append(row)
-            if len(chunk) == CHUNK_ROWS:
-                break
-        return chunk
+        return read_rows(self.source, CHUNK_ROWS, self.streamed.stats["source"], self.rows_read, self.epoch)
 
     def _documents(self, rows: list[dict], first: int):
         """(row index, document number, ids, mask) of each document of these rows (bad rows raised or counted)."""
@@ -312,7 +327,7 @@ class StreamRowsIterator(grain.DatasetIterator):
             wanted.setdefault(e, {}).setdefault(row, []).append((i, doc, start, stop))
         self.held = {}
         for e in sorted(set(wanted) | {epoch}):
-            source = self.streamed.rows(e)
+            source = self.streamed.read_pass(e)
             stop_at = state["rows_read"] if e == epoch else max(wanted[e]) + 1
             self.epoch = e
             self._replay(source, wanted.get(e, {}), stop_at)
