@@ -45,6 +45,7 @@ import dataclasses
 import hashlib
 import json
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -56,11 +57,12 @@ from jsft.config import ConfigError, DataConfig, SFTConfig, check_data_compatibi
 from jsft.data import examples as examples_lib
 from jsft.data.formats import BadRowError
 from jsft.data.packing import Packed, StreamPacker
-from jsft.data.pipeline import Examples, PreparedDataset, assemble_rows, bad_row_reason
+from jsft.data.pipeline import Examples, PreparedDataset, assemble_rows, bad_row_reason, prepare_threads
 from jsft.data.sources import CACHE_FILE, COMPRESSED, DATA_FILE_TYPES, _saved_to_disk
 from jsft.hub import looks_local, no_such_path
 
 CHUNK_ROWS = 128  # rows tokenized together (prepare_examples batches them by format)
+AHEAD_CHUNKS = 2  # chunks read ahead per tokenizing thread (pipeline.prepare_threads())
 SHUFFLE_BUFFER = 1000  # datasets' IterableDataset.shuffle default buffer_size
 STATE_VERSION = 1
 # the running counts an iterator keeps (its state's "counts"; build_rows' stats of the same names for what is read)
@@ -222,40 +224,55 @@ class StreamRowsIterator(grain.DatasetIterator):
         self.counts, self.bad = Counter(dict.fromkeys(COUNTS, 0)), Counter()  # running counts (the report); bad rows by reason
         self.ready: deque[list[tuple[int, int]]] = deque()  # rows to go: lists of (pass, item)
         self.held: dict[tuple[int, int], tuple] = {}  # (pass, item) -> (row, doc, start, stop, ids, mask)
+        self.pool = ThreadPoolExecutor(prepare_threads(), thread_name_prefix="jsft-stream")
         self._start_pass(0)
 
     # -- reading
-    def _start_pass(self, epoch: int):
-        self.epoch, self.rows_read, self.items_made = epoch, 0, 0
-        self.source = self.streamed.read_pass(epoch)
+    def _start_pass(self, epoch: int, rows_read: int = 0):
+        """Pass `epoch` from its start, or (set_state) from row `rows_read` of the source set_state positioned."""
+        if rows_read == 0:
+            self.source = self.streamed.read_pass(epoch)
+        self.epoch, self.rows_read, self.items_made = epoch, rows_read, 0
+        self.ahead: deque = deque()  # chunks being tokenized: (first row, number of rows, future of _documents)
+        self.read_ahead, self.source_done = rows_read, False  # rows read off the source (rows_read: of them taken)
         d = self.streamed.data
         self.packer = StreamPacker(d.max_length, d.packing_buffer_size) if d.packing else None
 
-    def _read_chunk(self) -> list[dict]:
-        return read_rows(self.source, CHUNK_ROWS, self.streamed.stats["source"], self.rows_read, self.epoch)
+    def _read_ahead(self) -> None:
+        """Keep AHEAD_CHUNKS chunks a thread being tokenized on the pool (the tokenizer's Rust batch call releases the
+        GIL, as in pipeline.tokenize_rows); they are taken in order, so the threads change no row."""
+        while not self.source_done and len(self.ahead) < AHEAD_CHUNKS * prepare_threads():
+            chunk = read_rows(self.source, CHUNK_ROWS, self.streamed.stats["source"], self.read_ahead, self.epoch)
+            if not chunk:
+                self.source_done = True
+                break
+            future = self.pool.submit(self._documents, chunk, self.read_ahead, self.epoch)
+            self.ahead.append((self.read_ahead, len(chunk), future))
+            self.read_ahead += len(chunk)
 
-    def _documents(self, rows: list[dict], first: int):
-        """(row index, document number, ids, mask) of each document of these rows (bad rows raised or counted)."""
-        out = []
+    def _documents(self, rows: list[dict], first: int, epoch: int):
+        """(row index, document number, ids, mask) of each document of these rows, and the reasons of the bad rows
+        skipped; a bad row is raised unless data.skip_bad_rows. Runs on a pool thread: it changes nothing here."""
+        out, bad = [], []
         prepared = examples_lib.prepare_examples(rows, self.streamed.tokenizer, self.data, first_index=first)
         for k, example in enumerate(prepared):
             if isinstance(example, Exception):
                 if not self.data.skip_bad_rows:
                     raise BadRowError(example.row_index, example.field, example.problem, example.fix,
                                       f"streamed train split ({self.streamed.stats['source']}, pass "
-                                      f"{self.epoch + 1}, rows counted in stream order)") from example
-                self.bad[bad_row_reason(example)] += 1
+                                      f"{epoch + 1}, rows counted in stream order)") from example
+                bad.append(bad_row_reason(example))
                 continue
             ends = np.cumsum(example.get("document_lengths", [len(example["input_ids"])]))
             for doc, (a, b) in enumerate(zip(np.r_[0, ends[:-1]], ends)):
                 out.append((first + k, doc, example["input_ids"][a:b], example["loss_mask"][a:b]))
-        return out
+        return out, bad
 
     def _fill(self):
-        """Read chunks until a row is ready (a pass that ends packs its last rows and the next pass begins)."""
+        """Take tokenized chunks until a row is ready (a pass that ends packs its last rows, the next one begins)."""
         while not self.ready:
-            chunk = self._read_chunk()
-            if not chunk:
+            self._read_ahead()
+            if not self.ahead:
                 if self.items_made == 0 and self.rows_read == 0:
                     raise ConfigError(f"the streamed train split ({self.streamed.stats['source']}) has no rows")
                 if self.items_made == 0:
@@ -266,9 +283,12 @@ class StreamRowsIterator(grain.DatasetIterator):
                 self.counts["passes"] += 1
                 self._start_pass(self.epoch + 1)
                 continue
-            first, self.rows_read = self.rows_read, self.rows_read + len(chunk)
-            self.counts["rows_read"] += len(chunk)
-            for row, doc, ids, mask in self._documents(chunk, first):
+            _, size, future = self.ahead.popleft()
+            documents, bad = future.result()
+            self.rows_read += size
+            self.counts["rows_read"] += size
+            self.bad.update(bad)
+            for row, doc, ids, mask in documents:
                 self._add_document(row, doc, ids, mask)
 
     def _add_document(self, row: int, doc: int, ids, mask):
@@ -333,11 +353,10 @@ class StreamRowsIterator(grain.DatasetIterator):
             self._replay(source, wanted.get(e, {}), stop_at)
             if e == epoch:
                 self.source = source
-        self.epoch, self.rows_read, self.items_made = epoch, state["rows_read"], state["items_made"]
-        d = self.streamed.data
-        self.packer = None if state["packer"] is None else StreamPacker.from_state(state["packer"])
-        if d.packing and self.packer is None:
-            self.packer = StreamPacker(d.max_length, d.packing_buffer_size)
+        self._start_pass(epoch, state["rows_read"])  # on self.source, at rows_read
+        self.items_made = state["items_made"]
+        if state["packer"] is not None:
+            self.packer = StreamPacker.from_state(state["packer"])
         self.ready = deque([tuple(k) for k in keys] for keys in state["ready"])
 
     def _replay(self, source, rows: dict[int, list], stop_at: int) -> None:
