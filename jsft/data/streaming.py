@@ -360,8 +360,9 @@ class StreamRowsIterator(grain.DatasetIterator):
         self.ready = deque([tuple(k) for k in keys] for keys in state["ready"])
 
     def _replay(self, source, rows: dict[int, list], stop_at: int) -> None:
-        """Read a pass's first stop_at rows; tokenize those in `rows` and hold their pieces again."""
-        chunk, first = [], []
+        """Read a pass's first stop_at rows; tokenize those in `rows` (on the pool's threads) and hold their pieces
+        again."""
+        chunk, indices, futures = [], [], []
         for index in range(stop_at):
             row = next(source, None)
             if row is None:
@@ -370,24 +371,27 @@ class StreamRowsIterator(grain.DatasetIterator):
                                   "changed since the checkpoint was written")
             if index in rows:
                 chunk.append(row)
-                first.append(index)
+                indices.append(index)
             if len(chunk) == CHUNK_ROWS or (chunk and index == stop_at - 1):
-                self._hold_again(chunk, first, rows)
-                chunk, first = [], []
+                futures.append(self.pool.submit(self._held_again, chunk, indices, rows, self.epoch))
+                chunk, indices = [], []
+        for future in futures:
+            self.held.update(future.result())
 
-    def _hold_again(self, chunk: list[dict], indices: list[int], rows: dict[int, list]) -> None:
+    def _held_again(self, chunk: list[dict], indices: list[int], rows: dict[int, list], epoch: int) -> dict:
+        """The held entries of these rows (pass `epoch`), tokenized again; runs on a pool thread."""
+        held = {}
         prepared = examples_lib.prepare_examples(chunk, self.streamed.tokenizer, self.data, first_index=None)
         for index, example in zip(indices, prepared):
             if isinstance(example, Exception):
-                raise ConfigError(f"resume: row {index} of pass {self.epoch + 1} of the streamed train split is "
+                raise ConfigError(f"resume: row {index} of pass {epoch + 1} of the streamed train split is "
                                   f"bad now ({example}): the data changed since the checkpoint was written")
             ends = np.cumsum(example.get("document_lengths", [len(example["input_ids"])]))
             bounds = list(zip(np.r_[0, ends[:-1]], ends))
             for item, doc, start, stop in rows[index]:
                 a, b = bounds[doc]
-                self.held[(self.epoch, item)] = (index, doc, start, stop, example["input_ids"][a:b],
-                                                 example["loss_mask"][a:b])
-
+                held[(epoch, item)] = (index, doc, start, stop, example["input_ids"][a:b], example["loss_mask"][a:b])
+        return held
 
 
 class StreamRows(grain.IterDataset):
