@@ -85,7 +85,7 @@ def documents(batch):
     {"packing": False, "truncation_mode": "keep_start"},
     {"packing": False, "truncation_mode": "keep_end"},
 ], ids=["bfd_stream-16", "bfd_stream-1", "unpacked-keep_start", "unpacked-keep_end"])
-def test_streamed_rows_are_bfd_streams_rows(tmp_path, tokenizer_dir, chat_rows, data):
+def test_streamed_rows_are_bfd_streams_rows(tmp_path, tokenizer_dir, chat_rows, data, capsys):
     """Unshuffled, one pass of the stream is the in-memory pipeline's rows, in its order, row for row (and the
     counts of truncated and dropped examples are its too); the next pass starts again from the first row."""
     config, tokenizer = make(tmp_path, tokenizer_dir, chat_rows, shuffle_dataset=False, **data)
@@ -101,6 +101,8 @@ def test_streamed_rows_are_bfd_streams_rows(tmp_path, tokenizer_dir, chat_rows, 
     for key in ("examples", "tokens", "truncated_examples", "truncated_tokens", "dropped_no_trained_token",
                 "dropped_tokens", "row_tokens", "rows"):
         assert counts[key] == prepared.stats[key], key
+    next(it)  # pass 2's first rows: pass 1 has ended (printed when its end is read)
+    assert f"pass 1 done; so far {prepared.stats['rows_read']:,} rows read" in capsys.readouterr().out
     again = next(streaming.stream_iterator(streamed, 1, 1))  # a second iterator: pass 1 from its start
     np.testing.assert_array_equal(again["input_ids"][0, 0], want["input_ids"][0])
 

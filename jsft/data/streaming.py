@@ -221,7 +221,8 @@ class StreamRowsIterator(grain.DatasetIterator):
         super().__init__()
         self.streamed = streamed
         self.data = dataclasses.replace(streamed.data, max_length=None)  # untruncated examples (step 2)
-        self.counts, self.bad = Counter(dict.fromkeys(COUNTS, 0)), Counter()  # running counts (the report); bad rows by reason
+        self.counts = Counter(dict.fromkeys(COUNTS, 0))  # running counts (the report)
+        self.bad = Counter()  # bad rows skipped, by reason
         self.ready: deque[list[tuple[int, int]]] = deque()  # rows to go: lists of (pass, item)
         self.held: dict[tuple[int, int], tuple] = {}  # (pass, item) -> (row, doc, start, stop, ids, mask)
         self.pool = ThreadPoolExecutor(prepare_threads(), thread_name_prefix="jsft-stream")
@@ -281,6 +282,7 @@ class StreamRowsIterator(grain.DatasetIterator):
                 if self.packer is not None:
                     self.ready.extend([(self.epoch, i) for i, _, _ in row] for row in self.packer.finish())
                 self.counts["passes"] += 1
+                print(self.report(), flush=True)  # what the preparation report could not say up front
                 self._start_pass(self.epoch + 1)
                 continue
             _, size, future = self.ahead.popleft()
@@ -326,7 +328,14 @@ class StreamRowsIterator(grain.DatasetIterator):
         return documents
 
     def report(self) -> str:
-        return json.dumps({**self.counts, "skipped_bad_rows": dict(self.bad)})
+        """The counts so far (all passes), one line: printed at the end of each pass."""
+        c = self.counts
+        bad = ", ".join(f"{n:,} x {reason}" for reason, n in self.bad.items()) or "none"
+        return (f"data (train, streamed): pass {c['passes']} done; so far {c['rows_read']:,} rows read, "
+                f"{c['examples']:,} examples, {c['tokens']:,} tokens; truncated {c['truncated_examples']:,} examples "
+                f"({c['truncated_tokens']:,} tokens); dropped (no trained token) {c['dropped_no_trained_token']:,} "
+                f"({c['dropped_tokens']:,} tokens); skipped bad rows: {bad}; {c['rows']:,} rows given out, "
+                f"{c['row_tokens']:,} tokens")
 
     # -- state
     def get_state(self) -> dict:
