@@ -347,6 +347,9 @@ def _validate_streaming(config: SFTConfig) -> None:
          "which a stream does not know up front", "set train_sampling_strategy='random', or dataset_streaming=False"),
         (d.pad_to_multiple_of is not None, "pad_to_multiple_of is not implemented for streams (rows are padded to "
          "max_length)", "unset data.pad_to_multiple_of"),
+        (d.packing and config.model.attention_impl == "cudnn", "attention_impl='cudnn' needs the most documents a "
+         "packed row holds, which a stream does not know up front", "set model.attention_impl='auto' (it picks "
+         "another packed kernel)"),
         (d.max_length is None, "max_length=None pads to the longest example, which a stream does not know up front",
          "set data.max_length"),
     ]

@@ -359,7 +359,8 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     check_sliding_window(model.cfg, [d for d in (train_data, eval_data) if d is not None])
     warn_past_max_positions(model.cfg, [d for d in (train_data, eval_data) if d is not None and not d.stats.get(
         "streamed")], config.data.max_length)
-    model.set_max_segments(max(d.stats["max_documents_per_row"] for d in (train_data, eval_data) if d is not None))
+    segments = [d.stats["max_documents_per_row"] for d in (train_data, eval_data) if d is not None]
+    model.set_max_segments(None if None in segments else max(segments))  # None: a stream's, not known up front
     wrt_embeddings = bool(added_tokens) or grew_vocab  # the whole embedding and head train too (LoRA)
     wrt = trainable_filter(config.lora.use_peft, new_token_rows=wrt_embeddings)
     tx, schedule = make_optimizer(tc, total_steps)

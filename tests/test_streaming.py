@@ -195,6 +195,11 @@ def test_streaming_needs_max_steps_and_refuses_what_it_cannot_honour(tmp_path, t
     config.data.packing, config.data.packing_strategy = True, "wrapped"
     with pytest.raises(ConfigError, match="wrapped"):
         validate(config)
+    config.data.packing_strategy, config.model.attention_impl = "bfd", "cudnn"
+    with pytest.raises(ConfigError, match="attention_impl='cudnn' needs the most documents"):
+        validate(config)
+    config.model.attention_impl = "auto"
+    assert validate(config).data.dataset_streaming
 
 
 def test_a_trl_yaml_with_dataset_streaming_is_accepted(tmp_path):
@@ -210,7 +215,7 @@ def test_a_trl_yaml_with_dataset_streaming_is_accepted(tmp_path):
 
 def test_a_streamed_run_trains_and_resumes_exactly(tokenizer_dir, tmp_path):
     """python -m jsft.train's run with dataset_streaming: the loss falls; a run resumed from its step-5 checkpoint
-    (mid-pass: a pass is about 3 steps) logs the uninterrupted run's losses."""
+    (where rows of pass 1 are still to go: a pass is about 2 steps) logs the uninterrupted run's losses."""
     rows = fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 48, seed=2), tmp_path / "pc.jsonl")
     out = tmp_path / "run"
     config = tiny_config(tokenizer_dir, rows, out, data={"dataset_streaming": True, "packing_buffer_size": 4},
@@ -221,7 +226,7 @@ def test_a_streamed_run_trains_and_resumes_exactly(tokenizer_dir, tmp_path):
     assert summary["steps"] == 8 and sorted(want) == list(range(1, 9))
     assert want[8] < 0.8 * want[1]
     position = checkpoint.read_meta(out, 5)["data_iterator"]
-    assert position["held"] and position["rows_read"] > 0  # mid-pass: the packer holds examples
+    assert position["held"]  # rows of a pass still to go: the resume must read and tokenize them again
     shutil.rmtree(out / "checkpoints" / "8")  # as if killed after the checkpoint at step 5
     train.run(config)
     got = {r["step"]: r["loss"] for r in progress.read_metrics(out) if "loss" in r}

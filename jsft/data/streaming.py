@@ -184,8 +184,9 @@ def prepare_stream(config: SFTConfig, tokenizer, split: str = "train") -> Stream
         "row_length": data.max_length, "max_length": data.max_length, "packing": strategy or "none",
         "packing_buffer_size": data.packing_buffer_size if strategy else None,
         "shuffle_buffer": SHUFFLE_BUFFER if data.shuffle_dataset else None, "seed": config.training.seed,
-        # not counted up front: a bound (every document has at least 2 tokens: one input, one trained target)
-        "max_documents_per_row": max(1, data.max_length // 2) if strategy else 1,
+        # not known up front (its only bound, max_length / 2, would make cuDNN's packed attention hold B * L / 2
+        # sequences): None, so attention_impl="auto" picks another kernel (jsft.model.attention)
+        "max_documents_per_row": None if strategy else 1,
     }
     return StreamedDataset(data, tokenizer, config.training.seed, data.max_length, int(tokenizer.pad_token_id),
                            stats, source_identity(data, split))
