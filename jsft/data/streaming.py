@@ -22,8 +22,9 @@ The Grain IterDataset pipeline:
    the code of `bfd_stream`): on the same examples in the same order the rows are exactly bfd_stream's, in the same
    order. `bfd` (global, longest first) cannot run on a stream, so `bfd` and `bfd_stream` both pack this way;
    `bfd_split` packs its fragments this way. Without packing each example is its own row of max_length slots.
-   Grain's BestFitPackIterDataset is not used: it fills a fixed group of bins and flushes them all once one example
-   fits none, which gives other (less full) rows than bfd_stream and would shift targets across documents itself.
+   Grain's BestFitPackIterDataset is not used: it fills a group of num_packing_bins rows and flushes the whole group
+   as soon as one example fits none of them (other, less full rows than bfd_stream's), and refuses an example longer
+   than a row instead of truncating it.
 5. Steps of accum_steps * rows_per_micro_batch * process_count rows (Grain's batch), each process assembling its
    own rows as batch_iterator does (pipeline.assemble_rows: the batch contract). Every process reads and packs the
    whole stream (the same rows everywhere) and keeps its part: no coordination, at the price of redundant reading.
