@@ -441,8 +441,8 @@ def check_data_fingerprint(directory, step: int, saved: dict | None, current: di
     if "examples" in saved and "examples" in current:
         what = (f"{saved['examples']:,} -> {current['examples']:,} examples, {saved['tokens']:,} -> "
                 f"{current['tokens']:,} tokens, token hash")
-    else:  # a stream (jsft.data.streaming): the hash of its files (sizes, mtimes) and data settings, not of tokens
-        what = "streamed source and data settings hash"
+    else:  # a stream (jsft.data.streaming): the hash of its files, sizes and mtimes, not of its tokens
+        what = "streamed source (files, sizes, mtimes) hash"
     warnings.warn(
         f"the training data{source} changed since checkpoint {step} was written: {what} "
         f"{str(saved.get('hash'))[:12]} -> {str(current.get('hash'))[:12]}. The saved data position counts rows "

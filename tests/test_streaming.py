@@ -252,3 +252,13 @@ def test_bad_rows_are_named_or_counted_and_unreadable_lines_stop_with_the_place(
         it = streaming.stream_iterator(streaming.prepare_stream(config, tokenizer), 1, 1)
         for _ in range(25):
             next(it)
+
+
+def test_a_changed_stream_source_is_warned_about_on_resume(tmp_path, tokenizer_dir):
+    path = fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 10, seed=1), tmp_path / "pc.jsonl")
+    config, tokenizer = make(tmp_path, tokenizer_dir, path, assistant_only_loss=False)
+    saved = streaming.prepare_stream(config, tokenizer).fingerprint()
+    assert streaming.prepare_stream(config, tokenizer).fingerprint() == saved
+    fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 11, seed=1), path)
+    with pytest.warns(UserWarning, match=r"changed since checkpoint 5 was written: streamed source \(files, sizes, "):
+        checkpoint.check_data_fingerprint(tmp_path, 5, saved, streaming.prepare_stream(config, tokenizer).fingerprint())
