@@ -289,3 +289,13 @@ def test_two_processes_share_one_store_and_read_disjoint_parts(tmp_path, rows, t
 def store_dir_name(cache):
     (path,) = cache.glob("examples-train-*")
     return path.name
+
+
+def test_a_store_kept_inside_the_data_directory_does_not_change_its_key(tmp_path, rows, tok):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(rows.read_text())
+    config = make_config(tmp_path, folder, folder / "cache", skip_bad_rows=True)
+    assert prepare_dataset(config, tok).stats["cache"] == "miss"
+    assert [p.name for p in (folder / "cache").iterdir()][0].startswith("examples-train-")
+    assert prepare_dataset(config, tok).stats["cache"] == "hit"

@@ -452,6 +452,12 @@ def _load_clean_copy(files: list[Path], skip_bad_rows: bool, dropped: frozenset 
     return dataset, sorted({e.row_index: e for e in [*malformed, *unreadable]}.values(), key=lambda e: e.row_index)
 
 
+def in_token_cache(path: Path, root: Path) -> bool:
+    """A file of jsft's own token caches (CACHE_FILE) inside data directory `root`: a store's files are in a directory
+    named like one."""
+    return any(CACHE_FILE.fullmatch(part) for part in path.relative_to(root).parts)
+
+
 def source_fingerprint(data: DataConfig, split: str, dataset) -> dict:
     """Identity of the rows: every local file's path, size and mtime, else the hub name and datasets' fingerprint."""
     name = data.dataset_train_split if split == "train" else data.dataset_test_split
@@ -459,7 +465,6 @@ def source_fingerprint(data: DataConfig, split: str, dataset) -> dict:
     if not paths[0].exists():
         return {"hub": data.dataset_name, "config": data.dataset_config, "split": name,
                 "fingerprint": getattr(dataset, "_fingerprint", None)}
-    files = sorted(p for p in paths[0].rglob("*") if p.is_file()
-                   and not any(CACHE_FILE.fullmatch(part) for part in p.relative_to(paths[0]).parts)) \
+    files = sorted(p for p in paths[0].rglob("*") if p.is_file() and not in_token_cache(p, paths[0])) \
         if paths[0].is_dir() else paths
     return {"split": name, "files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
