@@ -291,11 +291,17 @@ def store_dir_name(cache):
     return path.name
 
 
-def test_a_store_kept_inside_the_data_directory_does_not_change_its_key(tmp_path, rows, tok):
+def test_a_cache_dir_inside_a_data_directory_is_a_clear_error(tmp_path, rows, tok):
+    """datasets reads a directory's `*-train-*/` subdirectories as the train split: a store there would be read as
+    data on the next run, so jsft refuses the setting before reading anything."""
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / "train.jsonl").write_text(rows.read_text())
     config = make_config(tmp_path, folder, folder / "cache", skip_bad_rows=True)
+    with pytest.raises(pipeline.ConfigError, match=r"data.cache_dir=.* is inside the data directory .*Fix: set "
+                                                    "data.cache_dir outside the data directory"):
+        prepare_dataset(config, tok)
+    assert not (folder / "cache").exists()
+    config.data.cache_dir = str(tmp_path / "cache")
     assert prepare_dataset(config, tok).stats["cache"] == "miss"
-    assert [p.name for p in (folder / "cache").iterdir()][0].startswith("examples-train-")
     assert prepare_dataset(config, tok).stats["cache"] == "hit"

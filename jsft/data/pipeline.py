@@ -363,12 +363,17 @@ def cached_examples(config: SFTConfig, tokenizer, split: str = "train") -> tuple
     The loss settings are checked against the dataset's columns (config.check_data_compatibility) as soon as the rows
     are loaded, before the cache or any tokenization: an impossible combination is a ConfigError naming the field.
     """
+    cache_dir = Path(config.data.cache_dir or Path(config.logging.output_dir) / "cache")
+    data_dir = Path(config.data.dataset_name)
+    if data_dir.is_dir() and cache_dir.resolve().is_relative_to(data_dir.resolve()):
+        raise ConfigError(f"data.cache_dir={str(cache_dir)!r} is inside the data directory data.dataset_name="
+                          f"{str(data_dir)!r}: datasets would read its token stores as the data of a split (their "
+                          "directory names hold the split's name). Fix: set data.cache_dir outside the data directory")
     dataset, unreadable, mix = read_rows(config, split)
     components = None if mix is None else mix.components
     check_data_compatibility(config, dataset.column_names, dataset[0] if len(dataset) else None)
     source = None if mix is None else mixture.fingerprint(config.data, split, config.training.seed)
     key = cache_key(config.data, split, dataset, tokenizer, source)
-    cache_dir = Path(config.data.cache_dir or Path(config.logging.output_dir) / "cache")
     path = cache_dir / f"examples-{split}-{key}"  # a token store directory (jsft.data.store)
     if path.exists():
         cached = _load_store(path)
