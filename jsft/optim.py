@@ -295,17 +295,18 @@ def _scale_by_adam_fp32_nu(b1, b2, eps, mu_dtype) -> optax.GradientTransformatio
 # ----------------------------------------------------------------------------------------------- trainable filter
 
 
-def trainable_filter(lora: bool, new_token_rows: bool = False):
+def trainable_filter(lora: bool, new_token_rows: bool = False, modules_to_save=()):
     """The nnx filter of trained params, for `nnx.Optimizer(..., wrt=...)` and the gradient split.
 
     full fine-tuning: nnx.Param (every param, LoRA params included if any).
-    LoRA:             nnx.LoRAParam; plus, when the tokenizer gained new tokens (chat template cloning), the
-                      whole embedding and lm_head (paths containing 'embed_tokens' / 'lm_head'), like TRL, which
-                      makes those modules trainable and saves them with the adapter.
+    LoRA:             nnx.LoRAParam (DoRA's magnitudes too); plus, when the tokenizer gained new tokens (chat
+                      template cloning), the whole embedding and lm_head (paths containing 'embed_tokens' /
+                      'lm_head'), like TRL, which makes those modules trainable and saves them with the adapter;
+                      plus the modules of `modules_to_save` (jsft module names, jsft.peft_names.resolve_modules_to_save).
     """
     if not lora:
         return nnx.Param
-    if not new_token_rows:
+    whole = tuple(dict.fromkeys((NEW_TOKEN_ROW_PATHS if new_token_rows else ()) + tuple(modules_to_save)))
+    if not whole:
         return nnx.LoRAParam
-    rows = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(p) for p in NEW_TOKEN_ROW_PATHS)))
-    return nnx.Any(nnx.LoRAParam, rows)
+    return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(p) for p in whole))))
