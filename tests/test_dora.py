@@ -197,3 +197,151 @@ def test_dora_on_a_quantized_base_equals_dora_on_its_dequantized_weights(checkpo
     np.testing.assert_allclose(np.asarray(forward(qmodel, ids)), np.asarray(forward(dense, ids)), atol=1e-5)
     merge_lora(qmodel)
     np.testing.assert_allclose(np.asarray(forward(qmodel, ids)), np.asarray(forward(dense, ids)), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- modules_to_save
+
+SAVED = ["lm_head", "embed_tokens", "norm"]  # "norm": PEFT's endswith rule takes model.norm and every *_layernorm
+
+
+def test_modules_to_save_resolve_by_peft_rule_and_refuse_what_jsft_cannot_train():
+    assert resolve_modules_to_save(["lm_head", "embed_tokens"], 2) == ("embed_tokens", "lm_head")
+    assert resolve_modules_to_save(SAVED, 2) == ("embed_tokens", "lm_head", "norm", "input_layernorm",
+                                                 "post_attention_layernorm")
+    assert resolve_modules_to_save(["norm"], 2, qk_norm=True)[-2:] == ("q_norm", "k_norm")
+    with pytest.raises(ConfigError, match="'lm_hed' matches no module.*model.layers.<i>.input_layernorm"):
+        resolve_modules_to_save(["lm_hed"], 2)
+    with pytest.raises(ConfigError, match="tie_word_embeddings"):
+        resolve_modules_to_save(["embed_tokens"], 2, tied=True)
+    with pytest.raises(ConfigError, match="model.layers.<i>.mlp.*jsft trains whole only"):
+        resolve_modules_to_save(["mlp"], 2)
+    with pytest.raises(ConfigError, match="input_layernorm in layers 0 only, of 2"):
+        resolve_modules_to_save(["layers.0.input_layernorm"], 2)
+
+
+def test_modules_to_save_train_whole_export_under_peft_names_and_match_peft(checkpoint_dir, tmp_path):
+    model, _ = load_model(checkpoint_dir, dtype=jnp.float32)
+    apply_lora(model, r=R, alpha=ALPHA, dropout=0.0, target_modules=["q_proj", "v_proj"], rngs=nnx.Rngs(3))
+    train_adapters(model)
+    saved = resolve_modules_to_save(SAVED, 2)
+    wrt = trainable_filter(True, modules_to_save=saved)
+    count, _ = peft_count(checkpoint_dir, target_modules=["q_proj", "v_proj"], modules_to_save=SAVED)
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt))) == count
+    keys = iter(jax.random.split(jax.random.key(9), 20))
+    for path, var in base_params(model).items():  # "trained" whole
+        if any(name in path.split(".") for name in saved):
+            var.set_value(var[...] + 0.05 * jax.random.normal(next(keys), var.shape))
+    out = save_peft_adapter(model, tmp_path / "adapter", str(checkpoint_dir), r=R, alpha=ALPHA, dropout=0.0,
+                            target_modules=["q_proj", "v_proj"], modules_to_save=SAVED)
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == SAVED
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert {"base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight",
+            "base_model.model.model.norm.weight", "base_model.model.model.layers.1.input_layernorm.weight",
+            "base_model.model.model.layers.0.post_attention_layernorm.weight"} <= set(tensors)
+    peft_model = peft.PeftModel.from_pretrained(torch_base(checkpoint_dir), out).eval()
+    assert "base_model.model.lm_head.modules_to_save.default.weight" in dict(peft_model.named_parameters())
+    ids = ids_batch()
+    ours = np.asarray(forward(model, ids))
+    np.testing.assert_allclose(ours, peft_logits(peft_model, ids), atol=1e-4, rtol=0)
+    # gradients of the whole-trained modules equal PEFT's (its modules_to_save copies)
+    targets = np.roll(ids, -1, axis=1)
+    grads = dict(nnx.to_flat_state(nnx.jit(nnx.grad(lambda m: nll(m, ids, targets),
+                                                    argnums=nnx.DiffState(0, wrt)))(model)))
+    ref = torch_grads(peft_model, ids, targets, lambda name: "lora_" in name or "modules_to_save" in name)
+    np.testing.assert_allclose(np.asarray(grads[("lm_head", "kernel")].get_value()),
+                               ref["base_model.model.lm_head.modules_to_save.default.weight"].T, atol=1e-6, rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(grads[("layers", "input_layernorm", "scale")].get_value())[1],
+                               ref["base_model.model.model.layers.1.input_layernorm.modules_to_save.default.weight"],
+                               atol=1e-6, rtol=1e-3)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(save_merged(model, tmp_path / "merged"),
+                                                               dtype=torch.float32).eval()
+    np.testing.assert_allclose(peft_logits(merged, ids), ours, atol=1e-4, rtol=0)  # the merged export has them
+
+
+# ----------------------------------------------------------------------------------------------- regex targets
+
+
+def peft_targets(path, target_modules):
+    """{(layer, projection)} PEFT puts LoRA on for this target_modules."""
+    model = peft.get_peft_model(torch_base(path), peft.LoraConfig(r=R, target_modules=target_modules))
+    found = set()
+    for name, _ in model.named_modules():
+        parts = name.split(".")
+        if parts[-1] in PROJECTIONS and hasattr(model.get_submodule(name), "lora_A"):
+            found.add((int(parts[parts.index("layers") + 1]), parts[-1]))
+    return found
+
+
+@pytest.mark.parametrize("target_modules", [r".*\.(q|v)_proj", r"model\.layers\.\d+\.mlp\.(up|down)_proj",
+                                            ["self_attn.o_proj", "gate_proj"], "all-linear"])
+def test_targets_select_what_peft_selects(checkpoint_dir, target_modules):
+    ours = resolve_targets(target_modules, 2)
+    assert {(layer, p) for layer in range(2) for p in ours} == peft_targets(checkpoint_dir, target_modules)
+
+
+def test_a_regex_that_matches_nothing_or_part_of_the_layers_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"'q_proj' matches no module.*regex full-matched.*"
+                                          r"model\.layers\.<i>\.self_attn\.q_proj.*did you mean \['q_proj'\]"):
+        resolve_targets("q_proj", 2)  # PEFT: a string is a regex on the full name, so this matches nothing
+    with pytest.raises(ConfigError, match=r"selects self_attn.q_proj in layers 0 only, of 2.*stacked"):
+        resolve_targets(r".*layers\.0\.self_attn\.q_proj", 2)
+    with pytest.raises(ConfigError, match="matches lm_head.*lora_modules_to_save"):
+        resolve_targets(r".*(lm_head|q_proj)", 2)
+    with pytest.raises(ConfigError, match="does not compile"):
+        resolve_targets("(q_proj", 2)
+    cfg = tiny_config("tok", "d.jsonl", "out", lora={"use_peft": True, "lora_target_modules": "[bad"})
+    with pytest.raises(ConfigError, match="lora.lora_target_modules='\\[bad'.*does not compile"):
+        validate(cfg)
+
+
+def test_a_regex_target_round_trips_through_the_adapter_into_peft(checkpoint_dir, tmp_path):
+    pattern = r"model\.layers\.\d+\.(self_attn\.k|mlp\.gate)_proj"
+    model, _ = load_model(checkpoint_dir, dtype=jnp.float32)
+    apply_lora(model, r=R, alpha=ALPHA, dropout=0.0, target_modules=pattern, rngs=nnx.Rngs(3))
+    train_adapters(model)
+    assert sorted(lora_modules(model)) == ["layers.mlp.gate_proj", "layers.self_attn.k_proj"]
+    out = save_peft_adapter(model, tmp_path / "a", str(checkpoint_dir), r=R, alpha=ALPHA, dropout=0.0,
+                            target_modules=pattern)
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == pattern
+    peft_model = peft.PeftModel.from_pretrained(torch_base(checkpoint_dir), out).eval()
+    np.testing.assert_allclose(np.asarray(forward(model, ids_batch())), peft_logits(peft_model, ids_batch()),
+                               atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------- through jsft.train
+
+
+def test_a_dora_run_with_modules_to_save_trains_checkpoints_and_exports_what_peft_loads(
+        tokenizer_dir, checkpoint_dir, tmp_path):
+    config = tiny_config(tokenizer_dir, tmp_path / "pc.jsonl", tmp_path / "run",
+                         model={"model_name_or_path": str(checkpoint_dir), "init_from_scratch": None},
+                         lora={"use_peft": True, "lora_r": R, "lora_alpha": ALPHA, "lora_dropout": 0.1,
+                               "use_dora": True, "lora_target_modules": r".*\.(q|v|down)_proj",
+                               "lora_modules_to_save": ["lm_head"]},
+                         training={"max_steps": 3}, logging={"save_steps": 3})
+    from jsft import fixtures
+
+    fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 8, seed=5), tmp_path / "pc.jsonl")
+    initial, _ = build.build_model(config, build.build_tokenizer(config)[0], sharding.create_mesh(config.sharding))
+    summary = train.run(config)
+    model = summary["model"]
+    count, _ = peft_count(checkpoint_dir, target_modules=r".*\.(q|v|down)_proj", use_dora=True,
+                          modules_to_save=["lm_head"])
+    assert summary["plan"]["trainable_params"] == count  # what the run printed equals PEFT's count
+    m0, m1 = (np.asarray(x.layers.self_attn.q_proj.lora_magnitude[...]) for x in (initial, model))
+    assert np.abs(m1 - m0).max() > 1e-5  # the magnitude trained
+    assert np.abs(np.asarray(model.lm_head.kernel[...]) - np.asarray(initial.lm_head.kernel[...])).max() > 1e-5
+    np.testing.assert_array_equal(np.asarray(model.norm.scale[...]), np.asarray(initial.norm.scale[...]))
+    # from the checkpoint (base rebuilt, trained params restored: the magnitude and lm_head included)
+    written = export.export_checkpoint(config, formats=["adapter", "merged"], out_dir=tmp_path / "from_ckpt")
+    tensors = load_file(written["adapter"] / "adapter_model.safetensors")
+    np.testing.assert_array_equal(tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector"],
+                                  m1[1])
+    np.testing.assert_array_equal(tensors["base_model.model.lm_head.weight"], np.asarray(model.lm_head.kernel[...]).T)
+    model.eval()
+    ids = ids_batch()
+    ours = np.asarray(forward(model, ids))
+    peft_model = peft.PeftModel.from_pretrained(torch_base(checkpoint_dir), written["adapter"]).eval()
+    np.testing.assert_allclose(peft_logits(peft_model, ids), ours, atol=1e-4, rtol=0)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(written["merged"], dtype=torch.float32).eval()
+    np.testing.assert_allclose(peft_logits(merged, ids), ours, atol=1e-4, rtol=0)
