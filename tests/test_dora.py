@@ -315,7 +315,7 @@ def test_a_dora_run_with_modules_to_save_trains_checkpoints_and_exports_what_pef
         tokenizer_dir, checkpoint_dir, tmp_path):
     config = tiny_config(tokenizer_dir, tmp_path / "pc.jsonl", tmp_path / "run",
                          model={"model_name_or_path": str(checkpoint_dir), "init_from_scratch": None},
-                         lora={"use_peft": True, "lora_r": R, "lora_alpha": ALPHA, "lora_dropout": 0.1,
+                         lora={"use_peft": True, "lora_r": R, "lora_alpha": int(ALPHA), "lora_dropout": 0.1,
                                "use_dora": True, "lora_target_modules": r".*\.(q|v|down)_proj",
                                "lora_modules_to_save": ["lm_head"]},
                          training={"max_steps": 3}, logging={"save_steps": 3})
