@@ -302,7 +302,7 @@ def trainable_filter(lora: bool, new_token_rows: bool = False, modules_to_save=(
     LoRA:             nnx.LoRAParam (DoRA's magnitudes too); plus, when the tokenizer gained new tokens (chat
                       template cloning), the whole embedding and lm_head (paths containing 'embed_tokens' /
                       'lm_head'), like TRL, which makes those modules trainable and saves them with the adapter;
-                      plus the modules of `modules_to_save` (jsft module names, jsft.peft_names.resolve_modules_to_save).
+                      plus the modules of `modules_to_save` (jsft module names: peft_names.resolve_modules_to_save).
     """
     if not lora:
         return nnx.Param

@@ -14,13 +14,15 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file
 
-from jsft import build, export, hf, sharding, train
+from jsft import build, export, fixtures, sharding, train
 from jsft.config import ConfigError, validate
+from jsft.config_files import load as load_config
 from jsft.hf import base_params, load_model, save_merged, save_peft_adapter
 from jsft.model import quant
 from jsft.model.lora import apply_lora, lora_modules, merge_lora
 from jsft.optim import trainable_filter
 from jsft.peft_names import resolve_modules_to_save, resolve_targets
+from jsft.trainer import _apply_peft_config
 from train_configs import tiny_config
 
 L = 24
@@ -311,6 +313,21 @@ def test_a_regex_target_round_trips_through_the_adapter_into_peft(checkpoint_dir
 # ----------------------------------------------------------------------------------------------- through jsft.train
 
 
+def test_trl_and_peft_configs_map_dora_modules_to_save_and_regex_targets(tmp_path):
+    path = tmp_path / "trl.json"
+    path.write_text(json.dumps({"model_name_or_path": "ckpt", "dataset_name": "d.jsonl", "use_peft": True,
+                                "use_dora": True, "lora_modules_to_save": ["lm_head", "embed_tokens"],
+                                "lora_target_modules": r".*\.(q|v)_proj"}))
+    lora = load_config(path).lora
+    assert lora.use_dora and lora.lora_modules_to_save == ["lm_head", "embed_tokens"]
+    assert lora.lora_target_modules == r".*\.(q|v)_proj"
+    cfg = tiny_config("tok", "d.jsonl", "out")
+    _apply_peft_config(cfg, peft.LoraConfig(r=8, use_dora=True, modules_to_save=["lm_head"], target_modules=".*k_proj"))
+    assert (cfg.lora.use_dora, cfg.lora.lora_modules_to_save, cfg.lora.lora_target_modules) == (
+        True, ["lm_head"], ".*k_proj")
+
+
+
 def test_a_dora_run_with_modules_to_save_trains_checkpoints_and_exports_what_peft_loads(
         tokenizer_dir, checkpoint_dir, tmp_path):
     config = tiny_config(tokenizer_dir, tmp_path / "pc.jsonl", tmp_path / "run",
@@ -319,8 +336,6 @@ def test_a_dora_run_with_modules_to_save_trains_checkpoints_and_exports_what_pef
                                "use_dora": True, "lora_target_modules": r".*\.(q|v|down)_proj",
                                "lora_modules_to_save": ["lm_head"]},
                          training={"max_steps": 3}, logging={"save_steps": 3})
-    from jsft import fixtures
-
     fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 8, seed=5), tmp_path / "pc.jsonl")
     initial, _ = build.build_model(config, build.build_tokenizer(config)[0], sharding.create_mesh(config.sharding))
     summary = train.run(config)
