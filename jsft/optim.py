@@ -302,15 +302,17 @@ def each_layer(inner: optax.GradientTransformation) -> optax.GradientTransformat
 
 
 def _muon_dimensions(params):
-    """Muon's axes for each param: matrices (ndim >= 2, stacked layers in front) orthogonalized over their last two
-    axes; vectors (norms, biases) None, so Muon's Adam updates them. Embedding and lm_head rows are matrices too, as
-    in optax's default; users who want them on Adam can say so in a future knob."""
+    """Muon's axes for each param: matrices (ndim >= 2 per layer, stacked layers in front) orthogonalized over their
+    last two axes; vectors (norms, biases, DoRA magnitudes; [N, size] when stacked) None, so Muon's Adam updates
+    them. Embedding and lm_head rows are matrices too, as in optax's default; users who want them on Adam can say so
+    in a future knob."""
     from optax.contrib import MuonDimensionNumbers
 
-    def dims(p):
-        return MuonDimensionNumbers(reduction_axis=p.ndim - 2, output_axis=p.ndim - 1) if p.ndim >= 2 else None
+    def dims(path, p):
+        per_layer_ndim = p.ndim - 1 if path_name(path).startswith(STACKED) else p.ndim
+        return MuonDimensionNumbers(reduction_axis=p.ndim - 2, output_axis=p.ndim - 1) if per_layer_ndim >= 2 else None
 
-    return jax.tree.map(dims, params)
+    return jax.tree_util.tree_map_with_path(dims, params)
 
 
 def _scale_by_adam_fp32_nu(b1, b2, eps, mu_dtype) -> optax.GradientTransformation:
