@@ -3,6 +3,7 @@ PEFT give the same logits and gradients, jsft's adapter exports load in PeftMode
 the trainable-parameter counts equal PEFT's, and a short jsft.train run with them checkpoints, resumes and exports."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +88,13 @@ def torch_grads(peft_model, ids, targets, trained):
     return {name: p.grad.numpy() for name, p in peft_model.named_parameters() if p.grad is not None}
 
 
+def param_at(model, path):
+    node = model
+    for part in path.split("."):
+        node = getattr(node, part)
+    return np.asarray(node[...])
+
+
 # ----------------------------------------------------------------------------------------------- DoRA
 
 
@@ -159,6 +167,12 @@ def test_dora_merged_export_and_merge_equal_the_adapter(dora_pair, checkpoint_di
     merged = transformers.AutoModelForCausalLM.from_pretrained(save_merged(model, tmp_path / "m"),
                                                                dtype=torch.float32).eval()
     np.testing.assert_allclose(peft_logits(merged, ids), ours, atol=1e-4, rtol=0)
+    # resumed from step 2 (as if killed after it), the run ends where the straight run did: magnitudes, head, RNG
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")
+    config.logging.resume_from_checkpoint = True
+    resumed = train.run(config)["model"]
+    for path in ("layers.self_attn.q_proj.lora_magnitude", "layers.mlp.down_proj.lora_b", "lm_head.kernel"):
+        np.testing.assert_allclose(param_at(resumed, path), param_at(model, path), atol=1e-6, err_msg=path)
     peft_merged = peft.PeftModel.from_pretrained(torch_base(checkpoint_dir), adapter_dir).merge_and_unload().eval()
     np.testing.assert_allclose(peft_logits(peft_merged, ids), ours, atol=1e-4, rtol=0)  # PEFT's own merge
     in_place = dora_model(checkpoint_dir)
@@ -328,14 +342,14 @@ def test_trl_and_peft_configs_map_dora_modules_to_save_and_regex_targets(tmp_pat
 
 
 
-def test_a_dora_run_with_modules_to_save_trains_checkpoints_and_exports_what_peft_loads(
+def test_a_dora_run_with_modules_to_save_trains_checkpoints_resumes_and_exports_what_peft_loads(
         tokenizer_dir, checkpoint_dir, tmp_path):
     config = tiny_config(tokenizer_dir, tmp_path / "pc.jsonl", tmp_path / "run",
                          model={"model_name_or_path": str(checkpoint_dir), "init_from_scratch": None},
                          lora={"use_peft": True, "lora_r": R, "lora_alpha": int(ALPHA), "lora_dropout": 0.1,
                                "use_dora": True, "lora_target_modules": r".*\.(q|v|down)_proj",
                                "lora_modules_to_save": ["lm_head"]},
-                         training={"max_steps": 3}, logging={"save_steps": 3})
+                         training={"max_steps": 4}, logging={"save_steps": 2})
     fixtures.write_jsonl(fixtures.make_rows("prompt_completion", 8, seed=5), tmp_path / "pc.jsonl")
     initial, _ = build.build_model(config, build.build_tokenizer(config)[0], sharding.create_mesh(config.sharding))
     summary = train.run(config)
@@ -360,3 +374,9 @@ def test_a_dora_run_with_modules_to_save_trains_checkpoints_and_exports_what_pef
     np.testing.assert_allclose(peft_logits(peft_model, ids), ours, atol=1e-4, rtol=0)
     merged = transformers.AutoModelForCausalLM.from_pretrained(written["merged"], dtype=torch.float32).eval()
     np.testing.assert_allclose(peft_logits(merged, ids), ours, atol=1e-4, rtol=0)
+    # resumed from step 2 (as if killed after it), the run ends where the straight run did: magnitudes, head, RNG
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")
+    config.logging.resume_from_checkpoint = True
+    resumed = train.run(config)["model"]
+    for path in ("layers.self_attn.q_proj.lora_magnitude", "layers.mlp.down_proj.lora_b", "lm_head.kernel"):
+        np.testing.assert_allclose(param_at(resumed, path), param_at(model, path), atol=1e-6, err_msg=path)
