@@ -167,12 +167,6 @@ def test_dora_merged_export_and_merge_equal_the_adapter(dora_pair, checkpoint_di
     merged = transformers.AutoModelForCausalLM.from_pretrained(save_merged(model, tmp_path / "m"),
                                                                dtype=torch.float32).eval()
     np.testing.assert_allclose(peft_logits(merged, ids), ours, atol=1e-4, rtol=0)
-    # resumed from step 2 (as if killed after it), the run ends where the straight run did: magnitudes, head, RNG
-    shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")
-    config.logging.resume_from_checkpoint = True
-    resumed = train.run(config)["model"]
-    for path in ("layers.self_attn.q_proj.lora_magnitude", "layers.mlp.down_proj.lora_b", "lm_head.kernel"):
-        np.testing.assert_allclose(param_at(resumed, path), param_at(model, path), atol=1e-6, err_msg=path)
     peft_merged = peft.PeftModel.from_pretrained(torch_base(checkpoint_dir), adapter_dir).merge_and_unload().eval()
     np.testing.assert_allclose(peft_logits(peft_merged, ids), ours, atol=1e-4, rtol=0)  # PEFT's own merge
     in_place = dora_model(checkpoint_dir)
