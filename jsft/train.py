@@ -24,8 +24,8 @@ from flax import nnx
 from jsft import checkpoint, outdir, peers, progress, sharding, step
 from jsft import trackers as trackers_lib
 from jsft.best import BestCheckpoint
-from jsft.build import (build_model, build_tokenizer, check_model_config, check_sliding_window, trainable,
-                        warn_past_max_positions)
+from jsft.build import (build_model, build_tokenizer, check_model_config, check_sliding_window, modules_to_save,
+                        trainable, warn_past_max_positions)
 from jsft.config import ConfigError, SFTConfig, quantization, validate
 from jsft.config_files import load
 from jsft.guard import Diverged, DivergenceGuard
@@ -406,8 +406,8 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     flop_counts = {}  # LoRA: MFU counts no gradient for the frozen weights (jsft.loss.flops_per_token)
     if config.lora.use_peft:
         flop_counts = dict(lora_params=sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))),
-                           frozen_params=lora_frozen_params(hf_cfg, head_trains=wrt_embeddings or "lm_head" in (
-                               config.lora.lora_modules_to_save or ())))
+                           frozen_params=lora_frozen_params(hf_cfg, head_trains=wrt_embeddings or "lm_head" in
+                                                            modules_to_save(config, model)))
 
     # ---- the loop
     from jsft.callbacks import Callbacks

@@ -145,7 +145,9 @@ def _apply_peft_config(config: SFTConfig, peft_config) -> None:
 
     if type(peft_config).__name__ != "LoraConfig":
         raise ConfigError(f"peft_config: jsft trains LoRA adapters (peft.LoraConfig), got {type(peft_config).__name__}")
-    unsupported = {"bias": "none"}
+    unsupported = {"bias": "none", "lora_bias": False, "exclude_modules": None, "layers_to_transform": None,
+                   "rank_pattern": {}, "alpha_pattern": {}, "target_parameters": None, "trainable_token_indices": None,
+                   "init_lora_weights": True, "use_qalora": False}
     refused = [f"{k}={getattr(peft_config, k)!r}" for k, v in unsupported.items() if getattr(peft_config, k, v) != v]
     if refused:
         raise ConfigError(f"peft_config: {', '.join(refused)} is not supported by jsft (plain LoRA: r, lora_alpha, "

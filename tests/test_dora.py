@@ -333,6 +333,8 @@ def test_trl_and_peft_configs_map_dora_modules_to_save_and_regex_targets(tmp_pat
     _apply_peft_config(cfg, peft.LoraConfig(r=8, use_dora=True, modules_to_save=["lm_head"], target_modules=".*k_proj"))
     assert (cfg.lora.use_dora, cfg.lora.lora_modules_to_save, cfg.lora.lora_target_modules) == (
         True, ["lm_head"], ".*k_proj")
+    with pytest.raises(ConfigError, match="layers_to_transform=\\[0\\] is not supported"):
+        _apply_peft_config(cfg, peft.LoraConfig(layers_to_transform=[0]))
 
 
 

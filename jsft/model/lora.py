@@ -33,7 +33,6 @@ from jsft.model.quant import QuantizedKernel, quantized_kernels
 from jsft.peft_names import LINEAR_NAMES, resolve_targets
 
 
-
 class LoRALinear(Linear):
     def __init__(self, base: Linear, r: int, alpha: float, dropout: float, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  use_rslora: bool = False, use_dora: bool = False):
@@ -91,10 +90,6 @@ class LoRALinear(Linear):
             return w
         m = pick(self.lora_magnitude[...]).astype(jnp.float32)
         return w * (m / jnp.linalg.norm(w, axis=-2))[..., None, :]
-
-    def delta(self):
-        """scale * A @ B in float32: what plain LoRA merging adds to the kernel [in, out] (stacked: [N, in, out])."""
-        return self.scale * jnp.matmul(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
 
 
 def kernel_f32(kernel, layer: int | None = None):
