@@ -49,6 +49,9 @@ class DataConfig:
     dataset_train_split: str = "train"
     dataset_test_split: str | None = None  # a split name, or a second file path for eval
     dataset_text_field: str = "text"
+    # read the train split lazily as a datasets IterableDataset, tokenized and packed while training runs
+    # (jsft.data.streaming): nothing is tokenized up front, nothing cached; needs training.max_steps
+    dataset_streaming: bool = False
     max_length: int | None = 1024
     packing: bool = False
     packing_strategy: str = "bfd"  # bfd | bfd_split | wrapped | bfd_stream
@@ -324,8 +327,38 @@ def validate(config: SFTConfig) -> SFTConfig:
         _validate_mixture(d)
     elif not d.dataset_name:
         raise ConfigError("data.dataset_name is empty: set a local dataset file/directory or a hub name.")
+    if d.dataset_streaming:
+        _validate_streaming(config)
     _validate_ranges(config)
     return config
+
+
+def _validate_streaming(config: SFTConfig) -> None:
+    """data.dataset_streaming (jsft.data.streaming): what a stream of unknown length can honour."""
+    d, t = config.data, config.training
+    if t.max_steps <= 0:
+        raise ConfigError(
+            f"data.dataset_streaming=True needs training.max_steps > 0 (it is {t.max_steps}): a stream has no length, "
+            "so the number of steps cannot come from num_train_epochs (as in transformers, where max_steps is then "
+            "required). Fix: set training.max_steps (TRL: max_steps), or dataset_streaming=False")
+    refused = [
+        (bool(d.datasets), "data.datasets (a mixture) is read whole; streaming a mixture is not supported",
+         "drop data.datasets and stream one dataset, or set dataset_streaming=False"),
+        (d.packing and d.packing_strategy == "wrapped", "packing_strategy='wrapped' is not implemented for streams",
+         "use packing_strategy='bfd_stream' (best fit over data.packing_buffer_size examples)"),
+        (d.train_sampling_strategy == "group_by_length", "group_by_length chooses buckets from every row's length, "
+         "which a stream does not know up front", "set train_sampling_strategy='random', or dataset_streaming=False"),
+        (d.pad_to_multiple_of is not None, "pad_to_multiple_of is not implemented for streams (rows are padded to "
+         "max_length)", "unset data.pad_to_multiple_of"),
+        (d.packing and config.model.attention_impl == "cudnn", "attention_impl='cudnn' needs the most documents a "
+         "packed row holds, which a stream does not know up front", "set model.attention_impl='auto' (it picks "
+         "another packed kernel)"),
+        (d.max_length is None, "max_length=None pads to the longest example, which a stream does not know up front",
+         "set data.max_length"),
+    ]
+    for bad, why, fix in refused:
+        if bad:
+            raise ConfigError(f"data.dataset_streaming=True: {why}. Fix: {fix}")
 
 
 def _validate_quantization(config: SFTConfig) -> None:

@@ -145,7 +145,7 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
         print(f"plan: each step's rows are padded to its longest row rounded up to a multiple of "
               f"{train_data.pad_to_multiple_of} (data.pad_to_multiple_of): {len(lengths)} possible lengths "
               f"{lengths[0]}..{lengths[-1]}, each compiled on first use; the memory below is for {L}")
-    elif train_data.stats["packing"] == "none" and train_data.stats["fill_rate"] < 0.5:
+    elif train_data.stats["packing"] == "none" and train_data.stats.get("fill_rate", 1) < 0.5:
         print(f"plan: unpacked rows are {train_data.stats['fill_rate']:.0%} tokens, the rest padding to {L}: set "
               "data.packing=True (documents stay apart), or data.pad_to_multiple_of=64 to pad each step only to its "
               "longest row (one compile per length)")
@@ -330,12 +330,15 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
 
     # ---- tokenizer and data
     from jsft.data.pipeline import batch_iterator, format_stats, prepare_dataset, steps_per_epoch
+    from jsft.data.streaming import prepare_stream, stream_iterator
 
     tokenizer, added_tokens = build_tokenizer(config)
     check_model_config(config)  # an unsupported architecture or RoPE type fails before tokenizing, not after
-    train_data = prepare_dataset(config, tokenizer, "train")
+    streamed = config.data.dataset_streaming  # read, tokenized and packed while training runs (jsft.data.streaming)
+    train_data = prepare_stream(config, tokenizer) if streamed else prepare_dataset(config, tokenizer, "train")
     print(format_stats(train_data.stats))
-    fingerprint = checkpoint.data_fingerprint(train_data)  # saved in each checkpoint, compared on resume
+    # saved in each checkpoint, compared on resume
+    fingerprint = train_data.fingerprint() if streamed else checkpoint.data_fingerprint(train_data)
     eval_data = None
     if config.data.dataset_test_split is not None:
         eval_data = prepare_dataset(config, tokenizer, "eval")
@@ -343,8 +346,9 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     batch_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
     rows_per_micro = tc.per_device_train_batch_size * batch_shards // data_count  # this process's rows
     # every row each epoch, as TRL (dataloader_drop_last=False): the last step's free slots are empty rows
-    epoch_steps = steps_per_epoch(train_data, rows_per_micro * data_count, tc.gradient_accumulation_steps,
-                                  drop_remainder=False)
+    # a stream has no length: its epoch is max_steps, as transformers counts an IterableDataset's
+    epoch_steps = tc.max_steps if streamed else steps_per_epoch(
+        train_data, rows_per_micro * data_count, tc.gradient_accumulation_steps, drop_remainder=False)
     total_steps = total_steps_for(config, epoch_steps)
     lc = with_step_counts(lc, total_steps)
     num_epochs = None if tc.max_steps > 0 else math.ceil(tc.num_train_epochs)
@@ -354,8 +358,10 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
 
     model, grew_vocab = build_model(config, tokenizer, mesh)
     check_sliding_window(model.cfg, [d for d in (train_data, eval_data) if d is not None])
-    warn_past_max_positions(model.cfg, [d for d in (train_data, eval_data) if d is not None], config.data.max_length)
-    model.set_max_segments(max(d.stats["max_documents_per_row"] for d in (train_data, eval_data) if d is not None))
+    warn_past_max_positions(model.cfg, [d for d in (train_data, eval_data) if d is not None and not d.stats.get(
+        "streamed")], config.data.max_length)
+    segments = [d.stats["max_documents_per_row"] for d in (train_data, eval_data) if d is not None]
+    model.set_max_segments(None if None in segments else max(segments))  # None: a stream's, not known up front
     wrt_embeddings = bool(added_tokens) or grew_vocab  # the whole embedding and head train too (LoRA)
     wrt = trainable(config, model, wrt_embeddings)
     tx, schedule = make_optimizer(tc, total_steps)
@@ -372,9 +378,12 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     best = BestCheckpoint.from_config(lc)  # load_best_model_at_end / save_strategy "best"
     keep = best.keep if best is not None else None
     manager = checkpoint.make_manager(out, lc.save_total_limit, keep=keep)
-    data_it = batch_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, tc.seed, num_epochs,
-                             config.data.train_sampling_strategy != "sequential", data_index, data_count,
-                             drop_remainder=False)
+    if streamed:
+        data_it = stream_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, data_index, data_count)
+    else:
+        data_it = batch_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, tc.seed, num_epochs,
+                                 config.data.train_sampling_strategy != "sequential", data_index, data_count,
+                                 drop_remainder=False)
     start_step, tokens_seen, window = 0, 0.0, []
     existing = manager.latest_step()
     if existing is not None and lc.resume_from_checkpoint is False:

@@ -273,11 +273,11 @@ TRL_FIELDS: dict[str, tuple] = {
     "dataset_config": (None, "data.dataset_config", ""),
     "dataset_train_split": ("train", "data.dataset_train_split", ""),
     "dataset_test_split": ("test", _with("eval_strategy"), ""),
-    "dataset_streaming": (False, NO_KNOB, "jsft tokenizes and caches the whole dataset; streaming is not supported"),
+    "dataset_streaming": (False, "data.dataset_streaming", ""),
     "ignore_bias_buffers": (False, NO_EFFECT, "a torch DDP workaround"),
     "datasets": ([], _mixture, ""),
-    "streaming": (False, NO_KNOB, "jsft tokenizes and caches a mixture's rows; streaming is not supported (drop "
-                  "streaming: true, the rows are then read whole)"),
+    "streaming": (False, NO_KNOB, "jsft reads a mixture's rows whole: a mixture's streaming is not supported (drop "
+                  "streaming: true, the rows are then read whole; dataset_streaming streams a single dataset)"),
     "test_split_size": (None, _with("datasets"), ""),
     "dataset_text_field": ("text", "data.dataset_text_field", ""),
     "dataset_kwargs": (None, _one_of((None, {}), "skip_prepare_dataset and other preparation "
