@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jsft.errors import ConfigError
+from jsft.peft_names import check_target_syntax
 
 
 @dataclass
@@ -127,8 +128,10 @@ class LoraConfig:  # TRL's ModelConfig names
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_target_modules: list[str] | str = "all-linear"
+    lora_target_modules: list[str] | str = "all-linear"  # PEFT's rules: a str is a regex (full match), a list suffixes
     use_rslora: bool = False  # PEFT's rank-stabilized LoRA: scale alpha / sqrt(r) instead of alpha / r
+    use_dora: bool = False  # PEFT's DoRA: a trained magnitude per output times the normalized W + s B A
+    lora_modules_to_save: list[str] | None = None  # modules trained whole beside the adapters (PEFT modules_to_save)
 
 
 @dataclass
@@ -500,13 +503,10 @@ def _validate_ranges(config: SFTConfig) -> None:
     if lo.use_peft:
         need(lo.lora_alpha > 0, "lora.lora_alpha", lo.lora_alpha, "must be > 0")
         need(0.0 <= lo.lora_dropout < 1.0, "lora.lora_dropout", lo.lora_dropout, "must be in [0, 1)")
-        targets = [lo.lora_target_modules] if isinstance(lo.lora_target_modules, str) else lo.lora_target_modules
-        unknown = [m for m in targets if m not in LORA_TARGETS + ("all-linear",)]
-        if unknown or not targets:
-            raise ConfigError(
-                f"lora.lora_target_modules={lo.lora_target_modules!r}: use 'all-linear' or a list of "
-                f"{', '.join(LORA_TARGETS)}" + (f" ({', '.join(map(repr, unknown))} is not one)" if unknown else "")
-            )
+        check_target_syntax(lo.lora_target_modules)  # the rest, against the model's modules, when it is built
+        saved = lo.lora_modules_to_save
+        need(saved is None or isinstance(saved, (list, tuple)) and all(isinstance(m, str) and m for m in saved),
+             "lora.lora_modules_to_save", saved, "must be a list of module names (e.g. ['lm_head', 'embed_tokens'])")
     for name in ("logging_steps", "save_steps", "eval_steps"):
         value = getattr(lg, name)
         need(value is None and name == "eval_steps" or value is not None and (
@@ -567,8 +567,6 @@ SCHEDULE_KWARGS = {
 # optim_args each optimizer takes (transformers' optim_args names); jsft.optim reads them.
 OPTIM_ARGS = {"sgd": ("momentum", "nesterov"), "muon": ("beta", "ns_steps", "nesterov")}
 REPORT_TO = ("jsonl", "tensorboard", "wandb", "trackio", "mlflow")
-# The projections LoRA can target (jsft.model.lora.LINEAR_NAMES, kept here so config checks need no JAX).
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def check_data_compatibility(config: SFTConfig, columns, first_row: dict | None = None) -> None:

@@ -24,7 +24,8 @@ from flax import nnx
 from jsft import checkpoint, outdir, peers, progress, sharding, step
 from jsft import trackers as trackers_lib
 from jsft.best import BestCheckpoint
-from jsft.build import build_model, build_tokenizer, check_model_config, check_sliding_window, warn_past_max_positions
+from jsft.build import (build_model, build_tokenizer, check_model_config, check_sliding_window, modules_to_save,
+                        trainable, warn_past_max_positions)
 from jsft.config import ConfigError, SFTConfig, quantization, validate
 from jsft.config_files import load
 from jsft.guard import Diverged, DivergenceGuard
@@ -353,7 +354,7 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     num_epochs = None if tc.max_steps > 0 else math.ceil(tc.num_train_epochs)
 
     # ---- model, LoRA, optimizer
-    from jsft.optim import make_optimizer, trainable_filter
+    from jsft.optim import make_optimizer
 
     model, grew_vocab = build_model(config, tokenizer, mesh)
     check_sliding_window(model.cfg, [d for d in (train_data, eval_data) if d is not None])
@@ -362,7 +363,7 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     segments = [d.stats["max_documents_per_row"] for d in (train_data, eval_data) if d is not None]
     model.set_max_segments(None if None in segments else max(segments))  # None: a stream's, not known up front
     wrt_embeddings = bool(added_tokens) or grew_vocab  # the whole embedding and head train too (LoRA)
-    wrt = trainable_filter(config.lora.use_peft, new_token_rows=wrt_embeddings)
+    wrt = trainable(config, model, wrt_embeddings)
     tx, schedule = make_optimizer(tc, total_steps)
     optimizer = sharding.create_sharded_optimizer(model, tx, wrt, mesh)  # moments built in their shards
 
@@ -414,7 +415,8 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     flop_counts = {}  # LoRA: MFU counts no gradient for the frozen weights (jsft.loss.flops_per_token)
     if config.lora.use_peft:
         flop_counts = dict(lora_params=sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))),
-                           frozen_params=lora_frozen_params(hf_cfg, head_trains=wrt_embeddings))
+                           frozen_params=lora_frozen_params(hf_cfg, head_trains=wrt_embeddings or "lm_head" in
+                                                            modules_to_save(config, model)))
 
     # ---- the loop
     from jsft.callbacks import Callbacks

@@ -146,9 +146,8 @@ def _targets(value, values):
         return {"lora.lora_target_modules": list(PEFT_DEFAULT_TARGETS)}
     if value == "all-linear" or value == ["all-linear"]:
         return {"lora.lora_target_modules": "all-linear"}
-    if isinstance(value, str):
-        raise ConfigError(f"TRL lora_target_modules={value!r}: give a list of module names (a regex is not "
-                          "supported), or 'all-linear'")
+    if isinstance(value, str):  # PEFT: a regex, full-matched against each module name
+        return {"lora.lora_target_modules": value}
     return {"lora.lora_target_modules": list(value)}
 
 
@@ -260,10 +259,10 @@ TRL_FIELDS: dict[str, tuple] = {
     "lora_dropout": (0.05, "lora.lora_dropout", ""),
     "lora_target_modules": (None, _targets, ""),
     "lora_target_parameters": (None, NO_KNOB, "LoRA on raw parameters (MoE experts) is not supported"),
-    "lora_modules_to_save": (None, NO_KNOB, "jsft trains embed_tokens/lm_head itself when new tokens are added"),
+    "lora_modules_to_save": (None, "lora.lora_modules_to_save", ""),
     "lora_task_type": ("CAUSAL_LM", NO_KNOB, "jsft trains causal LMs only"),
     "use_rslora": (False, "lora.use_rslora", ""),
-    "use_dora": (False, NO_KNOB, "DoRA is not supported"),
+    "use_dora": (False, "lora.use_dora", ""),
     "load_in_8bit": (False, "model.load_in_8bit", ""),
     "load_in_4bit": (False, "model.load_in_4bit", ""),
     "bnb_4bit_quant_type": ("nf4", "model.bnb_4bit_quant_type", ""),
