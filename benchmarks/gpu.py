@@ -15,7 +15,7 @@ one-device mesh (`jax.set_mesh`), with the model and optimizer placed by jsft.sh
     first_call_s     the first step: trace, compile and one run; compile_s = first_call_s - step time
     step_ms          median step time over `steps` timed steps (after the first)
     tokens_per_s     non-padding tokens per second (padded_tokens_per_s counts every slot of [B, L])
-    mfu, hfu         tokens_per_s * FLOPs per token / peak: MFU with jsft.loss.flops_per_token (model FLOPs: 6N
+    mfu, hfu         tokens_per_s * FLOPs per token / peak: MFU with jsft.flops.flops_per_token (model FLOPs: 6N
                      for full fine-tuning, 4N + 6A for LoRA), HFU with hardware_flops_per_token (+ remat recompute)
     peak_bytes       device.memory_stats()["peak_bytes_in_use"] (None on CPU); each run is its own process on a GPU
                      (--isolate, the default there) so the peak is that run's alone
@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from common import git_commit  # noqa: E402
-from jsft import loss as jsft_loss  # noqa: E402
+from jsft import flops as jsft_flops  # noqa: E402
 from jsft import sharding, step  # noqa: E402
 from jsft.config import TrainingConfig  # noqa: E402
 from jsft.model import attention  # noqa: E402
@@ -176,17 +176,17 @@ def run_one(spec: dict) -> dict:
     step_s = statistics.median(times)
     real_tokens = int((rows["segment_ids"] > 0).sum())
     tokens_per_s = real_tokens / step_s
-    seq_len = jsft_loss.effective_seq_len(rows["segment_ids"])
+    seq_len = jsft_flops.effective_seq_len(rows["segment_ids"])
     hf = MODELS[spec["model"]]
     adapters = _count(nnx.state(model, nnx.LoRAParam))
-    counts = {}  # LoRA: no gradient for the frozen weights (jsft.loss.flops_per_token)
+    counts = {}  # LoRA: no gradient for the frozen weights (jsft.flops.flops_per_token)
     if spec["mode"] == "lora":
-        counts = dict(lora_params=adapters, frozen_params=jsft_loss.lora_frozen_params(hf))
-    model_flops = jsft_loss.flops_per_token(hf, seq_len, **counts)
-    hardware_flops = jsft_loss.hardware_flops_per_token(hf, seq_len, remat=spec["remat"], **counts)
-    peak = jsft_loss.peak_tflops(override=spec["peak_tflops"])
+        counts = dict(lora_params=adapters, frozen_params=jsft_flops.lora_frozen_params(hf))
+    model_flops = jsft_flops.flops_per_token(hf, seq_len, **counts)
+    hardware_flops = jsft_flops.hardware_flops_per_token(hf, seq_len, remat=spec["remat"], **counts)
+    peak = jsft_flops.peak_tflops(override=spec["peak_tflops"])
     def utilization(flops):
-        return None if peak is None else round(jsft_loss.mfu(tokens_per_s, flops, peak=peak), 4)
+        return None if peak is None else round(jsft_flops.mfu(tokens_per_s, flops, peak=peak), 4)
 
     return dict(
         record,
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
         versions={name: _version(name) for name in ("jax", "jaxlib", "flax", "optax", "tokamax")},
         machine=dict(platform=platform.platform(), python=platform.python_version(), cpus=os.cpu_count(),
                      load_average_1m_at_start=os.getloadavg()[0]),
-        peak_tflops=jsft_loss.peak_tflops(override=args.peak_tflops),
+        peak_tflops=jsft_flops.peak_tflops(override=args.peak_tflops),
         isolated=isolate,
         runs=[],
     )

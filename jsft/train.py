@@ -30,7 +30,8 @@ from jsft.config import ConfigError, SFTConfig, quantization, validate
 from jsft.config_files import load
 from jsft.guard import Diverged, DivergenceGuard
 from jsft.signals import StopSignals
-from jsft.loss import effective_seq_len, flops_per_token, lora_frozen_params, mfu, normalize, peak_tflops
+from jsft.flops import effective_seq_len, flops_per_token, lora_frozen_params, mfu, peak_tflops
+from jsft.loss import normalize
 
 def should_save(logging, step: int, epoch_steps: int) -> bool:
     """A checkpoint after this optimizer step? logging.save_strategy: every save_steps, at each epoch's end, or never

@@ -1,5 +1,5 @@
 """benchmarks/gpu.py runs the trainer's own step end to end on CPU in --smoke mode (a tiny Llama, full and LoRA),
-reports MFU and HFU from jsft.loss, and writes its JSON after every configuration."""
+reports MFU and HFU from jsft.flops, and writes its JSON after every configuration."""
 
 import importlib.util
 import json
@@ -21,7 +21,7 @@ def load_script(relative: str):
 
 def test_gpu_bench_smoke_runs_jsft_s_train_step_full_and_lora_and_writes_json(tmp_path, monkeypatch):
     bench = load_script("benchmarks/gpu.py")
-    from jsft import loss, step
+    from jsft import flops, step
 
     calls = []
     real_step = step.train_step
@@ -52,9 +52,9 @@ def test_gpu_bench_smoke_runs_jsft_s_train_step_full_and_lora_and_writes_json(tm
     adapters = 16 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64))
     assert lora["trainable_params"] == adapters and lora["params"] == full["params"] + adapters
     cfg, seq = bench.MODELS["smoke"], lora["effective_seq_len"]
-    assert full["flops_per_token"] == pytest.approx(loss.flops_per_token(cfg, full["effective_seq_len"]), rel=1e-3)
+    assert full["flops_per_token"] == pytest.approx(flops.flops_per_token(cfg, full["effective_seq_len"]), rel=1e-3)
     assert lora["flops_per_token"] == pytest.approx(  # LoRA: no gradient for the frozen weights
-        4 * loss.matmul_params(cfg) + 6 * adapters + loss.attention_flops_per_token(cfg, seq), rel=1e-3)
+        4 * flops.matmul_params(cfg) + 6 * adapters + flops.attention_flops_per_token(cfg, seq), rel=1e-3)
     assert lora["hardware_flops_per_token"] > lora["flops_per_token"]  # remat full recomputes the forward
     assert result["path"] == str(path)
 
@@ -109,12 +109,12 @@ def test_packed_batch_follows_the_batch_contract():
 
 def test_mfu_of_a_known_run_uses_the_trainers_flop_count():
     bench = load_script("benchmarks/gpu.py")
-    from jsft import loss
+    from jsft import flops
 
     cfg = bench.MODELS["8b"]
     # Llama-3-8B: about 7.5e9 matmul parameters (embedding lookup excluded) -> 6N = 4.5e10 FLOPs per token
-    assert 7.4e9 < loss.matmul_params(cfg) < 7.6e9
-    assert loss.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert 7.4e9 < flops.matmul_params(cfg) < 7.6e9
+    assert flops.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
 
 
 def test_isolated_run_returns_the_child_process_record_even_for_a_failure():

@@ -111,14 +111,14 @@ def test_lora_run_keeps_frozen_base_weights_bit_for_bit(tokenizer_dir, small_dat
     assert summary["plan"]["trainable_params"] < summary["plan"]["params"] / 2
     assert summary["exports"] == {"adapter": str(tmp_path / "lora" / "adapter")}
     # MFU of a LoRA run counts no weight gradient for the frozen base: 4N + 6A + attention, not 6N + attention
-    from jsft import loss
+    from jsft import flops
 
     last = [r for r in progress.read_metrics(tmp_path / "lora") if "mfu" in r][-1]
     logged = last["mfu"] * jax.device_count() * 1e9 / last["tokens_per_second"]  # peak 0.001 TFLOP/s
     hf = model.cfg.hf_config
     adapters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
-    attention_per_token = loss.attention_flops_per_token(hf, 1.0)
-    seq = (logged - 4 * loss.matmul_params(hf) - 6 * adapters) / attention_per_token  # the attention length it used
+    attention_per_token = flops.attention_flops_per_token(hf, 1.0)
+    seq = (logged - 4 * flops.matmul_params(hf) - 6 * adapters) / attention_per_token  # the attention length it used
     assert 1.0 <= seq <= 64.0, seq  # counting 6N would leave 2N - 6A unexplained: a length far past max_length
 
 
