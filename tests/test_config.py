@@ -9,6 +9,7 @@ from jsft.config_files import load as load_config
 from jsft import config as C
 from jsft import trl_config as T
 from jsft.config import ConfigError
+from jsft.data.columns import check_data_compatibility
 
 
 def _valid(**sections):
@@ -193,28 +194,28 @@ def test_assistant_only_loss_needs_conversational_data():
     cfg = _valid(data={"assistant_only_loss": True})
     for columns in (["text"], ["prompt", "completion"]):
         with pytest.raises(ConfigError, match="data.assistant_only_loss"):
-            C.check_data_compatibility(cfg, columns, {"prompt": "2+2=", "completion": "4"})
-    C.check_data_compatibility(cfg, ["messages"])
-    C.check_data_compatibility(cfg, ["conversations"])
-    C.check_data_compatibility(cfg, ["input_ids", "assistant_masks"])
+            check_data_compatibility(cfg, columns, {"prompt": "2+2=", "completion": "4"})
+    check_data_compatibility(cfg, ["messages"])
+    check_data_compatibility(cfg, ["conversations"])
+    check_data_compatibility(cfg, ["input_ids", "assistant_masks"])
     row = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}
-    C.check_data_compatibility(cfg, ["prompt", "completion"], row)
+    check_data_compatibility(cfg, ["prompt", "completion"], row)
 
 
 def test_completion_only_loss_and_text_field_need_their_columns():
     with pytest.raises(ConfigError, match="data.completion_only_loss"):
-        C.check_data_compatibility(_valid(data={"completion_only_loss": True}), ["text"])
-    C.check_data_compatibility(_valid(data={"completion_only_loss": True}), ["prompt", "completion"])
-    C.check_data_compatibility(_valid(data={"completion_only_loss": True}), ["input_ids", "completion_mask"])
-    C.check_data_compatibility(_valid(data={"completion_only_loss": True}), ["input_ids", "labels"])
+        check_data_compatibility(_valid(data={"completion_only_loss": True}), ["text"])
+    check_data_compatibility(_valid(data={"completion_only_loss": True}), ["prompt", "completion"])
+    check_data_compatibility(_valid(data={"completion_only_loss": True}), ["input_ids", "completion_mask"])
+    check_data_compatibility(_valid(data={"completion_only_loss": True}), ["input_ids", "labels"])
     # a `labels` column of a text dataset (a class label) is no pre-tokenized mask: still refused, for both losses
     with pytest.raises(ConfigError, match="data.completion_only_loss"):
-        C.check_data_compatibility(_valid(data={"completion_only_loss": True}), ["text", "labels"])
+        check_data_compatibility(_valid(data={"completion_only_loss": True}), ["text", "labels"])
     with pytest.raises(ConfigError, match="data.assistant_only_loss"):
-        C.check_data_compatibility(_valid(data={"assistant_only_loss": True}), ["text", "labels", "assistant_masks"])
+        check_data_compatibility(_valid(data={"assistant_only_loss": True}), ["text", "labels", "assistant_masks"])
     with pytest.raises(ConfigError, match="data.dataset_text_field='text'"):
-        C.check_data_compatibility(_valid(), ["content"])
-    C.check_data_compatibility(_valid(data={"dataset_text_field": "content"}), ["content"])
+        check_data_compatibility(_valid(), ["content"])
+    check_data_compatibility(_valid(data={"dataset_text_field": "content"}), ["content"])
 
 
 # ----------------------------------------------------------------------------------------------- TRL files

@@ -12,7 +12,8 @@ Preparation (`prepare_dataset`):
 1. Rows come from `jsft.data.sources` (datasets.load_dataset): a local .jsonl/.json/.parquet/.arrow/.csv file, a
    directory, or a hub name. A malformed JSON line is a BadRowError naming the file and line (with skip_bad_rows, a
    counted skip).
-   The loss settings are then checked against the columns (jsft.config.check_data_compatibility), before any work.
+   The loss settings are then checked against the columns (jsft.data.columns.check_data_compatibility), before any
+   work.
 2. Every row goes through `jsft.data.prepare_example` WITHOUT truncation, in chunks of 128 rows batched by
    `jsft.data.examples` (one path; a conversation split into one document per turn gives one example per document):
    in-process on one thread per core (the tokenizer's Rust batch call releases the GIL, so one
@@ -86,8 +87,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from jsft.config import ConfigError, DataConfig, SFTConfig, check_data_compatibility
+from jsft.config import ConfigError, DataConfig, SFTConfig
 from jsft.data import buckets, mixture, packing, store
+from jsft.data.columns import check_data_compatibility
 from jsft.data.formats import BadRowError
 from jsft.data.sources import read_split, row_location, source_fingerprint, split_source
 from jsft.data.store import Examples
@@ -360,8 +362,9 @@ def cached_examples(config: SFTConfig, tokenizer, split: str = "train") -> tuple
     """Examples of a split, from the cache when its key matches; returns (examples, "hit" | "miss", the mixture's
     per-component counts or None).
 
-    The loss settings are checked against the dataset's columns (config.check_data_compatibility) as soon as the rows
-    are loaded, before the cache or any tokenization: an impossible combination is a ConfigError naming the field.
+    The loss settings are checked against the dataset's columns (jsft.data.columns.check_data_compatibility) as soon
+    as the rows are loaded, before the cache or any tokenization: an impossible combination is a ConfigError naming
+    the field.
     """
     cache_dir = Path(config.data.cache_dir or Path(config.logging.output_dir) / "cache")
     data_dir = Path(config.data.dataset_name)

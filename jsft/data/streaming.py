@@ -54,8 +54,9 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from jsft.config import ConfigError, DataConfig, SFTConfig, check_data_compatibility
+from jsft.config import ConfigError, DataConfig, SFTConfig
 from jsft.data import examples as examples_lib
+from jsft.data.columns import check_data_compatibility
 from jsft.data.formats import BadRowError
 from jsft.data.packing import Packed, StreamPacker
 from jsft.data.pipeline import Examples, PreparedDataset, assemble_rows, bad_row_reason, prepare_threads
