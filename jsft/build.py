@@ -15,9 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jsft import sharding
-from jsft.config import ConfigError, SFTConfig, quantization
+from jsft.config import ConfigError, SFTConfig
 from jsft.optim import trainable_filter
 from jsft.peft_names import resolve_modules_to_save
+from jsft.validate import quantization
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 

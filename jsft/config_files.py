@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 
 from jsft import trl_config
-from jsft.config import SECTIONS, SFTConfig, apply_override, did_you_mean, validate
+from jsft.config import SECTIONS, SFTConfig, apply_override, did_you_mean
+from jsft.validate import validate
 from jsft.errors import ConfigError
 
 

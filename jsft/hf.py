@@ -196,7 +196,7 @@ def load_model(path, dtype=jnp.bfloat16, compute_dtype=None, attention_impl="aut
     shardings: None (plain device arrays), or a function (path str, abstract nnx.Variable) -> jax.sharding.Sharding,
     or a dict {path str: Sharding}; with one, each device reads only its slice of each tensor.
     field: what set `path`, for the error when it names no directory (e.g. "--model").
-    quantization: None, or {"quant_type": "nf4" | "fp4" | "int8", "nested": bool} (jsft.config.quantization): the
+    quantization: None, or {"quant_type": "nf4" | "fp4" | "int8", "nested": bool} (jsft.validate.quantization): the
     q/k/v/o/gate/up/down kernels are quantized as each is read (jsft.model.quant); the rest stays in dtype.
     """
     path = resolve_model_dir(path, field)

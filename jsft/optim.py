@@ -64,7 +64,7 @@ def num_warmup_steps(training: TrainingConfig, total_steps: int) -> int:
 
 
 def schedule_options(training: TrainingConfig, total_steps: int) -> dict:
-    """lr_lambda's options from lr_scheduler_kwargs (checked by jsft.config.validate), with transformers' defaults:
+    """lr_lambda's options from lr_scheduler_kwargs (checked by jsft.validate.validate), with transformers' defaults:
     num_cycles 0.5 (1 for cosine_with_restarts); min_lr_rate, or min_lr turned into min_lr / learning_rate;
     polynomial: lr_end 1e-7 and power 1.0, lr_end as a ratio of learning_rate; inverse_sqrt: timescale
     (default num_warmup_steps or 10_000); warmup_stable_decay: num_decay_steps (required), num_stable_steps

@@ -26,12 +26,13 @@ from jsft import trackers as trackers_lib
 from jsft.best import BestCheckpoint
 from jsft.build import (build_model, build_tokenizer, check_model_config, check_sliding_window, modules_to_save,
                         trainable, warn_past_max_positions)
-from jsft.config import ConfigError, SFTConfig, quantization, validate
+from jsft.config import ConfigError, SFTConfig
 from jsft.config_files import load
 from jsft.guard import Diverged, DivergenceGuard
 from jsft.signals import StopSignals
 from jsft.flops import effective_seq_len, flops_per_token, lora_frozen_params, mfu, peak_tflops
 from jsft.loss import normalize
+from jsft.validate import quantization, validate
 
 def should_save(logging, step: int, epoch_steps: int) -> bool:
     """A checkpoint after this optimizer step? logging.save_strategy: every save_steps, at each epoch's end, or never

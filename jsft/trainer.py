@@ -19,7 +19,8 @@ import copy
 from pathlib import Path
 from typing import NamedTuple
 
-from jsft.config import ConfigError, SFTConfig, validate
+from jsft.config import ConfigError, SFTConfig
+from jsft.validate import validate
 
 
 class TrainOutput(NamedTuple):  # transformers.trainer_utils.TrainOutput's fields

@@ -121,7 +121,7 @@ def _mixture(value, values):
 
 def _report_to(value, values):
     """TRL report_to -> logging.report_to, metrics.jsonl always kept (jsft's resume reads it); 'all' is
-    resolved by jsft.config.validate (every tracker installed)."""
+    resolved by jsft.validate.validate (every tracker installed)."""
     names = [] if value in (None, "none") else [value] if isinstance(value, str) else list(value)
     names = [n for n in names if n != "none"]
     return {"logging.report_to": ["jsonl"] + [n for n in names if n != "jsonl"]}
@@ -578,7 +578,7 @@ def read_trl_file(path: str | Path) -> dict:
 
 
 def from_trl_file(path: str | Path) -> SFTConfig:
-    """A TRL config saved as YAML or JSON -> jsft SFTConfig (call jsft.config.validate, or use jsft.config_files.load)."""
+    """A TRL config saved as YAML or JSON -> jsft SFTConfig (call jsft.validate.validate, or use jsft.config_files.load)."""
     try:
         return from_trl_dict(read_trl_file(path))
     except ConfigError as e:

@@ -77,7 +77,8 @@ def test_group_by_length_run_compiles_once_per_bucket_and_resumes_exactly(tokeni
 
 
 def test_group_by_length_is_refused_with_packing(tokenizer_dir, tmp_path):
-    from jsft.config import ConfigError, validate
+    from jsft.config import ConfigError
+    from jsft.validate import validate
 
     config = tiny_config(tokenizer_dir, "d.jsonl", tmp_path, data={"train_sampling_strategy": "group_by_length"})
     with pytest.raises(ConfigError, match="Set data.packing=False"):

@@ -10,6 +10,7 @@ from jsft import config as C
 from jsft import trl_config as T
 from jsft.config import ConfigError
 from jsft.data.columns import check_data_compatibility
+from jsft.validate import validate
 
 
 def _valid(**sections):
@@ -118,7 +119,7 @@ def test_wrong_type_names_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"training\.per_device_train_batch_size: expected int"):
         load_config(_py_file(tmp_path, training="per_device_train_batch_size='8'"))
     with pytest.raises(ConfigError, match=r"data\.packing: expected bool"):
-        C.validate(_valid(data={"packing": 1}))
+        validate(_valid(data={"packing": 1}))
     with pytest.raises(ConfigError, match=r"data\.max_length: expected int or None, got float 12\.5"):
         load_config(_py_file(tmp_path), ["data.max_length=12.5"])
     with pytest.raises(ConfigError, match=r"logging\.eval_steps: expected int or float or None, got str 'often'"):
@@ -175,19 +176,19 @@ def test_set_without_equals_is_an_error(tmp_path):
 ])
 def test_impossible_combinations_are_refused(sections, needle):
     with pytest.raises(ConfigError) as err:
-        C.validate(_valid(**sections))
+        validate(_valid(**sections))
     assert needle in str(err.value)
 
 
 def test_valid_configs_pass():
-    C.validate(_valid(training={"master_weights_fp32": True}, model={"dtype": "bfloat16"}))
-    C.validate(_valid(lora={"use_peft": True, "lora_target_modules": ["q_proj", "down_proj"]}))
-    C.validate(_valid(data={"packing": True, "padding_free": True, "packing_strategy": "bfd_split"}))
+    validate(_valid(training={"master_weights_fp32": True}, model={"dtype": "bfloat16"}))
+    validate(_valid(lora={"use_peft": True, "lora_target_modules": ["q_proj", "down_proj"]}))
+    validate(_valid(data={"packing": True, "padding_free": True, "packing_strategy": "bfd_split"}))
 
 
 def test_keep_end_with_packing_is_a_warning_not_silence():
     with pytest.warns(UserWarning, match="truncation_mode='keep_end' has no effect with packing"):
-        C.validate(_valid(data={"packing": True, "truncation_mode": "keep_end"}))
+        validate(_valid(data={"packing": True, "truncation_mode": "keep_end"}))
 
 
 def test_assistant_only_loss_needs_conversational_data():

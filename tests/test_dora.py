@@ -16,7 +16,8 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from jsft import build, export, fixtures, sharding, train
-from jsft.config import ConfigError, validate
+from jsft.config import ConfigError
+from jsft.validate import validate
 from jsft.config_files import load as load_config
 from jsft.hf import base_params, load_model, save_merged, save_peft_adapter
 from jsft.model import quant

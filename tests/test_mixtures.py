@@ -10,7 +10,8 @@ import yaml
 from trl.scripts.utils import DatasetConfig, DatasetMixtureConfig, get_dataset
 
 from jsft import fixtures, train
-from jsft.config import ConfigError, validate
+from jsft.config import ConfigError
+from jsft.validate import validate
 from jsft.data import mixture
 from jsft.data.formats import BadRowError
 from jsft.data.pipeline import format_stats, prepare_dataset

@@ -82,7 +82,8 @@ def test_scheduler_kwargs_equal_transformers(name, kwargs):
     ("warmup_stable_decay", {"num_decay_steps": 3, "decay_type": "exp"}, "decay_type must be one of"),
 ])
 def test_scheduler_kwargs_are_checked_before_any_compute(name, kwargs, message):
-    from jsft.config import SFTConfig, validate
+    from jsft.config import SFTConfig
+    from jsft.validate import validate
 
     config = SFTConfig()
     config.model.model_name_or_path, config.data.dataset_name = "ckpt", "d.jsonl"
@@ -274,7 +275,8 @@ def test_muon_treats_stacked_vectors_as_vectors():
 
 
 def test_optimizer_names_and_arguments_are_checked():
-    from jsft.config import SFTConfig, validate
+    from jsft.config import SFTConfig
+    from jsft.validate import validate
 
     config = SFTConfig()
     config.model.model_name_or_path, config.data.dataset_name = "ckpt", "d.jsonl"

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from jsft import fixtures
-from jsft.config import ConfigError, SFTConfig, validate
+from jsft.config import ConfigError, SFTConfig
 from jsft.data import examples as examples_module
 from jsft.data import formats, packing, pipeline, sources
 from jsft.data.pipeline import (Examples, PreparedDataset, batch_iterator, build_rows, format_stats, prepare_dataset,
                                 steps_per_epoch)
+from jsft.validate import validate
 
 
 def make_config(tmp_path, data_file, **data):

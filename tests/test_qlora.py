@@ -19,6 +19,7 @@ from jsft import build, config as C
 from jsft import export, fixtures, hf, progress, sharding, train
 from jsft.model import quant
 from jsft.model.lora import apply_lora
+from jsft.validate import quantization
 
 ROOT = Path(__file__).parent.parent
 IDS = np.array([[5, 17, 42, 99, 7, 3, 250, 11, 64, 2]], np.int32)
@@ -119,9 +120,9 @@ def test_quantization_settings_from_trl_and_their_refusals(tmp_path):
     cfg = load_config(path)
     m = cfg.model
     assert (m.load_in_4bit, m.bnb_4bit_quant_type, m.use_bnb_nested_quant) == (True, "fp4", True)
-    assert C.quantization(cfg) == {"quant_type": "fp4", "nested": True}
+    assert quantization(cfg) == {"quant_type": "fp4", "nested": True}
     path.write_text(base + "use_peft: true\nload_in_8bit: true\n")
-    assert C.quantization(load_config(path)) == {"quant_type": "int8", "nested": False}
+    assert quantization(load_config(path)) == {"quant_type": "int8", "nested": False}
     for text, needle in (("load_in_4bit: true\n", "needs lora.use_peft=True"),
                          ("use_peft: true\nload_in_4bit: true\nload_in_8bit: true\n", "choose one"),
                          ("use_peft: true\nload_in_4bit: true\nbnb_4bit_quant_type: int4\n", "nf4, fp4")):

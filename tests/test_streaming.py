@@ -10,10 +10,11 @@ import pytest
 import yaml
 
 from jsft import checkpoint, fixtures, progress, train
-from jsft.config import ConfigError, SFTConfig, validate
+from jsft.config import ConfigError, SFTConfig
 from jsft.data import formats, load_tokenizer, streaming
 from jsft.data.pipeline import format_stats, prepare_dataset
 from jsft.trl_config import from_trl_file
+from jsft.validate import validate
 from train_configs import tiny_config
 
 KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")

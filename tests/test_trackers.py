@@ -79,7 +79,8 @@ def test_trackers_get_finite_numbers_only():
 
 def test_report_to_all_none_and_missing_libraries(monkeypatch):
     from jsft import trackers
-    from jsft.config import ConfigError, SFTConfig, validate
+    from jsft.config import ConfigError, SFTConfig
+    from jsft.validate import validate
 
     config = SFTConfig()
     config.model.model_name_or_path, config.data.dataset_name = "ckpt", "d.jsonl"
