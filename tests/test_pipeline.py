@@ -10,7 +10,7 @@ import pytest
 from jsft import fixtures
 from jsft.config import ConfigError, SFTConfig
 from jsft.data import examples as examples_module
-from jsft.data import formats, packing, pipeline, sources
+from jsft.data import formats, packing, pipeline, sources, tokenize
 from jsft.data.pipeline import (Examples, PreparedDataset, batch_iterator, build_rows, format_stats, prepare_dataset,
                                 steps_per_epoch)
 from jsft.validate import validate
@@ -273,15 +273,15 @@ def test_grain_worker_processes_give_the_same_examples_in_order(tmp_path, tokeni
     config = make_config(tmp_path, path, assistant_only_loss=True, skip_bad_rows=True)
     tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
     dataset = sources.load_rows(config.data)
-    alone = pipeline.tokenize_rows(dataset, tokenizer, config.data)
+    alone = tokenize.tokenize_rows(dataset, tokenizer, config.data)
     config.data.dataset_num_proc = 2
-    workers = pipeline.tokenize_rows(dataset, tokenizer, config.data)
+    workers = tokenize.tokenize_rows(dataset, tokenizer, config.data)
     for name in ("tokens", "loss_mask", "offsets", "source_rows"):
         np.testing.assert_array_equal(getattr(workers, name), getattr(alone, name))
     assert workers.bad_rows == alone.bad_rows and sum(alone.bad_rows.values()) == 1
     config.data.skip_bad_rows, config.data.dataset_num_proc = False, None
     with pytest.raises(formats.BadRowError, match="row 300, field 'messages'"):
-        pipeline.tokenize_rows(dataset, tokenizer, config.data)
+        tokenize.tokenize_rows(dataset, tokenizer, config.data)
 
 
 @pytest.mark.slow
@@ -322,10 +322,10 @@ def test_threads_give_the_same_examples_in_order_and_the_first_bad_row(tmp_path,
     tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
     dataset = sources.load_rows(config.data)
     monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
-    monkeypatch.setattr(pipeline, "prepare_threads", lambda: 1)
-    alone = pipeline.tokenize_rows(dataset, tokenizer, config.data)
-    monkeypatch.setattr(pipeline, "prepare_threads", lambda: 3)
-    threaded = pipeline.tokenize_rows(dataset, tokenizer, config.data)
+    monkeypatch.setattr(tokenize, "prepare_threads", lambda: 1)
+    alone = tokenize.tokenize_rows(dataset, tokenizer, config.data)
+    monkeypatch.setattr(tokenize, "prepare_threads", lambda: 3)
+    threaded = tokenize.tokenize_rows(dataset, tokenizer, config.data)
     for name in ("tokens", "loss_mask", "offsets", "source_rows"):
         np.testing.assert_array_equal(getattr(threaded, name), getattr(alone, name))
     assert threaded.bad_rows == alone.bad_rows and sum(alone.bad_rows.values()) == 2
@@ -333,7 +333,7 @@ def test_threads_give_the_same_examples_in_order_and_the_first_bad_row(tmp_path,
     config.data.skip_bad_rows = False
     for _ in range(3):  # whichever chunk finishes first, the error is the first bad row's
         with pytest.raises(formats.BadRowError, match="row 300, field 'messages'"):
-            pipeline.tokenize_rows(dataset, tokenizer, config.data)
+            tokenize.tokenize_rows(dataset, tokenizer, config.data)
 
 
 def test_eval_keeps_the_last_partial_step_with_empty_rows(chat):

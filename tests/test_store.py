@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jsft.config import SFTConfig
-from jsft.data import pipeline, sources, store
+from jsft.data import pipeline, sources, store, tokenize
 from jsft.data.pipeline import batch_iterator, prepare_dataset
 
 WORKER = Path(__file__).with_name("store_worker.py")
@@ -65,7 +65,7 @@ def tok(tokenizer_dir):
 def in_memory(config, tokenizer):
     """The examples as the pipeline held them before the store: tokenized into memory, whole."""
     dataset = sources.load_rows(config.data)
-    return pipeline.tokenize_rows(dataset, tokenizer, config.data)
+    return tokenize.tokenize_rows(dataset, tokenizer, config.data)
 
 
 def store_dir(config):
@@ -74,7 +74,7 @@ def store_dir(config):
 
 
 def test_a_store_written_chunk_by_chunk_equals_the_examples_in_memory(tmp_path, rows, tok, monkeypatch):
-    monkeypatch.setattr(pipeline, "PREPARE_CHUNK_ROWS", 25)  # 12 chunks appended one by one
+    monkeypatch.setattr(tokenize, "PREPARE_CHUNK_ROWS", 25)  # 12 chunks appended one by one
     config = make_config(tmp_path, rows, tmp_path / "cache", skip_bad_rows=True)
     appended = []
     append = store.StoreWriter.append

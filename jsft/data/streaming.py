@@ -59,12 +59,13 @@ from jsft.data import examples as examples_lib
 from jsft.data.columns import check_data_compatibility
 from jsft.data.formats import BadRowError
 from jsft.data.packing import Packed, StreamPacker
-from jsft.data.pipeline import Examples, PreparedDataset, assemble_rows, bad_row_reason, prepare_threads
+from jsft.data.pipeline import Examples, PreparedDataset, assemble_rows
 from jsft.data.sources import COMPRESSED, DATA_FILE_TYPES, _saved_to_disk, in_token_cache
+from jsft.data.tokenize import bad_row_reason, prepare_threads
 from jsft.hub import looks_local, no_such_path
 
 CHUNK_ROWS = 128  # rows tokenized together (prepare_examples batches them by format)
-AHEAD_CHUNKS = 2  # chunks read ahead per tokenizing thread (pipeline.prepare_threads())
+AHEAD_CHUNKS = 2  # chunks read ahead per tokenizing thread (jsft.data.tokenize.prepare_threads())
 SHUFFLE_BUFFER = 1000  # datasets' IterableDataset.shuffle default buffer_size
 STATE_VERSION = 1
 # the running counts an iterator keeps (its state's "counts"; build_rows' stats of the same names for what is read)
@@ -246,7 +247,7 @@ class StreamRowsIterator(grain.DatasetIterator):
 
     def _read_ahead(self) -> None:
         """Keep AHEAD_CHUNKS chunks a thread being tokenized on the pool (the tokenizer's Rust batch call releases the
-        GIL, as in pipeline.tokenize_rows); they are taken in order, so the threads change no row."""
+        GIL, as in jsft.data.tokenize.tokenize_rows); they are taken in order, so the threads change no row."""
         while not self.source_done and len(self.ahead) < AHEAD_CHUNKS * prepare_threads():
             chunk = read_rows(self.source, CHUNK_ROWS, self.streamed.stats["source"], self.read_ahead, self.epoch)
             if not chunk:
