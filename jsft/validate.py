@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from jsft import trackers
 from jsft.config import (CHOICES, SECTIONS, ConfigError, DataConfig, SFTConfig, check_type, did_you_mean,
                          section_types)
 from jsft.peft_names import check_target_syntax
@@ -293,15 +294,11 @@ def _validate_ranges(config: SFTConfig) -> None:
         need(lg.report_to == ["none"], "logging.report_to", lg.report_to, "'none' stands alone")
         lg.report_to = []
     if "all" in lg.report_to:  # transformers' "all": every integration installed
-        from jsft.trackers import TRACKERS, installed
-
-        lg.report_to = ["jsonl", "tensorboard"] + [name for name in TRACKERS if installed(name)]
+        lg.report_to = ["jsonl", "tensorboard"] + [name for name in trackers.TRACKERS if trackers.installed(name)]
     bad = [r for r in lg.report_to if r not in REPORT_TO]
     need(not bad, "logging.report_to", lg.report_to, f"choose from {', '.join(REPORT_TO)}, all, none")
-    from jsft.trackers import installed
-
     for name in lg.report_to:
-        need(name in ("jsonl", "tensorboard") or installed(name), "logging.report_to", lg.report_to,
+        need(name in ("jsonl", "tensorboard") or trackers.installed(name), "logging.report_to", lg.report_to,
              f"{name} is not installed: pip install 'jsft[{name}]' (or leave it out of report_to)")
     bad = [f for f in lg.export_formats if f not in ("auto", "full", "merged", "adapter")]
     need(not bad, "logging.export_formats", lg.export_formats, "choose from auto, full, merged, adapter")
