@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import json
 import warnings
+from functools import lru_cache
 from itertools import chain
 
+import jinja2.runtime
 import numpy as np
 
 from jsft.config import ConfigError, DataConfig
@@ -89,13 +91,53 @@ def _render_unchecked(tokenizer, conversations, tools, kwargs, spans, add_genera
         return texts, (generation if spans else None)
     # render_jinja_template's own loop, minus its per-conversation sanitizing deep copy (a third of its time), which
     # leaves messages of plain strings as they are
-    compiled = rendering._compile_jinja_template(template)
-    inputs = dict(tools=rendering._plain_template_data(tools), documents=None,
+    compiled, template_globals = _compiled(template)
+    inputs = dict(template_globals, tools=rendering._plain_template_data(tools), documents=None,
                   add_generation_prompt=add_generation_prompt, **rendering._plain_template_data(variables))
     if not spans:
-        return [compiled.render(messages=c, **inputs) for c in conversations], None
-    rendered = [rendering._render_with_assistant_indices(compiled, c, **inputs) for c in conversations]
+        return [_render_text(compiled, {**inputs, "messages": c}) for c in conversations], None
+    rendered = [_render_with_spans(compiled, {**inputs, "messages": c}) for c in conversations]
     return [text for text, _ in rendered], [generation for _, generation in rendered]
+
+
+@lru_cache(maxsize=32)
+def _compiled(template: str):
+    """(transformers' compiled template, its globals as one plain dict). Template.render merges the globals (a
+    ChainMap over the environment's) into every call's variables; merged once here, that was 40 % of rendering a
+    short conversation."""
+    from transformers.utils import chat_template_utils as rendering
+
+    compiled = rendering._compile_jinja_template(template)
+    return compiled, dict(compiled.globals)
+
+
+def _context(compiled, variables: dict):
+    """Template.new_context(variables, shared=True) (the variables as they are, no globals added) without the set of
+    the globals' names it builds for `{% import %}` of the template itself, which no chat template does."""
+    return jinja2.runtime.new_context(compiled.environment, compiled.name, compiled.blocks, variables, shared=True)
+
+
+def _render_text(compiled, variables: dict) -> str:
+    """compiled.render(**variables) for variables that already hold the template's globals (_compiled)."""
+    context = _context(compiled, variables)
+    try:
+        return compiled.environment.concat(compiled.root_render_func(context))
+    except Exception:  # noqa: BLE001 (as Template.render: jinja rewrites the traceback to the template's lines)
+        compiled.environment.handle_exception()
+
+
+def _render_with_spans(compiled, variables: dict) -> tuple[str, list]:
+    """transformers' _render_with_assistant_indices (the text and its {% generation %} character spans) for variables
+    that already hold the template's globals (_compiled)."""
+    blocks, generation = [], []
+    context = _context(compiled, variables)
+    with compiled.environment.activate_tracker(blocks, generation):  # a span starts at the length of the blocks so far
+        try:
+            for block in compiled.root_render_func(context):
+                blocks.append(block)
+        except Exception:  # noqa: BLE001 (as Template.generate)
+            compiled.environment.handle_exception()
+        return "".join(blocks), generation
 
 
 def _infer_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dict, only_strings: bool,
