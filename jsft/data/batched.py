@@ -48,9 +48,17 @@ def _groups(options: list[tuple]) -> list[tuple]:
     return list(groups.values())
 
 
-def _only_strings(message: dict) -> bool:
-    """Only string values and no reasoning field: transformers' sanitizing copy and reasoning aliases change nothing."""
-    return all(type(v) is str for v in message.values()) and not REASONING_FIELDS.intersection(message)
+def _only_strings(conversations: list[list[dict]]) -> bool:
+    """Only string values and no reasoning field in every message: transformers' sanitizing copy and reasoning
+    aliases change nothing."""
+    for conversation in conversations:
+        for message in conversation:
+            if not REASONING_FIELDS.isdisjoint(message):
+                return False
+            for value in message.values():
+                if type(value) is not str:
+                    return False
+    return True
 
 
 class TemplateFailure(Exception):
@@ -69,7 +77,7 @@ def _render_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dic
 
     As apply_chat_template does: keys whose value is None are dropped first (by the caller, _render: datasets fills a
     missing key with None), the tokenizer's special tokens are template variables (the row's kwargs win), tools choose
-    the template. only_strings: every message passes _only_strings.
+    the template. only_strings: _only_strings(conversations).
     """
     try:
         return _render_unchecked(tokenizer, conversations, tools, kwargs, spans, add_generation_prompt, only_strings)
@@ -179,7 +187,7 @@ def _render(tokenizer, conversations: list[list[dict]], options: list[tuple], as
     first_trained = first_trained or [0] * len(conversations)
     for tools, kwargs, where in _groups(options):
         group = [[{k: v for k, v in m.items() if v is not None} for m in conversations[j]] for j in where]
-        only_strings = all(_only_strings(m) for c in group for m in c)
+        only_strings = _only_strings(group)
         if assistant_spans and not chat.has_generation_markers(tokenizer.get_chat_template(None, tools)):
             documents = _infer_group(tokenizer, group, tools, kwargs, only_strings, split,
                                      [first_trained[j] for j in where])
