@@ -5,9 +5,11 @@ Per row, transformers' per-call machinery (a BatchEncoding per tokenizer call; a
 of the time. Here the jobs of one format are prepared in a few calls:
 
 1. render: conversations through the chat template, all in one transformers `render_jinja_template` call (it compiles
-   the template once and returns the {% generation %} character spans). A template without markers: every prefix of
-   every conversation too (two more calls), and chat.turn_documents infers the spans (chat's module doc), splitting a
-   conversation into one document per turn where the template renders a turn differently once later turns follow;
+   the template once and returns the {% generation %} character spans); messages of plain strings skip its
+   per-conversation sanitizing copy and get the template's globals merged once, not per render (_compiled). A
+   template without markers: every prefix of every conversation too (two more calls), and chat.turn_documents
+   infers the spans (chat's module doc), splitting a conversation into one document per turn where the template
+   renders a turn differently once later turns follow;
 2. encode: every text in ONE call of the fast tokenizer (`encode_batch_fast` in Rust; `encode_batch` where the
    assistant mask needs the tokenizer's offsets: not for a byte-level BPE, whose offsets follow from the ids,
    jsft.data.token_bytes);
