@@ -24,7 +24,8 @@ from flax import nnx
 from jsft import checkpoint, outdir, peers, progress, sharding, step
 from jsft import trackers as trackers_lib
 from jsft.best import BestCheckpoint
-from jsft.build import build_model, build_tokenizer, check_model_config, check_sliding_window, warn_past_max_positions
+from jsft.build import (build_model, build_tokenizer, check_model_config, check_sliding_window, modules_to_save,
+                        trainable, warn_past_max_positions)
 from jsft.config import ConfigError, SFTConfig, quantization, validate
 from jsft.config_files import load
 from jsft.guard import Diverged, DivergenceGuard
@@ -144,7 +145,7 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
         print(f"plan: each step's rows are padded to its longest row rounded up to a multiple of "
               f"{train_data.pad_to_multiple_of} (data.pad_to_multiple_of): {len(lengths)} possible lengths "
               f"{lengths[0]}..{lengths[-1]}, each compiled on first use; the memory below is for {L}")
-    elif train_data.stats["packing"] == "none" and train_data.stats["fill_rate"] < 0.5:
+    elif train_data.stats["packing"] == "none" and train_data.stats.get("fill_rate", 1) < 0.5:
         print(f"plan: unpacked rows are {train_data.stats['fill_rate']:.0%} tokens, the rest padding to {L}: set "
               "data.packing=True (documents stay apart), or data.pad_to_multiple_of=64 to pad each step only to its "
               "longest row (one compile per length)")
@@ -329,12 +330,15 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
 
     # ---- tokenizer and data
     from jsft.data.pipeline import batch_iterator, format_stats, prepare_dataset, steps_per_epoch
+    from jsft.data.streaming import prepare_stream, stream_iterator
 
     tokenizer, added_tokens = build_tokenizer(config)
     check_model_config(config)  # an unsupported architecture or RoPE type fails before tokenizing, not after
-    train_data = prepare_dataset(config, tokenizer, "train")
+    streamed = config.data.dataset_streaming  # read, tokenized and packed while training runs (jsft.data.streaming)
+    train_data = prepare_stream(config, tokenizer) if streamed else prepare_dataset(config, tokenizer, "train")
     print(format_stats(train_data.stats))
-    fingerprint = checkpoint.data_fingerprint(train_data)  # saved in each checkpoint, compared on resume
+    # saved in each checkpoint, compared on resume
+    fingerprint = train_data.fingerprint() if streamed else checkpoint.data_fingerprint(train_data)
     eval_data = None
     if config.data.dataset_test_split is not None:
         eval_data = prepare_dataset(config, tokenizer, "eval")
@@ -342,21 +346,24 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     batch_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
     rows_per_micro = tc.per_device_train_batch_size * batch_shards // data_count  # this process's rows
     # every row each epoch, as TRL (dataloader_drop_last=False): the last step's free slots are empty rows
-    epoch_steps = steps_per_epoch(train_data, rows_per_micro * data_count, tc.gradient_accumulation_steps,
-                                  drop_remainder=False)
+    # a stream has no length: its epoch is max_steps, as transformers counts an IterableDataset's
+    epoch_steps = tc.max_steps if streamed else steps_per_epoch(
+        train_data, rows_per_micro * data_count, tc.gradient_accumulation_steps, drop_remainder=False)
     total_steps = total_steps_for(config, epoch_steps)
     lc = with_step_counts(lc, total_steps)
     num_epochs = None if tc.max_steps > 0 else math.ceil(tc.num_train_epochs)
 
     # ---- model, LoRA, optimizer
-    from jsft.optim import make_optimizer, trainable_filter
+    from jsft.optim import make_optimizer
 
     model, grew_vocab = build_model(config, tokenizer, mesh)
     check_sliding_window(model.cfg, [d for d in (train_data, eval_data) if d is not None])
-    warn_past_max_positions(model.cfg, [d for d in (train_data, eval_data) if d is not None], config.data.max_length)
-    model.set_max_segments(max(d.stats["max_documents_per_row"] for d in (train_data, eval_data) if d is not None))
+    warn_past_max_positions(model.cfg, [d for d in (train_data, eval_data) if d is not None and not d.stats.get(
+        "streamed")], config.data.max_length)
+    segments = [d.stats["max_documents_per_row"] for d in (train_data, eval_data) if d is not None]
+    model.set_max_segments(None if None in segments else max(segments))  # None: a stream's, not known up front
     wrt_embeddings = bool(added_tokens) or grew_vocab  # the whole embedding and head train too (LoRA)
-    wrt = trainable_filter(config.lora.use_peft, new_token_rows=wrt_embeddings)
+    wrt = trainable(config, model, wrt_embeddings)
     tx, schedule = make_optimizer(tc, total_steps)
     optimizer = sharding.create_sharded_optimizer(model, tx, wrt, mesh)  # moments built in their shards
 
@@ -371,9 +378,12 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     best = BestCheckpoint.from_config(lc)  # load_best_model_at_end / save_strategy "best"
     keep = best.keep if best is not None else None
     manager = checkpoint.make_manager(out, lc.save_total_limit, keep=keep)
-    data_it = batch_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, tc.seed, num_epochs,
-                             config.data.train_sampling_strategy != "sequential", data_index, data_count,
-                             drop_remainder=False)
+    if streamed:
+        data_it = stream_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, data_index, data_count)
+    else:
+        data_it = batch_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, tc.seed, num_epochs,
+                                 config.data.train_sampling_strategy != "sequential", data_index, data_count,
+                                 drop_remainder=False)
     start_step, tokens_seen, window = 0, 0.0, []
     existing = manager.latest_step()
     if existing is not None and lc.resume_from_checkpoint is False:
@@ -405,7 +415,8 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     flop_counts = {}  # LoRA: MFU counts no gradient for the frozen weights (jsft.loss.flops_per_token)
     if config.lora.use_peft:
         flop_counts = dict(lora_params=sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))),
-                           frozen_params=lora_frozen_params(hf_cfg, head_trains=wrt_embeddings))
+                           frozen_params=lora_frozen_params(hf_cfg, head_trains=wrt_embeddings or "lm_head" in
+                                                            modules_to_save(config, model)))
 
     # ---- the loop
     from jsft.callbacks import Callbacks
