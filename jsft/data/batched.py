@@ -113,8 +113,8 @@ def _render_unchecked(tokenizer, conversations, tools, kwargs, spans, add_genera
 @lru_cache(maxsize=32)
 def _compiled(template: str):
     """(transformers' compiled template, its globals as one plain dict). Template.render merges the globals (a
-    ChainMap over the environment's) into every call's variables; merged once here, that was 40 % of rendering a
-    short conversation."""
+    ChainMap over the environment's) into every call's variables; merged once here (it was more than half the time
+    of rendering a short conversation)."""
     from transformers.utils import chat_template_utils as rendering
 
     compiled = rendering._compile_jinja_template(template)

@@ -169,8 +169,7 @@ def _example(documents: list, fmt: str, config: DataConfig, row_index: int, fiel
     if len(pieces) == 1:
         return {"input_ids": pieces[0][0], "loss_mask": pieces[0][1]}
     example = {"input_ids": np.concatenate([i for i, _ in pieces]), "loss_mask": np.concatenate([m for _, m in pieces])}
-    if len(pieces) > 1:
-        example["document_lengths"] = np.array([len(i) for i, _ in pieces], dtype=np.int64)
+    example["document_lengths"] = np.array([len(i) for i, _ in pieces], dtype=np.int64)
     return example
 
 
