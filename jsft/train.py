@@ -8,7 +8,6 @@ summary dict; `main(argv)` is the command line.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -17,7 +16,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -27,9 +25,10 @@ from jsft.best import BestCheckpoint
 from jsft.build import build_model, build_tokenizer, check_model_config, check_sliding_window, warn_past_max_positions
 from jsft.config import ConfigError, SFTConfig, quantization, validate
 from jsft.config_files import load
+from jsft.evaluation import eval_mode, eval_rows, evaluate, run_eval
 from jsft.guard import Diverged, DivergenceGuard
 from jsft.signals import StopSignals
-from jsft.loss import effective_seq_len, flops_per_token, lora_frozen_params, mfu, normalize, peak_tflops
+from jsft.loss import effective_seq_len, flops_per_token, lora_frozen_params, mfu, peak_tflops
 
 def should_save(logging, step: int, epoch_steps: int) -> bool:
     """A checkpoint after this optimizer step? logging.save_strategy: every save_steps, at each epoch's end, or never
@@ -196,89 +195,6 @@ def _quantization_note(config) -> str:
     return f"; projections quantized: {kind}, embeddings, lm_head and norms in {config.model.dtype}"
 
 
-# ----------------------------------------------------------------------------------------------- eval
-
-
-def evaluate(config, model, eval_data, mesh, rows_per_micro_batch: int) -> dict:
-    """eval_loss, eval_mean_token_accuracy, eval_entropy over every row of the eval split (exact: the last batch
-    is filled with empty rows, which have no trained token)."""
-    index, count = sharding.data_process_split(mesh)
-    global_rows = rows_per_micro_batch * count
-    totals = None
-    with jax.set_mesh(mesh):
-        for start in range(0, eval_data.num_rows, global_rows):
-            mine = np.arange(start + index * rows_per_micro_batch, start + (index + 1) * rows_per_micro_batch)
-            length = eval_data.step_length(np.arange(start, min(start + global_rows, eval_data.num_rows)))
-            batch = _padded_rows(eval_data, mine[mine < eval_data.num_rows], rows_per_micro_batch, length)
-            sums = step.eval_step(model, sharding.shard_batch(batch, mesh), loss_type=config.training.loss_type,
-                                  chunk_size=config.training.loss_chunk_size,
-                                  label_smoothing=config.training.label_smoothing_factor)
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    means = normalize(totals, totals["num_trained"])
-    return {f"eval_{k}": float(v) for k, v in means.items()}
-
-
-def _padded_rows(prepared, row_ids, num_rows: int, length: int) -> dict:
-    """prepared.batch(row_ids, length) plus empty rows (padding, segment 0, nothing trained) up to num_rows:
-    [1, num_rows, length]."""
-    batch = prepared.batch(row_ids, length) if len(row_ids) else None
-    L = length
-    empty = {"input_ids": np.full((num_rows, L), prepared.pad_id, np.int32),
-             "segment_ids": np.zeros((num_rows, L), np.int32),
-             "positions": np.zeros((num_rows, L), np.int32), "targets": np.full((num_rows, L), prepared.pad_id, np.int32),
-             "loss_mask": np.zeros((num_rows, L), bool)}
-    if batch is not None:
-        for k in empty:
-            empty[k][: len(row_ids)] = batch[k]
-    return {k: v[None] for k, v in empty.items()}
-
-
-def _conversation(row: dict, index: int) -> list[dict] | None:
-    """The chat of an eval row: `messages`, ShareGPT `conversations`, or conversational prompt + completion."""
-    from jsft.data.formats import check_messages
-
-    for field in ("messages", "conversations"):
-        if isinstance(row.get(field), list):
-            return check_messages(row[field], index, field)
-    if isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
-        return check_messages(row["prompt"] + row["completion"], index, "prompt")
-    return None
-
-
-def eval_generations(config, model, tokenizer, n: int) -> list[dict]:
-    """Greedy replies to the first n eval conversations (chat data only), cut before their last assistant turn."""
-    from jsft.data.pipeline import read_rows
-    from jsft.generate import chat_prompt_ids, chat_replies
-
-    if n <= 0 or config.data.dataset_test_split is None:
-        return []
-    rows = read_rows(config, "eval")[0]
-    conversations, references = [], []
-    from jsft.data.formats import BadRowError
-
-    for index, row in enumerate(rows.select(range(min(len(rows), 4 * n)))):
-        try:
-            messages = _conversation(row, index)
-        except BadRowError:  # a row preparation already refused (or skipped): no sample from it
-            continue
-        if messages is None:  # not chat data: eval loss only
-            return []
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is None or last == 0:
-            continue
-        prompt = messages[:last]
-        if len(chat_prompt_ids(tokenizer, prompt)) > (config.data.max_length or 512):
-            continue
-        conversations.append(prompt)
-        references.append(messages[last]["content"])
-        if len(conversations) == n:
-            break
-    replies = chat_replies(model, tokenizer, conversations, max_new_tokens=64)
-    return [{"prompt": c[-1]["content"], "reply": r, "reference": ref}
-            for c, r, ref in zip(conversations, replies, references)]
-
-
-# ----------------------------------------------------------------------------------------------- the run
 
 
 def resume_hint(lc) -> str:
@@ -419,7 +335,7 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     last_metrics, saved_step, batch = {}, existing, first
     step_no, unchecked = start_step, None  # the step whose loss the guard has not read yet (one behind: no stall)
     if eval_data is not None and lc.eval_on_start and start_step == 0:
-        run_callbacks.log(0, _run_eval(config, model, tokenizer, eval_data, mesh, writer, 0, bar))
+        run_callbacks.log(0, run_eval(config, model, tokenizer, eval_data, mesh, writer, 0, bar))
 
     def check(pending):
         if pending is not None:
@@ -459,7 +375,7 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
                     window = []
                 new_best = False
                 if eval_data is not None and should_eval(lc, step_no, epoch_steps):
-                    last_eval = _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
+                    last_eval = run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
                     run_callbacks.log(step_no, last_eval)
                     new_best = best is not None and best.is_better(last_eval)
                     throughput = progress.Throughput()  # tokens/s counts training time only
@@ -500,7 +416,7 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
         writer.close()
         return summary
     if eval_data is not None and not should_eval(lc, step_no, epoch_steps):
-        last_eval = _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, None)
+        last_eval = run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, None)
         run_callbacks.log(step_no, last_eval)
     if lc.load_best_model_at_end and best.step is not None and best.step != step_no:
         with checkpoint.make_manager(out, lc.save_total_limit, async_save=False) as reader:
@@ -508,7 +424,7 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
         print(f"load_best_model_at_end: checkpoint {best.step} ({best.metric} {best.value:.4f}) is the model exported")
         if eval_data is not None:
             with eval_mode(model):
-                last_eval = evaluate(config, model, eval_data, mesh, _eval_rows(config, mesh))
+                last_eval = evaluate(config, model, eval_data, mesh, eval_rows(config, mesh))
     if best is not None:
         summary["best_checkpoint"] = best.state()
     if eval_data is not None:
@@ -560,48 +476,6 @@ def _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util) -> di
         record["mfu"] = util
     return record
 
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Dropout (LoRA's) off inside, back on after: for eval loss, generations and the demo's accuracy."""
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train()
-
-
-def evaluate_only(config: SFTConfig) -> dict:
-    """The eval metrics of the configured model as it is (no training): the Python API's evaluate() before
-    train()."""
-    from jsft.data.pipeline import prepare_dataset
-
-    sharding.initialize_distributed(config.sharding)
-    mesh = sharding.create_mesh(config.sharding)
-    tokenizer, _ = build_tokenizer(config)
-    eval_data = prepare_dataset(config, tokenizer, "eval")
-    model, _ = build_model(config, tokenizer, mesh)
-    model.set_max_segments(eval_data.stats["max_documents_per_row"])
-    with eval_mode(model):
-        return evaluate(config, model, eval_data, mesh, _eval_rows(config, mesh))
-
-
-def _eval_rows(config, mesh) -> int:
-    """This process's eval rows per batch."""
-    rows = config.training.per_device_eval_batch_size * math.prod(mesh.shape[a] for a in ("data", "fsdp"))
-    return rows // sharding.data_process_split(mesh)[1]
-
-
-def _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar) -> dict:
-    with eval_mode(model):
-        result = evaluate(config, model, eval_data, mesh, _eval_rows(config, mesh))
-        samples = eval_generations(config, model, tokenizer, config.logging.num_eval_generations)
-    say = bar.write if bar is not None else print
-    say(f"eval @ {step_no}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-    for s in samples:
-        say(f"  user: {s['prompt'][-80:]!r}\n  model: {s['reply']!r}  (reference {s['reference']!r})")
-    writer.write(step_no, {**result, **({"eval_generations": samples} if samples else {})})
-    return result
 
 
 # ----------------------------------------------------------------------------------------------- command line

@@ -69,9 +69,9 @@ class SFTTrainer:
             raise ConfigError("evaluate() needs eval_dataset (or args.data.dataset_test_split)")
         if self.summary is not None:
             return dict(self.summary["eval"])
-        from jsft import train
+        from jsft import evaluation
 
-        return train.evaluate_only(self.args)
+        return evaluation.evaluate_only(self.args)
 
     def save_model(self, output_dir: str | None = None) -> Path:
         """The trained model into output_dir (default: args.logging.output_dir/export or /adapter), as TRL's
