@@ -127,13 +127,13 @@ def run(config: SFTConfig, callbacks=()) -> dict:
 def _train(config: SFTConfig, signals: StopSignals, callbacks: Callbacks) -> dict:
     parts = setup(config)
     state = resume(parts)
+    callbacks.train_begin(config, parts.model, parts.tokenizer)
     writer = _open_writer(parts, state.step)
     first = next(parts.data_it)
     plan, compiled = print_plan(config, parts.model, parts.optimizer, parts.wrt, first, parts.mesh, parts.total_steps,
                                 state.step, parts.schedule, parts.train_data)
     train_step = PlannedStep(compiled, parts.train_data.max_length, **step.train_options(config.training),
                              schedule=parts.schedule)
-    callbacks.train_begin(config, parts.model, parts.tokenizer)
     loop(parts, state, train_step, first, writer, callbacks, signals)
     return finish(parts, state, plan, writer, callbacks, signals)
 
@@ -484,12 +484,13 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
+def main(argv=None, callbacks=()) -> dict:
+    """The command line: argv -> a resolved config (jsft.config_files.load) -> run(config, callbacks)."""
     args = parse_args(argv)
     overrides = list(args.set) + (["logging.resume_from_checkpoint=true"] if args.resume else [])
     config = load(args.config, overrides, args.trl_flags)
     started = time.perf_counter()
-    summary = run(config)
+    summary = run(config, callbacks)
     if summary["interrupted"]:
         return summary  # the stop message has been printed
     print(f"done: {summary['steps']} steps in {time.perf_counter() - started:.0f} s; output in {summary['output_dir']}")
