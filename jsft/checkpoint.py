@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -447,6 +448,9 @@ def check_data_fingerprint(directory, step: int, saved: dict | None, current: di
 
 # ----------------------------------------------------------------------------------------------- shape check
 
+PER_LAYER = re.compile(r"(^|\.)layers\.\d+\.")  # a per-layer array path: checkpoints from before the stacking
+STACKED_SINCE = "21024fe"  # the merge that stacked the decoder layers (2026-12-02)
+
 
 def check_shapes(directory, step: int, live: dict, config=None, partial: bool = False) -> None:
     """CheckpointError when checkpoint `step` holds other arrays or shapes than the live tree (e.g. lora.lora_r 4 ->
@@ -457,11 +461,20 @@ def check_shapes(directory, step: int, live: dict, config=None, partial: bool = 
         stored = _flat_shapes(handler.metadata(epath.Path(directory) / str(step) / "state").tree)
     finally:
         handler.close()
-    difference = _first_difference(stored, _flat_shapes(live), partial)
+    wanted = _flat_shapes(live)
+    difference = _first_difference(stored, wanted, partial)
     if difference is None:
         return
-    settings = _setting_differences(directory, step, config)
     where = f"the checkpoint at {directory} step {step}"
+    per_layer = sorted(k for k in stored if PER_LAYER.search(k))
+    if per_layer and not any(PER_LAYER.search(k) for k in wanted):
+        raise CheckpointError(
+            f"{where} holds one array per decoder layer ({per_layer[0]}, ...): it was written by a jsft from before "
+            f"the layers were stacked into one [num_layers, ...] array (commit {STACKED_SINCE}), which this jsft "
+            "cannot restore. Fix: export it with the jsft that wrote it (`git checkout "
+            f"{STACKED_SINCE}^1`, then `python -m jsft.export --config <its config>`) and start a new run from the "
+            "export, or start a fresh logging.output_dir")
+    settings = _setting_differences(directory, step, config)
     if settings:
         before = ", ".join(f"{key}={old!r}" for key, old, _ in settings)
         now = ", ".join(f"{key}={new!r}" for key, _, new in settings)

@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 
 from jsft.config import CHOICES, ConfigError, TrainingConfig
+from jsft.model.params import STACKED
 
 SCHEDULES = ("linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial", "constant",
              "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay")
@@ -245,8 +246,10 @@ def _update_rule(training: TrainingConfig, schedule) -> list:
         return [_scale_by_adam_fp32_nu(training.adam_beta1, training.adam_beta2, training.adam_epsilon, mu_dtype),
                 *decay, *lr]
     if name == "adafactor":
-        return [optax.scale_by_factored_rms(factored=True, decay_rate=0.8, min_dim_size_to_factor=1, epsilon=1e-30),
-                optax.clip_by_block_rms(1.0), *decay, *lr]
+        factored = optax.chain(
+            optax.scale_by_factored_rms(factored=True, decay_rate=0.8, min_dim_size_to_factor=1, epsilon=1e-30),
+            optax.clip_by_block_rms(1.0))
+        return [each_layer(factored), *decay, *lr]
     if name == "sgd":
         momentum = float(args.get("momentum", 0.0))
         nesterov = str(args.get("nesterov", "false")).lower() in ("true", "1", "yes")
@@ -262,6 +265,40 @@ def _update_rule(training: TrainingConfig, schedule) -> list:
                      adam_b2=training.adam_beta2, eps=training.adam_epsilon, adam_weight_decay=wd,
                      muon_weight_dimension_numbers=_muon_dimensions)]
     raise ConfigError(f"training.optim={name!r}: choose one of {', '.join(CHOICES['training', 'optim'])}")
+
+
+class EachLayerState(NamedTuple):
+    leaves: tuple  # the inner state of each param leaf, in tree-flatten order (a stacked leaf's vmapped)
+
+
+def each_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner`, a per-array rule (Adafactor's factored moments and RMS clipping), applied to each param on its own
+    and, for params of the stacked decoder layers (leading layer axis), to each layer's slice (jax.vmap): what the
+    rule does on the unstacked model. optax's own rules would factor and clip [N, in, out] as one block.
+
+    The state is a flat tuple (one inner state per leaf); its arrays are row/column statistics, not param-shaped,
+    so jsft.sharding replicates them."""
+
+    def leaves_with_stacking(tree):
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        return [(leaf, path_name(path).startswith(STACKED)) for path, leaf in flat], treedef
+
+    def rule(method, stacked):
+        return jax.vmap(method) if stacked else method
+
+    def init(params):
+        leaves, _ = leaves_with_stacking(params)
+        return EachLayerState(tuple(rule(inner.init, stacked)(p) for p, stacked in leaves))
+
+    def update(updates, state, params=None):
+        leaves, treedef = leaves_with_stacking(updates)
+        param_leaves = jax.tree.leaves(params) if params is not None else [None] * len(leaves)
+        pairs = [rule(inner.update, stacked)(u, s, p)  # p None: vmap maps over an empty tree
+                 for (u, stacked), s, p in zip(leaves, state.leaves, param_leaves)]
+        return (jax.tree_util.tree_unflatten(treedef, [u for u, _ in pairs]),
+                EachLayerState(tuple(s for _, s in pairs)))
+
+    return optax.GradientTransformation(init, update)
 
 
 def _muon_dimensions(params):

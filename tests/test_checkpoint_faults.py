@@ -412,3 +412,24 @@ def test_a_file_or_a_read_only_directory_as_output_dir_is_a_clear_error(tokenize
             PermissionError(errno.EACCES, "Permission denied", str(path))))
     with pytest.raises(OutputDirError, match=f"logging.output_dir={read_only} is not writable \\(Permission denied\\)"):
         train.run(tiny_config(tokenizer_dir, data_32, read_only))
+
+
+def test_a_checkpoint_from_before_the_stacked_layers_is_named_with_the_way_out(tmp_path):
+    """A checkpoint with one array per decoder layer (jsft before 21024fe) cannot restore into the stacked layers:
+    one CheckpointError saying so and how to get the weights out, not a list of missing arrays."""
+    import orbax.checkpoint as ocp
+
+    old = {"params": {"layers": {"0": {"mlp": {"kernel": np.zeros((4, 3), np.float32)}},
+                                 "1": {"mlp": {"kernel": np.zeros((4, 3), np.float32)}}}}}
+    (tmp_path / "1").mkdir()
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "1" / "state", old)
+    (tmp_path / "1" / "data").mkdir()
+    (tmp_path / "1" / "data" / "metadata").write_text("{}")
+    live = {"params": {"layers": {"mlp": {"kernel": np.zeros((2, 4, 3), np.float32)}}}}
+    with pytest.raises(CheckpointError, match=r"one array per decoder layer \(params\.layers\.0\.mlp\.kernel.*"
+                                              r"git checkout 21024fe\^1.*jsft\.export"):
+        checkpoint.check_shapes(tmp_path, 1, live)
+    live_per_layer = {"params": {"layers": {"0": {"mlp": {"kernel": np.zeros((4, 5), np.float32)}}}}}
+    with pytest.raises(CheckpointError, match="does not fit this run's model"):  # other differences: as before
+        checkpoint.check_shapes(tmp_path, 1, live_per_layer, partial=True)

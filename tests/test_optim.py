@@ -347,8 +347,6 @@ def test_trainable_filter_selects_full_lora_and_new_token_rows():
     assert with_rows == lora_only | {"embed_tokens.embedding", "lm_head.kernel"}
 
 
-@pytest.mark.xfail(strict=True, reason="open: optax's clip_by_block_rms (and factoring of stacked [N, H] norms) sees "
-                   "the whole layer stack; a per-layer optax.multi_transform breaks jsft.sharding on MaskedNode")
 def test_adafactor_treats_each_stacked_layer_as_its_own_matrix():
     """The decoder layers are stacked ([N, in, out] under `layers`): Adafactor's factored moments and RMS clipping
     must see each layer's matrix, as transformers' Adafactor does on the unstacked model."""

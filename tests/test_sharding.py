@@ -13,9 +13,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jsft import sharding
-from jsft.config import ShardingConfig
+from jsft.config import ShardingConfig, TrainingConfig
 from jsft.model.llama import Llama, LlamaConfig
 from jsft.model.lora import apply_lora
+from jsft.optim import make_optimizer
 from jsft.step import train_step
 
 TINY = dict(model_type="llama", vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -452,8 +453,11 @@ def test_adafactor_factored_state_is_replicated_on_an_fsdp_mesh():
     """Adafactor keeps a row and a column vector per matrix (and a (1,) placeholder per vector): shapes that are
     not their param's, so they are replicated instead of failing the param's logical axes (ShardingError before)."""
     mesh = sharding.create_mesh({"data": 1, "fsdp": 8, "tensor": 1})
-    tx = optax.scale_by_factored_rms(min_dim_size_to_factor=1)
-    optimizer = sharding.create_sharded_optimizer(make_model(), tx, nnx.Param, mesh)
+    tx, _ = make_optimizer(TrainingConfig(optim="adafactor"), total_steps=10)  # each stacked layer on its own
+    model = make_model()
+    optimizer = sharding.create_sharded_optimizer(model, tx, nnx.Param, mesh)
     leaves = jax.tree_util.tree_flatten_with_path(nnx.state(optimizer.opt_state))[0]
-    rows = [v for path, v in leaves if "v_row" in jax.tree_util.keystr(path) and "up_proj" in jax.tree_util.keystr(path)]
-    assert len(rows) == 1 and rows[0].ndim == 2 and rows[0].sharding.spec == P()  # [layers, rows]
+    rows = [v for path, v in leaves if "v_row" in jax.tree_util.keystr(path)]
+    layers = model.cfg.num_layers
+    assert rows and all(v.sharding.spec == P() and len(v.sharding.device_set) == 8 for v in rows)
+    assert any(v.shape[0] == layers and v.ndim == 2 for v in rows)  # [layers, rows]: one statistic per layer
