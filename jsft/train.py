@@ -125,6 +125,7 @@ def run(config: SFTConfig, callbacks=()) -> dict:
 
 
 def _train(config: SFTConfig, signals: StopSignals, callbacks: Callbacks) -> dict:
+    """setup -> resume -> (callbacks: the run begins) -> the plan -> loop -> finish."""
     parts = setup(config)
     state = resume(parts)
     callbacks.train_begin(config, parts.model, parts.tokenizer)

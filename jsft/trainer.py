@@ -55,6 +55,8 @@ class SFTTrainer:
         validate(self.args)
 
     def train(self) -> TrainOutput:
+        """The run `python -m jsft.train` makes (jsft.train.run, the one entry of both), of the config these
+        arguments resolved to, with the callbacks."""
         from jsft import train
 
         self.summary = train.run(self.args, callbacks=self.callbacks)
