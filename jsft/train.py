@@ -180,6 +180,7 @@ def setup(config: SFTConfig) -> RunParts:
     tokenizer, added_tokens = build_tokenizer(config)
     check_model_config(config)  # an unsupported architecture or RoPE type fails before tokenizing, not after
     train_data, eval_data = _prepare_data(config, tokenizer)
+    fingerprint = checkpoint.data_fingerprint(train_data)  # saved in each checkpoint, compared on resume
     batch_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
     rows_per_micro = tc.per_device_train_batch_size * batch_shards // data_count  # this process's rows
     # every row each epoch, as TRL (dataloader_drop_last=False): the last step's free slots are empty rows
@@ -200,12 +201,12 @@ def setup(config: SFTConfig) -> RunParts:
     optimizer = sharding.create_sharded_optimizer(model, tx, wrt, mesh)  # moments built in their shards
 
     best = BestCheckpoint.from_config(lc)
+    manager = _checkpoint_manager(out, lc, best)
     data_it = batch_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, tc.seed, num_epochs,
                              config.data.train_sampling_strategy != "sequential", data_index, data_count,
                              drop_remainder=False)
     return RunParts(config, lc, out, mesh, is_main, tokenizer, train_data, eval_data, epoch_steps, total_steps, model,
-                    trained_embeddings, wrt, optimizer, schedule, data_it, data_count,
-                    checkpoint.data_fingerprint(train_data), best, _checkpoint_manager(out, lc, best))
+                    trained_embeddings, wrt, optimizer, schedule, data_it, data_count, fingerprint, best, manager)
 
 
 def _prepare_output_dir(config: SFTConfig, out: Path, is_main: bool) -> None:
