@@ -16,6 +16,8 @@ from flax import nnx
 
 from jsft import sharding
 from jsft.config import ConfigError, SFTConfig, quantization
+from jsft.optim import trainable_filter
+from jsft.peft_names import resolve_modules_to_save
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -143,9 +145,24 @@ def build_model(config: SFTConfig, tokenizer, mesh):
 
         lc = config.lora
         apply_lora(model, lc.lora_r, lc.lora_alpha, lc.lora_dropout, lc.lora_target_modules, use_rslora=lc.use_rslora,
-                   rngs=nnx.Rngs(config.training.seed + 1))
+                   use_dora=lc.use_dora, rngs=nnx.Rngs(config.training.seed + 1))
+        modules_to_save(config, model)  # refused here, before any step, when it names what jsft cannot train
     sharding.shard_model(model, mesh)
     return model, grew
+
+
+def modules_to_save(config: SFTConfig, model) -> tuple[str, ...]:
+    """The jsft modules lora.lora_modules_to_save trains whole (PEFT's matching rule, jsft.peft_names)."""
+    cfg = model.cfg
+    return resolve_modules_to_save(config.lora.lora_modules_to_save, cfg.num_layers, cfg.qk_norm,
+                                   cfg.tie_word_embeddings)
+
+
+def trainable(config: SFTConfig, model, trained_embeddings: bool):
+    """The run's trainable-parameter filter (jsft.optim.trainable_filter): everything, or the LoRA params plus the
+    embedding and head when new tokens trained (trained_embeddings) plus lora.lora_modules_to_save."""
+    saved = modules_to_save(config, model) if config.lora.use_peft else ()
+    return trainable_filter(config.lora.use_peft, new_token_rows=trained_embeddings, modules_to_save=saved)
 
 
 def _variable_sharding(mesh):

@@ -438,10 +438,14 @@ def check_data_fingerprint(directory, step: int, saved: dict | None, current: di
     if config is not None:
         name = (config if isinstance(config, dict) else config.to_dict()).get("data", {}).get("dataset_name")
     source = f" (data.dataset_name={name})" if name else ""
+    if "examples" in saved and "examples" in current:
+        what = (f"{saved['examples']:,} -> {current['examples']:,} examples, {saved['tokens']:,} -> "
+                f"{current['tokens']:,} tokens, token hash")
+    else:  # a stream (jsft.data.streaming): the hash of its files, sizes and mtimes, not of its tokens
+        what = "streamed source (files, sizes, mtimes) hash"
     warnings.warn(
-        f"the training data{source} changed since checkpoint {step} was written: {saved.get('examples'):,} -> "
-        f"{current.get('examples'):,} examples, {saved.get('tokens'):,} -> {current.get('tokens'):,} tokens, token "
-        f"hash {str(saved.get('hash'))[:12]} -> {str(current.get('hash'))[:12]}. The saved data position counts rows "
+        f"the training data{source} changed since checkpoint {step} was written: {what} "
+        f"{str(saved.get('hash'))[:12]} -> {str(current.get('hash'))[:12]}. The saved data position counts rows "
         "of the old data, so from here this run trains other rows than the interrupted run would have (start fresh "
         "in another output_dir to train the new data from step 0)", UserWarning, stacklevel=3)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jsft.errors import ConfigError
+from jsft.peft_names import check_target_syntax
 
 
 @dataclass
@@ -48,6 +49,9 @@ class DataConfig:
     dataset_train_split: str = "train"
     dataset_test_split: str | None = None  # a split name, or a second file path for eval
     dataset_text_field: str = "text"
+    # read the train split lazily as a datasets IterableDataset, tokenized and packed while training runs
+    # (jsft.data.streaming): nothing is tokenized up front, nothing cached; needs training.max_steps
+    dataset_streaming: bool = False
     max_length: int | None = 1024
     packing: bool = False
     packing_strategy: str = "bfd"  # bfd | bfd_split | wrapped | bfd_stream
@@ -124,8 +128,10 @@ class LoraConfig:  # TRL's ModelConfig names
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_target_modules: list[str] | str = "all-linear"
+    lora_target_modules: list[str] | str = "all-linear"  # PEFT's rules: a str is a regex (full match), a list suffixes
     use_rslora: bool = False  # PEFT's rank-stabilized LoRA: scale alpha / sqrt(r) instead of alpha / r
+    use_dora: bool = False  # PEFT's DoRA: a trained magnitude per output times the normalized W + s B A
+    lora_modules_to_save: list[str] | None = None  # modules trained whole beside the adapters (PEFT modules_to_save)
 
 
 @dataclass
@@ -320,8 +326,38 @@ def validate(config: SFTConfig) -> SFTConfig:
         _validate_mixture(d)
     elif not d.dataset_name:
         raise ConfigError("data.dataset_name is empty: set a local dataset file/directory or a hub name.")
+    if d.dataset_streaming:
+        _validate_streaming(config)
     _validate_ranges(config)
     return config
+
+
+def _validate_streaming(config: SFTConfig) -> None:
+    """data.dataset_streaming (jsft.data.streaming): what a stream of unknown length can honour."""
+    d, t = config.data, config.training
+    if t.max_steps <= 0:
+        raise ConfigError(
+            f"data.dataset_streaming=True needs training.max_steps > 0 (it is {t.max_steps}): a stream has no length, "
+            "so the number of steps cannot come from num_train_epochs (as in transformers, where max_steps is then "
+            "required). Fix: set training.max_steps (TRL: max_steps), or dataset_streaming=False")
+    refused = [
+        (bool(d.datasets), "data.datasets (a mixture) is read whole; streaming a mixture is not supported",
+         "drop data.datasets and stream one dataset, or set dataset_streaming=False"),
+        (d.packing and d.packing_strategy == "wrapped", "packing_strategy='wrapped' is not implemented for streams",
+         "use packing_strategy='bfd_stream' (best fit over data.packing_buffer_size examples)"),
+        (d.train_sampling_strategy == "group_by_length", "group_by_length chooses buckets from every row's length, "
+         "which a stream does not know up front", "set train_sampling_strategy='random', or dataset_streaming=False"),
+        (d.pad_to_multiple_of is not None, "pad_to_multiple_of is not implemented for streams (rows are padded to "
+         "max_length)", "unset data.pad_to_multiple_of"),
+        (d.packing and config.model.attention_impl == "cudnn", "attention_impl='cudnn' needs the most documents a "
+         "packed row holds, which a stream does not know up front", "set model.attention_impl='auto' (it picks "
+         "another packed kernel)"),
+        (d.max_length is None, "max_length=None pads to the longest example, which a stream does not know up front",
+         "set data.max_length"),
+    ]
+    for bad, why, fix in refused:
+        if bad:
+            raise ConfigError(f"data.dataset_streaming=True: {why}. Fix: {fix}")
 
 
 def _validate_quantization(config: SFTConfig) -> None:
@@ -466,13 +502,10 @@ def _validate_ranges(config: SFTConfig) -> None:
     if lo.use_peft:
         need(lo.lora_alpha > 0, "lora.lora_alpha", lo.lora_alpha, "must be > 0")
         need(0.0 <= lo.lora_dropout < 1.0, "lora.lora_dropout", lo.lora_dropout, "must be in [0, 1)")
-        targets = [lo.lora_target_modules] if isinstance(lo.lora_target_modules, str) else lo.lora_target_modules
-        unknown = [m for m in targets if m not in LORA_TARGETS + ("all-linear",)]
-        if unknown or not targets:
-            raise ConfigError(
-                f"lora.lora_target_modules={lo.lora_target_modules!r}: use 'all-linear' or a list of "
-                f"{', '.join(LORA_TARGETS)}" + (f" ({', '.join(map(repr, unknown))} is not one)" if unknown else "")
-            )
+        check_target_syntax(lo.lora_target_modules)  # the rest, against the model's modules, when it is built
+        saved = lo.lora_modules_to_save
+        need(saved is None or isinstance(saved, (list, tuple)) and all(isinstance(m, str) and m for m in saved),
+             "lora.lora_modules_to_save", saved, "must be a list of module names (e.g. ['lm_head', 'embed_tokens'])")
     for name in ("logging_steps", "save_steps", "eval_steps"):
         value = getattr(lg, name)
         need(value is None and name == "eval_steps" or value is not None and (
@@ -533,8 +566,6 @@ SCHEDULE_KWARGS = {
 # optim_args each optimizer takes (transformers' optim_args names); jsft.optim reads them.
 OPTIM_ARGS = {"sgd": ("momentum", "nesterov"), "muon": ("beta", "ns_steps", "nesterov")}
 REPORT_TO = ("jsonl", "tensorboard", "wandb", "trackio", "mlflow")
-# The projections LoRA can target (jsft.model.lora.LINEAR_NAMES, kept here so config checks need no JAX).
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def check_data_compatibility(config: SFTConfig, columns, first_row: dict | None = None) -> None:

@@ -76,7 +76,7 @@ def export(model, tokenizer, config: SFTConfig, formats=None, out_dir=None, trai
                 base = config.model.model_name_or_path or "(random init: model.init_from_scratch)"
                 hf.save_peft_adapter(model, d, base, lc.lora_r, lc.lora_alpha, lc.lora_dropout,
                                      lc.lora_target_modules, save_embeddings=trained_embeddings,
-                                     use_rslora=lc.use_rslora)
+                                     use_rslora=lc.use_rslora, modules_to_save=lc.lora_modules_to_save)
                 padded = _with_dummy_tokens(tokenizer, model.cfg.vocab_size) if trained_embeddings else tokenizer
                 padded.save_pretrained(d)
         written[fmt] = write_complete(target, write, fmt, _export_bytes(model, fmt, trained_embeddings),
@@ -153,7 +153,6 @@ def _with_dummy_tokens(tokenizer, vocab_size: int):
 def export_checkpoint(config: SFTConfig, step: int | None = None, formats=None, out_dir=None) -> dict[str, Path]:
     """Rebuild the run's model (base weights + the checkpoint's trained params) and export it."""
     from jsft import build, checkpoint, sharding
-    from jsft.optim import trainable_filter
 
     output_dir = config.logging.output_dir
     checkpoint.check_step(checkpoint.checkpoint_dir(output_dir), step, checkpoint.steps(output_dir))
@@ -163,7 +162,7 @@ def export_checkpoint(config: SFTConfig, step: int | None = None, formats=None, 
         tokenizer, added = build.build_tokenizer(config)
         model, grew = build.build_model(config, tokenizer, mesh)
         trained_embeddings = bool(added) or grew
-        wrt = trainable_filter(config.lora.use_peft, new_token_rows=trained_embeddings)
+        wrt = build.trainable(config, model, trained_embeddings)
         with checkpoint.make_manager(output_dir, config.logging.save_total_limit, async_save=False) as manager:
             step = checkpoint.restore_params_intact(manager, model, wrt, step, config)
         print(f"export: checkpoint {step} of {config.logging.output_dir}")

@@ -37,6 +37,7 @@ from jsft.model.params import STACKED, base_params, layer_slices, layer_values, 
 from jsft.hub import check_local_or_hub, hub_unreachable, one_line
 from jsft.model import quant
 from jsft.model.llama import ARCHITECTURES, Llama, LlamaConfig
+from jsft.peft_names import resolve_modules_to_save
 
 # (HF tensor name, jsft parameter path, transpose). {i}: layer index; {proj}/{norm}: the module name.
 RULES = (
@@ -436,7 +437,7 @@ def save_merged(model: Llama, out_dir, tokenizer=None, max_shard_bytes: int = 5 
 
 def save_peft_adapter(model: Llama, out_dir, base_model_name_or_path: str, r: int, alpha: float, dropout: float,
                       target_modules, added_token_ids=None, save_embeddings: bool = False,
-                      use_rslora: bool = False) -> Path:
+                      use_rslora: bool = False, modules_to_save=None) -> Path:
     """adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained(base, out_dir)` loads.
 
     Keys follow PEFT: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight [r, in] and .lora_B.weight
@@ -450,8 +451,15 @@ def save_peft_adapter(model: Llama, out_dir, base_model_name_or_path: str, r: in
     save_embeddings=True (the whole embedding and head were trained): both go in whole, as
     `modules_to_save=["embed_tokens", "lm_head"]` (for a tied model the head is the embedding, saved untied so PEFT's
     copy of the embedding and the head agree). Use one of added_token_ids / save_embeddings, matching what trained.
+
+    DoRA layers add ...q_proj.lora_magnitude_vector [out] (PEFT's file key, no ".weight") and use_dora=true.
+    modules_to_save (lora_modules_to_save, PEFT's names, e.g. ["lm_head", "embed_tokens"]): those modules' whole
+    weights under the base model's names (base_model.model.lm_head.weight), as PEFT's save_pretrained writes them
+    (it drops the ".modules_to_save.default" of its live parameter names; from_pretrained puts it back).
+    target_modules: a regex string is written as given (PEFT then selects the same projections), a list as the
+    projection names the model's LoRA layers have.
     """
-    from jsft.model.lora import lora_modules, resolve_targets
+    from jsft.model.lora import lora_modules
 
     modules = lora_modules(model)
     if not modules:
@@ -468,12 +476,24 @@ def save_peft_adapter(model: Llama, out_dir, base_model_name_or_path: str, r: in
             prefix = "base_model.model." + jsft_to_hf(kernel)[0].removesuffix(".weight")
             tensors[f"{prefix}.lora_A.weight"] = (lambda m=module, i=i: _layer(m.lora_a.get_value(), i), True)
             tensors[f"{prefix}.lora_B.weight"] = (lambda m=module, i=i: _layer(m.lora_b.get_value(), i), True)
-    modules_to_save, trainable_tokens = None, None
+            if module.lora_magnitude is not None:
+                tensors[f"{prefix}.lora_magnitude_vector"] = (
+                    lambda m=module, i=i: _layer(m.lora_magnitude.get_value(), i), False)
+    use_dora = any(m.lora_magnitude is not None for m in modules.values())
+    trainable_tokens = None
     if save_embeddings and added_token_ids is not None:
         raise ValueError("save_peft_adapter: pass added_token_ids (only those rows trained) or save_embeddings=True "
                          "(the whole embedding and head trained), not both")
+    saved = list(modules_to_save or [])
+    cfg = model.cfg
+    for name in resolve_modules_to_save(saved, cfg.num_layers, cfg.qk_norm, cfg.tie_word_embeddings):
+        for path, var in base_params(model).items():
+            if name in path.split("."):
+                for slice_name, i in layer_slices(path, cfg.num_layers):
+                    hf_name, transpose = jsft_to_hf(slice_name)
+                    tensors[f"base_model.model.{hf_name}"] = (lambda v=var, i=i: _layer(v.get_value(), i), transpose)
     if save_embeddings:
-        modules_to_save = ["embed_tokens", "lm_head"]
+        saved += [m for m in ("embed_tokens", "lm_head") if m not in saved]
         tensors["base_model.model.model.embed_tokens.weight"] = (model.embed_tokens.embedding[...], False)
         tensors["base_model.model.lm_head.weight"] = (model.lm_head_weight(), True)
     if added_token_ids is not None and len(added_token_ids):
@@ -485,7 +505,7 @@ def save_peft_adapter(model: Llama, out_dir, base_model_name_or_path: str, r: in
         rows = model.embed_tokens.embedding[...][np.asarray(ids)]
         tensors["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"] = (rows, False)
         if not model.cfg.tie_word_embeddings:
-            modules_to_save = ["lm_head"]
+            saved += [] if "lm_head" in saved else ["lm_head"]
             tensors["base_model.model.lm_head.weight"] = (model.lm_head.kernel[...], True)
     _write_safetensors(out, tensors, max_shard_bytes=2**62, dtype=jnp.float32, prefix="adapter_model")
     config = {
@@ -495,14 +515,15 @@ def save_peft_adapter(model: Llama, out_dir, base_model_name_or_path: str, r: in
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
-        "target_modules": sorted(resolve_targets(target_modules)),
+        "target_modules": target_modules if isinstance(target_modules, str) and target_modules != "all-linear"
+        else sorted({path.rsplit(".", 1)[-1] for path in modules}),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
         "use_rslora": bool(use_rslora),
-        "use_dora": False,
-        "modules_to_save": modules_to_save,
+        "use_dora": use_dora,
+        "modules_to_save": saved or None,
         "trainable_token_indices": trainable_tokens,
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

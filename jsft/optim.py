@@ -302,15 +302,17 @@ def each_layer(inner: optax.GradientTransformation) -> optax.GradientTransformat
 
 
 def _muon_dimensions(params):
-    """Muon's axes for each param: matrices (ndim >= 2, stacked layers in front) orthogonalized over their last two
-    axes; vectors (norms, biases) None, so Muon's Adam updates them. Embedding and lm_head rows are matrices too, as
-    in optax's default; users who want them on Adam can say so in a future knob."""
+    """Muon's axes for each param: matrices (ndim >= 2 per layer, stacked layers in front) orthogonalized over their
+    last two axes; vectors (norms, biases, DoRA magnitudes; [N, size] when stacked) None, so Muon's Adam updates
+    them. Embedding and lm_head rows are matrices too, as in optax's default; users who want them on Adam can say so
+    in a future knob."""
     from optax.contrib import MuonDimensionNumbers
 
-    def dims(p):
-        return MuonDimensionNumbers(reduction_axis=p.ndim - 2, output_axis=p.ndim - 1) if p.ndim >= 2 else None
+    def dims(path, p):
+        per_layer_ndim = p.ndim - 1 if path_name(path).startswith(STACKED) else p.ndim
+        return MuonDimensionNumbers(reduction_axis=p.ndim - 2, output_axis=p.ndim - 1) if per_layer_ndim >= 2 else None
 
-    return jax.tree.map(dims, params)
+    return jax.tree_util.tree_map_with_path(dims, params)
 
 
 def _scale_by_adam_fp32_nu(b1, b2, eps, mu_dtype) -> optax.GradientTransformation:
@@ -332,17 +334,18 @@ def _scale_by_adam_fp32_nu(b1, b2, eps, mu_dtype) -> optax.GradientTransformatio
 # ----------------------------------------------------------------------------------------------- trainable filter
 
 
-def trainable_filter(lora: bool, new_token_rows: bool = False):
+def trainable_filter(lora: bool, new_token_rows: bool = False, modules_to_save=()):
     """The nnx filter of trained params, for `nnx.Optimizer(..., wrt=...)` and the gradient split.
 
     full fine-tuning: nnx.Param (every param, LoRA params included if any).
-    LoRA:             nnx.LoRAParam; plus, when the tokenizer gained new tokens (chat template cloning), the
-                      whole embedding and lm_head (paths containing 'embed_tokens' / 'lm_head'), like TRL, which
-                      makes those modules trainable and saves them with the adapter.
+    LoRA:             nnx.LoRAParam (DoRA's magnitudes too); plus, when the tokenizer gained new tokens (chat
+                      template cloning), the whole embedding and lm_head (paths containing 'embed_tokens' /
+                      'lm_head'), like TRL, which makes those modules trainable and saves them with the adapter;
+                      plus the modules of `modules_to_save` (jsft module names: peft_names.resolve_modules_to_save).
     """
     if not lora:
         return nnx.Param
-    if not new_token_rows:
+    whole = tuple(dict.fromkeys((NEW_TOKEN_ROW_PATHS if new_token_rows else ()) + tuple(modules_to_save)))
+    if not whole:
         return nnx.LoRAParam
-    rows = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(p) for p in NEW_TOKEN_ROW_PATHS)))
-    return nnx.Any(nnx.LoRAParam, rows)
+    return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(p) for p in whole))))

@@ -86,7 +86,7 @@ def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_st
         print(f"plan: each step's rows are padded to its longest row rounded up to a multiple of "
               f"{train_data.pad_to_multiple_of} (data.pad_to_multiple_of): {len(lengths)} possible lengths "
               f"{lengths[0]}..{lengths[-1]}, each compiled on first use; the memory below is for {L}")
-    elif train_data.stats["packing"] == "none" and train_data.stats["fill_rate"] < 0.5:
+    elif train_data.stats["packing"] == "none" and train_data.stats.get("fill_rate", 1) < 0.5:
         print(f"plan: unpacked rows are {train_data.stats['fill_rate']:.0%} tokens, the rest padding to {L}: set "
               "data.packing=True (documents stay apart), or data.pad_to_multiple_of=64 to pad each step only to its "
               "longest row (one compile per length)")

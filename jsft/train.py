@@ -29,16 +29,18 @@ from flax import nnx
 from jsft import checkpoint, outdir, peers, progress, sharding, step
 from jsft import trackers as trackers_lib
 from jsft.best import BestCheckpoint
-from jsft.build import build_model, build_tokenizer, check_model_config, check_sliding_window, warn_past_max_positions
+from jsft.build import (build_model, build_tokenizer, check_model_config, check_sliding_window, modules_to_save,
+                        trainable, warn_past_max_positions)
 from jsft.callbacks import Callbacks
 from jsft.config import ConfigError, LoggingConfig, SFTConfig, validate
 from jsft.config_files import load
 from jsft.data.pipeline import PreparedDataset, batch_iterator, format_stats, prepare_dataset, steps_per_epoch
+from jsft.data.streaming import StreamedDataset, prepare_stream, stream_iterator
 from jsft.evaluation import eval_mode, eval_rows, evaluate, run_eval
 from jsft.export import export, resolve_formats
 from jsft.guard import Diverged, DivergenceGuard
 from jsft.loss import effective_seq_len, flops_per_token, lora_frozen_params, mfu, peak_tflops
-from jsft.optim import make_optimizer, trainable_filter
+from jsft.optim import make_optimizer
 from jsft.plan import PlannedStep, print_plan
 from jsft.signals import StopSignals
 from jsft.trl_config import parse_flags
@@ -152,7 +154,7 @@ class RunParts:
     mesh: jax.sharding.Mesh
     is_main: bool  # process 0: writes config.json, the metrics, the exports
     tokenizer: object
-    train_data: PreparedDataset
+    train_data: PreparedDataset | StreamedDataset  # a stream with data.dataset_streaming
     eval_data: PreparedDataset | None
     epoch_steps: int
     total_steps: int
@@ -179,13 +181,16 @@ def setup(config: SFTConfig) -> RunParts:
     _prepare_output_dir(config, out, is_main)
     tokenizer, added_tokens = build_tokenizer(config)
     check_model_config(config)  # an unsupported architecture or RoPE type fails before tokenizing, not after
+    streamed = config.data.dataset_streaming  # read, tokenized and packed while training runs (jsft.data.streaming)
     train_data, eval_data = _prepare_data(config, tokenizer)
-    fingerprint = checkpoint.data_fingerprint(train_data)  # saved in each checkpoint, compared on resume
+    # saved in each checkpoint, compared on resume
+    fingerprint = train_data.fingerprint() if streamed else checkpoint.data_fingerprint(train_data)
     batch_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
     rows_per_micro = tc.per_device_train_batch_size * batch_shards // data_count  # this process's rows
     # every row each epoch, as TRL (dataloader_drop_last=False): the last step's free slots are empty rows
-    epoch_steps = steps_per_epoch(train_data, rows_per_micro * data_count, tc.gradient_accumulation_steps,
-                                  drop_remainder=False)
+    # a stream has no length: its epoch is max_steps, as transformers counts an IterableDataset's
+    epoch_steps = tc.max_steps if streamed else steps_per_epoch(
+        train_data, rows_per_micro * data_count, tc.gradient_accumulation_steps, drop_remainder=False)
     total_steps = total_steps_for(config, epoch_steps)
     lc = with_step_counts(config.logging, total_steps)
     num_epochs = None if tc.max_steps > 0 else math.ceil(tc.num_train_epochs)
@@ -193,18 +198,22 @@ def setup(config: SFTConfig) -> RunParts:
     model, grew_vocab = build_model(config, tokenizer, mesh)
     datasets = [d for d in (train_data, eval_data) if d is not None]
     check_sliding_window(model.cfg, datasets)
-    warn_past_max_positions(model.cfg, datasets, config.data.max_length)
-    model.set_max_segments(max(d.stats["max_documents_per_row"] for d in datasets))
+    warn_past_max_positions(model.cfg, [d for d in datasets if not d.stats.get("streamed")], config.data.max_length)
+    segments = [d.stats["max_documents_per_row"] for d in datasets]
+    model.set_max_segments(None if None in segments else max(segments))  # None: a stream's, not known up front
     trained_embeddings = bool(added_tokens) or grew_vocab  # the whole embedding and head train too (LoRA)
-    wrt = trainable_filter(config.lora.use_peft, new_token_rows=trained_embeddings)
+    wrt = trainable(config, model, trained_embeddings)
     tx, schedule = make_optimizer(tc, total_steps)
     optimizer = sharding.create_sharded_optimizer(model, tx, wrt, mesh)  # moments built in their shards
 
     best = BestCheckpoint.from_config(lc)
     manager = _checkpoint_manager(out, lc, best)
-    data_it = batch_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, tc.seed, num_epochs,
-                             config.data.train_sampling_strategy != "sequential", data_index, data_count,
-                             drop_remainder=False)
+    if streamed:
+        data_it = stream_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, data_index, data_count)
+    else:
+        data_it = batch_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, tc.seed, num_epochs,
+                                 config.data.train_sampling_strategy != "sequential", data_index, data_count,
+                                 drop_remainder=False)
     return RunParts(config, lc, out, mesh, is_main, tokenizer, train_data, eval_data, epoch_steps, total_steps, model,
                     trained_embeddings, wrt, optimizer, schedule, data_it, data_count, fingerprint, best, manager)
 
@@ -217,9 +226,11 @@ def _prepare_output_dir(config: SFTConfig, out: Path, is_main: bool) -> None:
         print(f"compilation cache: {cache or 'off (training.compilation_cache_dir=none)'}")
 
 
-def _prepare_data(config: SFTConfig, tokenizer) -> tuple[PreparedDataset, PreparedDataset | None]:
-    """The train split and the eval split (None without data.dataset_test_split), tokenized, their stats printed."""
-    train_data = prepare_dataset(config, tokenizer, "train")
+def _prepare_data(config: SFTConfig, tokenizer) -> tuple[PreparedDataset | StreamedDataset, PreparedDataset | None]:
+    """The train split (tokenized, or a stream: data.dataset_streaming) and the eval split (None without
+    data.dataset_test_split), their stats printed."""
+    streamed = config.data.dataset_streaming
+    train_data = prepare_stream(config, tokenizer) if streamed else prepare_dataset(config, tokenizer, "train")
     print(format_stats(train_data.stats))
     eval_data = None
     if config.data.dataset_test_split is not None:
@@ -402,7 +413,8 @@ def _utilization(parts: RunParts):
     flop_counts = {}
     if parts.config.lora.use_peft:
         flop_counts = dict(lora_params=sum(x.size for x in jax.tree.leaves(nnx.state(parts.model, nnx.LoRAParam))),
-                           frozen_params=lora_frozen_params(hf_cfg, head_trains=parts.trained_embeddings))
+                           frozen_params=lora_frozen_params(hf_cfg, head_trains=parts.trained_embeddings or "lm_head"
+                                                            in modules_to_save(parts.config, parts.model)))
     return lambda rate, seq: mfu(rate, flops_per_token(hf_cfg, seq, **flop_counts), jax.device_count(), peak)
 
 

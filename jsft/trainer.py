@@ -141,19 +141,24 @@ def _dataset_path(dataset, path: Path, formatting_func) -> str:
 
 
 def _apply_peft_config(config: SFTConfig, peft_config) -> None:
-    """A peft.LoraConfig -> lora.*: r, lora_alpha, lora_dropout, target_modules (None: PEFT's Llama default)."""
+    """A peft.LoraConfig -> lora.*: r, lora_alpha, lora_dropout, target_modules (None: PEFT's Llama default),
+    use_rslora, use_dora, modules_to_save."""
     from jsft.trl_config import PEFT_DEFAULT_TARGETS
 
     if type(peft_config).__name__ != "LoraConfig":
         raise ConfigError(f"peft_config: jsft trains LoRA adapters (peft.LoraConfig), got {type(peft_config).__name__}")
-    unsupported = {"use_dora": False, "modules_to_save": None, "bias": "none"}
+    unsupported = {"bias": "none", "lora_bias": False, "exclude_modules": None, "layers_to_transform": None,
+                   "rank_pattern": {}, "alpha_pattern": {}, "target_parameters": None, "trainable_token_indices": None,
+                   "init_lora_weights": True, "use_qalora": False}
     refused = [f"{k}={getattr(peft_config, k)!r}" for k, v in unsupported.items() if getattr(peft_config, k, v) != v]
     if refused:
         raise ConfigError(f"peft_config: {', '.join(refused)} is not supported by jsft (plain LoRA: r, lora_alpha, "
-                          "lora_dropout, target_modules)")
+                          "lora_dropout, target_modules, use_rslora, use_dora, modules_to_save)")
     lora = config.lora
     lora.use_peft, lora.lora_r, lora.lora_alpha = True, int(peft_config.r), int(peft_config.lora_alpha)
     lora.lora_dropout, lora.use_rslora = float(peft_config.lora_dropout), bool(peft_config.use_rslora)
+    lora.use_dora = bool(peft_config.use_dora)
+    lora.lora_modules_to_save = list(peft_config.modules_to_save) if peft_config.modules_to_save else None
     targets = peft_config.target_modules
     lora.lora_target_modules = (PEFT_DEFAULT_TARGETS if targets is None else
                                 targets if isinstance(targets, str) else sorted(targets))

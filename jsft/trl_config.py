@@ -146,9 +146,8 @@ def _targets(value, values):
         return {"lora.lora_target_modules": list(PEFT_DEFAULT_TARGETS)}
     if value == "all-linear" or value == ["all-linear"]:
         return {"lora.lora_target_modules": "all-linear"}
-    if isinstance(value, str):
-        raise ConfigError(f"TRL lora_target_modules={value!r}: give a list of module names (a regex is not "
-                          "supported), or 'all-linear'")
+    if isinstance(value, str):  # PEFT: a regex, full-matched against each module name
+        return {"lora.lora_target_modules": value}
     return {"lora.lora_target_modules": list(value)}
 
 
@@ -260,10 +259,10 @@ TRL_FIELDS: dict[str, tuple] = {
     "lora_dropout": (0.05, "lora.lora_dropout", ""),
     "lora_target_modules": (None, _targets, ""),
     "lora_target_parameters": (None, NO_KNOB, "LoRA on raw parameters (MoE experts) is not supported"),
-    "lora_modules_to_save": (None, NO_KNOB, "jsft trains embed_tokens/lm_head itself when new tokens are added"),
+    "lora_modules_to_save": (None, "lora.lora_modules_to_save", ""),
     "lora_task_type": ("CAUSAL_LM", NO_KNOB, "jsft trains causal LMs only"),
     "use_rslora": (False, "lora.use_rslora", ""),
-    "use_dora": (False, NO_KNOB, "DoRA is not supported"),
+    "use_dora": (False, "lora.use_dora", ""),
     "load_in_8bit": (False, "model.load_in_8bit", ""),
     "load_in_4bit": (False, "model.load_in_4bit", ""),
     "bnb_4bit_quant_type": ("nf4", "model.bnb_4bit_quant_type", ""),
@@ -274,11 +273,11 @@ TRL_FIELDS: dict[str, tuple] = {
     "dataset_config": (None, "data.dataset_config", ""),
     "dataset_train_split": ("train", "data.dataset_train_split", ""),
     "dataset_test_split": ("test", _with("eval_strategy"), ""),
-    "dataset_streaming": (False, NO_KNOB, "jsft tokenizes and caches the whole dataset; streaming is not supported"),
+    "dataset_streaming": (False, "data.dataset_streaming", ""),
     "ignore_bias_buffers": (False, NO_EFFECT, "a torch DDP workaround"),
     "datasets": ([], _mixture, ""),
-    "streaming": (False, NO_KNOB, "jsft tokenizes and caches a mixture's rows; streaming is not supported (drop "
-                  "streaming: true, the rows are then read whole)"),
+    "streaming": (False, NO_KNOB, "jsft reads a mixture's rows whole: a mixture's streaming is not supported (drop "
+                  "streaming: true, the rows are then read whole; dataset_streaming streams a single dataset)"),
     "test_split_size": (None, _with("datasets"), ""),
     "dataset_text_field": ("text", "data.dataset_text_field", ""),
     "dataset_kwargs": (None, _one_of((None, {}), "skip_prepare_dataset and other preparation "

@@ -340,7 +340,7 @@ def test_full_default_trl_dump_loads(tmp_path):
     ("optim", "adamw_8bit", "training.optim"),
     ("report_to", ["comet_ml"], "comet_ml"),
     ("eval_strategy", "sometimes", "eval_strategy"),
-    ("use_dora", True, "DoRA"),
+    ("lora_target_parameters", ["experts.gate_up_proj"], "MoE"),
     ("lr_scheduler_kwargs", {"num_cycles": 2}, "lr_scheduler_kwargs"),
     ("logging_steps", 1.5, "logging_steps"),
     ("dtype", "auto", "dtype"),

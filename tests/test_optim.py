@@ -262,6 +262,17 @@ def test_muon_orthogonalizes_matrix_updates_and_adams_the_rest():
                                -np.sign(_grads(0)["up_proj.bias"]) * (1 + b1 * (1 - b1) / (1 - b1**2)), rtol=1e-4)
 
 
+def test_muon_treats_stacked_vectors_as_vectors():
+    """Stacked layers' norms and DoRA magnitudes are [N, size]: a vector per layer, for Muon's Adam."""
+    params = {"layers": {"input_layernorm": {"scale": jnp.zeros((2, 8))},
+                         "mlp": {"up_proj": {"kernel": jnp.zeros((2, 8, 4)), "lora_magnitude": jnp.zeros((2, 4))}}},
+              "lm_head": {"kernel": jnp.zeros((8, 16))}, "norm": {"scale": jnp.zeros(8)}}
+    dims = optim._muon_dimensions(params)
+    assert dims["layers"]["input_layernorm"]["scale"] is None and dims["norm"]["scale"] is None
+    assert dims["layers"]["mlp"]["up_proj"]["lora_magnitude"] is None
+    assert (dims["layers"]["mlp"]["up_proj"]["kernel"].reduction_axis, dims["lm_head"]["kernel"].output_axis) == (1, 1)
+
+
 def test_optimizer_names_and_arguments_are_checked():
     from jsft.config import SFTConfig, validate
 

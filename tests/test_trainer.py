@@ -93,9 +93,9 @@ def test_bad_arguments_are_clear_errors(checkpoint_dir, tmp_path):
 
     with pytest.raises(ConfigError, match="needs train_dataset"):
         SFTTrainer(model=str(checkpoint_dir), args=SFTConfig())
-    with pytest.raises(ConfigError, match="use_dora=True is not supported"):
+    with pytest.raises(ConfigError, match="bias='all' is not supported"):
         SFTTrainer(model=str(checkpoint_dir), args=SFTConfig(), train_dataset=_rows(2, 0),
-                   peft_config=LoraConfig(use_dora=True))
+                   peft_config=LoraConfig(bias="all"))
     with pytest.raises(ConfigError, match="formatting_func needs the dataset"):
         SFTTrainer(model=str(checkpoint_dir), args=SFTConfig(), train_dataset="rows.jsonl",
                    formatting_func=lambda row: row["text"])

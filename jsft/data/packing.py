@@ -209,65 +209,113 @@ def pack_stream(lengths: Iterable[int], max_length: int, buffer_size: int = 10_0
     row (least room that fits; else a new row). Long examples therefore open rows early and the short ones that pile
     up in the buffer fill the gaps later. A row is yielded when it is exactly full or, when more than `buffer_size`
     rows are open, the fullest open row is yielded. At the end the buffer drains longest first: with a buffer as large
-    as the dataset this is exactly `bfd` (the same rows, yielded in another order).
+    as the dataset this is exactly `bfd` (the same rows, yielded in another order). The work is `StreamPacker`'s.
 
         >>> list(pack_stream([2, 7, 3, 9, 1, 5], max_length=10, buffer_size=2))
         [[(1, 0, 7), (2, 0, 3)], [(3, 0, 9), (4, 0, 1)], [(5, 0, 5), (0, 0, 2)]]
     """
-    if max_length < 1 or buffer_size < 1:
-        raise ValueError(f"max_length={max_length}, buffer_size={buffer_size}: both must be >= 1")
-    pending: list[tuple[int, int]] = []  # heap of (-length, example_index)
-    rows: dict[int, list[tuple]] = {}  # open row id -> its slices
-    queues = [deque() for _ in range(max_length + 1)]  # room -> open rows with that room, oldest first
-    rooms = 1 << max_length  # bitset of rooms in use; bit max_length = "a new row", always set
-    next_row = 0
+    packer = StreamPacker(max_length, buffer_size)
+    for index, length in enumerate(lengths):
+        if int(length) < 0:
+            raise ValueError(f"negative length at example {index}")
+        yield from packer.push(index, int(length))
+    yield from packer.finish()
 
-    def place(length: int, index: int):
-        nonlocal rooms, next_row
-        above = rooms >> length
+
+class StreamPacker:
+    """`pack_stream`'s best fit as an object whose whole state is small and JSON-able (`state()` / `from_state`), so
+    a streaming pipeline can checkpoint it between rows (jsft.data.streaming). Items are (index, length); a row is a
+    list of (index, 0, length). `push` returns the rows it closes (at most one), `finish` the rest.
+
+        >>> packer = StreamPacker(max_length=10, buffer_size=2)
+        >>> [packer.push(i, n) for i, n in enumerate([2, 7, 3])]
+        [[], [], []]
+        >>> StreamPacker.from_state(packer.state()).finish()   # a restored packer goes on the same way
+        [[(1, 0, 7), (2, 0, 3)], [(0, 0, 2)]]
+    """
+
+    def __init__(self, max_length: int, buffer_size: int = 10_000):
+        if max_length < 1 or buffer_size < 1:
+            raise ValueError(f"max_length={max_length}, buffer_size={buffer_size}: both must be >= 1")
+        self.max_length, self.buffer_size = max_length, buffer_size
+        self.pending: list[tuple[int, int]] = []  # heap of (-length, index)
+        self.rows: dict[int, list[tuple]] = {}  # open row id -> its slices
+        self.queues = [deque() for _ in range(max_length + 1)]  # room -> open rows with that room, oldest first
+        self.rooms = 1 << max_length  # bitset of rooms in use; bit max_length = "a new row", always set
+        self.next_row = 0
+
+    def push(self, index: int, length: int) -> list[list[tuple]]:
+        """Add item `index` of `length` tokens (cut to max_length; 0: skipped); the rows this closes."""
+        length = min(int(length), self.max_length)
+        if length <= 0:
+            return []
+        heapq.heappush(self.pending, (-length, index))
+        if len(self.pending) <= self.buffer_size:
+            return []
+        negative, i = heapq.heappop(self.pending)
+        row = self._place(-negative, i)
+        return [] if row is None else [row]
+
+    def finish(self) -> list[list[tuple]]:
+        """Drain the buffer longest first, then every open row (oldest first); the packer is empty after."""
+        out = []
+        while self.pending:
+            negative, i = heapq.heappop(self.pending)
+            row = self._place(-negative, i)
+            if row is not None:
+                out.append(row)
+        out.extend(self.rows[r] for r in sorted(self.rows))
+        self.rows.clear()
+        self.queues = [deque() for _ in range(self.max_length + 1)]
+        self.rooms = 1 << self.max_length
+        return out
+
+    def items(self) -> list[int]:
+        """The indices of every item the packer holds (pending or in an open row)."""
+        return [i for _, i in self.pending] + [s[0] for row in self.rows.values() for s in row]
+
+    def _place(self, length: int, index: int):
+        above = self.rooms >> length
         room = length + (above & -above).bit_length() - 1
-        if room == max_length:
-            r, next_row = next_row, next_row + 1
-            rows[r] = []
+        if room == self.max_length:
+            r, self.next_row = self.next_row, self.next_row + 1
+            self.rows[r] = []
         else:
-            q = queues[room]
-            r = q.popleft()
-            if not q:
-                rooms ^= 1 << room
-        rows[r].append((index, 0, length))
+            r = self._take(room)
+        self.rows[r].append((index, 0, length))
         left = room - length
         if left == 0:
-            return rows.pop(r)
-        q = queues[left]
+            return self.rows.pop(r)
+        q = self.queues[left]
         if not q:
-            rooms |= 1 << left
+            self.rooms |= 1 << left
         q.append(r)
-        if len(rows) > buffer_size:  # too many open rows: close the fullest (the smallest room, oldest first)
-            low = rooms & -rooms
-            room = low.bit_length() - 1
-            q = queues[room]
-            r = q.popleft()
-            if not q:
-                rooms ^= low
-            return rows.pop(r)
+        if len(self.rows) > self.buffer_size:  # too many open rows: close the fullest (the smallest room, oldest first)
+            return self.rows.pop(self._take((self.rooms & -self.rooms).bit_length() - 1))
         return None
 
-    for index, length in enumerate(lengths):
-        length = min(int(length), max_length)
-        if length <= 0:
-            if length < 0:
-                raise ValueError(f"negative length at example {index}")
-            continue
-        heapq.heappush(pending, (-length, index))
-        if len(pending) > buffer_size:
-            negative, i = heapq.heappop(pending)
-            row = place(-negative, i)
-            if row is not None:
-                yield row
-    while pending:
-        negative, i = heapq.heappop(pending)
-        row = place(-negative, i)
-        if row is not None:
-            yield row
-    for r in sorted(rows):
-        yield rows[r]
+    def _take(self, room: int) -> int:
+        """The oldest open row with exactly `room` left, out of its queue."""
+        q = self.queues[room]
+        r = q.popleft()
+        if not q:
+            self.rooms ^= 1 << room
+        return r
+
+    def state(self) -> dict:
+        """Everything the packer holds, as JSON-able lists of ints."""
+        return {"max_length": self.max_length, "buffer_size": self.buffer_size, "next_row": self.next_row,
+                "pending": [list(p) for p in self.pending],
+                "rows": [[r, [list(s) for s in slices]] for r, slices in self.rows.items()],
+                "queues": [[room, list(q)] for room, q in enumerate(self.queues) if q]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> StreamPacker:
+        packer = cls(state["max_length"], state["buffer_size"])
+        packer.next_row = state["next_row"]
+        packer.pending = [tuple(p) for p in state["pending"]]  # a heap already, in the saved order
+        packer.rows = {r: [tuple(s) for s in slices] for r, slices in state["rows"]}
+        for room, rows in state["queues"]:
+            packer.queues[room].extend(rows)
+            packer.rooms |= 1 << room
+        return packer

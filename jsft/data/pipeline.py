@@ -512,6 +512,17 @@ def prepare_dataset(config: SFTConfig, tokenizer, split: str = "train") -> Prepa
 def format_stats(stats: dict) -> str:
     """The preparation report, one fact a line."""
     s = stats
+    if s.get("streamed"):  # jsft.data.streaming: nothing is read before training, so nothing is counted yet
+        packed = (f"packed {s['packing']}: best fit over a buffer of {s['packing_buffer_size']:,} examples"
+                  if s["packing"] != "none" else "one example each, truncated")
+        shuffled = (f"shuffled by datasets (IterableDataset.shuffle, buffer {s['shuffle_buffer']:,} rows, seed "
+                    f"{s['seed']}, reseeded each pass)" if s["shuffle_buffer"] else "not shuffled (stream order)")
+        return "\n".join([
+            f"data ({s['split']}, streamed from {s['source']}): rows are read, tokenized and packed while training "
+            "runs; rows, examples and tokens are not known up front (nothing is cached)",
+            f"  rows ({packed}) of {s['row_length']} slots; {shuffled}; the stream is read again as often as "
+            "training.max_steps needs",
+        ])
     lines = [
         f"data ({s.get('split', 'train')}, cache {s.get('cache', '-')}): {s['rows_read']:,} rows read, "
         f"{s['examples']:,} examples, {s['tokens']:,} tokens",

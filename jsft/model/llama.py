@@ -235,11 +235,14 @@ class Linear(nnx.Module):
         self.compute_dtype = compute_dtype
 
     def __call__(self, x):
-        if isinstance(self.kernel, QuantizedKernel):  # a QLoRA base: dequantized inside the matmul
-            y = self.kernel.matmul(x, self.compute_dtype)
-        else:
-            y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+        y = self.project(x)
         return y if self.bias is None else y + self.bias[...].astype(self.compute_dtype)
+
+    def project(self, x):
+        """x @ kernel in the compute dtype, without the bias."""
+        if isinstance(self.kernel, QuantizedKernel):  # a QLoRA base: dequantized inside the matmul
+            return self.kernel.matmul(x, self.compute_dtype)
+        return jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
 
 
 class Embed(nnx.Module):
