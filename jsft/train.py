@@ -46,6 +46,12 @@ from jsft.signals import StopSignals
 from jsft.trl_config import parse_flags
 
 
+def should_log(logging, step: int, total_steps: int) -> bool:
+    """A train record after this optimizer step? Every logging_steps, the last step, and the first one with
+    logging_first_step."""
+    return step % logging.logging_steps == 0 or step == total_steps or (logging.logging_first_step and step == 1)
+
+
 def should_save(logging, step: int, epoch_steps: int) -> bool:
     """A checkpoint after this optimizer step? logging.save_strategy: every save_steps, at each epoch's end, or never
     (a stop by Ctrl-C still saves; 'steps' and 'epoch' also save at the end of the run; 'best' saves where an eval
@@ -366,12 +372,6 @@ def loop(parts: RunParts, state: LoopState, train_step, batch, writer, callbacks
         raise
     finally:
         bar.close()
-
-
-def should_log(logging, step: int, total_steps: int) -> bool:
-    """A train record after this optimizer step? Every logging_steps, the last step, and the first one with
-    logging_first_step."""
-    return step % logging.logging_steps == 0 or step == total_steps or (logging.logging_first_step and step == 1)
 
 
 def _optimizer_step(parts: RunParts, state: LoopState, train_step, batch, guard: DivergenceGuard,
