@@ -39,6 +39,7 @@ from etils import epath
 from flax import nnx
 
 from jsft import manifest, outdir
+from jsft.data import store
 from jsft.errors import CheckpointError
 
 # The settings whose change gives other parameter shapes or names (the model, its vocabulary, LoRA); compared with
@@ -424,7 +425,8 @@ def data_fingerprint(prepared) -> dict:
     examples = prepared.examples
     h = xxhash.xxh3_128()
     for array in (examples.tokens, examples.loss_mask, examples.offsets):
-        h.update(np.ascontiguousarray(array).data)
+        for piece in store.read_chunks(array):  # a store's arrays in bounded plain reads (jsft.data.store)
+            h.update(np.ascontiguousarray(piece).data)
     return {"examples": int(len(examples.offsets) - 1), "tokens": int(len(examples.tokens)), "hash": h.hexdigest()}
 
 

@@ -14,6 +14,7 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 from train_configs import tiny_config, write_config_file
@@ -223,13 +224,14 @@ def test_a_broken_config_file_and_a_mistyped_override_are_one_line_each(tmp_path
 def test_a_damaged_token_cache_is_rebuilt(tmp_path, tokenizer_dir, rows):
     config = tiny_config(tokenizer_dir, rows, tmp_path / "out")
     tokenizer, _ = load(tokenizer_dir, config.data)
-    first = prepare_dataset(config, tokenizer)
-    (cache,) = (tmp_path / "out" / "cache").glob("examples-train-*.npz")
-    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
-    with pytest.warns(UserWarning, match=rf"token cache {cache} is unreadable \(BadZipFile: .*\): removing it and "
+    first_tokens = np.array(prepare_dataset(config, tokenizer).examples.tokens)  # (a copy: the file is cut below)
+    (cache,) = (tmp_path / "out" / "cache").glob("examples-train-*")  # a token store directory (jsft.data.store)
+    tokens = cache / "tokens.npy"
+    tokens.write_bytes(tokens.read_bytes()[: tokens.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=rf"token cache {cache} is unreadable \(ValueError: .*\): removing it and "
                                          "tokenizing again"):
         again = prepare_dataset(config, tokenizer)
-    assert again.stats["cache"] == "miss" and (again.examples.tokens == first.examples.tokens).all()
+    assert again.stats["cache"] == "miss" and (again.examples.tokens == first_tokens).all()
     assert prepare_dataset(config, tokenizer).stats["cache"] == "hit"
 
 

@@ -21,9 +21,15 @@ Preparation (`prepare_dataset`):
    they pay off on large datasets only). 2,000 fixture chat rows take ~0.25 s on 2 cores, 2,000 prompt/completion
    rows ~0.05 s. A bar shows progress when it takes over 2 s. Rows that raise BadRowError stop the run, or with
    data.skip_bad_rows are counted per reason and skipped. The examples (one flat token array, one flat mask, offsets)
-   are cached in `<cache_dir>/examples-<split>-<key>.npz`, keyed by the data files (path, size, mtime), the
-   tokenizer (vocabulary, special tokens, chat template), the DataConfig fields that change tokens, and the source of
-   the code that tokenizes. Changing max_length, packing or truncation_mode reuses the cache: those steps run after it.
+   go to a token store on disk, `<cache_dir>/examples-<split>-<key>/` (jsft.data.store: memory-mapped .npy files):
+   each finished chunk's tokens and mask are appended to the files as it arrives, so preparation holds a few chunks
+   of tokens, never the split's; only the per-example offsets and source rows (16 bytes an example) stay in memory.
+   The store is written into a temporary directory and renamed into place when complete (a killed run leaves none
+   that is read); an unreadable store is warned about, removed and rebuilt. It is keyed by the data files (path,
+   size, mtime), the tokenizer (vocabulary, special tokens, chat template), the DataConfig fields that change
+   tokens, and the source of the code that tokenizes, and reused by later runs and by every host that sees the same
+   cache_dir. Changing max_length, packing or truncation_mode reuses it: those steps run after it, over the example
+   lengths (and the mask, read in bounded pieces, for the trained-token counts).
 3. Truncation. Without packing: data.truncation_mode (keep_start / keep_end) to max_length. `bfd` / `bfd_stream`: the
    first max_length tokens. `bfd_split`: overlong examples become fragments of max_length. `wrapped`: none.
    Truncated examples and tokens are counted.
@@ -42,7 +48,8 @@ Preparation (`prepare_dataset`):
 
 Batches (`batch_iterator`): a Grain MapDataset over row indices: shuffle (Grain's index shuffle, reseeded each epoch)
 -> batch into optimizer steps of accum_steps * rows_per_micro_batch * process_count rows -> repeat num_epochs (None:
-forever) -> assemble this process's rows. With drop_remainder=False (training and eval, as TRL's
+forever) -> assemble this process's rows (a .map that gathers their slices' tokens from the memory-mapped store:
+a process reads the pages of its own rows only). With drop_remainder=False (training and eval, as TRL's
 dataloader_drop_last=False) each epoch's last partial step is kept and completed with empty rows (padding, nothing
 trained), so every row counts once an epoch; with drop_remainder=True that step is dropped (`dropped_rows_per_epoch`).
 Processes: each micro-batch of the global step holds rows_per_micro_batch rows of each process, process p taking
@@ -67,11 +74,12 @@ import inspect
 import json
 import os
 import re
+import shutil
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -79,9 +87,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jsft.config import ConfigError, DataConfig, SFTConfig, check_data_compatibility
-from jsft.data import buckets, mixture, packing
+from jsft.data import buckets, mixture, packing, store
 from jsft.data.formats import BadRowError
 from jsft.data.sources import read_split, row_location, source_fingerprint, split_source
+from jsft.data.store import Examples
 
 CACHE_VERSION = 1
 PREPARE_CHUNK_ROWS = 128
@@ -94,22 +103,6 @@ BATCH_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
 
 
 # ----------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class Examples:
-    """Tokenized examples, flat: example e is tokens[offsets[e]:offsets[e + 1]] (what the cache holds)."""
-
-    tokens: np.ndarray  # int32 [T]
-    loss_mask: np.ndarray  # bool [T], unshifted: token i is a trained label
-    offsets: np.ndarray  # int64 [E + 1]
-    source_rows: np.ndarray  # int64 [E], the dataset row of each example
-    rows_read: int
-    bad_rows: dict[str, int] = field(default_factory=dict)  # reason -> count (skip_bad_rows)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
 
 
 @dataclass
@@ -260,8 +253,11 @@ def _tokenizer_threads_off():
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
 
 
-def tokenize_rows(dataset, tokenizer, data: DataConfig, desc: str = "tokenize") -> Examples:
-    """prepare_example over every row, untruncated, in row order.
+def tokenize_rows(dataset, tokenizer, data: DataConfig, desc: str = "tokenize",
+                  writer: store.StoreWriter | None = None) -> Examples:
+    """prepare_example over every row, untruncated, in row order. With a `writer` (jsft.data.store), each finished
+    chunk's tokens and mask are appended to the store's files and dropped, so only the per-example offsets and
+    source rows are held: the Examples returned then carry no tokens (empty arrays) until the store is opened.
 
     In-process, chunks are prepared by prepare_threads() threads: the tokenizer's batch call runs in Rust without the
     GIL, so one thread encodes while another renders templates and slices rows in Python (2,000 fixture chat rows:
@@ -282,10 +278,10 @@ def tokenize_rows(dataset, tokenizer, data: DataConfig, desc: str = "tokenize") 
         results = iter(ds.mp_prefetch(options, worker_init_fn=_mark_flags_parsed))
     elif prepare_threads() > 1 and len(chunks) > 1:
         pool = ThreadPoolExecutor(prepare_threads(), thread_name_prefix="jsft-prepare")
-        results = pool.map(work, chunks)  # in chunk order
+        results = _ordered_map(pool, work, chunks, ahead=4 * prepare_threads())
     else:
         results = map(work, chunks)
-    parts, bad = [], Counter()
+    parts, lengths, source_rows, bad = [], [], [], Counter()
     bar = tqdm(total=n, desc=desc, unit="rows", delay=2, dynamic_ncols=True, leave=False)
     try:
         with _tokenizer_threads_off() if pool is not None else nullcontext():
@@ -294,7 +290,12 @@ def tokenize_rows(dataset, tokenizer, data: DataConfig, desc: str = "tokenize") 
                     if not data.skip_bad_rows:
                         raise error
                     bad[bad_row_reason(error)] += 1
-                parts.append(part)
+                if writer is None:
+                    parts.append(part)
+                else:
+                    writer.append(part["tokens"], part["loss_mask"])
+                lengths.append(part["lengths"])
+                source_rows.append(part["rows"])
                 bar.update(part["size"])
     except RuntimeError as e:
         if pool is not None or "terminated unexpectedly" not in str(e):
@@ -310,44 +311,38 @@ def tokenize_rows(dataset, tokenizer, data: DataConfig, desc: str = "tokenize") 
         if pool is not None:
             pool.shutdown(cancel_futures=True)  # after an error: chunks not started are dropped
         getattr(results, "close", lambda: None)()  # stops Grain's workers and frees their shared memory
-    lengths = np.concatenate([p["lengths"] for p in parts]) if parts else np.zeros(0, np.int64)
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     return Examples(
         tokens=np.concatenate([p["tokens"] for p in parts]) if parts else np.zeros(0, np.int32),
         loss_mask=np.concatenate([p["loss_mask"] for p in parts]) if parts else np.zeros(0, bool),
         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        source_rows=np.concatenate([p["rows"] for p in parts]) if parts else np.zeros(0, np.int64),
+        source_rows=np.concatenate(source_rows) if source_rows else np.zeros(0, np.int64),
         rows_read=n,
         bad_rows=dict(sorted(bad.items())),
     )
 
 
-def _save_examples(path: Path, examples: Examples) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, tokens=examples.tokens, loss_mask=examples.loss_mask, offsets=examples.offsets,
-             source_rows=examples.source_rows, rows_read=examples.rows_read,
-             bad_rows=json.dumps(examples.bad_rows))
-    os.replace(tmp, path)
+def _ordered_map(pool: ThreadPoolExecutor, work, items: list, ahead: int):
+    """pool.map(work, items) in order, with at most `ahead` items submitted and not yet consumed (Executor.map
+    submits all at once, so finished chunks could pile up in memory; Python 3.14's buffersize does this)."""
+    pending = deque()
+    for item in items:
+        pending.append(pool.submit(work, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
-def _load_examples(path: Path) -> Examples:
-    with np.load(path) as z:
-        return Examples(z["tokens"], z["loss_mask"], z["offsets"], z["source_rows"], int(z["rows_read"]),
-                        json.loads(str(z["bad_rows"])))
-
-
-def _load_cached(path: Path) -> Examples | None:
-    """The cached examples, or None (with a warning, the file removed) when the cache file is unreadable: a cache is
+def _load_store(path: Path) -> Examples | None:
+    """The stored examples, or None (with a warning, the store removed) when the store is unreadable: a cache is
     disposable, so a truncated or damaged one is rebuilt rather than an error."""
     try:
-        examples = _load_examples(path)
-        if examples.offsets[-1] != len(examples.tokens) or len(examples.loss_mask) != len(examples.tokens):
-            raise ValueError("its arrays disagree in length")
-        return examples
-    except Exception as e:  # noqa: BLE001 (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError: all "damaged")
+        return store.open_store(path)
+    except Exception as e:  # noqa: BLE001 (OSError, ValueError, KeyError, JSONDecodeError: all "damaged")
         warnings.warn(f"token cache {path} is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]}): "
                       "removing it and tokenizing again", UserWarning, stacklevel=3)
-        path.unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
         return None
 
 
@@ -368,27 +363,33 @@ def cached_examples(config: SFTConfig, tokenizer, split: str = "train") -> tuple
     The loss settings are checked against the dataset's columns (config.check_data_compatibility) as soon as the rows
     are loaded, before the cache or any tokenization: an impossible combination is a ConfigError naming the field.
     """
+    cache_dir = Path(config.data.cache_dir or Path(config.logging.output_dir) / "cache")
+    data_dir = Path(config.data.dataset_name)
+    if data_dir.is_dir() and cache_dir.resolve().is_relative_to(data_dir.resolve()):
+        raise ConfigError(f"data.cache_dir={str(cache_dir)!r} is inside the data directory data.dataset_name="
+                          f"{str(data_dir)!r}: datasets would read its token stores as the data of a split (their "
+                          "directory names hold the split's name). Fix: set data.cache_dir outside the data directory")
     dataset, unreadable, mix = read_rows(config, split)
     components = None if mix is None else mix.components
     check_data_compatibility(config, dataset.column_names, dataset[0] if len(dataset) else None)
     source = None if mix is None else mixture.fingerprint(config.data, split, config.training.seed)
     key = cache_key(config.data, split, dataset, tokenizer, source)
-    cache_dir = Path(config.data.cache_dir or Path(config.logging.output_dir) / "cache")
-    path = cache_dir / f"examples-{split}-{key}.npz"
+    path = cache_dir / f"examples-{split}-{key}"  # a token store directory (jsft.data.store)
     if path.exists():
-        cached = _load_cached(path)
+        cached = _load_store(path)
         if cached is not None:
             return cached, "hit", components
-    try:
-        examples = tokenize_rows(dataset, tokenizer, config.data, f"tokenize {split}")
-    except BadRowError as e:  # which split's rows the index counts (train and eval both start at row 0), which line
-        # (raised only without skip_bad_rows, so no malformed line was skipped: the index is the file's row)
-        source = split_source(config.data, split, row_location(config.data, split, e.row_index)) if mix is None \
-            else mix.source(e.row_index)
-        raise BadRowError(e.row_index, e.field, e.problem, e.fix, source) from e
-    examples = _count_unreadable(examples, unreadable, renumber=mix is None)
-    _save_examples(path, examples)
-    return examples, "miss", components
+    with store.StoreWriter(path) as writer:
+        try:
+            examples = tokenize_rows(dataset, tokenizer, config.data, f"tokenize {split}", writer)
+        except BadRowError as e:  # which split's rows the index counts (train and eval both start at row 0), which
+            # line (raised only without skip_bad_rows, so no malformed line was skipped: the index is the file's row)
+            source = split_source(config.data, split, row_location(config.data, split, e.row_index)) if mix is None \
+                else mix.source(e.row_index)
+            raise BadRowError(e.row_index, e.field, e.problem, e.fix, source) from e
+        examples = _count_unreadable(examples, unreadable, renumber=mix is None)
+        writer.commit(examples.offsets, examples.source_rows, examples.rows_read, examples.bad_rows)
+    return store.open_store(path), "miss", components
 
 
 def _count_unreadable(examples: Examples, unreadable: list[BadRowError], renumber: bool = True) -> Examples:
@@ -411,10 +412,25 @@ def _count_unreadable(examples: Examples, unreadable: list[BadRowError], renumbe
 
 
 def _trained_targets(examples: Examples, example, start, stop) -> np.ndarray:
-    """Trained targets of each slice: trained tokens in (start, stop) of its example (the first is never a target)."""
-    cum = np.concatenate([[0], np.cumsum(examples.loss_mask, dtype=np.int64)])
-    base = examples.offsets[example]
-    return cum[base + stop] - cum[np.minimum(base + start + 1, base + stop)]
+    """Trained targets of each slice: trained tokens in (start, stop) of its example (the first is never a target).
+    The mask is read a range of examples at a time (about store.READ_CHUNK tokens), so memory stays bounded."""
+    example, start, stop = (np.asarray(a, np.int64) for a in (example, start, stop))
+    order = np.argsort(example, kind="stable")
+    in_order = example[order]
+    offsets, out = examples.offsets, np.zeros(len(example), np.int64)
+    first = 0
+    while first < len(order):  # slices of examples [lo, hi), whose tokens span at most READ_CHUNK (or one example)
+        lo = int(in_order[first])
+        hi = max(lo + 1, int(np.searchsorted(offsets, offsets[lo] + store.READ_CHUNK, side="right")) - 1)
+        last = int(np.searchsorted(in_order, hi, side="left"))
+        mask = store.read_range(examples.loss_mask, int(offsets[lo]), int(offsets[hi]))
+        cum = np.zeros(len(mask) + 1, np.int64)
+        np.cumsum(mask, out=cum[1:])
+        k = order[first:last]
+        base = offsets[example[k]] - offsets[lo]
+        out[k] = cum[base + stop[k]] - cum[np.minimum(base + start[k] + 1, base + stop[k])]
+        first = last
+    return out
 
 
 def build_rows(examples: Examples, data: DataConfig, seed: int) -> tuple[packing.Packed, int, dict]:
@@ -581,7 +597,7 @@ def assemble_rows(prepared: PreparedDataset, row_ids: np.ndarray, length: int | 
     src = ex.offsets[rows.example[slices]][tok_slice] + start[tok_slice] + pos
     r, c = slot_row[tok_slice], row_offset[tok_slice] + pos
     has_next = pos < size[tok_slice] - 1
-    nxt = np.minimum(src + 1, len(ex.tokens) - 1)
+    nxt = np.where(has_next, src + 1, src)  # a slice's last token has no target: read nothing past it
 
     out = {
         "input_ids": np.full((B, L), prepared.pad_id, np.int32),

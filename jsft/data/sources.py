@@ -22,9 +22,9 @@ from jsft.data import mixed_types
 from jsft.data.formats import BadRowError, read_jsonl
 from jsft.hub import hub_unreachable, looks_local, nearby, no_such_path
 
-# jsft's own token cache files (jsft.data.pipeline), left out of a directory's identity: a cache kept inside the
-# data directory must not change the key it is stored under.
-CACHE_FILE = re.compile(r"\.?examples-(train|eval)-\w+\.npz(\.\d+\.tmp\.npz)?")
+# jsft's own token caches (jsft.data.store directories, their temporary directories, older .npz files), left out
+# of a directory's identity: a cache kept inside the data directory must not change the key it is stored under.
+CACHE_FILE = re.compile(r"\.?examples-(train|eval)-\w+(\.npz|\.[^/]*\.tmp(\.npz)?)?")
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst")  # rows.jsonl.gz and the like: datasets reads them
 
@@ -452,6 +452,12 @@ def _load_clean_copy(files: list[Path], skip_bad_rows: bool, dropped: frozenset 
     return dataset, sorted({e.row_index: e for e in [*malformed, *unreadable]}.values(), key=lambda e: e.row_index)
 
 
+def in_token_cache(path: Path, root: Path) -> bool:
+    """A file of jsft's own token caches (CACHE_FILE) inside data directory `root`: a store's files are in a directory
+    named like one."""
+    return any(CACHE_FILE.fullmatch(part) for part in path.relative_to(root).parts)
+
+
 def source_fingerprint(data: DataConfig, split: str, dataset) -> dict:
     """Identity of the rows: every local file's path, size and mtime, else the hub name and datasets' fingerprint."""
     name = data.dataset_train_split if split == "train" else data.dataset_test_split
@@ -459,6 +465,6 @@ def source_fingerprint(data: DataConfig, split: str, dataset) -> dict:
     if not paths[0].exists():
         return {"hub": data.dataset_name, "config": data.dataset_config, "split": name,
                 "fingerprint": getattr(dataset, "_fingerprint", None)}
-    files = sorted(p for p in paths[0].rglob("*") if p.is_file() and not CACHE_FILE.fullmatch(p.name)) \
+    files = sorted(p for p in paths[0].rglob("*") if p.is_file() and not in_token_cache(p, paths[0])) \
         if paths[0].is_dir() else paths
     return {"split": name, "files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]}

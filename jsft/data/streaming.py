@@ -59,7 +59,7 @@ from jsft.data import examples as examples_lib
 from jsft.data.formats import BadRowError
 from jsft.data.packing import Packed, StreamPacker
 from jsft.data.pipeline import Examples, PreparedDataset, assemble_rows, bad_row_reason, prepare_threads
-from jsft.data.sources import CACHE_FILE, COMPRESSED, DATA_FILE_TYPES, _saved_to_disk
+from jsft.data.sources import COMPRESSED, DATA_FILE_TYPES, _saved_to_disk, in_token_cache
 from jsft.hub import looks_local, no_such_path
 
 CHUNK_ROWS = 128  # rows tokenized together (prepare_examples batches them by format)
@@ -165,7 +165,7 @@ def source_identity(data: DataConfig, split: str = "train") -> dict:
     if file is None and not path.is_dir():
         return {"hub": data.dataset_name, "config": data.dataset_config, "split": name}
     files = [file] if file is not None else sorted(
-        p for p in path.rglob("*") if p.is_file() and not CACHE_FILE.fullmatch(p.name))
+        p for p in path.rglob("*") if p.is_file() and not in_token_cache(p, path))
     return {"split": name, "files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
 
 
