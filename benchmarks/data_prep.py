@@ -9,8 +9,9 @@ process (--num-proc N: N worker processes on both sides: Grain workers for jsft,
 completion-only masks (both sides' default for that format). jsft starts from an empty cache (its warm-cache time is
 reported separately); TRL runs `SFTTrainer._prepare_dataset` with datasets' caching off; the two alternate
 `--repeats` times. Reported: examples/s and tokens/s (tokens = all tokens of all rows before truncation) from the
-best of the repeats, and the load average before and after (the machine may be shared: compare runs with that in
-mind). In one process jsft still uses every core: it prepares chunks on one thread per core. TOKENIZERS_PARALLELISM
+best of the repeats, the CPU seconds of each side (all its threads; their ratio depends less on a busy machine than
+the wall-clock ratio, which also counts jsft's threads running side by side), and the load average before and after
+(the machine may be shared: compare runs with that in mind). In one process jsft still uses every core: it prepares chunks on one thread per core. TOKENIZERS_PARALLELISM
 defaults to false here (what jsft sets while its threads run; TRL's one-row calls gain nothing from the tokenizer's
 threads). Writes benchmarks/results/data_prep-cpu-<date>[-<format>][-proc<N>][-<tag>].json
 (never over an existing file: a -2, -3 ... suffix is added).
@@ -51,10 +52,10 @@ def jsft_run(data_file: Path, tokenizer_dir: Path, cache_dir: Path, num_proc: in
     config.data.assistant_only_loss, config.data.dataset_num_proc = fmt == "messages", num_proc
     config.data.cache_dir = str(cache_dir)
     config.data.chat_template_path = str(template) if template else None
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     tokenizer, _ = load_tokenizer(tokenizer_dir, config.data)
     prepared = prepare_dataset(config, tokenizer)
-    return time.perf_counter() - start, prepared
+    return time.perf_counter() - start, time.process_time() - cpu_start, prepared
 
 
 def trl_trainer(tokenizer_dir: Path, checkpoint_dir: Path, out_dir: Path, num_proc: int | None,
@@ -77,10 +78,10 @@ def trl_trainer(tokenizer_dir: Path, checkpoint_dir: Path, out_dir: Path, num_pr
 def trl_run(trainer, tokenizer, data_file: Path):
     import datasets
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     rows = datasets.load_dataset("json", data_files=str(data_file), split="train")
     prepared = trainer._prepare_dataset(rows, tokenizer, trainer.args, True, None, "train")
-    return time.perf_counter() - start, prepared
+    return time.perf_counter() - start, time.process_time() - cpu_start, prepared
 
 
 def main(argv=None):
@@ -116,14 +117,16 @@ def main(argv=None):
             template.write_text(unmarked)
 
         trainer, tokenizer = trl_trainer(tokenizer_dir, checkpoint_dir, work / "trl", args.num_proc, args.format)
-        jsft_times, trl_times = [], []
+        jsft_times, trl_times, jsft_cpu, trl_cpu = [], [], [], []
         for k in range(args.repeats):  # alternate, so a busy machine slows both sides alike
-            seconds, prepared = jsft_run(data_file, tokenizer_dir, work / f"cache{k}", args.num_proc, args.format,
-                                         template)
+            seconds, cpu, prepared = jsft_run(data_file, tokenizer_dir, work / f"cache{k}", args.num_proc,
+                                              args.format, template)
             jsft_times.append(seconds)
-            seconds, trl_prepared = trl_run(trainer, tokenizer, data_file)
+            jsft_cpu.append(cpu)
+            seconds, cpu, trl_prepared = trl_run(trainer, tokenizer, data_file)
             trl_times.append(seconds)
-        warm, _ = jsft_run(data_file, tokenizer_dir, work / "cache0", None, args.format, template)
+            trl_cpu.append(cpu)
+        warm, _, _ = jsft_run(data_file, tokenizer_dir, work / "cache0", None, args.format, template)
         assert prepared.stats["cache"] == "miss"
         stats = prepared.stats
         trl_tokens = sum(len(ids) for ids in trl_prepared["input_ids"])
@@ -147,17 +150,18 @@ def main(argv=None):
                   "packing_strategy": "bfd", "processes": args.num_proc or 1, "repeats": args.repeats,
                   "timing": "best of repeats"},
         "jsft": {
-            "seconds": jsft_times, "seconds_cache_hit": warm,
+            "seconds": jsft_times, "cpu_seconds": jsft_cpu, "seconds_cache_hit": warm,
             "examples_per_s": args.rows / best_jsft, "tokens_per_s": tokens / best_jsft,
             "packed_rows": stats["rows"], "row_tokens": stats["row_tokens"], "fill_rate": stats["fill_rate"],
             "dropped_no_trained_token": stats["dropped_no_trained_token"],
         },
         "trl": {
-            "seconds": trl_times, "examples_per_s": args.rows / best_trl, "tokens_per_s": tokens / best_trl,
+            "seconds": trl_times, "cpu_seconds": trl_cpu, "examples_per_s": args.rows / best_trl, "tokens_per_s": tokens / best_trl,
             "packed_rows": len(trl_prepared), "row_tokens": trl_tokens,
             "fill_rate": trl_tokens / (len(trl_prepared) * MAX_LENGTH),
         },
         "speedup_jsft_over_trl": best_trl / best_jsft,
+        "cpu_ratio_trl_over_jsft": min(trl_cpu) / min(jsft_cpu),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +178,8 @@ def main(argv=None):
           f"({best_jsft:.2f} s; cache hit {warm:.2f} s), {stats['rows']} rows, fill {stats['fill_rate']:.3f}")
     print(f"TRL:  {result['trl']['examples_per_s']:,.0f} examples/s, {result['trl']['tokens_per_s']:,.0f} tokens/s "
           f"({best_trl:.2f} s), {len(trl_prepared)} rows, fill {result['trl']['fill_rate']:.3f}")
-    print(f"jsft / TRL speed: {result['speedup_jsft_over_trl']:.2f}x   -> {path}")
+    print(f"jsft / TRL speed: {result['speedup_jsft_over_trl']:.2f}x (CPU time: TRL / jsft "
+          f"{result['cpu_ratio_trl_over_jsft']:.2f}x; load {load_before:.1f} -> {os.getloadavg()[0]:.1f})   -> {path}")
     return result
 
 

@@ -72,7 +72,7 @@ LORA = dict(r=16, alpha=32, dropout=0.05)  # both sides the same; TRL's ModelCon
 def run_jsft(case: dict, args, work: Path) -> dict:
     import jax
 
-    from jsft import step, train
+    from jsft import plan, step, train
     from jsft.config import DataConfig, LoggingConfig, LoraConfig, ModelConfig, SFTConfig, TrainingConfig
 
     config = SFTConfig(
@@ -94,25 +94,24 @@ def run_jsft(case: dict, args, work: Path) -> dict:
     )
     config.sharding.mesh_shape = {"data": 1, "fsdp": 1, "tensor": 1}
     records = []
-    original = step.train_step
+    original = plan.PlannedStep.__call__  # the loop runs the plan's AOT-compiled step (step.train_step for others)
 
-    def timed(model, optimizer, batch, **kwargs):
-        compiled_before = original.jitted_fn._cache_size()
+    def timed(self, model, optimizer, batch):
+        compiled_before = step.train_step.jitted_fn._cache_size()
         start, cpu = time.perf_counter(), time.process_time()
-        metrics = jax.block_until_ready(original(model, optimizer, batch, **kwargs))
+        metrics = jax.block_until_ready(original(self, model, optimizer, batch))
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
         positions = int(batch["input_ids"].size)
         records.append(dict(seconds=seconds, cpu_seconds=cpu_seconds, loss=float(metrics["loss"]),
                             trained=float(metrics["num_trained"]), real=float(metrics["num_tokens"]),
-                            positions=positions, compiled=original.jitted_fn._cache_size() > compiled_before))
+                            positions=positions, compiled=step.train_step.jitted_fn._cache_size() > compiled_before))
         return metrics
 
-    timed.lower = original.lower  # train.py asks the compiled step for its memory estimate
-    step.train_step = timed
+    plan.PlannedStep.__call__ = timed
     try:
         train.run(config)
     finally:
-        step.train_step = original
+        plan.PlannedStep.__call__ = original
     return {"steps": records}
 
 

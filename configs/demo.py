@@ -1,7 +1,9 @@
 """The demo: fine-tune a tiny random Llama on the bundled spell/digits chat task, on CPU, with no download.
 
-Builds (once, cached in .cache/demo) a byte-level BPE tokenizer and the chat datasets from jsft.fixtures, then
-trains with assistant-only loss and BFD packing and shows held-out exact-match accuracy before and after.
+Builds (once, cached in output/demo_fixtures_8k) a byte-level BPE tokenizer and the chat datasets from
+jsft.fixtures, then trains with assistant-only loss and BFD packing. `python -m jsft.demo --config configs/demo.py`
+(scripts/demo.sh) shows the held-out exact-match accuracy before and after too (jsft.demo); `jsft train --config
+configs/demo.py` just trains.
 """
 
 from pathlib import Path
@@ -54,6 +56,5 @@ config = SFTConfig(
         save_total_limit=1,
         resume_from_checkpoint=False,
         num_eval_generations=2,
-        demo_eval=True,
     ),
 )

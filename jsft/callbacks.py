@@ -12,6 +12,9 @@ from __future__ import annotations
 
 
 class TrainerCallback:
+    def on_train_begin(self, config, model, tokenizer) -> None:
+        """Before the first step (after a resume): the run's config, the model about to train, its tokenizer."""
+
     def on_log(self, step: int, logs: dict) -> bool | None:
         """A train record (loss, grad_norm, learning_rate, ...) or an eval record (eval_loss, ...)."""
         return None
@@ -32,6 +35,10 @@ class Callbacks:
             if callback.on_log(int(step), dict(logs)):
                 self.stop_requested = True
         return self.stop_requested
+
+    def train_begin(self, config, model, tokenizer) -> None:
+        for callback in self.callbacks:
+            callback.on_train_begin(config, model, tokenizer)
 
     def train_end(self, summary: dict) -> None:
         for callback in self.callbacks:

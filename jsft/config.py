@@ -164,7 +164,6 @@ class LoggingConfig:
     num_eval_generations: int = 3
     disable_tqdm: bool = False
     save_on_sigterm: bool = True  # SIGTERM: finish the step, save a checkpoint, exit 143 (False: exit at once)
-    demo_eval: bool = False  # the demo: held-out exact-match accuracy before/after, reload check, a sample
 
 
 @dataclass

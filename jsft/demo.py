@@ -1,4 +1,6 @@
-"""The demo's own checks (logging.demo_eval): held-out exact match before/after, the export reloaded, a sample.
+"""The demo, a caller of the trainer: `python -m jsft.demo --config configs/demo.py [--set ...]` (what
+scripts/demo.sh runs) is `python -m jsft.train` with DemoChecks among the run's callbacks: the held-out exact match
+before and after training, the export reloaded by transformers, a sample conversation.
 
 Exact match: for each held-out conversation, the first user question (with its system message, if any) is
 answered greedily; it counts when the reply equals the reference answer (the rule's answer: `spell: 4 0` ->
@@ -9,14 +11,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from jsft import cli, train
+from jsft.callbacks import TrainerCallback
+from jsft.data.sources import load_rows
+from jsft.evaluation import eval_mode
 from jsft.generate import chat_prompt_ids, chat_replies
 
 MAX_PROMPT_TOKENS = 40
 
 
 def _first_questions(config, tokenizer, limit: int = 200):
-    from jsft.data.sources import load_rows
-
     prompts, answers = [], []
     for row in load_rows(config.data, "eval"):
         messages = row["messages"]
@@ -77,3 +81,32 @@ def after_training(model, tokenizer, config, summary: dict, before: dict | None)
     if before is not None:
         print(f"demo: accuracy {before['accuracy']:.1%} -> {after['accuracy']:.1%}")
     return result
+
+
+class DemoChecks(TrainerCallback):
+    """The demo's checks as a callback: the accuracy before the first step, and after the run's export the accuracy,
+    the reload check and a sample conversation (`result`)."""
+
+    def __init__(self):
+        self.config, self.before, self.result = None, None, None
+
+    def on_train_begin(self, config, model, tokenizer) -> None:
+        self.config = config
+        with eval_mode(model):
+            self.before = accuracy(model, tokenizer, config, label="before training")
+
+    def on_train_end(self, summary: dict) -> None:
+        with eval_mode(summary["model"]):
+            self.result = after_training(summary["model"], summary["tokenizer"], self.config, summary, self.before)
+
+
+def main(argv=None) -> dict:
+    """`python -m jsft.train`'s command line, with the demo's checks; the summary gets them as "demo"."""
+    checks = DemoChecks()
+    summary = train.main(argv, callbacks=[checks])
+    summary["demo"] = checks.result
+    return summary
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.run(main)["exit_status"])  # exit statuses as python -m jsft.train's

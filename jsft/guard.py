@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 import warnings
 
+import jax
+
 DEAD_STEPS = 5
 EXIT_STATUS = 3  # a diverged run: neither success (0) nor a user's config mistake (2)
 
@@ -33,6 +35,20 @@ class DivergenceGuard:
         self.skipped: list[int] = []  # steps whose update was not applied
         self.zero_grad_steps = 0
         self.warned_dead = False
+        self.pending: tuple[int, dict] | None = None  # a step whose metrics are not read yet (check_later)
+
+    def check_later(self, step_no: int, metrics: dict, last_checkpoint) -> None:
+        """Keep this step's metrics (device arrays) for the next check and check the step kept before: a step's
+        loss is read while the next step runs, so reading it does not stall the device."""
+        self.check_pending(last_checkpoint)
+        self.pending = (step_no, metrics)
+
+    def check_pending(self, last_checkpoint) -> None:
+        """Check the kept step now (before a log, a save, the end of the loop)."""
+        if self.pending is not None:
+            step_no, metrics = self.pending
+            self.check(step_no, jax.device_get(metrics), last_checkpoint)
+            self.pending = None
 
     def check(self, step_no: int, metrics: dict, last_checkpoint) -> None:
         """metrics: one step's host values (loss, grad_norm, num_trained, finite). Raises Diverged to stop."""

@@ -17,6 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 
@@ -98,6 +99,10 @@ class Throughput:
     """Tokens per second (and MFU) over the window since the last report."""
 
     def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        """Count from now (after an eval: tokens/s counts training time only)."""
         self.start, self.tokens = time.perf_counter(), 0.0
 
     def add(self, tokens: float) -> None:
@@ -120,3 +125,23 @@ def bar_postfix(metrics: dict, tokens_per_second: float, mfu: float | None) -> d
     if mfu is not None:  # None on CPU: hidden
         postfix["mfu"] = f"{mfu:.1%}"
     return postfix
+
+
+def window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util) -> dict:
+    """TRL's logged values over the steps since the last log: means of loss, grad_norm, accuracy, entropy."""
+    applied = [m for m in window if float(m.get("finite", 1.0))] or window  # skipped steps (jsft.guard) left out
+    mean = lambda key: float(np.mean([float(m[key]) for m in applied]))  # noqa: E731
+    record = {key: mean(key) for key in ("loss", "grad_norm", "mean_token_accuracy", "entropy")}
+    if len(applied) < len(window):
+        record["skipped_steps"] = len(window) - len(applied)
+    record.update(
+        learning_rate=float(window[-1]["learning_rate"]),
+        num_tokens=tokens_seen,
+        num_trained=float(sum(float(m["num_trained"]) for m in window)),
+        epoch=step_no / max(epoch_steps, 1),
+        step_losses=[float(m["loss"]) for m in window],
+        tokens_per_second=rate,
+    )
+    if util is not None:
+        record["mfu"] = util
+    return record

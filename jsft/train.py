@@ -1,14 +1,21 @@
 """`python -m jsft.train --config configs/<name>.py [--set section.field=value ...] [--resume]`
 
-The run, top to bottom: config -> devices -> tokenizer -> data -> model (+ LoRA) -> optimizer -> checkpoint resume
--> the plan -> the loop (log, eval, save) -> final checkpoint -> export. `run(config)` does it all and returns a
-summary dict; `main(argv)` is the command line.
+The run, top to bottom:
+
+    setup(config) -> RunParts     devices, output directory, tokenizer, data, model (+ LoRA), optimizer, checkpoints
+    resume(parts) -> LoopState    the newest intact checkpoint restored, or a fresh start
+    (the plan: jsft.plan)         sizes, memory, the compiled step
+    loop(...)                     the steps: log, eval, save; signals (jsft.signals), the divergence guard (jsft.guard)
+    finish(...) -> summary        final checkpoint, final eval, the best model (jsft.best), export
+
+`run(config, callbacks)` does it all for a resolved config and returns a summary dict: the one entry of the command
+line (`main(argv)`: argv -> config -> run) and of the Python API (jsft.trainer.SFTTrainer.train: objects -> config
+-> run).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -17,8 +24,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jsft import checkpoint, outdir, peers, progress, sharding, step
@@ -26,13 +31,27 @@ from jsft import trackers as trackers_lib
 from jsft.best import BestCheckpoint
 from jsft.build import (build_model, build_tokenizer, check_model_config, check_sliding_window, modules_to_save,
                         trainable, warn_past_max_positions)
-from jsft.config import ConfigError, SFTConfig
+from jsft.callbacks import Callbacks
+from jsft.config import ConfigError, LoggingConfig, SFTConfig
 from jsft.config_files import load
-from jsft.guard import Diverged, DivergenceGuard
-from jsft.signals import StopSignals
+from jsft.data.pipeline import PreparedDataset, batch_iterator, format_stats, prepare_dataset, steps_per_epoch
+from jsft.data.streaming import StreamedDataset, prepare_stream, stream_iterator
+from jsft.evaluation import eval_mode, eval_rows, evaluate, run_eval
+from jsft.export import export, resolve_formats
 from jsft.flops import effective_seq_len, flops_per_token, lora_frozen_params, mfu, peak_tflops
-from jsft.loss import normalize
-from jsft.validate import quantization, validate
+from jsft.guard import Diverged, DivergenceGuard
+from jsft.optim import make_optimizer
+from jsft.plan import PlannedStep, print_plan
+from jsft.signals import StopSignals
+from jsft.trl_config import parse_flags
+from jsft.validate import validate
+
+
+def should_log(logging, step: int, total_steps: int) -> bool:
+    """A train record after this optimizer step? Every logging_steps, the last step, and the first one with
+    logging_first_step."""
+    return step % logging.logging_steps == 0 or step == total_steps or (logging.logging_first_step and step == 1)
+
 
 def should_save(logging, step: int, epoch_steps: int) -> bool:
     """A checkpoint after this optimizer step? logging.save_strategy: every save_steps, at each epoch's end, or never
@@ -60,28 +79,11 @@ def with_step_counts(logging, total_steps: int):
     return dataclasses.replace(logging, **counts)
 
 
-def count_params(model, wrt) -> tuple[int, int]:
-    """(all params, trainable params); a quantized kernel counts as the weights it holds."""
-    from jsft.model.quant import quantized_kernels
-
-    size = lambda state: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))  # noqa: E731
-    quantized = sum(int(np.prod(k.shape)) for k in quantized_kernels(model).values())
-    return size(nnx.state(model, nnx.Param)) + quantized, size(nnx.state(model, wrt))
-
-
 def total_steps_for(config: SFTConfig, steps_per_epoch: int) -> int:
     t = config.training
     if t.max_steps > 0:
         return t.max_steps
     return max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
-
-
-def _abstract_batch(batch, mesh, length: int):
-    """The global step's shapes, with rows of `length` tokens."""
-    spec = lambda x: jax.sharding.NamedSharding(mesh, sharding.batch_spec(x.ndim))  # noqa: E731
-    _, count = sharding.data_process_split(mesh)
-    return {k: jax.ShapeDtypeStruct((v.shape[0], v.shape[1] * count, length, *v.shape[3:]), v.dtype, sharding=spec(v))
-            for k, v in batch.items()}
 
 
 def use_compilation_cache(training, output_dir) -> Path | None:
@@ -97,191 +99,6 @@ def use_compilation_cache(training, output_dir) -> Path | None:
     return cache
 
 
-class PlannedStep:
-    """The train step: the plan's AOT-compiled executable for batches of the planned shapes (so a run compiles the
-    step once, not once for the plan and again at the first step), jsft.step.train_step (compiled per shape by
-    jit) for others, e.g. a step whose rows are padded shorter (data.pad_to_multiple_of)."""
-
-    def __init__(self, compiled, length: int | None, **static):
-        self.compiled, self.length, self.static = compiled, length, static
-
-    def __call__(self, model, optimizer, batch):
-        if self.compiled is not None and batch["input_ids"].shape[-1] == self.length:
-            try:
-                return self.compiled(model, optimizer, batch)
-            except (TypeError, ValueError) as e:  # argument shapes/shardings unlike the plan's (checked before it runs)
-                print(f"plan: the compiled step does not take this batch ({type(e).__name__}: {e}); compiling again")
-                self.compiled = None
-        return step.train_step(model, optimizer, batch, **self.static)
-
-
-def print_plan(config, model, optimizer, wrt, batch, mesh, total_steps, start_step, schedule,
-               train_data) -> tuple[dict, object]:
-    """What the run will do, before the first step: sizes, tokens per step, the compiled memory per device (for the
-    longest rows a step can have). Returns (plan, the compiled step for those rows, or None)."""
-    total, trainable = count_params(model, wrt)
-    A, B, _ = batch["input_ids"].shape
-    L = max(train_data.lengths())  # the longest rows a step can have
-    _, count = sharding.data_process_split(mesh)
-    plan = {"params": total, "trainable_params": trainable, "micro_batches": A, "rows_per_micro_batch": B * count,
-            "max_length": L, "tokens_per_step": A * B * count * L, "total_steps": total_steps,
-            "devices": jax.device_count(), "mesh": dict(mesh.shape)}
-    print(f"plan: {total:,} params, {trainable:,} trainable ({trainable / max(total, 1):.2%}); mesh {dict(mesh.shape)} "
-          f"on {jax.device_count()} x {jax.devices()[0].device_kind}")
-    from jsft.model.quant import bytes_by_dtype
-
-    base_bytes = bytes_by_dtype(model)
-    plan["base_bytes_by_dtype"] = base_bytes
-    size = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.2f} MiB"  # noqa: E731
-    print("plan: frozen base " + ", ".join(f"{dt} {size(n)}" for dt, n in base_bytes.items())
-          + f" (whole model, all devices){_quantization_note(config)}")
-    print(f"plan: {A} micro-batch(es) x {B * count} rows x {L} tokens = {A * B * count * L:,} token slots per step; "
-          f"steps {start_step} -> {total_steps}")
-    lengths = train_data.lengths()
-    if train_data.buckets is not None:
-        plan["step_lengths"] = lengths
-        print(f"plan: group_by_length: each step's rows come from one of {len(lengths)} length buckets {lengths} "
-              f"(each compiled on first use); the memory below is for {L}")
-    elif len(lengths) > 1:
-        plan["step_lengths"] = lengths
-        print(f"plan: each step's rows are padded to its longest row rounded up to a multiple of "
-              f"{train_data.pad_to_multiple_of} (data.pad_to_multiple_of): {len(lengths)} possible lengths "
-              f"{lengths[0]}..{lengths[-1]}, each compiled on first use; the memory below is for {L}")
-    elif train_data.stats["packing"] == "none" and train_data.stats.get("fill_rate", 1) < 0.5:
-        print(f"plan: unpacked rows are {train_data.stats['fill_rate']:.0%} tokens, the rest padding to {L}: set "
-              "data.packing=True (documents stay apart), or data.pad_to_multiple_of=64 to pad each step only to its "
-              "longest row (one compile per length)")
-    from jsft.model.attention import plan_report
-    from jsft.model.llama import Attention
-
-    attention = next(m for _, m in nnx.iter_modules(model) if isinstance(m, Attention))  # every layer's is alike
-    tensor = mesh.shape.get("tensor", 1)
-    heads = model.cfg.num_heads // tensor if model.cfg.num_heads % tensor == 0 else model.cfg.num_heads
-    entries, lines = plan_report(  # probes the attention kernels here; an explicit impl that cannot run stops here
-        attention.impl, model.compute_dtype, L, attention.head_dim, q_heads=model.cfg.num_heads,
-        kv_heads=model.cfg.num_kv_heads, max_segments=attention.max_segments,
-        rows_per_device=max(1, B * count // math.prod(mesh.shape[a] for a in ("data", "fsdp"))),
-        heads_per_device=heads, device_bytes=(jax.local_devices()[0].memory_stats() or {}).get("bytes_limit"))
-    plan.update(entries)
-    for line in lines:
-        print(f"plan: {line}")
-    compiled = None
-    try:
-        with jax.set_mesh(mesh):
-            compiled = step.train_step.lower(model, optimizer, _abstract_batch(batch, mesh, L),
-                                             **step.train_options(config.training), schedule=schedule).compile()
-        mem = compiled.memory_analysis()
-        if mem is not None:
-            gib = lambda n: n / 2**30  # noqa: E731
-            need = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes \
-                - mem.alias_size_in_bytes
-            plan["memory_per_device_bytes"] = int(need)
-            stats = jax.local_devices()[0].memory_stats() or {}  # None on CPU
-            limit = stats.get("bytes_limit")
-            verdict = "" if limit is None else (f" of {gib(limit):.2f} GiB: fits" if need <= limit
-                                                else f" but the device has {gib(limit):.2f} GiB: WILL NOT FIT")
-            print(f"plan: compiled step needs {gib(need):.2f} GiB per device{verdict} (arguments "
-                  f"{gib(mem.argument_size_in_bytes):.2f}, temporaries {gib(mem.temp_size_in_bytes):.2f}). To use less: "
-                  "lower training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch), "
-                  "model.remat_policy='full', a larger sharding.mesh_shape fsdp, lora.use_peft=True, or "
-                  "data.max_length.")
-    except Exception as e:  # the estimate is advice; the run itself reports real failures
-        print(f"plan: no compiled memory estimate ({type(e).__name__}: {e})")
-    return plan, compiled
-
-
-def _quantization_note(config) -> str:
-    q = quantization(config)
-    if q is None:
-        return ""
-    nested = " + nested" if q["nested"] else ""
-    kind = "int8 (LLM.int8 rows)" if q["quant_type"] == "int8" else q["quant_type"] + nested
-    return f"; projections quantized: {kind}, embeddings, lm_head and norms in {config.model.dtype}"
-
-
-# ----------------------------------------------------------------------------------------------- eval
-
-
-def evaluate(config, model, eval_data, mesh, rows_per_micro_batch: int) -> dict:
-    """eval_loss, eval_mean_token_accuracy, eval_entropy over every row of the eval split (exact: the last batch
-    is filled with empty rows, which have no trained token)."""
-    index, count = sharding.data_process_split(mesh)
-    global_rows = rows_per_micro_batch * count
-    totals = None
-    with jax.set_mesh(mesh):
-        for start in range(0, eval_data.num_rows, global_rows):
-            mine = np.arange(start + index * rows_per_micro_batch, start + (index + 1) * rows_per_micro_batch)
-            length = eval_data.step_length(np.arange(start, min(start + global_rows, eval_data.num_rows)))
-            batch = _padded_rows(eval_data, mine[mine < eval_data.num_rows], rows_per_micro_batch, length)
-            sums = step.eval_step(model, sharding.shard_batch(batch, mesh), loss_type=config.training.loss_type,
-                                  chunk_size=config.training.loss_chunk_size,
-                                  label_smoothing=config.training.label_smoothing_factor)
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    means = normalize(totals, totals["num_trained"])
-    return {f"eval_{k}": float(v) for k, v in means.items()}
-
-
-def _padded_rows(prepared, row_ids, num_rows: int, length: int) -> dict:
-    """prepared.batch(row_ids, length) plus empty rows (padding, segment 0, nothing trained) up to num_rows:
-    [1, num_rows, length]."""
-    batch = prepared.batch(row_ids, length) if len(row_ids) else None
-    L = length
-    empty = {"input_ids": np.full((num_rows, L), prepared.pad_id, np.int32),
-             "segment_ids": np.zeros((num_rows, L), np.int32),
-             "positions": np.zeros((num_rows, L), np.int32), "targets": np.full((num_rows, L), prepared.pad_id, np.int32),
-             "loss_mask": np.zeros((num_rows, L), bool)}
-    if batch is not None:
-        for k in empty:
-            empty[k][: len(row_ids)] = batch[k]
-    return {k: v[None] for k, v in empty.items()}
-
-
-def _conversation(row: dict, index: int) -> list[dict] | None:
-    """The chat of an eval row: `messages`, ShareGPT `conversations`, or conversational prompt + completion."""
-    from jsft.data.formats import check_messages
-
-    for field in ("messages", "conversations"):
-        if isinstance(row.get(field), list):
-            return check_messages(row[field], index, field)
-    if isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
-        return check_messages(row["prompt"] + row["completion"], index, "prompt")
-    return None
-
-
-def eval_generations(config, model, tokenizer, n: int) -> list[dict]:
-    """Greedy replies to the first n eval conversations (chat data only), cut before their last assistant turn."""
-    from jsft.data.pipeline import read_rows
-    from jsft.generate import chat_prompt_ids, chat_replies
-
-    if n <= 0 or config.data.dataset_test_split is None:
-        return []
-    rows = read_rows(config, "eval")[0]
-    conversations, references = [], []
-    from jsft.data.formats import BadRowError
-
-    for index, row in enumerate(rows.select(range(min(len(rows), 4 * n)))):
-        try:
-            messages = _conversation(row, index)
-        except BadRowError:  # a row preparation already refused (or skipped): no sample from it
-            continue
-        if messages is None:  # not chat data: eval loss only
-            return []
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is None or last == 0:
-            continue
-        prompt = messages[:last]
-        if len(chat_prompt_ids(tokenizer, prompt)) > (config.data.max_length or 512):
-            continue
-        conversations.append(prompt)
-        references.append(messages[last]["content"])
-        if len(conversations) == n:
-            break
-    replies = chat_replies(model, tokenizer, conversations, max_new_tokens=64)
-    return [{"prompt": c[-1]["content"], "reply": r, "reference": ref}
-            for c, r, ref in zip(conversations, replies, references)]
-
-
-# ----------------------------------------------------------------------------------------------- the run
 
 
 def resume_hint(lc) -> str:
@@ -294,15 +111,13 @@ def resume_hint(lc) -> str:
 
 
 def run(config: SFTConfig, callbacks=()) -> dict:
-    """Train as the config says; returns a summary: steps, last logged metrics, the plan, export paths, demo
-    results, and "model" (the trained model object, for callers in the same process). The output directory is
-    locked for the run (jsft.outdir): a second run on it fails at once."""
-    # ---- config and devices
-    from jsft.export import resolve_formats
-
+    """Train as the config says; returns a summary: steps, last logged metrics, the plan, export paths, and
+    "model" (the trained model object, for callers in the same process). `callbacks` (jsft.callbacks) see the run
+    begin, every logged record (and may stop the run) and its summary. The output directory is locked for the run
+    (jsft.outdir): a second run on it fails at once."""
     config = validate(config)
     resolve_formats(config)  # export settings fail now, not after training
-    lc, tc = config.logging, config.training
+    lc = config.logging
     out = Path(lc.output_dir)
     if lc.resume_from_checkpoint and checkpoint.latest_step(out) is None:
         raise ConfigError(f"logging.resume_from_checkpoint=True but {checkpoint.checkpoint_dir(out)} has no checkpoint")
@@ -311,40 +126,72 @@ def run(config: SFTConfig, callbacks=()) -> dict:
     peers.start(jax.process_index(), jax.process_count())  # several processes: a failure stops them all (jsft.peers)
     try:
         with outdir.claim(out, enabled=jax.process_index() == 0):  # creates it; a clear error when a run holds it
-            summary = _train(config, signals, callbacks)
+            summary = _train(config, signals, Callbacks(callbacks))
     finally:
         signals.restore()
     peers.stop()
     return summary
 
 
-def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
-    lc, tc = config.logging, config.training
-    out = Path(lc.output_dir)
+def _train(config: SFTConfig, signals: StopSignals, callbacks: Callbacks) -> dict:
+    """setup -> resume -> (callbacks: the run begins) -> the plan -> loop -> finish."""
+    parts = setup(config)
+    state = resume(parts)
+    callbacks.train_begin(config, parts.model, parts.tokenizer)
+    writer = _open_writer(parts, state.step)
+    first = next(parts.data_it)
+    plan, compiled = print_plan(config, parts.model, parts.optimizer, parts.wrt, first, parts.mesh, parts.total_steps,
+                                state.step, parts.schedule, parts.train_data)
+    train_step = PlannedStep(compiled, parts.train_data.max_length, **step.train_options(config.training),
+                             schedule=parts.schedule)
+    loop(parts, state, train_step, first, writer, callbacks, signals)
+    return finish(parts, state, plan, writer, callbacks, signals)
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class RunParts:
+    """What setup() builds from the config; resume(), loop() and finish() share it."""
+
+    config: SFTConfig
+    logging: LoggingConfig  # config.logging with its ratio step counts made counts of this run's steps
+    out: Path  # the output directory
+    mesh: jax.sharding.Mesh
+    is_main: bool  # process 0: writes config.json, the metrics, the exports
+    tokenizer: object
+    train_data: PreparedDataset | StreamedDataset  # a stream with data.dataset_streaming
+    eval_data: PreparedDataset | None
+    epoch_steps: int
+    total_steps: int
+    model: nnx.Module
+    trained_embeddings: bool  # the whole embedding and head train too (new tokens or a grown vocabulary)
+    wrt: object  # the trainable parameters' filter (jsft.optim.trainable_filter)
+    optimizer: nnx.Optimizer
+    schedule: object  # the learning rate by step
+    data_it: object  # this process's batches, checkpointable (jsft.data.pipeline.batch_iterator)
+    data_count: int  # the processes that read data
+    fingerprint: dict  # the training data's, saved in each checkpoint and compared on resume
+    best: BestCheckpoint | None  # load_best_model_at_end / save_strategy "best"
+    manager: object  # Orbax's checkpoint manager (resume may open a fresh one)
+
+
+def setup(config: SFTConfig) -> RunParts:
+    """Everything before the first step, in the order that fails fastest: the mesh and output directory, the
+    tokenizer, the data (tokenized), the step counts, the model (+ LoRA) and its optimizer, the checkpoints."""
+    tc = config.training
+    out = Path(config.logging.output_dir)
     mesh = sharding.create_mesh(config.sharding)
     data_index, data_count = sharding.data_process_split(mesh)
     is_main = jax.process_index() == 0
-    outdir.make_dir(out)  # process 0's lock made it; a clear error for a file in the way on the others
-    cache = use_compilation_cache(tc, out)
-    if is_main:
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        print(f"compilation cache: {cache or 'off (training.compilation_cache_dir=none)'}")
-
-    # ---- tokenizer and data
-    from jsft.data.pipeline import batch_iterator, format_stats, prepare_dataset, steps_per_epoch
-    from jsft.data.streaming import prepare_stream, stream_iterator
-
+    _prepare_output_dir(config, out, is_main)
     tokenizer, added_tokens = build_tokenizer(config)
     check_model_config(config)  # an unsupported architecture or RoPE type fails before tokenizing, not after
     streamed = config.data.dataset_streaming  # read, tokenized and packed while training runs (jsft.data.streaming)
-    train_data = prepare_stream(config, tokenizer) if streamed else prepare_dataset(config, tokenizer, "train")
-    print(format_stats(train_data.stats))
+    train_data, eval_data = _prepare_data(config, tokenizer)
     # saved in each checkpoint, compared on resume
     fingerprint = train_data.fingerprint() if streamed else checkpoint.data_fingerprint(train_data)
-    eval_data = None
-    if config.data.dataset_test_split is not None:
-        eval_data = prepare_dataset(config, tokenizer, "eval")
-        print(format_stats(eval_data.stats))
     batch_shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
     rows_per_micro = tc.per_device_train_batch_size * batch_shards // data_count  # this process's rows
     # every row each epoch, as TRL (dataloader_drop_last=False): the last step's free slots are empty rows
@@ -352,196 +199,113 @@ def _train(config: SFTConfig, signals: StopSignals, callbacks) -> dict:
     epoch_steps = tc.max_steps if streamed else steps_per_epoch(
         train_data, rows_per_micro * data_count, tc.gradient_accumulation_steps, drop_remainder=False)
     total_steps = total_steps_for(config, epoch_steps)
-    lc = with_step_counts(lc, total_steps)
+    lc = with_step_counts(config.logging, total_steps)
     num_epochs = None if tc.max_steps > 0 else math.ceil(tc.num_train_epochs)
 
-    # ---- model, LoRA, optimizer
-    from jsft.optim import make_optimizer
-
     model, grew_vocab = build_model(config, tokenizer, mesh)
-    check_sliding_window(model.cfg, [d for d in (train_data, eval_data) if d is not None])
-    warn_past_max_positions(model.cfg, [d for d in (train_data, eval_data) if d is not None and not d.stats.get(
-        "streamed")], config.data.max_length)
-    segments = [d.stats["max_documents_per_row"] for d in (train_data, eval_data) if d is not None]
+    datasets = [d for d in (train_data, eval_data) if d is not None]
+    check_sliding_window(model.cfg, datasets)
+    warn_past_max_positions(model.cfg, [d for d in datasets if not d.stats.get("streamed")], config.data.max_length)
+    segments = [d.stats["max_documents_per_row"] for d in datasets]
     model.set_max_segments(None if None in segments else max(segments))  # None: a stream's, not known up front
-    wrt_embeddings = bool(added_tokens) or grew_vocab  # the whole embedding and head train too (LoRA)
-    wrt = trainable(config, model, wrt_embeddings)
+    trained_embeddings = bool(added_tokens) or grew_vocab  # the whole embedding and head train too (LoRA)
+    wrt = trainable(config, model, trained_embeddings)
     tx, schedule = make_optimizer(tc, total_steps)
     optimizer = sharding.create_sharded_optimizer(model, tx, wrt, mesh)  # moments built in their shards
 
-    demo_before = None
-    if lc.demo_eval:
-        from jsft import demo
-
-        with eval_mode(model):
-            demo_before = demo.accuracy(model, tokenizer, config, label="before training")
-
-    # ---- resume
-    best = BestCheckpoint.from_config(lc)  # load_best_model_at_end / save_strategy "best"
-    keep = best.keep if best is not None else None
-    manager = checkpoint.make_manager(out, lc.save_total_limit, keep=keep)
+    best = BestCheckpoint.from_config(lc)
+    manager = _checkpoint_manager(out, lc, best)
     if streamed:
         data_it = stream_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, data_index, data_count)
     else:
         data_it = batch_iterator(train_data, rows_per_micro, tc.gradient_accumulation_steps, tc.seed, num_epochs,
                                  config.data.train_sampling_strategy != "sequential", data_index, data_count,
                                  drop_remainder=False)
-    start_step, tokens_seen, window = 0, 0.0, []
-    existing = manager.latest_step()
-    if existing is not None and lc.resume_from_checkpoint is False:
-        manager.close()
-        print(f"logging.resume_from_checkpoint=False: starting fresh; the old checkpoints are now in "
-              f"{checkpoint.set_aside(out)} (the set there before is gone)")
-        manager, existing = checkpoint.make_manager(out, lc.save_total_limit, keep=keep), None
-    if existing is not None:
-        manager, meta = checkpoint.restore_newest_intact(manager, model, optimizer, config, fingerprint)
-        data_it.set_state(meta["data_iterator"])
-        start_step, tokens_seen = int(meta["step"]), float(meta.get("num_tokens", 0.0))
-        existing = start_step  # the newest intact checkpoint (a damaged newer one was set aside)
-        window = meta.get("log_window", [])  # the steps since the last log: the next log covers them too
-        if best is not None:
-            best.restore(meta.get("best"))
-        tokens_seen -= sum(m["num_tokens"] for m in window)
-        print(f"resume: checkpoint {start_step} from {checkpoint.checkpoint_dir(out)}")
-    trackers = trackers_lib.open_trackers(lc.report_to, lc.project, lc.run_name, dataclasses.asdict(config), out) \
-        if is_main else []
-    writer = progress.MetricsWriter(out, lc.report_to, resume_step=start_step, enabled=is_main, trackers=trackers)
+    return RunParts(config, lc, out, mesh, is_main, tokenizer, train_data, eval_data, epoch_steps, total_steps, model,
+                    trained_embeddings, wrt, optimizer, schedule, data_it, data_count, fingerprint, best, manager)
 
-    # ---- the plan
-    first = next(data_it)
-    plan, compiled = print_plan(config, model, optimizer, wrt, first, mesh, total_steps, start_step, schedule,
-                                train_data)
-    train_step = PlannedStep(compiled, train_data.max_length, **step.train_options(tc), schedule=schedule)
-    peak = peak_tflops(override=tc.peak_tflops)
-    hf_cfg = model.cfg.hf_config
-    flop_counts = {}  # LoRA: MFU counts no gradient for the frozen weights (jsft.loss.flops_per_token)
-    if config.lora.use_peft:
-        flop_counts = dict(lora_params=sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))),
-                           frozen_params=lora_frozen_params(hf_cfg, head_trains=wrt_embeddings or "lm_head" in
-                                                            modules_to_save(config, model)))
 
-    # ---- the loop
-    from jsft.callbacks import Callbacks
-
-    run_callbacks, last_eval = Callbacks(callbacks), {}
-    signals.start_loop()
-    multi_process = jax.process_count() > 1
-    guard = DivergenceGuard(tc.max_nonfinite_steps, tc.learning_rate)
-    bar = progress.progress_bar(total_steps, start_step, disable=lc.disable_tqdm or not is_main)
-    throughput = progress.Throughput()
-    last_metrics, saved_step, batch = {}, existing, first
-    step_no, unchecked = start_step, None  # the step whose loss the guard has not read yet (one behind: no stall)
-    if eval_data is not None and lc.eval_on_start and start_step == 0:
-        run_callbacks.log(0, _run_eval(config, model, tokenizer, eval_data, mesh, writer, 0, bar))
-
-    def check(pending):
-        if pending is not None:
-            last_good = None if saved_step is None else checkpoint.checkpoint_dir(out) / str(saved_step)
-            guard.check(pending[0], jax.device_get(pending[1]), last_good)
-
-    try:
-        with jax.set_mesh(mesh):
-            while step_no < total_steps:
-                if batch is None:
-                    batch = next(data_it, None)
-                    if batch is None:
-                        break
-                step.check_batch(batch, step_no + 1)
-                _, local_tokens = step.host_token_counts(batch)
-                seq = effective_seq_len(batch["segment_ids"][0])
-                metrics = train_step(model, optimizer, sharding.shard_batch(batch, mesh))
-                batch = None
-                step_no += 1
-                check(unchecked)  # the step before this one: done by now, or nearly
-                unchecked = (step_no, metrics)
-                window.append(metrics)
-                throughput.add(local_tokens * data_count)
-                bar.update(1)
-                if step_no % lc.logging_steps == 0 or step_no == total_steps or (
-                        lc.logging_first_step and step_no == 1):
-                    check(unchecked)
-                    unchecked = None
-                    window = jax.device_get(window)
-                    tokens_seen += sum(float(m["num_tokens"]) for m in window)
-                    rate = throughput.report()
-                    util = mfu(rate, flops_per_token(hf_cfg, seq, **flop_counts), jax.device_count(), peak)
-                    last_metrics = _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util)
-                    writer.write(step_no, last_metrics)
-                    run_callbacks.log(step_no, last_metrics)
-                    bar.set_postfix(progress.bar_postfix(last_metrics, rate, util))
-                    window = []
-                new_best = False
-                if eval_data is not None and should_eval(lc, step_no, epoch_steps):
-                    last_eval = _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar)
-                    run_callbacks.log(step_no, last_eval)
-                    new_best = best is not None and best.is_better(last_eval)
-                    throughput = progress.Throughput()  # tokens/s counts training time only
-                stop = signals.agreed_stop(step_no, multi_process)
-                saving = should_save(lc, step_no, epoch_steps) or (lc.save_strategy == "best" and new_best)
-                if saving or stop:
-                    check(unchecked)
-                    unchecked = None
-                    if saving and new_best:  # transformers: the best is chosen among saved checkpoints
-                        best.record(step_no, last_eval)
-                    checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
-                                    _progress_state(window, tokens_seen, config, fingerprint, best))
-                    saved_step = step_no
-                if stop or run_callbacks.stop_requested:
-                    break
-            check(unchecked)
-    except Diverged:
-        checkpoint.wait(manager)  # the good checkpoints being written are kept
-        manager.close()
-        writer.close()
-        raise
-    finally:
-        bar.close()
-    if saved_step != step_no and lc.save_strategy not in ("no", "best"):  # the end of the run
-        checkpoint.save(manager, step_no, model, optimizer, data_it.get_state(),
-                        _progress_state(window, tokens_seen, config, fingerprint, best), force=True)
-    checkpoint.wait(manager)
-    manager.close()
-
-    stopped = signals.requested is not None
-    summary = {"steps": step_no, "total_steps": total_steps, "interrupted": stopped, "plan": plan,
-               "last_metrics": last_metrics, "output_dir": str(out), "exports": {}, "model": model,
-               "tokenizer": tokenizer, "trained_embeddings": wrt_embeddings, "stopped_by_callback":
-               run_callbacks.stop_requested, "exit_status": signals.exit_status}
-    if stopped:
-        print(f"stopped at step {step_no} ({signal.Signals(signals.requested).name}); checkpoint saved. "
-              f"{resume_hint(lc)}", flush=True)
-        writer.close()
-        return summary
-    if eval_data is not None and not should_eval(lc, step_no, epoch_steps):
-        last_eval = _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, None)
-        run_callbacks.log(step_no, last_eval)
-    if lc.load_best_model_at_end and best.step is not None and best.step != step_no:
-        with checkpoint.make_manager(out, lc.save_total_limit, async_save=False) as reader:
-            checkpoint.restore_params(reader, model, wrt, best.step, config)
-        print(f"load_best_model_at_end: checkpoint {best.step} ({best.metric} {best.value:.4f}) is the model exported")
-        if eval_data is not None:
-            with eval_mode(model):
-                last_eval = evaluate(config, model, eval_data, mesh, _eval_rows(config, mesh))
-    if best is not None:
-        summary["best_checkpoint"] = best.state()
-    if eval_data is not None:
-        summary["eval"] = last_eval
-
-    # ---- export
-    from jsft.export import export
-
+def _prepare_output_dir(config: SFTConfig, out: Path, is_main: bool) -> None:
+    outdir.make_dir(out)  # process 0's lock made it; a clear error for a file in the way on the others
+    cache = use_compilation_cache(config.training, out)
     if is_main:
-        summary["exports"] = {k: str(v) for k, v in export(model, tokenizer, config, trained_embeddings=wrt_embeddings).items()}
-        for fmt, path in summary["exports"].items():
-            print(f"export ({fmt}): {path}")
-    if lc.demo_eval:
-        from jsft import demo
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        print(f"compilation cache: {cache or 'off (training.compilation_cache_dir=none)'}")
 
-        with eval_mode(model):
-            summary["demo"] = demo.after_training(model, tokenizer, config, summary, demo_before)
-    writer.close()
-    run_callbacks.train_end(summary)
-    return summary
+
+def _prepare_data(config: SFTConfig, tokenizer) -> tuple[PreparedDataset | StreamedDataset, PreparedDataset | None]:
+    """The train split (tokenized, or a stream: data.dataset_streaming) and the eval split (None without
+    data.dataset_test_split), their stats printed."""
+    streamed = config.data.dataset_streaming
+    train_data = prepare_stream(config, tokenizer) if streamed else prepare_dataset(config, tokenizer, "train")
+    print(format_stats(train_data.stats))
+    eval_data = None
+    if config.data.dataset_test_split is not None:
+        eval_data = prepare_dataset(config, tokenizer, "eval")
+        print(format_stats(eval_data.stats))
+    return train_data, eval_data
+
+
+def _checkpoint_manager(out: Path, lc: LoggingConfig, best: BestCheckpoint | None):
+    """Keeps save_total_limit checkpoints, and the best one besides (jsft.best)."""
+    return checkpoint.make_manager(out, lc.save_total_limit, keep=best.keep if best is not None else None)
+
+
+def _open_writer(parts: RunParts, start_step: int) -> progress.MetricsWriter:
+    """The metrics files and trackers (process 0's), cut back to start_step on resume."""
+    lc = parts.logging
+    trackers = trackers_lib.open_trackers(lc.report_to, lc.project, lc.run_name, dataclasses.asdict(parts.config),
+                                          parts.out) if parts.is_main else []
+    return progress.MetricsWriter(parts.out, lc.report_to, resume_step=start_step, enabled=parts.is_main,
+                                  trackers=trackers)
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Where the run is: as resume() finds it, and as each step leaves it."""
+
+    step: int = 0
+    tokens_seen: float = 0.0  # the logged steps' tokens (the window's join at the next log)
+    window: list = dataclasses.field(default_factory=list)  # each step's metrics since the last log
+    saved_step: int | None = None  # the newest checkpoint
+    last_metrics: dict = dataclasses.field(default_factory=dict)  # the last logged train record
+    last_eval: dict = dataclasses.field(default_factory=dict)  # the last eval's metrics
+
+
+def resume(parts: RunParts) -> LoopState:
+    """The newest intact checkpoint (a damaged newer one is set aside) restored into the model, the optimizer, the
+    data iterator and the best checkpoint; or a fresh start: no checkpoint, or logging.resume_from_checkpoint=False
+    (which sets the old ones aside)."""
+    lc = parts.logging
+    existing = parts.manager.latest_step()
+    if existing is not None and lc.resume_from_checkpoint is False:
+        parts.manager.close()
+        print(f"logging.resume_from_checkpoint=False: starting fresh; the old checkpoints are now in "
+              f"{checkpoint.set_aside(parts.out)} (the set there before is gone)")
+        parts.manager, existing = _checkpoint_manager(parts.out, lc, parts.best), None
+    if existing is None:
+        return LoopState()
+    parts.manager, meta = checkpoint.restore_newest_intact(parts.manager, parts.model, parts.optimizer, parts.config,
+                                                           parts.fingerprint)
+    parts.data_it.set_state(meta["data_iterator"])
+    window = meta.get("log_window", [])  # the steps since the last log: the next log covers them too
+    if parts.best is not None:
+        parts.best.restore(meta.get("best"))
+    start_step = int(meta["step"])
+    print(f"resume: checkpoint {start_step} from {checkpoint.checkpoint_dir(parts.out)}")
+    tokens_seen = float(meta.get("num_tokens", 0.0)) - sum(m["num_tokens"] for m in window)
+    return LoopState(step=start_step, tokens_seen=tokens_seen, window=window, saved_step=start_step)
+
+
+def save(parts: RunParts, state: LoopState, force: bool = False) -> None:
+    """A checkpoint of this step (asynchronous: checkpoint.wait before reading it)."""
+    checkpoint.save(parts.manager, state.step, parts.model, parts.optimizer, parts.data_it.get_state(),
+                    _progress_state(state.window, state.tokens_seen, parts.config, parts.fingerprint, parts.best),
+                    force=force)
+    state.saved_step = state.step
 
 
 def _progress_state(window, tokens_seen, config, data_fingerprint=None, best=None) -> dict:
@@ -554,67 +318,166 @@ def _progress_state(window, tokens_seen, config, data_fingerprint=None, best=Non
             "best": None if best is None else best.state()}
 
 
-def _window_metrics(window, tokens_seen, step_no, epoch_steps, rate, util) -> dict:
-    """TRL's logged values over the steps since the last log: means of loss, grad_norm, accuracy, entropy."""
-    applied = [m for m in window if float(m.get("finite", 1.0))] or window  # skipped steps (jsft.guard) left out
-    mean = lambda key: float(np.mean([float(m[key]) for m in applied]))  # noqa: E731
-    record = {key: mean(key) for key in ("loss", "grad_norm", "mean_token_accuracy", "entropy")}
-    if len(applied) < len(window):
-        record["skipped_steps"] = len(window) - len(applied)
-    record.update(
-        learning_rate=float(window[-1]["learning_rate"]),
-        num_tokens=tokens_seen,
-        num_trained=float(sum(float(m["num_trained"]) for m in window)),
-        epoch=step_no / max(epoch_steps, 1),
-        step_losses=[float(m["loss"]) for m in window],
-        tokens_per_second=rate,
-    )
-    if util is not None:
-        record["mfu"] = util
-    return record
+# ----------------------------------------------------------------------------------------------- the loop
 
 
-@contextlib.contextmanager
-def eval_mode(model):
-    """Dropout (LoRA's) off inside, back on after: for eval loss, generations and the demo's accuracy."""
-    model.eval()
+def loop(parts: RunParts, state: LoopState, train_step, batch, writer, callbacks: Callbacks,
+         signals: StopSignals) -> None:
+    """Steps from state.step to total_steps (or the data's end, a signal, a callback's stop), logging, evaluating
+    and saving as parts.logging says. `batch` is the first one (the plan's). On a divergence (jsft.guard) the
+    checkpoints being written are kept, the checkpoints and metrics closed, and Diverged raised."""
+    lc, tc = parts.logging, parts.config.training
+    utilization = _utilization(parts)
+    signals.start_loop()
+    multi_process = jax.process_count() > 1
+    guard = DivergenceGuard(tc.max_nonfinite_steps, tc.learning_rate)
+    bar = progress.progress_bar(parts.total_steps, state.step, disable=lc.disable_tqdm or not parts.is_main)
+    throughput = progress.Throughput()
+    if parts.eval_data is not None and lc.eval_on_start and state.step == 0:
+        callbacks.log(0, _eval(parts, writer, 0, bar))
     try:
-        yield model
+        with jax.set_mesh(parts.mesh):
+            while state.step < parts.total_steps:
+                batch = next(parts.data_it, None) if batch is None else batch
+                if batch is None:
+                    break
+                seq = _optimizer_step(parts, state, train_step, batch, guard, throughput)
+                batch = None
+                bar.update(1)
+                if should_log(lc, state.step, parts.total_steps):
+                    guard.check_pending(_last_good(parts, state))
+                    record = _log_window(parts, state, throughput.report, utilization, seq)
+                    writer.write(state.step, record)
+                    callbacks.log(state.step, record)
+                    bar.set_postfix(progress.bar_postfix(record, record["tokens_per_second"], record.get("mfu")))
+                new_best = False
+                if parts.eval_data is not None and should_eval(lc, state.step, parts.epoch_steps):
+                    state.last_eval = _eval(parts, writer, state.step, bar)
+                    callbacks.log(state.step, state.last_eval)
+                    new_best = parts.best is not None and parts.best.is_better(state.last_eval)
+                    throughput.restart()  # tokens/s counts training time only
+                stop = signals.agreed_stop(state.step, multi_process)
+                saving = should_save(lc, state.step, parts.epoch_steps) or (lc.save_strategy == "best" and new_best)
+                if saving or stop:
+                    guard.check_pending(_last_good(parts, state))
+                    if saving and new_best:  # transformers: the best is chosen among saved checkpoints
+                        parts.best.record(state.step, state.last_eval)
+                    save(parts, state)
+                if stop or callbacks.stop_requested:
+                    break
+            guard.check_pending(_last_good(parts, state))
+    except Diverged:
+        checkpoint.wait(parts.manager)  # the good checkpoints being written are kept
+        parts.manager.close()
+        writer.close()
+        raise
     finally:
-        model.train()
+        bar.close()
 
 
-def evaluate_only(config: SFTConfig) -> dict:
-    """The eval metrics of the configured model as it is (no training): the Python API's evaluate() before
-    train()."""
-    from jsft.data.pipeline import prepare_dataset
-
-    sharding.initialize_distributed(config.sharding)
-    mesh = sharding.create_mesh(config.sharding)
-    tokenizer, _ = build_tokenizer(config)
-    eval_data = prepare_dataset(config, tokenizer, "eval")
-    model, _ = build_model(config, tokenizer, mesh)
-    model.set_max_segments(eval_data.stats["max_documents_per_row"])
-    with eval_mode(model):
-        return evaluate(config, model, eval_data, mesh, _eval_rows(config, mesh))
-
-
-def _eval_rows(config, mesh) -> int:
-    """This process's eval rows per batch."""
-    rows = config.training.per_device_eval_batch_size * math.prod(mesh.shape[a] for a in ("data", "fsdp"))
-    return rows // sharding.data_process_split(mesh)[1]
+def _optimizer_step(parts: RunParts, state: LoopState, train_step, batch, guard: DivergenceGuard,
+                    throughput: progress.Throughput) -> float:
+    """One optimizer step on batch (its metrics join the window; the guard reads them during the next step).
+    Returns the batch's effective sequence length (for MFU)."""
+    step.check_batch(batch, state.step + 1)
+    _, local_tokens = step.host_token_counts(batch)
+    seq = effective_seq_len(batch["segment_ids"][0])
+    metrics = train_step(parts.model, parts.optimizer, sharding.shard_batch(batch, parts.mesh))
+    state.step += 1
+    guard.check_later(state.step, metrics, _last_good(parts, state))  # the step before this one: done by now
+    state.window.append(metrics)
+    throughput.add(local_tokens * parts.data_count)
+    return seq
 
 
-def _run_eval(config, model, tokenizer, eval_data, mesh, writer, step_no, bar) -> dict:
-    with eval_mode(model):
-        result = evaluate(config, model, eval_data, mesh, _eval_rows(config, mesh))
-        samples = eval_generations(config, model, tokenizer, config.logging.num_eval_generations)
-    say = bar.write if bar is not None else print
-    say(f"eval @ {step_no}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-    for s in samples:
-        say(f"  user: {s['prompt'][-80:]!r}\n  model: {s['reply']!r}  (reference {s['reference']!r})")
-    writer.write(step_no, {**result, **({"eval_generations": samples} if samples else {})})
-    return result
+def _last_good(parts: RunParts, state: LoopState) -> Path | None:
+    """The newest checkpoint's directory, for the divergence message."""
+    return None if state.saved_step is None else checkpoint.checkpoint_dir(parts.out) / str(state.saved_step)
+
+
+def _log_window(parts: RunParts, state: LoopState, tokens_per_second, utilization, seq: float) -> dict:
+    """The train record of the steps since the last log (read from the device now); the window starts again."""
+    state.window = jax.device_get(state.window)
+    state.tokens_seen += sum(float(m["num_tokens"]) for m in state.window)
+    rate = tokens_per_second()  # after the device_get: the window's steps have finished
+    state.last_metrics = progress.window_metrics(state.window, state.tokens_seen, state.step, parts.epoch_steps, rate,
+                                                 utilization(rate, seq))
+    state.window = []
+    return state.last_metrics
+
+
+def _utilization(parts: RunParts):
+    """(tokens per second, effective sequence length) -> MFU (None where the device's peak is unknown). LoRA: no
+    gradient counted for the frozen weights (jsft.loss.flops_per_token)."""
+    peak = peak_tflops(override=parts.config.training.peak_tflops)
+    hf_cfg = parts.model.cfg.hf_config
+    flop_counts = {}
+    if parts.config.lora.use_peft:
+        flop_counts = dict(lora_params=sum(x.size for x in jax.tree.leaves(nnx.state(parts.model, nnx.LoRAParam))),
+                           frozen_params=lora_frozen_params(hf_cfg, head_trains=parts.trained_embeddings or "lm_head"
+                                                            in modules_to_save(parts.config, parts.model)))
+    return lambda rate, seq: mfu(rate, flops_per_token(hf_cfg, seq, **flop_counts), jax.device_count(), peak)
+
+
+def _eval(parts: RunParts, writer, step_no: int, bar) -> dict:
+    return run_eval(parts.config, parts.model, parts.tokenizer, parts.eval_data, parts.mesh, writer, step_no, bar)
+
+
+# ----------------------------------------------------------------------------------------------- finish
+
+
+def finish(parts: RunParts, state: LoopState, plan: dict, writer, callbacks: Callbacks, signals: StopSignals) -> dict:
+    """The end of the run: the last checkpoint; then, unless a signal stopped it, the final eval, the best model
+    (load_best_model_at_end) and the export. Returns the summary, which the callbacks see last."""
+    lc = parts.logging
+    if state.saved_step != state.step and lc.save_strategy not in ("no", "best"):  # the end of the run
+        save(parts, state, force=True)
+    checkpoint.wait(parts.manager)
+    parts.manager.close()
+    summary = {"steps": state.step, "total_steps": parts.total_steps, "interrupted": signals.requested is not None,
+               "plan": plan, "last_metrics": state.last_metrics, "output_dir": str(parts.out), "exports": {},
+               "model": parts.model, "tokenizer": parts.tokenizer, "trained_embeddings": parts.trained_embeddings,
+               "stopped_by_callback": callbacks.stop_requested, "exit_status": signals.exit_status}
+    if summary["interrupted"]:
+        print(f"stopped at step {state.step} ({signal.Signals(signals.requested).name}); checkpoint saved. "
+              f"{resume_hint(lc)}", flush=True)
+        writer.close()
+        return summary
+    if parts.eval_data is not None and not should_eval(lc, state.step, parts.epoch_steps):
+        state.last_eval = _eval(parts, writer, state.step, None)
+        callbacks.log(state.step, state.last_eval)
+    if lc.load_best_model_at_end and parts.best.step is not None and parts.best.step != state.step:
+        _load_best(parts, state)
+    if parts.best is not None:
+        summary["best_checkpoint"] = parts.best.state()
+    if parts.eval_data is not None:
+        summary["eval"] = state.last_eval
+    if parts.is_main:
+        summary["exports"] = _export(parts)
+    writer.close()
+    callbacks.train_end(summary)
+    return summary
+
+
+def _load_best(parts: RunParts, state: LoopState) -> None:
+    """The best checkpoint's params into the model (and its eval metrics into state.last_eval)."""
+    best = parts.best
+    with checkpoint.make_manager(parts.out, parts.logging.save_total_limit, async_save=False) as reader:
+        checkpoint.restore_params(reader, parts.model, parts.wrt, best.step, parts.config)
+    print(f"load_best_model_at_end: checkpoint {best.step} ({best.metric} {best.value:.4f}) is the model exported")
+    if parts.eval_data is not None:
+        with eval_mode(parts.model):
+            state.last_eval = evaluate(parts.config, parts.model, parts.eval_data, parts.mesh,
+                                       eval_rows(parts.config, parts.mesh))
+
+
+def _export(parts: RunParts) -> dict[str, str]:
+    """The trained model in the configured formats (jsft.export), each path printed."""
+    exports = {k: str(v) for k, v in export(parts.model, parts.tokenizer, parts.config,
+                                            trained_embeddings=parts.trained_embeddings).items()}
+    for fmt, path in exports.items():
+        print(f"export ({fmt}): {path}")
+    return exports
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -630,20 +493,19 @@ def parse_args(argv=None):
                      "--learning_rate 1e-4 --max_length 4096 --packing (applied over --config; without --config "
                      "they are the whole TRL config).")
     args, rest = parser.parse_known_args(argv)
-    from jsft.trl_config import parse_flags
-
     args.trl_flags = parse_flags(rest)
     if args.config is None and not args.trl_flags:
         parser.error("give --config FILE, or TRL flags such as --model_name_or_path and --dataset_name")
     return args
 
 
-def main(argv=None) -> dict:
+def main(argv=None, callbacks=()) -> dict:
+    """The command line: argv -> a resolved config (jsft.config_files.load) -> run(config, callbacks)."""
     args = parse_args(argv)
     overrides = list(args.set) + (["logging.resume_from_checkpoint=true"] if args.resume else [])
     config = load(args.config, overrides, args.trl_flags)
     started = time.perf_counter()
-    summary = run(config)
+    summary = run(config, callbacks)
     if summary["interrupted"]:
         return summary  # the stop message has been printed
     print(f"done: {summary['steps']} steps in {time.perf_counter() - started:.0f} s; output in {summary['output_dir']}")

@@ -56,6 +56,8 @@ class SFTTrainer:
         validate(self.args)
 
     def train(self) -> TrainOutput:
+        """The run `python -m jsft.train` makes (jsft.train.run, the one entry of both), of the config these
+        arguments resolved to, with the callbacks."""
         from jsft import train
 
         self.summary = train.run(self.args, callbacks=self.callbacks)
@@ -70,9 +72,9 @@ class SFTTrainer:
             raise ConfigError("evaluate() needs eval_dataset (or args.data.dataset_test_split)")
         if self.summary is not None:
             return dict(self.summary["eval"])
-        from jsft import train
+        from jsft import evaluation
 
-        return train.evaluate_only(self.args)
+        return evaluation.evaluate_only(self.args)
 
     def save_model(self, output_dir: str | None = None) -> Path:
         """The trained model into output_dir (default: args.logging.output_dir/export or /adapter), as TRL's

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m jsft.train --config configs/demo.py "$@"
+exec .venv/bin/python -m jsft.demo --config configs/demo.py "$@"

@@ -337,3 +337,39 @@ def test_a_template_that_does_not_compile_is_a_config_error_not_a_bad_row(tokeni
     with pytest.raises(ConfigError, match="chat template does not compile"):
         examples.prepare_examples(fixtures.make_rows("messages", 3, 0), tok,
                                   DataConfig(max_length=None, skip_bad_rows=True))
+
+
+@pytest.mark.parametrize("markers", [True, False])
+def test_plain_string_rendering_gives_transformers_text_and_generation_spans(tokenizer_dir, markers):
+    """batched renders messages of plain strings itself (the template's globals merged once, not per call): same
+    texts and {% generation %} spans as transformers' render_jinja_template, with the template's globals
+    (namespace, raise_exception) and the special tokens as variables; what the template raises still comes out."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    template = "{%- set ns = namespace(n=0) %}{{ bos_token or '' }}" + fixtures.CHATML_TEMPLATE + \
+        "{%- for m in messages %}{%- set ns.n = ns.n + 1 %}{%- endfor %}{{ '#' ~ ns.n ~ eos_token }}"
+    tok.chat_template = template if markers else template.replace("{% generation %}", "").replace(
+        "{% endgeneration %}", "")
+    conversations = [formats.check_messages(row["messages"], k, "messages")
+                     for k, row in enumerate(fixtures.make_rows("messages", 12, 5))]
+    for prompt in (False, True):
+        got = batched._render_group(tok, conversations, None, {}, markers, prompt, only_strings=True)
+        want = batched._render_group(tok, conversations, None, {}, markers, prompt, only_strings=False)
+        assert got == want
+        assert got[0][0].endswith(f"#{len(conversations[0])}{tok.eos_token}")
+    tok.chat_template = "{{ raise_exception('no ' + messages[0]['role']) }}"
+    with pytest.raises(batched.TemplateFailure, match="no user"):
+        batched._render_group(tok, conversations[:1], None, {}, markers, only_strings=True)
+
+
+def test_divergence_is_the_common_prefix_length():
+    import os
+    import random
+
+    from jsft.data import chat
+
+    generator = random.Random(0)
+    for _ in range(2000):
+        a, b = ("".join(generator.choice("ab") for _ in range(generator.randint(0, 12))) for _ in range(2))
+        assert chat._divergence(a, b) == len(os.path.commonprefix([a, b])), (a, b)

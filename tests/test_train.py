@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jsft import build, fixtures, progress, sharding, step, train
+from jsft import build, evaluation, fixtures, progress, sharding, step, train
 from jsft.config import ConfigError
 from jsft.hf import base_params
 from train_configs import tiny_config
@@ -174,7 +174,7 @@ def test_eval_generations_for_every_chat_format(tokenizer_dir, tmp_path, fmt):
     config = tiny_config(tokenizer_dir, path, tmp_path / "run", data={"dataset_test_split": str(path), "max_length": 256})
     tokenizer, _ = build.build_tokenizer(config)
     model, _ = build.build_model(config, tokenizer, sharding.create_mesh(config.sharding))
-    samples = train.eval_generations(config, model, tokenizer, 2)
+    samples = evaluation.eval_generations(config, model, tokenizer, 2)
     if fmt == "prompt_completion":
         assert samples == []
         return
@@ -193,7 +193,7 @@ def test_eval_generations_pass_over_a_bad_row(tokenizer_dir, tmp_path):
     config = tiny_config(tokenizer_dir, path, tmp_path / "run", data={"dataset_test_split": str(path), "max_length": 256})
     tokenizer, _ = build.build_tokenizer(config)
     model, _ = build.build_model(config, tokenizer, sharding.create_mesh(config.sharding))
-    samples = train.eval_generations(config, model, tokenizer, 2)
+    samples = evaluation.eval_generations(config, model, tokenizer, 2)
     assert len(samples) == 2 and all(s["reference"].strip() for s in samples)
 
 

@@ -23,7 +23,10 @@ def _config(tmp_path, tokenizer_dir, **training):
 
 class StopAfter(TrainerCallback):
     def __init__(self, step):
-        self.step, self.seen, self.ended = step, [], None
+        self.step, self.seen, self.ended, self.began = step, [], None, None
+
+    def on_train_begin(self, config, model, tokenizer):
+        self.began = (len(self.seen), config.lora.use_peft, type(model).__name__, len(tokenizer) > 0)
 
     def on_log(self, step, logs):
         self.seen.append((step, sorted(k for k in logs if k in ("loss", "eval_loss"))))
@@ -50,6 +53,7 @@ def test_lora_from_in_memory_rows_and_tokenizer_trains_evaluates_and_saves_a_pef
     before = trainer.evaluate()["eval_loss"]
     output = trainer.train()
     assert output.global_step == 3 and stopper.ended == 3  # stopped by the callback, then ended normally
+    assert stopper.began == (0, True, "Llama", True)  # before any record: the run's config, model and tokenizer
     assert [s for s, _ in stopper.seen if _ == ["loss"]] == [1, 2, 3]
     after = trainer.evaluate()["eval_loss"]
     assert after < before, (before, after)

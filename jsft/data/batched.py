@@ -5,9 +5,11 @@ Per row, transformers' per-call machinery (a BatchEncoding per tokenizer call; a
 of the time. Here the jobs of one format are prepared in a few calls:
 
 1. render: conversations through the chat template, all in one transformers `render_jinja_template` call (it compiles
-   the template once and returns the {% generation %} character spans). A template without markers: every prefix of
-   every conversation too (two more calls), and chat.turn_documents infers the spans (chat's module doc), splitting a
-   conversation into one document per turn where the template renders a turn differently once later turns follow;
+   the template once and returns the {% generation %} character spans); messages of plain strings skip its
+   per-conversation sanitizing copy and get the template's globals merged once, not per render (_compiled). A
+   template without markers: every prefix of every conversation too (two more calls), and chat.turn_documents
+   infers the spans (chat's module doc), splitting a conversation into one document per turn where the template
+   renders a turn differently once later turns follow;
 2. encode: every text in ONE call of the fast tokenizer (`encode_batch_fast` in Rust; `encode_batch` where the
    assistant mask needs the tokenizer's offsets: not for a byte-level BPE, whose offsets follow from the ids,
    jsft.data.token_bytes);
@@ -23,8 +25,10 @@ from __future__ import annotations
 
 import json
 import warnings
+from functools import lru_cache
 from itertools import chain
 
+import jinja2.runtime
 import numpy as np
 
 from jsft.config import ConfigError, DataConfig
@@ -46,9 +50,17 @@ def _groups(options: list[tuple]) -> list[tuple]:
     return list(groups.values())
 
 
-def _only_strings(message: dict) -> bool:
-    """Only string values and no reasoning field: transformers' sanitizing copy and reasoning aliases change nothing."""
-    return all(type(v) is str for v in message.values()) and not REASONING_FIELDS.intersection(message)
+def _only_strings(conversations: list[list[dict]]) -> bool:
+    """Only string values and no reasoning field in every message: transformers' sanitizing copy and reasoning
+    aliases change nothing."""
+    for conversation in conversations:
+        for message in conversation:
+            if not REASONING_FIELDS.isdisjoint(message):
+                return False
+            for value in message.values():
+                if type(value) is not str:
+                    return False
+    return True
 
 
 class TemplateFailure(Exception):
@@ -67,7 +79,7 @@ def _render_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dic
 
     As apply_chat_template does: keys whose value is None are dropped first (by the caller, _render: datasets fills a
     missing key with None), the tokenizer's special tokens are template variables (the row's kwargs win), tools choose
-    the template. only_strings: every message passes _only_strings.
+    the template. only_strings: _only_strings(conversations).
     """
     try:
         return _render_unchecked(tokenizer, conversations, tools, kwargs, spans, add_generation_prompt, only_strings)
@@ -89,13 +101,53 @@ def _render_unchecked(tokenizer, conversations, tools, kwargs, spans, add_genera
         return texts, (generation if spans else None)
     # render_jinja_template's own loop, minus its per-conversation sanitizing deep copy (a third of its time), which
     # leaves messages of plain strings as they are
-    compiled = rendering._compile_jinja_template(template)
-    inputs = dict(tools=rendering._plain_template_data(tools), documents=None,
+    compiled, template_globals = _compiled(template)
+    inputs = dict(template_globals, tools=rendering._plain_template_data(tools), documents=None,
                   add_generation_prompt=add_generation_prompt, **rendering._plain_template_data(variables))
     if not spans:
-        return [compiled.render(messages=c, **inputs) for c in conversations], None
-    rendered = [rendering._render_with_assistant_indices(compiled, c, **inputs) for c in conversations]
+        return [_render_text(compiled, {**inputs, "messages": c}) for c in conversations], None
+    rendered = [_render_with_spans(compiled, {**inputs, "messages": c}) for c in conversations]
     return [text for text, _ in rendered], [generation for _, generation in rendered]
+
+
+@lru_cache(maxsize=32)
+def _compiled(template: str):
+    """(transformers' compiled template, its globals as one plain dict). Template.render merges the globals (a
+    ChainMap over the environment's) into every call's variables; merged once here (it was more than half the time
+    of rendering a short conversation)."""
+    from transformers.utils import chat_template_utils as rendering
+
+    compiled = rendering._compile_jinja_template(template)
+    return compiled, dict(compiled.globals)
+
+
+def _context(compiled, variables: dict):
+    """Template.new_context(variables, shared=True) (the variables as they are, no globals added) without the set of
+    the globals' names it builds for `{% import %}` of the template itself, which no chat template does."""
+    return jinja2.runtime.new_context(compiled.environment, compiled.name, compiled.blocks, variables, shared=True)
+
+
+def _render_text(compiled, variables: dict) -> str:
+    """compiled.render(**variables) for variables that already hold the template's globals (_compiled)."""
+    context = _context(compiled, variables)
+    try:
+        return compiled.environment.concat(compiled.root_render_func(context))
+    except Exception:  # noqa: BLE001 (as Template.render: jinja rewrites the traceback to the template's lines)
+        compiled.environment.handle_exception()
+
+
+def _render_with_spans(compiled, variables: dict) -> tuple[str, list]:
+    """transformers' _render_with_assistant_indices (the text and its {% generation %} character spans) for variables
+    that already hold the template's globals (_compiled)."""
+    blocks, generation = [], []
+    context = _context(compiled, variables)
+    with compiled.environment.activate_tracker(blocks, generation):  # a span starts at the length of the blocks so far
+        try:
+            for block in compiled.root_render_func(context):
+                blocks.append(block)
+        except Exception:  # noqa: BLE001 (as Template.generate)
+            compiled.environment.handle_exception()
+        return "".join(blocks), generation
 
 
 def _infer_group(tokenizer, conversations: list[list[dict]], tools, kwargs: dict, only_strings: bool,
@@ -137,7 +189,7 @@ def _render(tokenizer, conversations: list[list[dict]], options: list[tuple], as
     first_trained = first_trained or [0] * len(conversations)
     for tools, kwargs, where in _groups(options):
         group = [[{k: v for k, v in m.items() if v is not None} for m in conversations[j]] for j in where]
-        only_strings = all(_only_strings(m) for c in group for m in c)
+        only_strings = _only_strings(group)
         if assistant_spans and not chat.has_generation_markers(tokenizer.get_chat_template(None, tools)):
             documents = _infer_group(tokenizer, group, tools, kwargs, only_strings, split,
                                      [first_trained[j] for j in where])

@@ -31,7 +31,6 @@ reasoning) cannot show what the model must write after it: refused with a ChatTe
 
 from __future__ import annotations
 
-import os
 import re
 
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -89,8 +88,23 @@ def render(tokenizer, messages: list[dict], tools=None, template_kwargs: dict | 
 
 
 def _divergence(a: str, b: str) -> int:
-    """Length of the common prefix of two strings."""
-    return len(os.path.commonprefix([a, b]))
+    """Length of the common prefix of two strings. Mostly one is a prefix of the other (one C-level startswith);
+    otherwise a binary search over slice comparisons (os.path.commonprefix compares in a Python loop per character,
+    which cost as much as rendering the templates).
+
+    >>> _divergence("<|im_start|>assistant\\n", "<|im_start|>assistant\\nhello"), _divergence("abcx", "abcy")
+    (22, 3)
+    """
+    if b.startswith(a):
+        return len(a)
+    low, high = 0, min(len(a), len(b))  # a[:low] == b[:low]; they differ within [:high + 1] (or one ends there)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def assistant_turns(messages: list[dict]) -> list[int]:

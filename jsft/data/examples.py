@@ -147,9 +147,11 @@ def _example(documents: list, fmt: str, config: DataConfig, row_index: int, fiel
     for ids, mask in documents:
         ids, mask = np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.bool_)
         full_length, trained_before = len(ids), bool(mask[1:].any())
+        trained = trained_before
         if config.max_length is not None and not config.packing:
             ids, mask = formats.truncate(ids, mask, config.max_length, config.truncation_mode)
-        if not mask[1:].any():
+            trained = bool(mask[1:].any())
+        if not trained:
             if trained_before:
                 problem = (
                     f"no trained token is left after truncation to max_length={config.max_length} "
@@ -164,9 +166,10 @@ def _example(documents: list, fmt: str, config: DataConfig, row_index: int, fiel
                     fix = "add an assistant message, or drop the row"
             return BadRowError(row_index, "loss_mask" if fmt == TOKENIZED else field, problem, fix)
         pieces.append((ids, mask))
+    if len(pieces) == 1:
+        return {"input_ids": pieces[0][0], "loss_mask": pieces[0][1]}
     example = {"input_ids": np.concatenate([i for i, _ in pieces]), "loss_mask": np.concatenate([m for _, m in pieces])}
-    if len(pieces) > 1:
-        example["document_lengths"] = np.array([len(i) for i, _ in pieces], dtype=np.int64)
+    example["document_lengths"] = np.array([len(i) for i, _ in pieces], dtype=np.int64)
     return example
 
 

@@ -170,6 +170,10 @@ def check_messages(messages, row_index: int | None, field: str) -> list[dict]:
         )
     checked = []
     for j, message in enumerate(messages):
+        if type(message) is dict and type(message.get("content")) is str and message.get("role") in KNOWN_ROLES and \
+                (message["role"] != "assistant" or message["content"].strip()):
+            checked.append(dict(message))  # the common message: a known role and string content (no ShareGPT)
+            continue
         where = f"{field}[{j}]"
         if not isinstance(message, dict):
             raise BadRowError(

@@ -54,8 +54,8 @@ def _prepare_chunk(chunk: tuple[int, int], dataset, tokenizer, data: DataConfig)
             if not data.skip_bad_rows:
                 break
             continue
-        ends = np.cumsum(example.get("document_lengths", [len(example["input_ids"])]))
-        for a, b in zip(np.r_[0, ends[:-1]], ends):
+        bounds = [0, *np.cumsum(example.get("document_lengths", [len(example["input_ids"])])).tolist()]
+        for a, b in zip(bounds, bounds[1:]):
             ids.append(example["input_ids"][a:b])
             masks.append(example["loss_mask"][a:b])
             kept.append(start + k)
