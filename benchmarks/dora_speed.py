@@ -16,43 +16,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from benchmarks.common import git_commit  # noqa: E402
-from benchmarks.qlora_speed import HF, batch  # noqa: E402
-from jsft import sharding, step  # noqa: E402
-from jsft.config import ShardingConfig, TrainingConfig  # noqa: E402
-from jsft.model.llama import Llama, LlamaConfig  # noqa: E402
+from benchmarks.qlora_speed import HF, time_steps  # noqa: E402
+from jsft import sharding  # noqa: E402
+from jsft.config import ShardingConfig  # noqa: E402
 from jsft.model.lora import apply_lora  # noqa: E402
-from jsft.optim import make_optimizer  # noqa: E402
-
-
-def time_steps(use_dora, dtype, rows, length, steps, mesh) -> list[float]:
-    cfg = LlamaConfig.from_hf(HF)
-    model = Llama(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, compute_dtype=dtype, attention_impl="xla",
-                  remat_policy="full")
-    apply_lora(model, r=16, alpha=32, dropout=0.05, use_dora=use_dora)
-    tx, _ = make_optimizer(TrainingConfig(learning_rate=1e-4), total_steps=1000)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
-    data = sharding.shard_batch(batch(rows, length, cfg.vocab_size), mesh)
-    times = []
-    with jax.set_mesh(mesh):
-        for i in range(steps + 2):  # 2 warm-up steps (the first compiles)
-            started = time.perf_counter()
-            metrics = step.train_step(model, optimizer, data, loss_type="nll", chunk_size=1024)
-            jax.block_until_ready(metrics["loss"])
-            if i >= 2:
-                times.append(time.perf_counter() - started)
-    return times
 
 
 def main(argv=None):
@@ -68,7 +46,8 @@ def main(argv=None):
     load_before = os.getloadavg()
     results = {}
     for name, use_dora in (("lora", False), ("dora", True)):
-        times = time_steps(use_dora, dtype, args.rows, args.length, args.steps, mesh)
+        adapt = functools.partial(apply_lora, r=16, alpha=32, dropout=0.05, use_dora=use_dora)
+        times = time_steps(adapt, dtype, args.rows, args.length, args.steps, mesh)
         results[name] = dict(step_seconds=times, median=float(np.median(times)))
         print(f"{name:5s} median step {results[name]['median']:.3f} s ({len(times)} steps)", flush=True)
     ratio = results["dora"]["median"] / results["lora"]["median"]

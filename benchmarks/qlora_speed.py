@@ -15,6 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -47,13 +48,13 @@ def batch(rows: int, length: int, vocab: int) -> dict:
             "targets": np.roll(ids, -1, axis=-1), "loss_mask": np.ones(ids.shape, np.float32)}
 
 
-def time_steps(quantization, dtype, rows, length, steps, mesh) -> list[float]:
+def time_steps(adapt, dtype, rows, length, steps, mesh) -> list[float]:
+    """Seconds of each of `steps` LoRA train steps (after 2 warm-up steps) of the HF model, `adapt(model)` having
+    added the adapters (and quantized the base, if it does)."""
     cfg = LlamaConfig.from_hf(HF)
     model = Llama(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, compute_dtype=dtype, attention_impl="xla",
                   remat_policy="full")
-    if quantization:
-        quant.quantize_model(model, **quantization)
-    apply_lora(model, r=16, alpha=32, dropout=0.0)
+    adapt(model)
     tx, _ = make_optimizer(TrainingConfig(learning_rate=1e-4), total_steps=1000)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
     data = sharding.shard_batch(batch(rows, length, cfg.vocab_size), mesh)
@@ -68,6 +69,12 @@ def time_steps(quantization, dtype, rows, length, steps, mesh) -> list[float]:
     return times
 
 
+def _qlora(quantization, model):
+    if quantization:
+        quant.quantize_model(model, **quantization)
+    apply_lora(model, r=16, alpha=32, dropout=0.0)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -80,7 +87,7 @@ def main(argv=None):
                                 devices=jax.devices()[:1])
     results = {}
     for name, q in (("lora", None), ("qlora_nf4_nested", {"quant_type": "nf4", "nested": True})):
-        times = time_steps(q, dtype, args.rows, args.length, args.steps, mesh)
+        times = time_steps(functools.partial(_qlora, q), dtype, args.rows, args.length, args.steps, mesh)
         results[name] = dict(step_seconds=times, median=float(np.median(times)))
         print(f"{name:18s} median step {results[name]['median']:.3f} s ({len(times)} steps)", flush=True)
     ratio = results["qlora_nf4_nested"]["median"] / results["lora"]["median"]
