@@ -408,7 +408,7 @@ def _log_window(parts: RunParts, state: LoopState, tokens_per_second, utilizatio
 
 def _utilization(parts: RunParts):
     """(tokens per second, effective sequence length) -> MFU (None where the device's peak is unknown). LoRA: no
-    gradient counted for the frozen weights (jsft.loss.flops_per_token)."""
+    gradient counted for the frozen weights (jsft.flops.flops_per_token)."""
     peak = peak_tflops(override=parts.config.training.peak_tflops)
     hf_cfg = parts.model.cfg.hf_config
     flop_counts = {}

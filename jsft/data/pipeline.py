@@ -163,9 +163,9 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 def _code_fingerprint() -> str:
     """The source of the code that turns rows into tokens: editing it invalidates caches."""
-    from jsft.data import batched, chat, examples, formats, templates, token_bytes
+    from jsft.data import batched, chat, examples, formats, templates, token_bytes, tokenize
 
-    modules = (batched, chat, examples, formats, templates, token_bytes)
+    modules = (batched, chat, examples, formats, templates, token_bytes, tokenize)
     return hashlib.sha256("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()
 
 
