@@ -225,7 +225,7 @@ def test_a_damaged_token_cache_is_rebuilt(tmp_path, tokenizer_dir, rows):
     config = tiny_config(tokenizer_dir, rows, tmp_path / "out")
     tokenizer, _ = load(tokenizer_dir, config.data)
     first_tokens = np.array(prepare_dataset(config, tokenizer).examples.tokens)  # (a copy: the file is cut below)
-    (cache,) = (tmp_path / "out" / "cache").glob("examples-train-*")  # a token store directory (jsft.data.store)
+    (cache,) = (tmp_path / "out" / "cache").glob("__examples-train-*")  # a token store directory (jsft.data.store)
     tokens = cache / "tokens.npy"
     tokens.write_bytes(tokens.read_bytes()[: tokens.stat().st_size // 2])
     with pytest.warns(UserWarning, match=rf"token cache {cache} is unreadable \(ValueError: .*\): removing it and "

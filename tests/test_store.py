@@ -69,7 +69,7 @@ def in_memory(config, tokenizer):
 
 
 def store_dir(config):
-    (path,) = Path(config.data.cache_dir).glob("examples-train-*")
+    (path,) = Path(config.data.cache_dir).glob("__examples-train-*")
     return path
 
 
@@ -170,10 +170,10 @@ def test_a_store_from_an_interrupted_write_is_not_used(tmp_path, rows, tok, memo
     monkeypatch.setattr(store.StoreWriter, "append", append)
 
     # a killed run (no cleanup) leaves its temporary directory, half written: never read, removed by the next write
-    killed = store.StoreWriter(tmp_path / "cache" / "examples-train-0123")
+    killed = store.StoreWriter(store.store_path(tmp_path / "cache", "train", "0123"))
     killed.append(np.arange(10, dtype=np.int32), np.ones(10, bool))
     mem = memory
-    path = Path(config.data.cache_dir) / f"examples-train-{'x' * 20}"
+    path = store.store_path(config.data.cache_dir, "train", "x" * 20)
     half = store.StoreWriter(path)
     half.append(mem.tokens[:1000], mem.loss_mask[:1000])
     dead = half.tmp.with_name(half.tmp.name.replace(f".{os.getpid()}.", ".4194305."))  # above any pid_max
@@ -287,21 +287,19 @@ def test_two_processes_share_one_store_and_read_disjoint_parts(tmp_path, rows, t
 
 
 def store_dir_name(cache):
-    (path,) = cache.glob("examples-train-*")
+    (path,) = cache.glob("__examples-train-*")
     return path.name
 
 
-def test_a_cache_dir_inside_a_data_directory_is_a_clear_error(tmp_path, rows, tok):
-    """datasets reads a directory's `*-train-*/` subdirectories as the train split: a store there would be read as
-    data on the next run, so jsft refuses the setting before reading anything."""
+def test_a_cache_dir_inside_a_data_directory_is_not_read_as_data(tmp_path, rows, tok):
+    """datasets reads a directory's `*-train-*/` subdirectories as the train split, but skips `__` directories: a
+    store inside the data directory is neither read as rows nor counted in the data's fingerprint, so it hits."""
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / "train.jsonl").write_text(rows.read_text())
     config = make_config(tmp_path, folder, folder / "cache", skip_bad_rows=True)
-    with pytest.raises(pipeline.ConfigError, match=r"data.cache_dir=.* is inside the data directory .*Fix: set "
-                                                    "data.cache_dir outside the data directory"):
-        prepare_dataset(config, tok)
-    assert not (folder / "cache").exists()
-    config.data.cache_dir = str(tmp_path / "cache")
-    assert prepare_dataset(config, tok).stats["cache"] == "miss"
-    assert prepare_dataset(config, tok).stats["cache"] == "hit"
+    first = prepare_dataset(config, tok)
+    assert first.stats["cache"] == "miss" and list((folder / "cache").glob("__examples-train-*"))
+    again = prepare_dataset(config, tok)
+    assert again.stats["cache"] == "hit" and again.stats["rows_read"] == first.stats["rows_read"]
+    np.testing.assert_array_equal(np.asarray(again.examples.tokens), np.asarray(first.examples.tokens))

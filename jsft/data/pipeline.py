@@ -17,7 +17,7 @@ Preparation (`prepare_dataset`):
 2. Every row goes through `jsft.data.prepare_example` WITHOUT truncation, in chunks (`jsft.data.tokenize`: threads
    or Grain worker processes, row order kept). Rows that raise BadRowError stop the run, or with
    data.skip_bad_rows are counted per reason and skipped. The examples (one flat token array, one flat mask, offsets)
-   go to a token store on disk, `<cache_dir>/examples-<split>-<key>/` (jsft.data.store: memory-mapped .npy files):
+   go to a token store on disk, `<cache_dir>/__examples-<split>-<key>/` (jsft.data.store: memory-mapped .npy files):
    each finished chunk's tokens and mask are appended to the files as it arrives, so preparation holds a few chunks
    of tokens, never the split's; only the per-example offsets and source rows (16 bytes an example) stay in memory.
    The store is written into a temporary directory and renamed into place when complete (a killed run leaves none
@@ -213,17 +213,12 @@ def cached_examples(config: SFTConfig, tokenizer, split: str = "train") -> tuple
     the field.
     """
     cache_dir = Path(config.data.cache_dir or Path(config.logging.output_dir) / "cache")
-    data_dir = Path(config.data.dataset_name)
-    if data_dir.is_dir() and cache_dir.resolve().is_relative_to(data_dir.resolve()):
-        raise ConfigError(f"data.cache_dir={str(cache_dir)!r} is inside the data directory data.dataset_name="
-                          f"{str(data_dir)!r}: datasets would read its token stores as the data of a split (their "
-                          "directory names hold the split's name). Fix: set data.cache_dir outside the data directory")
     dataset, unreadable, mix = read_rows(config, split)
     components = None if mix is None else mix.components
     check_data_compatibility(config, dataset.column_names, dataset[0] if len(dataset) else None)
     source = None if mix is None else mixture.fingerprint(config.data, split, config.training.seed)
     key = cache_key(config.data, split, dataset, tokenizer, source)
-    path = cache_dir / f"examples-{split}-{key}"  # a token store directory (jsft.data.store)
+    path = store.store_path(cache_dir, split, key)
     if path.exists():
         cached = _load_store(path)
         if cached is not None:

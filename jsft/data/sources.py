@@ -24,7 +24,7 @@ from jsft.hub import hub_unreachable, looks_local, nearby, no_such_path
 
 # jsft's own token caches (jsft.data.store directories, their temporary directories, older .npz files), left out
 # of a directory's identity: a cache kept inside the data directory must not change the key it is stored under.
-CACHE_FILE = re.compile(r"\.?examples-(train|eval)-\w+(\.npz|\.[^/]*\.tmp(\.npz)?)?")
+CACHE_FILE = re.compile(r"\.?(__)?examples-(train|eval)-\w+(\.npz|\.[^/]*\.tmp(\.npz)?)?")
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst")  # rows.jsonl.gz and the like: datasets reads them
 

@@ -1,6 +1,6 @@
 """The token store: a split's tokenized examples on disk, memory-mapped (the token cache of jsft.data.pipeline).
 
-    <cache_dir>/examples-<split>-<key>/
+    <cache_dir>/__examples-<split>-<key>/
         tokens.npy       int32 [T]      example e is tokens[offsets[e]:offsets[e + 1]]
         loss_mask.npy    bool  [T]      unshifted: token i is a trained label
         offsets.npy      int64 [E + 1]
@@ -14,7 +14,7 @@
 
 Writing never holds more than a chunk of tokens (the .npy header is rewritten with the final length at the end;
 numpy leaves room in it for that). The directory appears under its name only complete (one rename), so a killed
-run leaves a `.examples-...tmp` directory that no run reads; the next write of that store on the same host removes
+run leaves a `.__examples-...tmp` directory that no run reads; the next write of that store on the same host removes
 it. Reading maps the files: the OS reads only the pages of the rows a process assembles (its shard). Passes over
 a whole array (trained-token counts, the data fingerprint) go through `read_range`, plain file reads of bounded
 pieces, so the mapped pages do not pile up in the process's resident memory either.
@@ -95,6 +95,12 @@ class _NpyAppender:
         if self._write_header() != self.header_size:  # numpy pads the header for in-place growth; never expected
             raise RuntimeError(f"{self.file.name}: the .npy header changed size")
         self.file.close()
+
+
+def store_path(cache_dir: Path, split: str, key: str) -> Path:
+    """`<cache_dir>/__examples-<split>-<key>`: datasets skips directories starting with `__`, so a store in a
+    cache_dir inside a directory dataset is never read as rows of a split (it matches `*-train-*/`)."""
+    return Path(cache_dir) / f"__examples-{split}-{key}"
 
 
 class StoreWriter:
