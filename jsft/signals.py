@@ -12,7 +12,10 @@ asks `agreed_stop` at each step boundary), each saving its part of that one chec
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
+import threading
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal: what a shell reports for it
 
@@ -23,7 +26,7 @@ class Stopped(BaseException):
 
     def __init__(self, signum: int, message: str):
         super().__init__(message)
-        self.exit_status = EXIT_STATUS[signum]
+        self.signum, self.exit_status = signum, EXIT_STATUS[signum]
 
 
 class StopSignals:
@@ -34,6 +37,7 @@ class StopSignals:
         self.requested: int | None = None
         self.in_loop = False
         self.previous = {s: signal.signal(s, self._handle) for s in EXIT_STATUS}
+        self.previous_unraisablehook, sys.unraisablehook = sys.unraisablehook, self._unraisable
 
     def start_loop(self) -> None:
         """From here on a signal lets the current step finish and saves a checkpoint."""
@@ -50,6 +54,16 @@ class StopSignals:
         self.requested = signum
         print(f"\n{name}: finishing this step, saving a checkpoint, then stopping (a second signal stops at once)",
               flush=True)
+
+    def _unraisable(self, unraisable) -> None:
+        """A Stopped raised while Python runs a callback whose exceptions it only prints (a gc callback, __del__:
+        e.g. jax's _xla_gc_callback) would be lost and the run go on: the signal is delivered again 10 ms later
+        (from a timer thread; a handler called in the hook itself would raise inside it again)."""
+        if isinstance(unraisable.exc_value, Stopped):
+            signum = unraisable.exc_value.signum  # from a thread, a moment later: the callback has returned by then
+            threading.Timer(0.01, os.kill, args=(os.getpid(), signum)).start()
+        else:
+            self.previous_unraisablehook(unraisable)
 
     def agreed_stop(self, step_no: int, multi_process: bool) -> bool:
         """Stop after this step? Several processes: True on every process at the same step once any of them got a
@@ -73,3 +87,4 @@ class StopSignals:
     def restore(self) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        sys.unraisablehook = self.previous_unraisablehook
